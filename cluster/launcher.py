@@ -1,0 +1,147 @@
+"""Launcher: start (or join) a Ray cluster, place worker groups, deploy the router.
+
+With `cluster.address: local` every configured node is a separate Ray node on
+this machine (its own raylet and custom resources), started through
+`ray.cluster_utils.Cluster`; tests and `make serve` both take this path. With
+any other address the launcher joins that cluster and uses its nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.config import Config
+from workers.loader import resolve_model
+from workers.worker import DecodeWorker, PrefillWorker, WorkerSpec
+
+log = logging.getLogger("pdcluster.launcher")
+
+# Small object stores: KV moves over NIXL, not through Ray's object store.
+_OBJECT_STORE_BYTES = 256 * 1024**2
+_READY_TIMEOUT_S = 300
+
+
+@dataclass
+class WorkerGroup:
+    """One replica: `tensor_parallel_size` rank actors in a STRICT_PACK placement group."""
+
+    role: str
+    replica: int
+    ranks: list[ray.actor.ActorHandle]
+    pg: object
+
+    @property
+    def leader(self) -> ray.actor.ActorHandle:
+        return self.ranks[0]
+
+
+@dataclass
+class RunningCluster:
+    config: Config
+    model_dir: str
+    prefill: list[WorkerGroup] = field(default_factory=list)
+    decode: list[WorkerGroup] = field(default_factory=list)
+    local: object | None = None  # ray.cluster_utils.Cluster when address is local
+    url: str = ""
+
+    def shutdown(self) -> None:
+        """Stop Serve, the workers and (when local) every Ray node we started."""
+        from ray import serve
+
+        try:
+            if ray.is_initialized():
+                serve.shutdown()
+                for g in self.prefill + self.decode:
+                    for a in g.ranks:
+                        ray.kill(a, no_restart=True)
+                    remove_placement_group(g.pg)
+        except Exception:  # noqa: BLE001 - shutting down; report and go on
+            log.exception("error while stopping workers")
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()
+            if self.local is not None:
+                self.local.shutdown()
+                self.local = None
+
+
+def _start_ray(cfg: Config):
+    if cfg.cluster.address != "local":
+        ray.init(address=cfg.cluster.address, log_to_driver=True)
+        return None
+    from ray.cluster_utils import Cluster
+
+    # Head runs the Serve controller, proxy and router; workers go to named nodes.
+    local = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "object_store_memory": _OBJECT_STORE_BYTES,
+        "include_dashboard": False})
+    for node in cfg.cluster.nodes:
+        local.add_node(num_cpus=node.num_cpus, resources=dict(node.resources),
+                       object_store_memory=_OBJECT_STORE_BYTES)
+    ray.init(address=local.address, log_to_driver=True)
+    return local
+
+
+def _spec(cfg: Config, role: str, replica: int, model_dir: str) -> WorkerSpec:
+    g = cfg.prefill if role == "prefill" else cfg.decode
+    return WorkerSpec(
+        role=role, replica=replica, model_dir=model_dir,
+        max_model_len=cfg.model.max_model_len, kv_blocks=g.kv_blocks, block_size=g.block_size,
+        dtype=cfg.model.dtype, device=os.environ.get("PDCLUSTER_DEVICE", "cpu"),
+        max_batched_tokens=(cfg.prefill.max_batched_tokens if role == "prefill"
+                            else cfg.model.max_model_len),
+        max_running=cfg.decode.max_running if role == "decode" else 1024,
+        transfer_timeout_s=cfg.transfer.timeout_s, lease_ttl_s=cfg.transfer.lease_ttl_s,
+        max_pending=cfg.transfer.max_pending)
+
+
+def _start_group(cfg: Config, role: str, replica: int, model_dir: str) -> WorkerGroup:
+    g = cfg.prefill if role == "prefill" else cfg.decode
+    res = {g.node_resource: 0.001}
+    pg = placement_group([dict(res) for _ in range(g.tensor_parallel_size)],
+                         strategy="STRICT_PACK", name=f"pdcluster-{role}-{replica}")
+    cls = PrefillWorker if role == "prefill" else DecodeWorker
+    ranks = [cls.options(
+        num_cpus=0, resources=res, name=f"pdcluster-{role}-{replica}-rank{r}",
+        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
+    ).remote(_spec(cfg, role, replica, model_dir)) for r in range(g.tensor_parallel_size)]
+    return WorkerGroup(role, replica, ranks, pg)
+
+
+def start(cfg: Config) -> RunningCluster:
+    """Bring the whole system up; returns once HTTP is being served."""
+    from ray import serve
+
+    from cluster.router import build_app
+
+    t0 = time.monotonic()
+    model_dir = str(resolve_model(cfg.model.source))
+    log.info("model ready at %s (%.1fs)", model_dir, time.monotonic() - t0)
+    rc = RunningCluster(cfg, model_dir)
+    try:
+        rc.local = _start_ray(cfg)
+        log.info("ray up (%.1fs)", time.monotonic() - t0)
+        rc.prefill = [_start_group(cfg, "prefill", i, model_dir) for i in range(cfg.prefill.replicas)]
+        rc.decode = [_start_group(cfg, "decode", i, model_dir) for i in range(cfg.decode.replicas)]
+        ready = [a.ready.remote() for g in rc.prefill + rc.decode for a in g.ranks]
+        for info in ray.get(ready, timeout=_READY_TIMEOUT_S):
+            log.info("worker ready: %s", info)
+        serve.start(http_options={"host": cfg.router.host, "port": cfg.router.port},
+                    proxy_location="HeadOnly")
+        serve.run(build_app(cfg, model_dir, [g.leader for g in rc.prefill],
+                            [g.leader for g in rc.decode]),
+                  name="pdcluster", route_prefix="/")
+        rc.url = f"http://{cfg.router.host}:{cfg.router.port}"
+        log.info("serving %s at %s (%.1fs)", cfg.served_model_name, rc.url,
+                 time.monotonic() - t0)
+        return rc
+    except BaseException:
+        rc.shutdown()
+        raise

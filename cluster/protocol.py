@@ -1,0 +1,588 @@
+"""The OpenAI wire format: request structs, admission checks, response builders.
+
+Admission policy (DESIGN.md, "Data path" step 1):
+
+* a field that neither OpenAI's API nor vLLM's extensions define is a 400
+  (every struct here has ``forbid_unknown_fields=True``);
+* a defined field pdcluster does not implement is accepted when ignoring it
+  changes nothing the client relies on (``user``, ``service_tier``, ``metadata``
+  ...) and is a 400 when it would (``n`` > 1, ``tools``, ``response_format``
+  json, ``logprobs`` ...): see ``_CHAT_POLICY`` / ``_COMPLETION_POLICY``;
+* ill-typed and out-of-range values are a 400 naming the parameter.
+
+Every 4xx raised here is an ``AdmissionError``; ``to_json`` gives OpenAI's
+error shape. Nothing in this module allocates anything on the cluster.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from workers.sampling_params import SamplingParams
+
+__all__ = [
+    "AdmissionError", "ChatCompletionRequest", "ChatMessage", "CompletionRequest",
+    "ContentPart", "SSE_DONE", "SamplingParams", "StreamOptions", "chat_chunk",
+    "chat_completion", "completion_chunk", "error_body", "error_type_for", "message_text",
+    "models_list", "new_request_id", "parse_chat", "parse_completion", "sse",
+    "text_completion", "to_sampling_params", "usage_chunk",
+]
+
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+# torch.Generator.manual_seed accepts [-2**63, 2**64).
+_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
+# Below this a temperature is treated as greedy (as vLLM does): dividing logits by
+# ~0 overflows.
+_GREEDY_EPS = 1e-5
+
+
+# ---------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------
+
+# The `type` string per HTTP status. OpenAI uses "invalid_request_error" for all
+# 4xx request problems (including 404 model_not_found) and "server_error" for 5xx;
+# its 429s carry code "rate_limit_exceeded". The official client maps exceptions
+# by status code, never by `type`, so these are descriptive only.
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    404: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable",
+    504: "timeout",
+}
+
+
+def error_type_for(status: int) -> str:
+    return _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def error_body(message: str, type: str, param: str | None = None,  # noqa: A002 - OpenAI's name
+               code: str | None = None) -> bytes:
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+    return msgspec.json.encode(
+        {"error": {"message": message, "type": type, "param": param, "code": code}})
+
+
+class AdmissionError(Exception):
+    """A request rejected before anything is allocated (a 4xx)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None,
+                 status: int = 400):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.status = status
+
+    def to_json(self) -> bytes:
+        return error_body(self.message, "invalid_request_error", self.param, self.code)
+
+    def __repr__(self) -> str:
+        return (f"AdmissionError({self.message!r}, param={self.param!r}, code={self.code!r}, "
+                f"status={self.status})")
+
+
+# ---------------------------------------------------------------------------
+# request structs
+# ---------------------------------------------------------------------------
+
+class _Wire(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ContentPart(_Wire):
+    """One part of a message's content. Only type "text" is implemented; the other
+    OpenAI part types are declared so that they get a clear 400, not "unknown field"."""
+
+    type: str
+    text: str | None = None
+    image_url: Any = None
+    input_audio: Any = None
+    file: Any = None
+    refusal: str | None = None
+
+
+class ChatMessage(_Wire):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    # OpenAI defines these on assistant / tool messages; tools are not implemented.
+    tool_calls: list[Any] | None = None
+    tool_call_id: str | None = None
+    function_call: Any = None
+    refusal: str | None = None
+    audio: Any = None
+
+
+class StreamOptions(_Wire):
+    include_usage: bool | None = None
+    include_obfuscation: bool | None = None  # ignored: pdcluster never pads chunks
+
+
+class _Common(_Wire):
+    """Fields chat and completions share (OpenAI's, then vLLM's extensions)."""
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    service_tier: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    response_format: Any = None
+    # vLLM's sampling extensions
+    top_k: int | None = None
+    min_p: float | None = None
+    ignore_eos: bool | None = None
+    min_tokens: int | None = None
+    stop_token_ids: list[int] | None = None
+    repetition_penalty: float | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    use_beam_search: bool | None = None
+    length_penalty: float | None = None
+    prompt_logprobs: int | None = None
+    truncate_prompt_tokens: int | None = None
+    add_special_tokens: bool | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    logits_processors: Any = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    structured_outputs: Any = None
+    return_tokens_as_token_ids: bool | None = None
+    priority: int | None = None
+    request_id: str | None = None
+    cache_salt: str | None = None
+
+
+class ChatCompletionRequest(_Common, kw_only=True):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: list[str] | None = None
+    moderation: Any = None
+    prediction: Any = None
+    prompt_cache_key: str | None = None
+    prompt_cache_options: Any = None
+    prompt_cache_retention: str | None = None
+    reasoning_effort: str | None = None
+    safety_identifier: str | None = None
+    verbosity: str | None = None
+    web_search_options: Any = None
+    # vLLM's chat extensions
+    echo: bool | None = None
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    documents: list[Any] | None = None
+
+
+class CompletionRequest(_Common, kw_only=True):
+    # str, token ids, or a one-element list of either; normalized by parse_completion
+    # to `str | list[int]`.
+    prompt: str | list[int | str | list[int]]
+    logprobs: int | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+# ---------------------------------------------------------------------------
+# parsing and checks
+# ---------------------------------------------------------------------------
+
+_AT = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+_NAMED = re.compile(r"(?:unknown|missing required) field `(?P<name>[^`]+)`")
+
+
+def _msgspec_error(e: Exception) -> AdmissionError:
+    msg = str(e)
+    if isinstance(e, msgspec.DecodeError) and not isinstance(e, msgspec.ValidationError):
+        return AdmissionError(f"Request body is not valid JSON: {msg}", None, "invalid_json")
+    path = ""
+    m = _AT.search(msg)
+    if m:
+        path = m.group("path").lstrip(".")
+    n = _NAMED.search(msg)
+    if n:
+        path = f"{path}.{n.group('name')}" if path else n.group("name")
+    code = "invalid_type"
+    if "unknown field" in msg:
+        code = "unknown_parameter"
+        msg += " (not a parameter of the OpenAI API or of vLLM's extensions)"
+    elif "missing required field" in msg:
+        code = "missing_required_parameter"
+    return AdmissionError(msg, path or None, code)
+
+
+def _bad(param: str, why: str) -> AdmissionError:
+    return AdmissionError(f"Invalid '{param}': {why}", param, "invalid_value")
+
+
+def _unsupported(param: str, value: Any, allowed: str) -> AdmissionError:
+    shown = msgspec.json.encode(value).decode()
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return AdmissionError(f"'{param}'={shown} is not supported by pdcluster ({allowed})",
+                          param, "unsupported_value")
+
+
+def _is_none_or(*ok: Any) -> Callable[[Any], bool]:
+    """None, or one of `ok` (bools compare by identity so False never equals 0)."""
+    def check(v: Any) -> bool:
+        return v is None or any(v is x if isinstance(x, bool) or isinstance(v, bool)
+                                else v == x for x in ok)
+    return check
+
+
+def _empty(v: Any) -> bool:
+    return not v
+
+
+# field -> (accepted?, what is accepted). Fields not listed are either implemented
+# or ignorable (user, service_tier, metadata, store, parallel_tool_calls, priority...).
+_COMMON_POLICY: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "n": (_is_none_or(1), "only n=1"),
+    "presence_penalty": (_is_none_or(0), "penalties are not implemented"),
+    "frequency_penalty": (_is_none_or(0), "penalties are not implemented"),
+    "repetition_penalty": (_is_none_or(1), "penalties are not implemented"),
+    "min_p": (_is_none_or(0), "min_p is not implemented"),
+    "logit_bias": (_empty, "logit_bias is not implemented"),
+    "response_format": (lambda v: v is None or v == {"type": "text"},
+                        "only {\"type\": \"text\"}"),
+    "use_beam_search": (_is_none_or(False), "beam search is not implemented"),
+    "length_penalty": (_is_none_or(1), "beam search is not implemented"),
+    "prompt_logprobs": (_is_none_or(), "logprobs are not implemented"),
+    "truncate_prompt_tokens": (_is_none_or(), "prompt truncation is not implemented"),
+    "allowed_token_ids": (_is_none_or(), "not implemented"),
+    "bad_words": (_empty, "not implemented"),
+    "logits_processors": (_empty, "not implemented"),
+    "guided_json": (_is_none_or(), "guided decoding is not implemented"),
+    "guided_regex": (_is_none_or(), "guided decoding is not implemented"),
+    "guided_choice": (_is_none_or(), "guided decoding is not implemented"),
+    "guided_grammar": (_is_none_or(), "guided decoding is not implemented"),
+    "structured_outputs": (_is_none_or(), "guided decoding is not implemented"),
+    "spaces_between_special_tokens": (_is_none_or(True), "only true"),
+    "return_tokens_as_token_ids": (_is_none_or(False), "not implemented"),
+}
+_CHAT_POLICY = {
+    **_COMMON_POLICY,
+    "logprobs": (_is_none_or(False), "logprobs are not implemented"),
+    "top_logprobs": (_is_none_or(0), "logprobs are not implemented"),
+    "tools": (_empty, "tool calling is not implemented"),
+    # tool_choice is checked in _apply_policy: "auto" with no tools is plain text.
+    "functions": (_empty, "function calling is not implemented"),
+    "function_call": (lambda v: v is None or v == "none", "function calling is not implemented"),
+    "audio": (_is_none_or(), "audio output is not implemented"),
+    "modalities": (lambda v: v is None or v == ["text"], "only [\"text\"]"),
+    "moderation": (_is_none_or(), "moderation is not implemented"),
+    "web_search_options": (_is_none_or(), "web search is not implemented"),
+    "echo": (_is_none_or(False), "echo is not implemented"),
+    "add_generation_prompt": (_is_none_or(True), "the generation prompt is always added"),
+    "continue_final_message": (_is_none_or(False), "not implemented"),
+    "chat_template": (_is_none_or(), "the model's own chat template is always used"),
+    "chat_template_kwargs": (_empty, "the model's own chat template is always used"),
+    "documents": (_empty, "not implemented"),
+}
+_COMPLETION_POLICY = {
+    **_COMMON_POLICY,
+    "logprobs": (_is_none_or(), "logprobs are not implemented"),
+    "echo": (_is_none_or(False), "echo is not implemented"),
+    "suffix": (_empty, "suffix (insertion) is not implemented"),
+    "best_of": (_is_none_or(1), "only best_of=1"),
+    "add_special_tokens": (_is_none_or(True), "special tokens are always added"),
+}
+
+
+def _apply_policy(req: ChatCompletionRequest | CompletionRequest, policy: dict) -> None:
+    for name, (ok, allowed) in policy.items():
+        v = getattr(req, name)
+        if not ok(v):
+            raise _unsupported(name, v, allowed)
+    if isinstance(req, ChatCompletionRequest):
+        tc = req.tool_choice
+        if not (tc is None or tc == "none" or (tc == "auto" and not req.tools)):
+            raise _unsupported("tool_choice", tc, "tool calling is not implemented")
+
+
+def _check_ranges(req: ChatCompletionRequest | CompletionRequest) -> None:
+    t = req.temperature
+    if t is not None and not 0.0 <= t <= 2.0:  # also rejects NaN
+        raise _bad("temperature", f"{t} is not in [0, 2]")
+    if req.top_p is not None and not 0.0 < req.top_p <= 1.0:
+        raise _bad("top_p", f"{req.top_p} is not in (0, 1]")
+    if req.top_k is not None and req.top_k < -1:
+        raise _bad("top_k", f"{req.top_k}; use -1 (or 0) to disable, or a value >= 1")
+    for name in ("max_tokens", "max_completion_tokens"):
+        v = getattr(req, name, None)
+        if v is not None and v < 1:
+            raise _bad(name, f"{v}; it must be at least 1")
+    if req.min_tokens is not None:
+        if req.min_tokens < 0:
+            raise _bad("min_tokens", f"{req.min_tokens}; it must be at least 0")
+        cap = _requested_max_tokens(req)
+        if cap is not None and req.min_tokens > cap:
+            raise _bad("min_tokens", f"{req.min_tokens} is larger than max_tokens ({cap})")
+    if req.n is not None and req.n < 1:
+        raise _bad("n", f"{req.n}; it must be at least 1")
+    if req.seed is not None and not _SEED_MIN <= req.seed <= _SEED_MAX:
+        raise _bad("seed", f"{req.seed} is outside [-2**63, 2**64)")
+    stop = [req.stop] if isinstance(req.stop, str) else req.stop
+    if stop is not None:
+        if len(stop) > MAX_STOP_STRINGS:
+            raise _bad("stop", f"{len(stop)} stop strings; at most {MAX_STOP_STRINGS}")
+        if any(s == "" for s in stop):
+            raise _bad("stop", "stop strings must be non-empty")
+    if req.stop_token_ids is not None and any(t < 0 for t in req.stop_token_ids):
+        raise _bad("stop_token_ids", "token ids must be >= 0")
+    for name in ("presence_penalty", "frequency_penalty"):
+        v = getattr(req, name)
+        if v is not None and not -2.0 <= v <= 2.0:
+            raise _bad(name, f"{v} is not in [-2, 2]")
+
+
+def message_text(m: ChatMessage) -> str:
+    """A message's content as one string (text parts joined with newlines, as vLLM does)."""
+    if m.content is None:
+        return ""
+    if isinstance(m.content, str):
+        return m.content
+    return "\n".join(p.text or "" for p in m.content)
+
+
+_ROLES = ("system", "user", "assistant")
+
+
+def _check_messages(req: ChatCompletionRequest) -> None:
+    if not req.messages:
+        raise _bad("messages", "it must be a non-empty list")
+    for i, m in enumerate(req.messages):
+        where = f"messages[{i}]"
+        if m.role not in _ROLES:
+            hint = " (tools are not implemented)" if m.role == "tool" else ""
+            raise AdmissionError(
+                f"Invalid '{where}.role': {m.role!r}; expected one of "
+                f"{', '.join(_ROLES)}{hint}", f"{where}.role", "invalid_value")
+        if m.tool_calls or m.function_call is not None or m.tool_call_id is not None:
+            raise _unsupported(f"{where}.tool_calls", m.tool_calls or m.function_call
+                               or m.tool_call_id, "tool calling is not implemented")
+        if m.audio is not None:
+            raise _unsupported(f"{where}.audio", m.audio, "audio is not implemented")
+        if m.content is None and m.role != "assistant":
+            raise AdmissionError(f"Invalid '{where}.content': a {m.role} message needs "
+                                 "content", f"{where}.content", "invalid_value")
+        if isinstance(m.content, list):
+            for j, p in enumerate(m.content):
+                pw = f"{where}.content[{j}]"
+                if p.type != "text":
+                    raise _unsupported(f"{pw}.type", p.type, "only text content parts")
+                if p.text is None:
+                    raise AdmissionError(f"Invalid '{pw}': a text part needs 'text'",
+                                         f"{pw}.text", "missing_required_parameter")
+
+
+def _decode(body: bytes, typ: type) -> Any:
+    try:
+        return msgspec.json.decode(body, type=typ)
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        raise _msgspec_error(e) from None
+
+
+def parse_chat(body: bytes) -> ChatCompletionRequest:
+    """Decode and check a /v1/chat/completions body; raises AdmissionError."""
+    req = _decode(body, ChatCompletionRequest)
+    _apply_policy(req, _CHAT_POLICY)
+    _check_ranges(req)
+    _check_messages(req)
+    return req
+
+
+def parse_completion(body: bytes) -> CompletionRequest:
+    """Decode and check a /v1/completions body; raises AdmissionError.
+    On return `req.prompt` is a non-empty `str` or `list[int]`."""
+    req = _decode(body, CompletionRequest)
+    req.prompt = _normalize_prompt(req.prompt)
+    _apply_policy(req, _COMPLETION_POLICY)
+    _check_ranges(req)
+    return req
+
+
+def _normalize_prompt(p: Any) -> str | list[int]:
+    if isinstance(p, list):
+        if p and all(isinstance(x, int) for x in p):
+            if any(x < 0 for x in p):
+                raise _bad("prompt", "token ids must be >= 0")
+            return p
+        if len(p) > 1 and all(isinstance(x, (str, list)) for x in p):
+            raise AdmissionError("batch prompts not supported: send one prompt per request",
+                                 "prompt", "unsupported_value")
+        if len(p) == 1 and not isinstance(p[0], int):
+            return _normalize_prompt(p[0])
+        if p:
+            raise _bad("prompt", "a list prompt must be all token ids or one string")
+    if not p:
+        raise _bad("prompt", "the prompt must be non-empty")
+    return p
+
+
+def _requested_max_tokens(req: ChatCompletionRequest | CompletionRequest) -> int | None:
+    return getattr(req, "max_completion_tokens", None) or req.max_tokens
+
+
+def to_sampling_params(req: ChatCompletionRequest | CompletionRequest, *, prompt_len: int,
+                       max_model_len: int, default_max_tokens: int,
+                       strict: bool) -> SamplingParams:
+    """Resolve defaults and the context window into the workers' SamplingParams.
+
+    A prompt that leaves no room is a 400. An explicit max_tokens larger than the
+    room is clamped (or a 400 when `strict`); the default max_tokens is always
+    clamped, since the client did not ask for it."""
+    chat = isinstance(req, ChatCompletionRequest)
+    room = max_model_len - prompt_len
+    if room <= 0:
+        raise AdmissionError(
+            f"This model's maximum context length is {max_model_len} tokens, but the "
+            f"{'messages' if chat else 'prompt'} has {prompt_len} tokens, leaving no room "
+            "for the completion. Please shorten it.",
+            "messages" if chat else "prompt", "context_length_exceeded")
+    asked = _requested_max_tokens(req)
+    max_tokens = asked or default_max_tokens
+    if max_tokens > room:
+        if strict and asked is not None:
+            name = "max_completion_tokens" if chat and req.max_completion_tokens else "max_tokens"
+            raise AdmissionError(
+                f"This model's maximum context length is {max_model_len} tokens. However, "
+                f"you requested {prompt_len + max_tokens} tokens ({prompt_len} in the "
+                f"{'messages' if chat else 'prompt'}, {max_tokens} in the completion). "
+                f"Please reduce the length of the {'messages' if chat else 'prompt'} or "
+                "the completion.", name, "context_length_exceeded")
+        max_tokens = room
+    temperature = 1.0 if req.temperature is None else float(req.temperature)
+    if temperature < _GREEDY_EPS:
+        temperature = 0.0
+    top_k = -1 if req.top_k in (None, 0) else req.top_k
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=1.0 if req.top_p is None else float(req.top_p),
+        top_k=top_k,
+        seed=req.seed,
+        stop=stop,
+        stop_token_ids=list(req.stop_token_ids or []),
+        ignore_eos=bool(req.ignore_eos),
+        min_tokens=min(req.min_tokens or 0, max_tokens),
+        skip_special_tokens=req.skip_special_tokens is not False,
+        include_stop_str_in_output=bool(req.include_stop_str_in_output),
+    )
+
+
+# ---------------------------------------------------------------------------
+# responses
+# ---------------------------------------------------------------------------
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def sse(obj: Any) -> bytes:
+    """One server-sent event: `data: <json>\\n\\n`."""
+    return b"data: " + msgspec.json.encode(obj) + b"\n\n"
+
+
+def new_request_id(chat: bool) -> str:
+    return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+
+
+def _now(created: int | None) -> int:
+    return int(time.time()) if created is None else created
+
+
+def chat_completion(id: str, model: str, text: str, finish_reason: str | None,  # noqa: A002
+                    usage: dict, created: int | None = None) -> bytes:
+    """A non-streamed `chat.completion` object, encoded."""
+    return msgspec.json.encode({
+        "id": id, "object": "chat.completion", "created": _now(created), "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "finish_reason": finish_reason or "stop", "logprobs": None}],
+        "usage": usage,
+    })
+
+
+def text_completion(id: str, model: str, text: str, finish_reason: str | None,  # noqa: A002
+                    usage: dict, created: int | None = None) -> bytes:
+    """A non-streamed `text_completion` object, encoded."""
+    return msgspec.json.encode({
+        "id": id, "object": "text_completion", "created": _now(created), "model": model,
+        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason or "stop",
+                     "logprobs": None}],
+        "usage": usage,
+    })
+
+
+def chat_chunk(id: str, model: str, created: int, content: str | None,  # noqa: A002
+               finish_reason: str | None, role: str | None = None) -> dict:
+    """A `chat.completion.chunk`. The first chunk of a stream passes role="assistant"
+    (delta {"role": "assistant", "content": ""}); a finishing chunk carries
+    finish_reason and whatever text came with it (an empty delta when none)."""
+    delta: dict = {}
+    if role is not None:
+        delta = {"role": role, "content": content or ""}
+    elif content:
+        delta = {"content": content}
+    return {"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason,
+                         "logprobs": None}]}
+
+
+def completion_chunk(id: str, model: str, created: int, text: str | None,  # noqa: A002
+                     finish_reason: str | None) -> dict:
+    """A streamed `text_completion` chunk."""
+    return {"id": id, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": text or "", "finish_reason": finish_reason,
+                         "logprobs": None}]}
+
+
+def usage_chunk(id: str, model: str, created: int, chat: bool,  # noqa: A002
+                usage: dict) -> dict:
+    """The final chunk sent when stream_options.include_usage: no choices, just usage."""
+    return {"id": id, "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": created, "model": model, "choices": [], "usage": usage}
+
+
+def models_list(model_id: str, created: int | None = None) -> bytes:
+    """GET /v1/models."""
+    return msgspec.json.encode({"object": "list", "data": [
+        {"id": model_id, "object": "model", "created": _now(created),
+         "owned_by": "pdcluster"}]})

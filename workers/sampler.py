@@ -1,0 +1,40 @@
+"""Per-request sampling over a batch of logits."""
+
+from __future__ import annotations
+
+import torch
+
+from workers.sequence import Sequence
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...]) -> list[int]:
+    """One next token per sequence. Greedy rows (temperature 0) take argmax;
+    the rest sample with temperature, top-k and top-p, seeded per request."""
+    logits = logits.float()
+    for i, s in enumerate(seqs):
+        p = s.params
+        # min_tokens: stop tokens are not allowed before the minimum is reached.
+        if s.num_output < p.min_tokens:
+            banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_ids))
+            if banned:
+                logits[i, banned] = float("-inf")
+    greedy = logits.argmax(dim=-1).tolist()
+    out = []
+    for i, s in enumerate(seqs):
+        p = s.params
+        if p.temperature == 0.0:
+            out.append(greedy[i])
+            continue
+        row = logits[i] / p.temperature
+        if p.top_k is not None and p.top_k > 0:
+            kth = torch.topk(row, min(p.top_k, row.numel())).values[-1]
+            row = row.masked_fill(row < kth, float("-inf"))
+        probs = torch.softmax(row, dim=-1)
+        if p.top_p < 1.0:
+            sorted_p, idx = probs.sort(descending=True)
+            cum = sorted_p.cumsum(0)
+            drop = cum - sorted_p > p.top_p  # keep the smallest prefix reaching top_p
+            sorted_p[drop] = 0.0
+            probs = torch.zeros_like(probs).scatter_(0, idx, sorted_p)
+        out.append(int(torch.multinomial(probs, 1, generator=s.generator)))
+    return out

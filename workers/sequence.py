@@ -1,0 +1,58 @@
+"""One request's token state inside an engine."""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+from workers.sampling_params import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"      # needs (re)computation of KV for tokens not yet cached
+    RUNNING = "running"      # all but the last token cached; decodes one token a step
+    FINISHED = "finished"
+
+
+class Sequence:
+    """Token ids (prompt + output), block table, and how many tokens have KV cached."""
+
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                 output_ids: list[int] | None = None):
+        self.request_id = request_id
+        self.token_ids = list(prompt_ids) + list(output_ids or [])
+        self.num_prompt_tokens = len(prompt_ids)
+        self.params = params
+        self.block_table: list[int] = []
+        self.num_cached = 0
+        self.status = SeqStatus.WAITING
+        self.finish_reason: str | None = None
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            self.generator = torch.Generator().manual_seed(params.seed)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+
+def finish_reason(seq: Sequence, token: int, eos_ids: tuple[int, ...],
+                  max_model_len: int) -> str | None:
+    """Why `seq` ends after appending `token`, or None. One rule for prefill and decode:
+    every sequence ends at a stop token, at max_tokens, or at the context window."""
+    p = seq.params
+    if seq.num_output >= p.min_tokens:
+        if (not p.ignore_eos and token in eos_ids) or token in p.stop_token_ids:
+            return "stop"
+    if seq.num_output >= p.max_tokens or seq.num_tokens >= max_model_len:
+        return "length"
+    return None
