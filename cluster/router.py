@@ -7,7 +7,6 @@ that block (success, error, deadline, client gone) releases everything the
 request holds on the workers and in the router's table.
 """
 
-from __future__ import annotations
 
 import asyncio
 import logging

@@ -43,7 +43,7 @@ def test_greedy_equals_hf_generate(cluster):
     client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0)
     got = client.chat.completions.create(
         model="SmolLM2-135M-Instruct", messages=QUESTION, max_tokens=n, temperature=0,
-        extra_body={"ignore_eos": True, "skip_special_tokens": False})
+        extra_body={"min_tokens": n, "skip_special_tokens": False})
     assert got.choices[0].message.content == want
     assert got.usage.completion_tokens == n
     state = wait_idle(cluster.url)

@@ -61,7 +61,7 @@ def test_completion_greedy_equals_hf(cluster, hf, prompt):
     want = hf_greedy(hf, ids, N_TOKENS)
     r = httpx.post(f"{cluster.url}/v1/completions", timeout=60, json={
         "model": "tiny-llama", "prompt": ids, "max_tokens": N_TOKENS, "temperature": 0,
-        "ignore_eos": True, "skip_special_tokens": False})
+        "min_tokens": N_TOKENS, "skip_special_tokens": False})
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["usage"]["completion_tokens"] == N_TOKENS
@@ -80,7 +80,7 @@ def test_openai_chat_stream_and_not(cluster, client, hf):
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                   return_dict=False)
     want = tok.decode(hf_greedy(hf, list(ids), N_TOKENS), skip_special_tokens=False)
-    extra = {"ignore_eos": True, "skip_special_tokens": False}
+    extra = {"min_tokens": N_TOKENS, "skip_special_tokens": False}
     full = client.chat.completions.create(model="tiny-llama", messages=messages,
                                           max_tokens=N_TOKENS, temperature=0, extra_body=extra)
     assert full.choices[0].message.content == want
@@ -109,7 +109,7 @@ def test_openai_completion_stream(cluster, client, hf):
     want = tok.decode(hf_greedy(hf, tok.encode(prompt), N_TOKENS), skip_special_tokens=False)
     text = "".join(c.choices[0].text for c in client.completions.create(
         model="tiny-llama", prompt=prompt, max_tokens=N_TOKENS, temperature=0, stream=True,
-        extra_body={"ignore_eos": True, "skip_special_tokens": False}) if c.choices)
+        extra_body={"min_tokens": N_TOKENS, "skip_special_tokens": False}) if c.choices)
     assert text == want
 
 

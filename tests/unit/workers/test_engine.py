@@ -43,7 +43,7 @@ def make_engine(model_dir, num_blocks=64, max_batched_tokens=512, max_running=8)
 
 
 def run_all(engine: Engine, prompts, **params) -> list[Sequence]:
-    sp = SamplingParams(max_tokens=N, temperature=0.0, ignore_eos=True, **params)
+    sp = SamplingParams(max_tokens=N, temperature=0.0, min_tokens=N, **params)
     seqs = [Sequence(str(i), p, sp) for i, p in enumerate(prompts)]
     for s in seqs:
         engine.add(s)
