@@ -1,0 +1,50 @@
+"""What a finished prefill hands to decode: where a request's KV blocks live.
+
+A `KVHandle` travels prefill -> router -> decode as a plain msgspec struct, so it
+pickles through Ray and carries everything decode needs to pull the blocks
+(including the prefill agent's NIXL metadata: no extra round trip).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class TransferError(Exception):
+    """Base of every transfer failure. Holds only a message so it pickles across Ray."""
+
+
+class TransferTimeout(TransferError):
+    """A pull did not complete before its deadline (peer stalled, slow or unreachable)."""
+
+
+class TransferFailed(TransferError):
+    """A pull ended in an error: peer gone, bad metadata, NIXL/UCX error."""
+
+
+class LeaseExpired(TransferError):
+    """The prefill side's lease on the blocks ran out before decode pulled them."""
+
+
+class RankKV(msgspec.Struct, frozen=True):
+    """One tensor-parallel rank's share of a request's KV, in that rank's pool."""
+
+    agent_name: str  # NIXL agent of the prefill rank; unique per process incarnation
+    agent_metadata: bytes  # lets decode handshake without another round trip
+    base_addr: int  # address of the registered pool tensor
+    num_blocks: int  # blocks in the remote pool
+    block_bytes: int  # pool is block-major: block i = base_addr + i * block_bytes
+    device_id: int  # 0 for DRAM
+    mem_type: str  # "DRAM" or "VRAM"
+    block_ids: list[int]  # the request's blocks in that pool, in sequence order
+
+
+class KVHandle(msgspec.Struct, frozen=True):
+    """A request's prefilled KV: per-rank block locations plus lease fields."""
+
+    request_id: str
+    backend: str  # "nixl"
+    num_tokens: int  # tokens whose KV is in the blocks
+    ranks: list[RankKV]  # index = TP rank
+    epoch: int = 0  # lease epoch, checked on both sides (lease issue)
+    expires_at: float = 0.0  # wall-clock lease expiry (time.time()); 0 = none
