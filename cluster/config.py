@@ -73,6 +73,8 @@ class RouterConfig(_Strict):
     max_retries: int = 2
     max_migrations: int = 2
     debug_state: bool = False
+    watchdog_s: float = 10.0       # busy without a step (or silent) this long -> unhealthy, restarted
+    health_period_s: float = 0.5   # how often the router polls every worker's stats
     model_name: str | None = None  # id served on /v1/models; defaults to the source
 
 
@@ -122,6 +124,10 @@ def _check(cfg: Config) -> None:
     need(0 < cfg.router.port < 65536, "router.port", "a TCP port number")
     need(cfg.router.default_max_tokens >= 1, "router.default_max_tokens", "an int >= 1")
     need(cfg.router.request_timeout_s > 0, "router.request_timeout_s", "a number > 0")
+    need(cfg.router.watchdog_s > 0, "router.watchdog_s", "a number > 0")
+    need(cfg.router.health_period_s > 0, "router.health_period_s", "a number > 0")
+    need(cfg.router.max_retries >= 0, "router.max_retries", "an int >= 0")
+    need(cfg.router.max_migrations >= 0, "router.max_migrations", "an int >= 0")
     need(cfg.router.max_queued >= 1, "router.max_queued", "an int >= 1")
     if cfg.cluster.address == "local":
         names = [n.name for n in cfg.cluster.nodes]

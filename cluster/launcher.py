@@ -109,7 +109,9 @@ def _start_group(cfg: Config, role: str, replica: int, model_dir: str) -> Worker
                          strategy="STRICT_PACK", name=f"pdcluster-{role}-{replica}")
     cls = PrefillWorker if role == "prefill" else DecodeWorker
     ranks = [cls.options(
-        num_cpus=0, resources=res, name=f"pdcluster-{role}-{replica}-rank{r}",
+        # A dead worker comes back (same handle, new process, new NIXL agent);
+        # the router's watchdog kills stalled ones so that this applies to them too.
+        max_restarts=-1, max_task_retries=0, num_cpus=0, resources=res, name=f"pdcluster-{role}-{replica}-rank{r}",
         scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
     ).remote(_spec(cfg, role, replica, model_dir)) for r in range(g.tensor_parallel_size)]
     return WorkerGroup(role, replica, ranks, pg)

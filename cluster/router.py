@@ -21,27 +21,53 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from ray import serve
 
+from ray.exceptions import ActorUnavailableError, RayActorError
+
 from cluster import protocol as P
 from cluster.config import Config
 from cluster.detokenizer import IncrementalDetokenizer, StopChecker
+from cluster.health import WorkerPool, WorkerStalled
+from cluster.metrics import RouterMetrics
+from transfer import TransferError
 from workers.sampling_params import SamplingParams
+from workers.worker import WorkerError
 
 log = logging.getLogger("pdcluster.router")
 
+# Note: Serve's ingress pickles the Router class when it is decorated, so every
+# module-level name its methods use must be defined above the class.
 app = FastAPI(title="pdcluster", docs_url=None, redoc_url=None)
+
+
+class Unavailable(Exception):
+    """No worker could serve the request (after retries/migrations): HTTP 503."""
+
+
+# A worker that died, is restarting, was found stalled, or refused the work.
+_WORKER_LOST = (RayActorError, ActorUnavailableError, WorkerError, WorkerStalled)
 
 
 @dataclass
 class RequestState:
-    """The router's entry for one request; removed in the lifecycle's finally."""
+    """The router's entry for one request; exists while its lifecycle runs."""
 
     request_id: str
     prompt_len: int
     deadline: float
     stage: str = "admitted"
-    prefill_idx: int | None = None
-    decode_idx: int | None = None
+    prefills: set[int] = field(default_factory=set)   # replicas that may hold a lease
+    decodes: set[int] = field(default_factory=set)    # replicas that may hold a sequence
+    worker_done: bool = False  # the decode worker finished (and freed) the sequence itself
     created: float = field(default_factory=time.time)
+    first_token_at: float | None = None
+
+
+def _continue_params(params: SamplingParams, produced: int) -> SamplingParams:
+    """Params for continuing a request that already produced `produced` tokens."""
+    if produced == 0:
+        return params
+    return msgspec.structs.replace(params, max_tokens=params.max_tokens - produced,
+                                   min_tokens=max(0, params.min_tokens - produced))
 
 
 def _json(body: bytes, status: int = 200, headers: dict | None = None) -> Response:
@@ -64,24 +90,36 @@ class Router:
 
         self.cfg = msgspec.json.decode(cfg_json, type=Config)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.prefill = prefill
-        self.decode = decode
-        # Router-side load: prompt tokens sent and not yet answered / open streams.
-        self.prefill_load = [0] * len(prefill)
-        self.decode_load = [0] * len(decode)
+        self.metrics = RouterMetrics()
+        r = self.cfg.router
+        self.prefill_pool = WorkerPool("prefill", prefill, r.watchdog_s, self.metrics)
+        self.decode_pool = WorkerPool("decode", decode, r.watchdog_s, self.metrics)
         self.requests: dict[str, RequestState] = {}
         self.model_name = self.cfg.served_model_name
+        self._health_task = asyncio.get_event_loop().create_task(self._poll_health())
+
+    async def _poll_health(self) -> None:
+        """Watchdog loop: stats from every worker, bounded by a timeout each."""
+        while True:
+            await asyncio.gather(self.prefill_pool.poll(), self.decode_pool.poll())
+            await asyncio.sleep(self.cfg.router.health_period_s)
 
     # ---- HTTP endpoints -------------------------------------------------
 
     @app.get("/health")
     async def health(self) -> Response:
-        try:
-            await asyncio.wait_for(asyncio.gather(
-                *[w.stats.remote() for w in self.prefill + self.decode]), timeout=5)
-        except Exception as e:  # noqa: BLE001 - any failure means unhealthy
-            return _error(503, f"workers unhealthy: {e!r}", "service_unavailable")
-        return _json(b'{"status":"ok"}')
+        body = {"prefill_healthy": sum(self.prefill_pool.healthy),
+                "decode_healthy": sum(self.decode_pool.healthy)}
+        ok = body["prefill_healthy"] > 0 and body["decode_healthy"] > 0
+        return _json(msgspec.json.encode({"status": "ok" if ok else "unhealthy", **body}),
+                     200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics_endpoint(self) -> Response:
+        for stage in ("admitted", "prefill", "decode"):
+            self.metrics.in_flight.labels(stage).set(
+                sum(1 for r in self.requests.values() if r.stage == stage))
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models(self) -> Response:
@@ -104,18 +142,18 @@ class Router:
     # ---- state and accounting ------------------------------------------
 
     async def state(self) -> dict:
-        """Counts that must return to zero when load ends."""
-        stats = await asyncio.gather(*[w.stats.remote() for w in self.prefill + self.decode],
-                                     return_exceptions=True)
-        p = [s for s in stats[: len(self.prefill)] if isinstance(s, dict)]
-        d = [s for s in stats[len(self.prefill):] if isinstance(s, dict)]
+        """Counts that must return to zero when load ends, read fresh from the workers."""
+        pools = (self.prefill_pool, self.decode_pool)
+        stats = await asyncio.gather(*[p.fresh_stats() for p in pools])
+        p, d = ([s for s in ss if s] for ss in stats)
         return {
             "requests_in_flight": len(self.requests),
             "prefill_leases": sum(s["leases"] for s in p),
             "prefill_pinned_blocks": sum(s["pinned_blocks"] for s in p),
             "transfer_pending": sum(s["transfers_pending"] for s in d),
             "decode_blocks_used": sum(s["used_blocks"] for s in d),
-            "workers": [s if isinstance(s, dict) else {"error": repr(s)} for s in stats],
+            "workers": [pool.describe(i, st) for pool, ss in zip(pools, stats)
+                        for i, st in enumerate(ss)],
         }
 
     # ---- admission -------------------------------------------------------
@@ -138,8 +176,6 @@ class Router:
         rid = uuid.uuid4().hex
         state = RequestState(rid, len(prompt_ids),
                              time.time() + self.cfg.router.request_timeout_s)
-        # The entry exists from here on; the lifecycle's finally removes it.
-        self.requests[rid] = state
         events = self._lifecycle(state, prompt_ids, params)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -178,9 +214,13 @@ class Router:
         if isinstance(e, P.AdmissionError):
             return _json(e.to_json(), e.status)
         if isinstance(e, TimeoutError):
-            return _error(504, f"request timed out: {e}", "timeout", "request_timeout")
+            return _error(504, f"request passed its deadline of {self.cfg.router.request_timeout_s}s "
+                          f"(router.request_timeout_s): {e}", "timeout", "request_timeout")
+        if isinstance(e, Unavailable):
+            return _error(503, str(e), "service_unavailable", "worker_unavailable",
+                          headers={"Retry-After": "1"})
         log.warning("request failed: %r", e)
-        return _error(503, f"request failed: {e}", "service_unavailable", "worker_unavailable")
+        return _error(500, f"request failed: {e!r}", "server_error", "internal_error")
 
     async def _stream(self, rid: str, events: AsyncIterator, chat: bool, prompt_len: int,
                       include_usage: bool) -> AsyncIterator[bytes]:
@@ -216,61 +256,130 @@ class Router:
 
     async def _lifecycle(self, state: RequestState, prompt_ids: list[int],
                          params: SamplingParams) -> AsyncIterator[tuple[str, str | None, int]]:
-        """Yield (text delta, finish_reason, completion tokens so far)."""
+        """Yield (text delta, finish_reason, completion tokens so far).
+
+        The one try/finally that owns the request: its table entry exists
+        exactly while this generator runs, and every worker it touched is
+        told to let go on the way out, whatever the exit."""
         rid = state.request_id
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
         stops = StopChecker(params.stop, params.include_stop_str_in_output)
-        n_out, finished = 0, False
+        n_out, outcome = 0, "error"
+        self.requests[rid] = state
         try:
-            state.stage = "prefill"
-            res = await self._prefill(state, prompt_ids, params)
-            token_stream = self._decode_stream(state, prompt_ids, params, res)
-            async for tokens, reason in token_stream:
+            async for tokens, reason in self._tokens(state, prompt_ids, params):
+                if n_out == 0:
+                    self.metrics.ttft.observe(time.time() - state.created)
                 n_out += len(tokens)
-                # `finished`: the worker itself ended the sequence and freed it;
-                # a stop string ends it here, so the worker must still be told.
-                finished = reason is not None
                 text = detok.push(tokens)
                 if reason is not None:
                     text += detok.flush()
+                    state.worker_done = True  # the worker ended and freed the sequence itself
                 text, stopped = stops.push(text, final=reason is not None)
                 if stopped:
                     reason = "stop"
                 yield text, reason, n_out
                 if reason is not None:
+                    outcome = "ok"
                     break
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        except GeneratorExit:
+            outcome = "cancelled"
+            raise
+        except TimeoutError:
+            outcome = "timeout"
+            raise
         finally:
             self.requests.pop(rid, None)
-            self._release(state, finished)
+            self._release(state)
+            now = time.time()
+            self.metrics.requests.labels(outcome).inc()
+            self.metrics.e2e.observe(now - state.created)
+            if n_out > 1 and state.first_token_at:
+                self.metrics.tpot.observe((now - state.first_token_at) / (n_out - 1))
 
-    async def _prefill(self, state: RequestState, prompt_ids: list[int],
-                       params: SamplingParams):
-        i = min(range(len(self.prefill)), key=lambda k: self.prefill_load[k])
-        state.prefill_idx = i
-        self.prefill_load[i] += len(prompt_ids)
-        try:
-            return await asyncio.wait_for(
-                self.prefill[i].prefill.remote(state.request_id, prompt_ids, params),
-                self._remaining(state))
-        finally:
-            self.prefill_load[i] -= len(prompt_ids)
+    async def _tokens(self, state: RequestState, prompt_ids: list[int],
+                      params: SamplingParams) -> AsyncIterator[tuple[list[int], str | None]]:
+        """Token ids as they are produced, surviving worker loss: a failed
+        prefill is retried elsewhere, a failed transfer re-prefills once, and a
+        decode lost mid-stream is migrated (re-prefill prompt + tokens so far on
+        a prefill worker, continue on another decode worker)."""
+        produced: list[int] = []
+        re_prefills = migrations = 0
+        while True:
+            ids = prompt_ids + produced
+            sp = _continue_params(params, len(produced))
+            state.stage = "prefill"
+            res = await self._prefill(state, ids, sp)
+            if state.first_token_at is None:
+                state.first_token_at = time.time()
+            produced.append(res.first_token)
+            yield [res.first_token], res.finish_reason
+            if res.finish_reason is not None:
+                return
+            state.stage = "decode"
+            got_tokens = False
+            try:
+                async for tokens, reason in self._decode(state, ids, res, sp):
+                    got_tokens = True
+                    produced.extend(tokens)
+                    yield tokens, reason
+                    if reason is not None:
+                        return
+                raise WorkerError("decode stream ended without a finish reason")
+            except TransferError as e:
+                if got_tokens or re_prefills >= 1:
+                    raise Unavailable(f"KV transfer failed twice: {e}") from None
+                re_prefills += 1
+                self.metrics.retries.labels("transfer").inc()
+                log.warning("request %s: transfer failed (%r); re-prefilling", state.request_id, e)
+            except _WORKER_LOST as e:
+                if migrations >= self.cfg.router.max_migrations:
+                    raise Unavailable(f"decode failed after {migrations} migrations: {e}") from None
+                migrations += 1
+                self.metrics.migrations.inc()
+                log.warning("request %s: decode lost after %d tokens (%r); migrating",
+                            state.request_id, len(produced), e)
 
-    async def _decode_stream(self, state: RequestState, prompt_ids: list[int],
-                             params: SamplingParams, res) -> AsyncIterator[tuple[list[int], str | None]]:
-        yield [res.first_token], res.finish_reason
-        if res.finish_reason is not None:
-            return
-        state.stage = "decode"
-        i = max(range(len(self.decode)), key=lambda k: -self.decode_load[k])
-        state.decode_idx = i
-        self.decode_load[i] += 1
+    async def _prefill(self, state: RequestState, ids: list[int], sp: SamplingParams):
+        """Prefill on the least-loaded healthy replica, retrying others on failure."""
+        tried: set[int] = set()
+        last: BaseException | None = None
+        for attempt in range(self.cfg.router.max_retries + 1):
+            i = self.prefill_pool.pick(exclude=tried)
+            if i is None:
+                break
+            state.prefills.add(i)
+            self.prefill_pool.load[i] += len(ids)
+            try:
+                return await self.prefill_pool.call(
+                    i, self.prefill_pool.handles[i].prefill.remote(state.request_id, ids, sp),
+                    self._remaining(state))
+            except _WORKER_LOST + (TransferError,) as e:
+                last = e
+                tried.add(i)
+                self.prefill_pool.handles[i].release.remote(state.request_id)
+                self.metrics.retries.labels("prefill").inc()
+                log.warning("request %s: prefill-%d failed (%r)", state.request_id, i, e)
+            finally:
+                self.prefill_pool.load[i] -= len(ids)
+        raise Unavailable(f"no prefill worker could take the request: {last!r}")
+
+    async def _decode(self, state: RequestState, ids: list[int], res,
+                      sp: SamplingParams) -> AsyncIterator[tuple[list[int], str | None]]:
+        i = self.decode_pool.pick()
+        if i is None:
+            raise Unavailable("no healthy decode worker")
+        state.decodes.add(i)
+        self.decode_pool.load[i] += 1
         try:
-            gen = self.decode[i].generate.options(num_returns="streaming").remote(
-                state.request_id, prompt_ids, res.first_token, params, res.handle,
-                state.deadline)
+            gen = self.decode_pool.handles[i].generate.options(num_returns="streaming").remote(
+                state.request_id, ids, res.first_token, sp, res.handle, state.deadline)
             while True:
                 try:
-                    ref = await asyncio.wait_for(gen.__anext__(), self._remaining(state))
+                    ref = await self.decode_pool.call(i, gen.__anext__(), self._remaining(state))
                 except StopAsyncIteration:
                     return
                 tokens, reason = await ref
@@ -278,15 +387,16 @@ class Router:
                 if reason is not None:
                     return
         finally:
-            self.decode_load[i] -= 1
+            self.decode_pool.load[i] -= 1
 
-    def _release(self, state: RequestState, finished: bool) -> None:
-        """Backstop release on the workers; both calls are idempotent."""
+    def _release(self, state: RequestState) -> None:
+        """Backstop release on every worker the request touched; idempotent there."""
         rid = state.request_id
-        if state.prefill_idx is not None:
-            self.prefill[state.prefill_idx].release.remote(rid)
-        if state.decode_idx is not None and not finished:
-            self.decode[state.decode_idx].abort.remote(rid)
+        for i in state.prefills:
+            self.prefill_pool.handles[i].release.remote(rid)
+        if not state.worker_done:
+            for i in state.decodes:
+                self.decode_pool.handles[i].abort.remote(rid)
 
 
 def build_app(cfg: Config, model_dir: str, prefill: list, decode: list):

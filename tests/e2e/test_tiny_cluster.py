@@ -6,9 +6,14 @@ Greedy output must equal Hugging Face `generate` token for token (float32).
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import httpx
 import openai
 import pytest
+import ray
 import torch
 
 from tests.support import load_test_config, running_cluster, wait_idle
@@ -18,7 +23,8 @@ N_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def cluster():
-    cfg = load_test_config("tiny.yaml")
+    # A short deadline and a watchdog that stays out of the way of the deadline test.
+    cfg = load_test_config("tiny.yaml", router={"request_timeout_s": 5, "watchdog_s": 60})
     with running_cluster(cfg) as rc:
         yield rc
 
@@ -127,6 +133,33 @@ def test_bad_input_is_4xx_openai_shape(cluster, client):
     assert r.status_code == 400
     err = r.json()["error"]
     assert set(err) >= {"message", "type", "param", "code"} and "512" in err["message"]
+
+
+def test_ignore_eos_runs_to_max_tokens(cluster):
+    body = {"model": "tiny-llama", "prompt": "a", "max_tokens": 200, "temperature": 0,
+            "ignore_eos": True}
+    r = httpx.post(f"{cluster.url}/v1/completions", timeout=30, json=body)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 200
+
+
+def test_deadline_ends_request_with_clear_error_and_frees_everything(cluster):
+    """Decode frozen (SIGSTOP) past the 5 s request deadline: a 504 naming the
+    deadline arrives on time, and once the worker runs again nothing is held."""
+    pid = ray.get(cluster.decode[0].leader.ready.remote(), timeout=30)["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        r = httpx.post(f"{cluster.url}/v1/completions", timeout=30, json={
+            "model": "tiny-llama", "prompt": "frozen", "max_tokens": 50, "temperature": 0})
+        elapsed = time.monotonic() - t0
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert r.status_code == 504, r.text
+    assert "deadline" in r.json()["error"]["message"]
+    assert 4.5 < elapsed < 9
+    state = wait_idle(cluster.url)
+    assert state["requests_in_flight"] == 0 and state["decode_blocks_used"] == 0
+    assert state["prefill_leases"] == 0
 
 
 def test_idle_after_requests(cluster):

@@ -1,0 +1,134 @@
+"""Health of one role's worker replicas, seen from the router.
+
+A progress watchdog: every poll reads each worker's `stats()` under a timeout.
+A worker that has work but whose step counter has not moved for `watchdog_s`,
+or that has not answered for `watchdog_s`, is marked unhealthy, gets no new
+work, its in-flight calls fail over (`call` raises `WorkerStalled`), and it is
+killed so Ray restarts it (`max_restarts`). A worker that answers again with
+progress is healthy again: workers re-register simply by answering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import ray
+
+log = logging.getLogger("pdcluster.health")
+
+
+class WorkerStalled(Exception):
+    """The worker serving this call was marked unhealthy while we waited."""
+
+
+class WorkerPool:
+    def __init__(self, role: str, handles: list, watchdog_s: float, metrics) -> None:
+        self.role = role
+        self.handles = handles
+        self.watchdog_s = watchdog_s
+        self.metrics = metrics
+        n = len(handles)
+        self.healthy = [True] * n
+        self.load = [0] * n                      # router-side outstanding work
+        self.stats: list[dict | None] = [None] * n
+        self.reason = [""] * n
+        self._last_answer = [time.monotonic()] * n
+        self._last_progress = [time.monotonic()] * n
+        self._steps = [-1] * n
+        # Set when replica i goes unhealthy; in-flight calls wait on it.
+        self._lost = [asyncio.Event() for _ in range(n)]
+        metrics.healthy.labels(role).set(n)
+
+    # ---- routing ----------------------------------------------------------
+
+    def pick(self, exclude: set[int] | frozenset = frozenset()) -> int | None:
+        """Least-loaded healthy replica not in `exclude` (None when there is none)."""
+        ok = [i for i in range(len(self.handles)) if self.healthy[i] and i not in exclude]
+        return min(ok, key=lambda i: (self.load[i], i)) if ok else None
+
+    async def call(self, i: int, awaitable, timeout: float):
+        """Await a call to replica i, bounded by `timeout`, abandoned (WorkerStalled)
+        as soon as the watchdog marks the replica unhealthy."""
+        task = asyncio.ensure_future(awaitable)
+        lost = asyncio.ensure_future(self._lost[i].wait())
+        try:
+            done, _ = await asyncio.wait({task, lost}, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                return task.result()
+            task.cancel()
+            if lost in done:
+                raise WorkerStalled(f"{self.role}-{i} unhealthy: {self.reason[i]}")
+            raise TimeoutError(f"{self.role}-{i} did not answer within {timeout:.1f}s")
+        finally:
+            lost.cancel()
+            if not task.done():
+                task.cancel()
+
+    # ---- the watchdog -----------------------------------------------------
+
+    def _busy(self, s: dict) -> bool:
+        if self.role == "prefill":
+            return s.get("queued_tokens", 0) > 0
+        return s.get("running", 0) + s.get("waiting", 0) > 0
+
+    def _mark(self, i: int, healthy: bool, reason: str = "") -> None:
+        if self.healthy[i] == healthy:
+            return
+        self.healthy[i], self.reason[i] = healthy, reason
+        if healthy:
+            self._lost[i] = asyncio.Event()
+            log.warning("%s-%d healthy again", self.role, i)
+        else:
+            self._lost[i].set()
+            log.warning("%s-%d unhealthy: %s", self.role, i, reason)
+        self.metrics.healthy.labels(self.role).set(sum(self.healthy))
+
+    def _restart(self, i: int, reason: str) -> None:
+        self._mark(i, False, reason)
+        self.metrics.restarts.labels(self.role).inc()
+        # SIGKILL works on a SIGSTOPped process too; Ray then restarts the actor.
+        ray.kill(self.handles[i], no_restart=False)
+
+    async def _poll_one(self, i: int) -> None:
+        now = time.monotonic()
+        try:
+            s = await asyncio.wait_for(self.handles[i].stats.remote(),
+                                       timeout=min(self.watchdog_s, 5.0))
+        except (asyncio.TimeoutError, TimeoutError):
+            if self.healthy[i] and now - self._last_answer[i] > self.watchdog_s:
+                self._restart(i, f"no answer for {now - self._last_answer[i]:.1f}s")
+            return
+        except Exception as e:  # noqa: BLE001 - dead or restarting: unhealthy until it answers
+            self._mark(i, False, f"unreachable: {type(e).__name__}")
+            self.stats[i] = None
+            return
+        self.stats[i] = s
+        self._last_answer[i] = now
+        steps = s.get("steps", 0)
+        if steps != self._steps[i] or not self._busy(s):
+            self._last_progress[i] = now
+        self._steps[i] = steps
+        if self.healthy[i] and now - self._last_progress[i] > self.watchdog_s:
+            self._restart(i, f"busy without a step for {now - self._last_progress[i]:.1f}s")
+        elif not self.healthy[i] and now - self._last_progress[i] <= self.watchdog_s:
+            self._mark(i, True)
+
+    async def poll(self) -> None:
+        await asyncio.gather(*[self._poll_one(i) for i in range(len(self.handles))])
+
+    async def fresh_stats(self) -> list[dict | None]:
+        """Stats read now (for /debug/state); None for a worker that does not answer."""
+        async def one(h):
+            try:
+                return await asyncio.wait_for(h.stats.remote(), timeout=5)
+            except (Exception, asyncio.TimeoutError):  # noqa: BLE001
+                return None
+        return list(await asyncio.gather(*[one(h) for h in self.handles]))
+
+    def describe(self, i: int, stats: dict | None) -> dict:
+        return {"role": self.role, "replica": i, "healthy": self.healthy[i],
+                "reason": self.reason[i], "load": self.load[i], "stats": stats}
+

@@ -1,0 +1,237 @@
+"""Router lifecycle under bad input, disconnects and worker loss, on 2 prefill +
+2 decode replicas of the tiny model. After every load, /debug/state is all zero."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+
+import httpx
+import pytest
+import ray
+
+from tests.support import load_test_config, running_cluster, wait_idle
+
+WATCHDOG_S = 3.0
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    cfg = load_test_config(
+        "tiny.yaml",
+        prefill={"replicas": 2}, decode={"replicas": 2},
+        router={"port": 8013, "watchdog_s": WATCHDOG_S, "health_period_s": 0.25,
+                "request_timeout_s": 30, "max_queued": 256})
+    with running_cluster(cfg) as rc:
+        yield rc
+
+
+def assert_idle(url: str) -> dict:
+    state = wait_idle(url)
+    for key in ("requests_in_flight", "prefill_leases", "prefill_pinned_blocks",
+                "transfer_pending", "decode_blocks_used"):
+        assert state[key] == 0, (key, state)
+    return state
+
+
+def wait_healthy(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = httpx.get(f"{url}/health", timeout=5).json()
+        if r["prefill_healthy"] == 2 and r["decode_healthy"] == 2:
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"cluster not healthy again: {r}")
+
+
+def chat(content: str, **kw) -> dict:
+    return {"model": "tiny-llama", "messages": [{"role": "user", "content": content}], **kw}
+
+
+BAD = [
+    ("over-long prompt", chat("x" * 700, max_tokens=2)),
+    ("negative max_tokens", chat("hi", max_tokens=-1)),
+    ("wrong type", chat("hi", max_tokens="two")),
+    ("unknown field", chat("hi", max_tokens=2, frobnicate=True)),
+    ("empty messages", {"model": "tiny-llama", "messages": [], "max_tokens": 2}),
+    ("bad role", {"model": "tiny-llama", "messages": [{"role": "wizard", "content": "x"}]}),
+]
+
+
+async def _run_mixed(url: str, n: int, concurrency: int) -> list[tuple[bool, int, dict]]:
+    rng = random.Random(0)
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(i: int, client: httpx.AsyncClient):
+        bad = i % 3 == 0
+        body = rng.choice(BAD)[1] if bad else chat(f"request {i}", max_tokens=2, temperature=0)
+        async with sem:
+            r = await client.post(f"{url}/v1/chat/completions", json=body)
+        return bad, r.status_code, r.json()
+
+    async with httpx.AsyncClient(timeout=60) as client:
+        return await asyncio.gather(*[one(i, client) for i in range(n)])
+
+
+def test_2000_requests_a_third_bad(cluster):
+    results = asyncio.run(_run_mixed(cluster.url, 2000, 32))
+    for bad, status, body in results:
+        if bad:
+            assert 400 <= status < 500, body
+            assert body["error"]["message"] and body["error"]["type"], body
+        else:
+            assert status == 200, body
+            assert body["usage"]["completion_tokens"] >= 1
+    assert_idle(cluster.url)
+
+
+async def _disconnecting_streams(url: str, n: int) -> int:
+    rng = random.Random(1)
+
+    async def one(i: int, client: httpx.AsyncClient) -> int:
+        body = chat(f"stream {i}", max_tokens=200, temperature=0, stream=True, ignore_eos=True)
+        stop_after = rng.randint(0, 30)
+        got = 0
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data:"):
+                    got += 1
+                if got >= stop_after:
+                    break  # leaving the block closes the connection mid-stream
+        return got
+
+    async with httpx.AsyncClient(timeout=60) as client:
+        return sum(await asyncio.gather(*[one(i, client) for i in range(n)]))
+
+
+def test_64_streams_disconnect_at_random_points(cluster):
+    asyncio.run(_disconnecting_streams(cluster.url, 64))
+    r = httpx.post(f"{cluster.url}/v1/chat/completions", timeout=30,
+                   json=chat("still there?", max_tokens=4, temperature=0))
+    assert r.status_code == 200
+    assert_idle(cluster.url)
+    wait_healthy(cluster.url)
+
+
+async def _streams(url: str, prompts: list[str], max_tokens: int,
+                   on_progress=None) -> list[str]:
+    started = [0] * len(prompts)
+
+    async def one(i: int, client: httpx.AsyncClient) -> str:
+        body = chat(prompts[i], max_tokens=max_tokens, temperature=0, stream=True,
+                    ignore_eos=True, skip_special_tokens=False)
+        text = []
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                    continue
+                import json
+
+                chunk = json.loads(line[5:])
+                assert "error" not in chunk, chunk
+                for ch in chunk["choices"]:
+                    text.append(ch["delta"].get("content") or "")
+                started[i] += 1
+        return "".join(text)
+
+    async with httpx.AsyncClient(timeout=60) as client:
+        tasks = [asyncio.create_task(one(i, client)) for i in range(len(prompts))]
+        if on_progress is not None:
+            while min(started) < 5:
+                await asyncio.sleep(0.01)
+            await asyncio.to_thread(on_progress)
+        return await asyncio.gather(*tasks)
+
+
+PROMPTS = [f"migrate me {i}" for i in range(6)]
+
+
+def test_decode_killed_mid_stream_streams_complete_with_same_text(cluster):
+    want = asyncio.run(_streams(cluster.url, PROMPTS, 300))
+    before = _metric(cluster.url, "pdcluster_migrations_total")
+    victim = cluster.decode[0].leader
+    got = asyncio.run(_streams(cluster.url, PROMPTS, 300,
+                               on_progress=lambda: ray.kill(victim, no_restart=False)))
+    assert got == want
+    assert _metric(cluster.url, "pdcluster_migrations_total") > before
+    wait_healthy(cluster.url)
+    assert_idle(cluster.url)
+
+
+def test_prefill_killed_under_load_every_request_completes(cluster):
+    async def load():
+        async with httpx.AsyncClient(timeout=60) as client:
+            async def one(i):
+                return await client.post(f"{cluster.url}/v1/chat/completions",
+                                         json=chat(f"load {i} " * 20, max_tokens=4,
+                                                   temperature=0))
+            tasks = [asyncio.create_task(one(i)) for i in range(60)]
+            await asyncio.sleep(0.3)
+            ray.kill(cluster.prefill[0].leader, no_restart=False)
+            return await asyncio.gather(*tasks)
+
+    responses = asyncio.run(load())
+    assert [r.status_code for r in responses] == [200] * len(responses), \
+        [r.text for r in responses if r.status_code != 200][:3]
+    wait_healthy(cluster.url)
+    # The restarted worker has a new NIXL agent: transfers from it work again.
+    for i in range(6):
+        r = httpx.post(f"{cluster.url}/v1/chat/completions", timeout=30,
+                       json=chat(f"after restart {i}", max_tokens=4, temperature=0))
+        assert r.status_code == 200, r.text
+    assert_idle(cluster.url)
+
+
+def test_frozen_decode_is_detected_and_its_streams_migrate(cluster):
+    want = asyncio.run(_streams(cluster.url, PROMPTS, 300))
+    victim = cluster.decode[1].leader
+    pid = ray.get(victim.ready.remote(), timeout=30)["pid"]
+    frozen_at = []
+
+    def freeze():
+        os.kill(pid, signal.SIGSTOP)
+        frozen_at.append(time.monotonic())
+
+    t0 = time.monotonic()
+    try:
+        got = asyncio.run(_streams(cluster.url, PROMPTS, 300, on_progress=freeze))
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass  # the watchdog killed it; Ray restarted it
+    assert got == want
+    # Detected and failed over well within the request deadline (30s).
+    assert time.monotonic() - t0 < WATCHDOG_S + 15
+    state = httpx.get(f"{cluster.url}/debug/state", timeout=10).json()
+    restarts = _metric(cluster.url, 'pdcluster_worker_restarts_total{role="decode"}')
+    assert restarts >= 1, state
+    wait_healthy(cluster.url)
+    assert_idle(cluster.url)
+
+
+def test_metrics_endpoint_has_the_design_names(cluster):
+    text = httpx.get(f"{cluster.url}/metrics", timeout=10).text
+    for name in ("pdcluster_time_to_first_token_seconds", "pdcluster_e2e_request_latency_seconds",
+                 "pdcluster_time_per_output_token_seconds", "pdcluster_requests_total",
+                 "pdcluster_retries_total", "pdcluster_migrations_total",
+                 "pdcluster_worker_restarts_total", "pdcluster_requests_in_flight",
+                 "pdcluster_workers_healthy"):
+        assert name in text, name
+    assert 'pdcluster_requests_total{outcome="ok"}' in text
+
+
+def _metric(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            if key == name or key.startswith(name + "{") or name.endswith("}"):
+                total += float(value)
+    return total
