@@ -107,6 +107,7 @@ class WorkerPool:
             return
         self.stats[i] = s
         self._last_answer[i] = now
+        self._publish()
         steps = s.get("steps", 0)
         if steps != self._steps[i] or not self._busy(s):
             self._last_progress[i] = now
@@ -115,6 +116,19 @@ class WorkerPool:
             self._restart(i, f"busy without a step for {now - self._last_progress[i]:.1f}s")
         elif not self.healthy[i] and now - self._last_progress[i] <= self.watchdog_s:
             self._mark(i, True)
+
+    def _publish(self) -> None:
+        """Worker-side counts as router gauges, so one scrape sees the cluster."""
+        m = self.metrics
+        live = [s for s in self.stats if s]
+        for i, s in enumerate(self.stats):
+            if s:
+                used = s.get("used_blocks", s.get("pinned_blocks", 0))
+                m.blocks_used.labels(self.role, str(i)).set(used)
+        if self.role == "decode":
+            m.transfer_pending.set(sum(s.get("transfers_pending", 0) for s in live))
+        else:
+            m.leases.set(sum(s.get("leases", 0) for s in live))
 
     async def poll(self) -> None:
         await asyncio.gather(*[self._poll_one(i) for i in range(len(self.handles))])

@@ -55,9 +55,12 @@ class RequestState:
     prompt_len: int
     deadline: float
     stage: str = "admitted"
-    prefills: set[int] = field(default_factory=set)   # replicas that may hold a lease
-    decodes: set[int] = field(default_factory=set)    # replicas that may hold a sequence
-    worker_done: bool = False  # the decode worker finished (and freed) the sequence itself
+    # (replica, attempt id) pairs that may hold a lease / a decode sequence. Each
+    # prefill attempt has its own id, so a late release can never hit a newer attempt.
+    prefills: set[tuple[int, str]] = field(default_factory=set)
+    decodes: set[tuple[int, str]] = field(default_factory=set)
+    attempts: int = 0
+    worker_done: bool = False  # the decode worker finished (and freed) the last attempt
     created: float = field(default_factory=time.time)
     first_token_at: float | None = None
 
@@ -312,7 +315,9 @@ class Router:
             ids = prompt_ids + produced
             sp = _continue_params(params, len(produced))
             state.stage = "prefill"
-            res = await self._prefill(state, ids, sp)
+            wid = f"{state.request_id}-{state.attempts}"
+            state.attempts += 1
+            res = await self._prefill(state, wid, ids, sp)
             if state.first_token_at is None:
                 state.first_token_at = time.time()
             produced.append(res.first_token)
@@ -322,7 +327,7 @@ class Router:
             state.stage = "decode"
             got_tokens = False
             try:
-                async for tokens, reason in self._decode(state, ids, res, sp):
+                async for tokens, reason in self._decode(state, wid, ids, res, sp):
                     got_tokens = True
                     produced.extend(tokens)
                     yield tokens, reason
@@ -343,7 +348,8 @@ class Router:
                 log.warning("request %s: decode lost after %d tokens (%r); migrating",
                             state.request_id, len(produced), e)
 
-    async def _prefill(self, state: RequestState, ids: list[int], sp: SamplingParams):
+    async def _prefill(self, state: RequestState, wid: str, ids: list[int],
+                       sp: SamplingParams):
         """Prefill on the least-loaded healthy replica, retrying others on failure."""
         tried: set[int] = set()
         last: BaseException | None = None
@@ -351,32 +357,32 @@ class Router:
             i = self.prefill_pool.pick(exclude=tried)
             if i is None:
                 break
-            state.prefills.add(i)
+            state.prefills.add((i, wid))
             self.prefill_pool.load[i] += len(ids)
             try:
                 return await self.prefill_pool.call(
-                    i, self.prefill_pool.handles[i].prefill.remote(state.request_id, ids, sp),
+                    i, self.prefill_pool.handles[i].prefill.remote(wid, ids, sp),
                     self._remaining(state))
             except _WORKER_LOST + (TransferError,) as e:
                 last = e
                 tried.add(i)
-                self.prefill_pool.handles[i].release.remote(state.request_id)
+                self.prefill_pool.handles[i].release.remote(wid)
                 self.metrics.retries.labels("prefill").inc()
                 log.warning("request %s: prefill-%d failed (%r)", state.request_id, i, e)
             finally:
                 self.prefill_pool.load[i] -= len(ids)
         raise Unavailable(f"no prefill worker could take the request: {last!r}")
 
-    async def _decode(self, state: RequestState, ids: list[int], res,
+    async def _decode(self, state: RequestState, wid: str, ids: list[int], res,
                       sp: SamplingParams) -> AsyncIterator[tuple[list[int], str | None]]:
         i = self.decode_pool.pick()
         if i is None:
             raise Unavailable("no healthy decode worker")
-        state.decodes.add(i)
+        state.decodes.add((i, wid))
         self.decode_pool.load[i] += 1
         try:
             gen = self.decode_pool.handles[i].generate.options(num_returns="streaming").remote(
-                state.request_id, ids, res.first_token, sp, res.handle, state.deadline)
+                wid, ids, res.first_token, sp, res.handle, state.deadline)
             while True:
                 try:
                     ref = await self.decode_pool.call(i, gen.__anext__(), self._remaining(state))
@@ -391,12 +397,12 @@ class Router:
 
     def _release(self, state: RequestState) -> None:
         """Backstop release on every worker the request touched; idempotent there."""
-        rid = state.request_id
-        for i in state.prefills:
-            self.prefill_pool.handles[i].release.remote(rid)
-        if not state.worker_done:
-            for i in state.decodes:
-                self.decode_pool.handles[i].abort.remote(rid)
+        last = f"{state.request_id}-{state.attempts - 1}"
+        for i, wid in state.prefills:
+            self.prefill_pool.handles[i].release.remote(wid)
+        for i, wid in state.decodes:
+            if not (state.worker_done and wid == last):
+                self.decode_pool.handles[i].abort.remote(wid)
 
 
 def build_app(cfg: Config, model_dir: str, prefill: list, decode: list):

@@ -46,8 +46,10 @@ class Engine:
     def add(self, seq: Sequence) -> None:
         """Queue a sequence; its uncached tokens get computed in prefill steps.
         A sequence whose KV is already cached except the last token (pulled
-        from a prefill worker) goes straight to `running`."""
-        if seq.num_cached == seq.num_tokens - 1:
+        from a prefill worker) goes straight to `running` when the batch has
+        room; otherwise it waits, keeping its KV, and joins later as a 1-token step."""
+        if (not self.prefill_only and 0 < seq.num_cached == seq.num_tokens - 1
+                and len(self.running) < self.max_running):
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
         else:

@@ -210,6 +210,9 @@ class PrefillWorker(_WorkerBase):
                 handle = None
             else:
                 ttl = self.spec.lease_ttl_s
+                old = self.leases.pop(seq.request_id, None)
+                if old is not None:  # a caller reused an id: never leak the older blocks
+                    self.blocks.free(old.blocks)
                 self.leases[seq.request_id] = _Lease(seq.block_table, time.monotonic() + ttl)
                 handle = KVHandle(request_id=seq.request_id, backend="nixl",
                                   num_tokens=seq.num_cached,
@@ -261,10 +264,7 @@ class DecodeWorker(_WorkerBase):
         if handle.num_tokens != len(prompt_ids):
             raise WorkerError(f"KV handle holds {handle.num_tokens} tokens, "
                               f"prompt has {len(prompt_ids)}")
-        try:
-            blocks = self.blocks.allocate(self.blocks.blocks_for(handle.num_tokens))
-        except NoFreeBlocks as e:
-            raise WorkerError(f"decode-{self.spec.replica}: {e}") from None
+        blocks = await self._allocate_for(handle, deadline)
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = q
         finished = in_engine = False
@@ -284,7 +284,7 @@ class DecodeWorker(_WorkerBase):
             while True:
                 timeout = deadline - time.time()
                 if timeout <= 0:
-                    raise WorkerError(f"request {request_id} passed its deadline in decode")
+                    raise TimeoutError(f"request {request_id} passed its deadline in decode")
                 tokens, reason = await asyncio.wait_for(q.get(), timeout)
                 if isinstance(reason, BaseException):
                     raise reason
@@ -298,6 +298,19 @@ class DecodeWorker(_WorkerBase):
                 self.blocks.free(blocks)
             elif not finished:
                 self.thread.call(lambda: self.engine.abort(request_id))
+
+    async def _allocate_for(self, handle: KVHandle, deadline: float) -> list[int]:
+        """Blocks for a pulled prompt. A full pool is a queue, not an error: wait
+        (bounded by the request deadline and the prefill lease) for blocks to free."""
+        n = self.blocks.blocks_for(handle.num_tokens)
+        until = min(deadline, handle.expires_at or deadline)
+        while True:
+            try:
+                return self.blocks.allocate(n)
+            except NoFreeBlocks as e:
+                if time.time() >= until:
+                    raise WorkerError(f"decode-{self.spec.replica}: {e} until the deadline")
+            await asyncio.sleep(0.01)
 
     async def abort(self, request_id: str) -> None:
         self.thread.call(lambda: self.engine.abort(request_id))

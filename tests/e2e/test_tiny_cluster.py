@@ -52,6 +52,7 @@ def client(cluster):
 
 
 PROMPTS = [
+    "q",  # a one-token prompt: prefill must still treat it as a prompt, not a decode
     "Hello",
     "The capital of France is",
     # ~150 bytes -> ~150 byte tokens: spans ten 16-token KV blocks.
@@ -75,9 +76,10 @@ def test_completion_greedy_equals_hf(cluster, hf, prompt):
     assert body["choices"][0]["finish_reason"] == "length"
 
 
-def test_multiblock_prompt_spans_blocks(hf):
+def test_prompt_lengths(hf):
     _, tok = hf
-    assert len(tok.encode(PROMPTS[2])) > 5 * 16
+    assert len(tok.encode(PROMPTS[0])) == 1
+    assert len(tok.encode(PROMPTS[3])) > 5 * 16
 
 
 def test_openai_chat_stream_and_not(cluster, client, hf):
@@ -111,7 +113,7 @@ def test_openai_chat_stream_and_not(cluster, client, hf):
 
 def test_openai_completion_stream(cluster, client, hf):
     _, tok = hf
-    prompt = PROMPTS[1]
+    prompt = PROMPTS[2]
     want = tok.decode(hf_greedy(hf, tok.encode(prompt), N_TOKENS), skip_special_tokens=False)
     text = "".join(c.choices[0].text for c in client.completions.create(
         model="tiny-llama", prompt=prompt, max_tokens=N_TOKENS, temperature=0, stream=True,
@@ -162,6 +164,33 @@ def test_deadline_ends_request_with_clear_error_and_frees_everything(cluster):
     assert state["prefill_leases"] == 0
 
 
+def test_queue_full_is_429_with_retry_after(cluster):
+    """max_queued is 64: of 100 simultaneous long streams some are refused at once."""
+    import asyncio
+
+    async def one(client):
+        body = {"model": "tiny-llama", "prompt": "q", "max_tokens": 100, "temperature": 0,
+                "ignore_eos": True, "stream": True}
+        async with client.stream("POST", f"{cluster.url}/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                await r.aread()
+                return r.status_code, r.headers.get("retry-after"), r.json()
+            await r.aread()
+            return 200, None, None
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=60,
+                                     limits=httpx.Limits(max_connections=200)) as client:
+            return await asyncio.gather(*[one(client) for _ in range(100)])
+
+    results = asyncio.run(burst())
+    refused = [r for r in results if r[0] == 429]
+    assert refused and all(r[1] == "1" and r[2]["error"]["code"] == "queue_full"
+                           for r in refused)
+    assert all(r[0] in (200, 429) for r in results)
+    assert sum(r[0] == 200 for r in results) >= 64
+
+
 def test_idle_after_requests(cluster):
     """After the load ends, nothing is held anywhere (router, prefill, transfer, decode)."""
     state = wait_idle(cluster.url)
@@ -169,4 +198,4 @@ def test_idle_after_requests(cluster):
     assert state["prefill_leases"] == 0 and state["prefill_pinned_blocks"] == 0
     assert state["transfer_pending"] == 0
     assert state["decode_blocks_used"] == 0
-    assert all(w.get("steps", 0) > 0 for w in state["workers"])
+    assert all(w["healthy"] and w["stats"]["steps"] > 0 for w in state["workers"])
