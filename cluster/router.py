@@ -43,6 +43,10 @@ class Unavailable(Exception):
     """No worker could serve the request (after retries/migrations): HTTP 503."""
 
 
+class NoPrefillWorker(Exception):
+    """No prefill replica is healthy: the decode worker prefills locally."""
+
+
 # A worker that died, is restarting, was found stalled, or refused the work.
 _WORKER_LOST = (RayActorError, ActorUnavailableError, WorkerError, WorkerStalled)
 
@@ -272,7 +276,8 @@ class Router:
         try:
             async for tokens, reason in self._tokens(state, prompt_ids, params):
                 if n_out == 0:
-                    self.metrics.ttft.observe(time.time() - state.created)
+                    state.first_token_at = time.time()
+                    self.metrics.ttft.observe(state.first_token_at - state.created)
                 n_out += len(tokens)
                 text = detok.push(tokens)
                 if reason is not None:
@@ -317,13 +322,16 @@ class Router:
             state.stage = "prefill"
             wid = f"{state.request_id}-{state.attempts}"
             state.attempts += 1
-            res = await self._prefill(state, wid, ids, sp)
-            if state.first_token_at is None:
-                state.first_token_at = time.time()
-            produced.append(res.first_token)
-            yield [res.first_token], res.finish_reason
-            if res.finish_reason is not None:
-                return
+            try:
+                res = await self._prefill(state, wid, ids, sp)
+            except NoPrefillWorker:
+                res = None  # decode-only fallback: the decode worker prefills itself
+                self.metrics.retries.labels("decode_local").inc()
+            if res is not None:
+                produced.append(res.first_token)
+                yield [res.first_token], res.finish_reason
+                if res.finish_reason is not None:
+                    return
             state.stage = "decode"
             got_tokens = False
             try:
@@ -356,6 +364,8 @@ class Router:
         for attempt in range(self.cfg.router.max_retries + 1):
             i = self.prefill_pool.pick(exclude=tried)
             if i is None:
+                if not any(self.prefill_pool.healthy):
+                    raise NoPrefillWorker()
                 break
             state.prefills.add((i, wid))
             self.prefill_pool.load[i] += len(ids)
@@ -381,8 +391,13 @@ class Router:
         state.decodes.add((i, wid))
         self.decode_pool.load[i] += 1
         try:
-            gen = self.decode_pool.handles[i].generate.options(num_returns="streaming").remote(
-                wid, ids, res.first_token, sp, res.handle, state.deadline)
+            h = self.decode_pool.handles[i]
+            if res is None:
+                gen = h.generate_local.options(num_returns="streaming").remote(
+                    wid, ids, sp, state.deadline)
+            else:
+                gen = h.generate.options(num_returns="streaming").remote(
+                    wid, ids, res.first_token, sp, res.handle, state.deadline)
             while True:
                 try:
                     ref = await self.decode_pool.call(i, gen.__anext__(), self._remaining(state))

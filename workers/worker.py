@@ -265,9 +265,6 @@ class DecodeWorker(_WorkerBase):
             raise WorkerError(f"KV handle holds {handle.num_tokens} tokens, "
                               f"prompt has {len(prompt_ids)}")
         blocks = await self._allocate_for(handle, deadline)
-        q: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = q
-        finished = in_engine = False
         try:
             self.transfers_pending += 1
             try:
@@ -277,14 +274,36 @@ class DecodeWorker(_WorkerBase):
                         notif=request_id.encode()))
             finally:
                 self.transfers_pending -= 1
-            seq = Sequence(request_id, prompt_ids, params, output_ids=[first_token])
-            seq.block_table, seq.num_cached = blocks, handle.num_tokens
-            in_engine = True
-            self.thread.call(lambda: self.engine.add(seq))
+        except BaseException:
+            self.blocks.free(blocks)
+            raise
+        seq = Sequence(request_id, prompt_ids, params, output_ids=[first_token])
+        seq.block_table, seq.num_cached = blocks, handle.num_tokens
+        async for item in self._run(seq, deadline):
+            yield item
+
+    async def generate_local(self, request_id: str, prompt_ids: list[int],
+                             params: SamplingParams,
+                             deadline: float) -> AsyncIterator[tuple[list[int], str | None]]:
+        """Decode-only fallback when no prefill worker is healthy: prefill here,
+        then decode; streams every token including the first."""
+        async for item in self._run(Sequence(request_id, prompt_ids, params), deadline):
+            yield item
+
+    async def _run(self, seq: Sequence,
+                   deadline: float) -> AsyncIterator[tuple[list[int], str | None]]:
+        """Hand `seq` to the engine and stream its tokens; on any exit before
+        it finished, abort it there (which frees its blocks)."""
+        rid = seq.request_id
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[rid] = q
+        finished = False
+        self.thread.call(lambda: self.engine.add(seq))
+        try:
             while True:
                 timeout = deadline - time.time()
                 if timeout <= 0:
-                    raise TimeoutError(f"request {request_id} passed its deadline in decode")
+                    raise TimeoutError(f"request {rid} passed its deadline in decode")
                 tokens, reason = await asyncio.wait_for(q.get(), timeout)
                 if isinstance(reason, BaseException):
                     raise reason
@@ -293,11 +312,9 @@ class DecodeWorker(_WorkerBase):
                     finished = True
                     return
         finally:
-            self._streams.pop(request_id, None)
-            if not in_engine:
-                self.blocks.free(blocks)
-            elif not finished:
-                self.thread.call(lambda: self.engine.abort(request_id))
+            self._streams.pop(rid, None)
+            if not finished:
+                self.thread.call(lambda: self.engine.abort(rid))
 
     async def _allocate_for(self, handle: KVHandle, deadline: float) -> list[int]:
         """Blocks for a pulled prompt. A full pool is a queue, not an error: wait

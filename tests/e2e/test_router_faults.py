@@ -215,6 +215,34 @@ def test_frozen_decode_is_detected_and_its_streams_migrate(cluster):
     assert_idle(cluster.url)
 
 
+def test_no_healthy_prefill_falls_back_to_decode_local_prefill(cluster):
+    body = chat("fallback please", max_tokens=24, temperature=0, ignore_eos=True,
+                skip_special_tokens=False)
+    want = httpx.post(f"{cluster.url}/v1/chat/completions", timeout=30, json=body).json()
+    pids = [ray.get(g.leader.ready.remote(), timeout=30)["pid"] for g in cluster.prefill]
+    before = _metric(cluster.url, 'pdcluster_retries_total{reason="decode_local"}')
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + WATCHDOG_S + 10
+        while httpx.get(f"{cluster.url}/health", timeout=5).json()["prefill_healthy"] > 0:
+            assert time.monotonic() < deadline, "frozen prefill workers not detected"
+            time.sleep(0.1)
+        got = httpx.post(f"{cluster.url}/v1/chat/completions", timeout=30, json=body)
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass  # killed by the watchdog and restarted by Ray
+    assert got.status_code == 200, got.text
+    assert got.json()["choices"][0]["message"]["content"] == \
+        want["choices"][0]["message"]["content"]
+    assert _metric(cluster.url, 'pdcluster_retries_total{reason="decode_local"}') > before
+    wait_healthy(cluster.url)
+    assert_idle(cluster.url)
+
+
 def test_metrics_endpoint_has_the_design_names(cluster):
     text = httpx.get(f"{cluster.url}/metrics", timeout=10).text
     for name in ("pdcluster_time_to_first_token_seconds", "pdcluster_e2e_request_latency_seconds",
