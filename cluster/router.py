@@ -108,7 +108,10 @@ class Router:
     async def _poll_health(self) -> None:
         """Watchdog loop: stats from every worker, bounded by a timeout each."""
         while True:
-            await asyncio.gather(self.prefill_pool.poll(), self.decode_pool.poll())
+            try:
+                await asyncio.gather(self.prefill_pool.poll(), self.decode_pool.poll())
+            except Exception:  # noqa: BLE001 - the watchdog must outlive any one bad poll
+                log.exception("health poll failed")
             await asyncio.sleep(self.cfg.router.health_period_s)
 
     # ---- HTTP endpoints -------------------------------------------------
@@ -117,9 +120,11 @@ class Router:
     async def health(self) -> Response:
         body = {"prefill_healthy": sum(self.prefill_pool.healthy),
                 "decode_healthy": sum(self.decode_pool.healthy)}
-        ok = body["prefill_healthy"] > 0 and body["decode_healthy"] > 0
-        return _json(msgspec.json.encode({"status": "ok" if ok else "unhealthy", **body}),
-                     200 if ok else 503)
+        # Without prefill the cluster still serves (decode-only fallback), degraded.
+        status = ("unhealthy" if body["decode_healthy"] == 0 else
+                  "ok" if body["prefill_healthy"] > 0 else "degraded")
+        return _json(msgspec.json.encode({"status": status, **body}),
+                     503 if status == "unhealthy" else 200)
 
     @app.get("/metrics")
     async def metrics_endpoint(self) -> Response:
