@@ -38,22 +38,23 @@ class ClusterSection(_Strict):
     nodes: list[NodeConfig] = []
 
 
-class PrefillConfig(_Strict):
+class _GroupConfig(_Strict):
+    """What prefill and decode groups share."""
+
     replicas: int = 1
     tensor_parallel_size: int = 1
+    kv_blocks: int = 512
+    block_size: int = 16
+
+
+class PrefillConfig(_GroupConfig):
     node_resource: str = "prefill_node"
     max_batched_tokens: int = 2048
-    kv_blocks: int = 512
-    block_size: int = 16
 
 
-class DecodeConfig(_Strict):
-    replicas: int = 1
-    tensor_parallel_size: int = 1
+class DecodeConfig(_GroupConfig):
     node_resource: str = "decode_node"
     max_running: int = 32
-    kv_blocks: int = 512
-    block_size: int = 16
 
 
 class TransferConfig(_Strict):
