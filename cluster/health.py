@@ -44,9 +44,21 @@ class WorkerPool:
     # ---- routing ----------------------------------------------------------
 
     def pick(self, exclude: set[int] | frozenset = frozenset()) -> int | None:
-        """Least-loaded healthy replica not in `exclude` (None when there is none)."""
+        """Least-loaded healthy replica not in `exclude` (None when there is none).
+
+        Prefill: fewest queued prompt tokens (the worker's last report plus what
+        this router sent since it answered). Decode: most free KV blocks (last
+        report), ties broken by fewer open streams from this router."""
         ok = [i for i in range(len(self.handles)) if self.healthy[i] and i not in exclude]
-        return min(ok, key=lambda i: (self.load[i], i)) if ok else None
+        if not ok:
+            return None
+        if self.role == "prefill":
+            return min(ok, key=lambda i: (self.load[i] + self._stat(i, "queued_tokens"), i))
+        return min(ok, key=lambda i: (-self._stat(i, "free_blocks"), self.load[i], i))
+
+    def _stat(self, i: int, key: str) -> int:
+        s = self.stats[i]
+        return s.get(key, 0) if s else 0
 
     async def call(self, i: int, awaitable, timeout: float):
         """Await a call to replica i, bounded by `timeout`, abandoned (WorkerStalled)
