@@ -12,6 +12,8 @@ from pathlib import Path
 import msgspec
 import yaml
 
+from transfer.faults import FaultConfig
+
 
 class ConfigError(ValueError):
     """A config file that cannot be used; the message names the key path."""
@@ -62,6 +64,7 @@ class TransferConfig(_Strict):
     timeout_s: float = 10.0
     lease_ttl_s: float = 30.0
     max_pending: int = 1024
+    faults: FaultConfig | None = None  # chaos hooks; absent means none exist
 
 
 class RouterConfig(_Strict):

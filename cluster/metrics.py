@@ -8,7 +8,10 @@ health poller and published here as gauges, so one scrape of the router's
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -43,5 +46,49 @@ class RouterMetrics:
         self.healthy = Gauge("pdcluster_workers_healthy", "Healthy workers", ["role"],
                              registry=r)
 
+    def watch_workers(self, prefill: Callable[[], list], decode: Callable[[], list],
+                      buckets: tuple[float, ...]) -> None:
+        """Publish the workers' own transfer/lease counters (from their last
+        `stats()`), one series per replica so a restart is a counter reset."""
+        self.registry.register(_WorkerCounters(prefill, decode, buckets))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _WorkerCounters:
+    def __init__(self, prefill, decode, buckets):
+        self.prefill, self.decode, self.buckets = prefill, decode, buckets
+
+    def collect(self):
+        secs = HistogramMetricFamily("pdcluster_kv_transfer_seconds",
+                                     "KV pull time on decode (claim + READ)",
+                                     labels=["replica"])
+        nbytes = CounterMetricFamily("pdcluster_kv_transfer_bytes", "KV bytes pulled",
+                                     labels=["replica"])
+        timeouts = CounterMetricFamily("pdcluster_kv_transfer_timeouts",
+                                       "KV pulls that missed transfer.timeout_s",
+                                       labels=["replica"])
+        failures = CounterMetricFamily("pdcluster_kv_transfer_failures",
+                                       "KV pulls that failed (peer gone, lease expired, error)",
+                                       labels=["replica"])
+        expired = CounterMetricFamily("pdcluster_kv_leases_expired",
+                                      "Prefill leases expired unclaimed or abandoned",
+                                      labels=["replica"])
+        for i, s in enumerate(self.decode()):
+            x = (s or {}).get("transfers")
+            if not x:
+                continue
+            r = str(i)
+            cum, acc = [], 0
+            for bound, n in zip([*map(str, self.buckets), "+Inf"], x["buckets"]):
+                acc += n
+                cum.append((bound, acc))
+            secs.add_metric([r], cum, x["seconds"])
+            nbytes.add_metric([r], x["bytes"])
+            timeouts.add_metric([r], x["timeouts"])
+            failures.add_metric([r], x["failures"])
+        for i, s in enumerate(self.prefill()):
+            if s:
+                expired.add_metric([str(i)], s.get("leases_expired", 0))
+        yield from (secs, nbytes, timeouts, failures, expired)

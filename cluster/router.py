@@ -30,7 +30,7 @@ from cluster.health import WorkerPool, WorkerStalled
 from cluster.metrics import RouterMetrics
 from transfer import TransferError
 from workers.sampling_params import SamplingParams
-from workers.worker import WorkerError
+from workers.worker import XFER_BUCKETS, WorkerError
 
 log = logging.getLogger("pdcluster.router")
 
@@ -101,6 +101,8 @@ class Router:
         r = self.cfg.router
         self.prefill_pool = WorkerPool("prefill", prefill, r.watchdog_s, self.metrics)
         self.decode_pool = WorkerPool("decode", decode, r.watchdog_s, self.metrics)
+        self.metrics.watch_workers(lambda: self.prefill_pool.stats,
+                                   lambda: self.decode_pool.stats, XFER_BUCKETS)
         self.requests: dict[str, RequestState] = {}
         self.model_name = self.cfg.served_model_name
         self._health_task = asyncio.get_event_loop().create_task(self._poll_health())
@@ -328,9 +330,9 @@ class Router:
             wid = f"{state.request_id}-{state.attempts}"
             state.attempts += 1
             try:
-                res = await self._prefill(state, wid, ids, sp)
+                res, p = await self._prefill(state, wid, ids, sp)
             except NoPrefillWorker:
-                res = None  # decode-only fallback: the decode worker prefills itself
+                res = p = None  # decode-only fallback: the decode worker prefills itself
                 self.metrics.retries.labels("decode_local").inc()
             if res is not None:
                 produced.append(res.first_token)
@@ -340,7 +342,7 @@ class Router:
             state.stage = "decode"
             got_tokens = False
             try:
-                async for tokens, reason in self._decode(state, wid, ids, res, sp):
+                async for tokens, reason in self._decode(state, wid, ids, res, p, sp):
                     got_tokens = True
                     produced.extend(tokens)
                     yield tokens, reason
@@ -375,9 +377,10 @@ class Router:
             state.prefills.add((i, wid))
             self.prefill_pool.load[i] += len(ids)
             try:
-                return await self.prefill_pool.call(
+                res = await self.prefill_pool.call(
                     i, self.prefill_pool.handles[i].prefill.remote(wid, ids, sp),
                     self._remaining(state))
+                return res, i
             except _WORKER_LOST + (TransferError,) as e:
                 last = e
                 tried.add(i)
@@ -388,7 +391,7 @@ class Router:
                 self.prefill_pool.load[i] -= len(ids)
         raise Unavailable(f"no prefill worker could take the request: {last!r}")
 
-    async def _decode(self, state: RequestState, wid: str, ids: list[int], res,
+    async def _decode(self, state: RequestState, wid: str, ids: list[int], res, p: int | None,
                       sp: SamplingParams) -> AsyncIterator[tuple[list[int], str | None]]:
         i = self.decode_pool.pick()
         if i is None:
@@ -402,7 +405,8 @@ class Router:
                     wid, ids, sp, state.deadline)
             else:
                 gen = h.generate.options(num_returns="streaming").remote(
-                    wid, ids, res.first_token, sp, res.handle, state.deadline)
+                    wid, ids, res.first_token, sp, res.handle, state.deadline,
+                    self.prefill_pool.handles[p])
             while True:
                 try:
                     ref = await self.decode_pool.call(i, gen.__anext__(), self._remaining(state))

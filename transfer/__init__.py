@@ -7,14 +7,22 @@ from transfer.handle import (
     KVHandle,
     LeaseExpired,
     RankKV,
+    TransferBackpressure,
     TransferError,
     TransferFailed,
     TransferTimeout,
 )
+from transfer.faults import FaultConfig, FaultInjector
+from transfer.lease import Lease, LeaseRegistry
 from transfer.nixl_backend import NixlTransferAgent
 
 __all__ = [
+    "FaultConfig",
+    "FaultInjector",
     "KVHandle",
+    "Lease",
+    "LeaseRegistry",
+    "TransferBackpressure",
     "LeaseExpired",
     "NixlTransferAgent",
     "RankKV",

@@ -26,6 +26,10 @@ class LeaseExpired(TransferError):
     """The prefill side's lease on the blocks ran out before decode pulled them."""
 
 
+class TransferBackpressure(TransferError):
+    """The prefill side holds `max_pending` leases: back off or go elsewhere."""
+
+
 class RankKV(msgspec.Struct, frozen=True):
     """One tensor-parallel rank's share of a request's KV, in that rank's pool."""
 

@@ -11,6 +11,7 @@ bounded by `transfer_timeout_s`, and streams tokens from continuous batching.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import os
 import queue
@@ -23,7 +24,17 @@ import msgspec
 import ray
 import torch
 
-from transfer import KVHandle, NixlTransferAgent, TransferError
+from transfer import (
+    FaultConfig,
+    FaultInjector,
+    KVHandle,
+    LeaseRegistry,
+    NixlTransferAgent,
+    TransferBackpressure,
+    TransferError,
+    TransferFailed,
+    TransferTimeout,
+)
 from workers.engine import Engine, StepOutput
 from workers.kv_cache import BlockManager, NoFreeBlocks
 from workers.runner import ModelRunner
@@ -31,6 +42,9 @@ from workers.sampling_params import SamplingParams
 from workers.sequence import Sequence
 
 log = logging.getLogger("pdcluster.worker")
+
+# Upper bounds (seconds) of the kv_transfer_seconds histogram buckets.
+XFER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class WorkerError(Exception):
@@ -54,6 +68,7 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     lease_ttl_s: float = 30.0
     max_pending: int = 1024
     num_threads: int = 1
+    faults: FaultConfig | None = None
 
 
 class PrefillResult(msgspec.Struct, frozen=True):
@@ -61,11 +76,6 @@ class PrefillResult(msgspec.Struct, frozen=True):
     first_token: int
     finish_reason: str | None  # set when the first token already ends the request
     handle: KVHandle | None    # None when finished: nothing to transfer
-
-
-class _Lease(msgspec.Struct):
-    blocks: list[int]
-    expires: float  # time.monotonic()
 
 
 class _EngineThread:
@@ -166,15 +176,17 @@ class PrefillWorker(_WorkerBase):
 
     def __init__(self, spec: WorkerSpec):
         self._futures: dict[str, asyncio.Future] = {}
-        self.leases: dict[str, _Lease] = {}
-        self.leases_expired = 0
+        # A claimed lease stays pinned for the longest a read can take.
+        self.leases = LeaseRegistry(spec.max_pending, spec.lease_ttl_s,
+                                    claim_s=spec.transfer_timeout_s + 5.0)
+        self.faults = FaultInjector(spec.faults, f"prefill-{spec.replica}") if spec.faults else None
         super().__init__(spec)
 
     async def prefill(self, request_id: str, prompt_ids: list[int],
                       params: SamplingParams) -> PrefillResult:
         if len(self.leases) + len(self._futures) >= self.spec.max_pending:
-            raise WorkerError(f"prefill-{self.spec.replica}: {self.spec.max_pending} "
-                              "requests pending; try later")
+            raise TransferBackpressure(f"prefill-{self.spec.replica}: {self.spec.max_pending} "
+                                       "requests and leases pending (max_pending); try later")
         fut = self.loop.create_future()
         self._futures[request_id] = fut
         seq = Sequence(request_id, prompt_ids, params)
@@ -192,11 +204,16 @@ class PrefillWorker(_WorkerBase):
         """Drop a request's lease or queued prefill (router's `finally` backstop)."""
         self.thread.call(lambda: self._release(request_id))
 
-    def _release(self, request_id: str) -> None:  # engine thread
+    def _release(self, request_id: str, epoch: int | None = None) -> None:  # engine thread
         self.engine.abort(request_id)
-        lease = self.leases.pop(request_id, None)
-        if lease is not None:
-            self.blocks.free(lease.blocks)
+        blocks = self.leases.release(request_id, epoch)
+        if blocks is not None:
+            self.blocks.free(blocks)
+
+    async def claim(self, request_id: str, epoch: int) -> list[int]:
+        """Decode asks before it reads: is (request, epoch) still live? Holds the
+        lease for one read; raises LeaseExpired otherwise."""
+        return await self._on_thread(lambda: self.leases.claim(request_id, epoch))
 
     def _on_outputs(self, outputs: list[StepOutput]) -> None:  # engine thread
         for out in outputs:
@@ -210,27 +227,33 @@ class PrefillWorker(_WorkerBase):
                 handle = None
             else:
                 ttl = self.spec.lease_ttl_s
-                old = self.leases.pop(seq.request_id, None)
+                old = self.leases.release(seq.request_id)
                 if old is not None:  # a caller reused an id: never leak the older blocks
-                    self.blocks.free(old.blocks)
-                self.leases[seq.request_id] = _Lease(seq.block_table, time.monotonic() + ttl)
+                    self.blocks.free(old)
+                if self.faults is not None:
+                    ttl = self.faults.lease_ttl(ttl)
+                try:
+                    lease = self.leases.register(seq.request_id, seq.block_table, ttl)
+                except TransferBackpressure as e:
+                    self.blocks.free(seq.block_table)
+                    seq.block_table = []
+                    _fail_future(self.loop, fut, e)
+                    continue
                 handle = KVHandle(request_id=seq.request_id, backend="nixl",
                                   num_tokens=seq.num_cached,
                                   ranks=[self.agent.rank_kv(seq.block_table)],
-                                  expires_at=time.time() + ttl)
+                                  epoch=lease.epoch, expires_at=time.time() + ttl)
             if fut is not None:
                 res = PrefillResult(seq.request_id, out.token, out.finish_reason, handle)
                 self.loop.call_soon_threadsafe(lambda f=fut, r=res: f.done() or f.set_result(r))
 
     def _on_tick(self) -> None:  # engine thread
-        for msg in self.agent.poll_notifs():
-            lease = self.leases.pop(msg.decode(), None)
-            if lease is not None:
-                self.blocks.free(lease.blocks)
-        now = time.monotonic()
-        for rid in [r for r, lease in self.leases.items() if lease.expires <= now]:
-            self.blocks.free(self.leases.pop(rid).blocks)
-            self.leases_expired += 1
+        for msg in self.agent.poll_notifs():  # "<request id>:<epoch>" when a READ completed
+            rid, _, epoch = msg.decode().rpartition(":")
+            if epoch.isdigit():
+                self._release(rid, int(epoch))
+        for lease in self.leases.sweep():
+            self.blocks.free(lease.blocks)
 
     def _on_error(self, exc: BaseException) -> None:  # engine thread
         for s in list(self.engine.running) + list(self.engine.waiting):
@@ -241,7 +264,7 @@ class PrefillWorker(_WorkerBase):
     def stats(self) -> dict:
         return {"role": "prefill", "replica": self.spec.replica,
                 "pinned_blocks": self.blocks.num_used, "leases": len(self.leases),
-                "leases_expired": self.leases_expired, "pending": len(self._futures),
+                "leases_expired": self.leases.expired_total, "pending": len(self._futures),
                 "queued_tokens": self.engine.num_queued_tokens, "steps": self.engine.steps}
 
 
@@ -252,28 +275,27 @@ class DecodeWorker(_WorkerBase):
     def __init__(self, spec: WorkerSpec):
         self._streams: dict[str, asyncio.Queue] = {}
         self.transfers_pending = 0
+        # Counters the router publishes as pdcluster_kv_transfer_* metrics.
+        self.xfer = {"count": 0, "bytes": 0, "seconds": 0.0, "timeouts": 0, "failures": 0,
+                     "buckets": [0] * (len(XFER_BUCKETS) + 1)}
+        self.faults = FaultInjector(spec.faults, f"decode-{spec.replica}") if spec.faults else None
         super().__init__(spec)
-        # One transfer thread: pulls poll NIXL and must not block the event loop.
-        self._xfer = ThreadPoolExecutor(1, thread_name_prefix="kv-pull")
+        # Pulls poll NIXL and must not block the event loop; several threads so
+        # one stalled peer (bounded by its timeout) does not hold up the others.
+        self._xfer = ThreadPoolExecutor(4, thread_name_prefix="kv-pull")
 
     async def generate(self, request_id: str, prompt_ids: list[int], first_token: int,
-                       params: SamplingParams, handle: KVHandle,
-                       deadline: float) -> AsyncIterator[tuple[list[int], str | None]]:
+                       params: SamplingParams, handle: KVHandle, deadline: float,
+                       prefill=None) -> AsyncIterator[tuple[list[int], str | None]]:
         """Stream (new token ids, finish_reason) until the request finishes.
-        The first token came from prefill and is not repeated here."""
+        The first token came from prefill and is not repeated here. `prefill`
+        is the actor holding the lease: the pull claims it first."""
         if handle.num_tokens != len(prompt_ids):
             raise WorkerError(f"KV handle holds {handle.num_tokens} tokens, "
                               f"prompt has {len(prompt_ids)}")
         blocks = await self._allocate_for(handle, deadline)
         try:
-            self.transfers_pending += 1
-            try:
-                await self.loop.run_in_executor(
-                    self._xfer, lambda: self.agent.pull(
-                        handle.ranks[0], blocks, timeout_s=self.spec.transfer_timeout_s,
-                        notif=request_id.encode()))
-            finally:
-                self.transfers_pending -= 1
+            await self._pull(handle, blocks, prefill)
         except BaseException:
             self.blocks.free(blocks)
             raise
@@ -316,6 +338,46 @@ class DecodeWorker(_WorkerBase):
             if not finished:
                 self.thread.call(lambda: self.engine.abort(rid))
 
+    async def _pull(self, handle: KVHandle, blocks: list[int], prefill) -> None:
+        """Claim the lease (bounded), READ the blocks (bounded), count it.
+        The claim's answer must name exactly the handle's blocks: the epoch
+        check on both sides means a stale handle fails here, before any read."""
+        timeout = self.spec.transfer_timeout_s
+        rid, src = handle.request_id, handle.ranks[0]
+        t0 = time.monotonic()
+        self.transfers_pending += 1
+        try:
+            if prefill is not None:
+                try:
+                    claimed = await asyncio.wait_for(prefill.claim.remote(rid, handle.epoch),
+                                                     timeout)
+                except (asyncio.TimeoutError, TimeoutError):
+                    raise TransferTimeout(f"claim of {rid} not answered in {timeout}s") from None
+                if claimed != src.block_ids:
+                    raise TransferFailed(f"lease of {rid} epoch {handle.epoch} names other "
+                                         "blocks than the handle; refusing to read")
+            notif = f"{rid}:{handle.epoch}".encode()
+
+            def pull() -> int:
+                if self.faults is not None:
+                    self.faults.before_pull(timeout - (time.monotonic() - t0))
+                return self.agent.pull(src, blocks, timeout_s=timeout - (time.monotonic() - t0),
+                                       notif=notif)
+
+            nbytes = await self.loop.run_in_executor(self._xfer, pull)
+        except TransferError as e:
+            self.xfer["timeouts" if isinstance(e, TransferTimeout) else "failures"] += 1
+            if prefill is not None:  # let prefill free its blocks now, not at lease expiry
+                prefill.release.remote(rid)
+            raise
+        finally:
+            self.transfers_pending -= 1
+        dt = time.monotonic() - t0
+        self.xfer["count"] += 1
+        self.xfer["bytes"] += nbytes
+        self.xfer["seconds"] += dt
+        self.xfer["buckets"][bisect.bisect_left(XFER_BUCKETS, dt)] += 1
+
     async def _allocate_for(self, handle: KVHandle, deadline: float) -> list[int]:
         """Blocks for a pulled prompt. A full pool is a queue, not an error: wait
         (bounded by the request deadline and the prefill lease) for blocks to free."""
@@ -354,6 +416,7 @@ class DecodeWorker(_WorkerBase):
                 "used_blocks": self.blocks.num_used, "free_blocks": self.blocks.num_free,
                 "running": len(self.engine.running), "waiting": len(self.engine.waiting),
                 "streams": len(self._streams), "transfers_pending": self.transfers_pending,
+                "transfers": dict(self.xfer),
                 "steps": self.engine.steps}
 
 

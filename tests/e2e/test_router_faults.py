@@ -249,9 +249,13 @@ def test_metrics_endpoint_has_the_design_names(cluster):
                  "pdcluster_time_per_output_token_seconds", "pdcluster_requests_total",
                  "pdcluster_retries_total", "pdcluster_migrations_total",
                  "pdcluster_worker_restarts_total", "pdcluster_requests_in_flight",
-                 "pdcluster_workers_healthy"):
+                 "pdcluster_workers_healthy", "pdcluster_kv_transfer_seconds_bucket",
+                 "pdcluster_kv_transfer_bytes_total", "pdcluster_kv_transfer_timeouts_total",
+                 "pdcluster_kv_leases_expired_total", "pdcluster_kv_transfer_pending",
+                 "pdcluster_kv_blocks_used"):
         assert name in text, name
     assert 'pdcluster_requests_total{outcome="ok"}' in text
+    assert _metric(cluster.url, "pdcluster_kv_transfer_bytes_total") > 0
 
 
 def _metric(url: str, name: str) -> float:

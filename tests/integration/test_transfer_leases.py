@@ -1,0 +1,157 @@
+"""Leases, deadlines and injected faults through real prefill and decode
+workers (tiny model) on two Ray nodes: every transfer ends, typed, on time,
+and every table ends empty."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from transfer import FaultConfig, LeaseExpired, TransferError, TransferTimeout
+from workers.sampling_params import SamplingParams
+from workers.worker import DecodeWorker, PrefillWorker, WorkerSpec
+
+TIMEOUT_S = 1.0
+SP = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def ray_nodes():
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "object_store_memory": 128 * 1024**2, "include_dashboard": False})
+    for res in ("prefill_node", "decode_node"):
+        cluster.add_node(num_cpus=1, resources={res: 1}, object_store_memory=128 * 1024**2)
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def _pair(model_dir, name: str, lease_ttl_s=30.0, faults=None, max_pending=64):
+    spec = dict(model_dir=str(model_dir), max_model_len=256, kv_blocks=64, block_size=16,
+                transfer_timeout_s=TIMEOUT_S, lease_ttl_s=lease_ttl_s, max_pending=max_pending,
+                faults=faults)
+    p = PrefillWorker.options(name=f"p-{name}", max_restarts=-1, num_cpus=0,
+                              resources={"prefill_node": 0.01}).remote(
+        WorkerSpec(role="prefill", replica=0, **spec))
+    d = DecodeWorker.options(name=f"d-{name}", num_cpus=0,
+                             resources={"decode_node": 0.01}).remote(
+        WorkerSpec(role="decode", replica=0, **spec))
+    ray.get([p.ready.remote(), d.ready.remote()], timeout=120)
+    return p, d
+
+
+async def _transfer(p, d, rid: str, prompt: list[int], deadline_s: float = 30.0,
+                    after_prefill=None) -> list[int]:
+    res = await p.prefill.remote(rid, prompt, SP)
+    if after_prefill is not None:
+        await asyncio.to_thread(after_prefill)
+    out = [res.first_token]
+    gen = d.generate.options(num_returns="streaming").remote(
+        rid, prompt, res.first_token, SP, res.handle, time.time() + deadline_s, p)
+    async for ref in gen:
+        tokens, reason = await ref
+        out += tokens
+    return out
+
+
+def _tables(p, d) -> dict:
+    ps, ds = ray.get([p.stats.remote(), d.stats.remote()], timeout=30)
+    return {"leases": ps["leases"], "pinned": ps["pinned_blocks"], "pending": ps["pending"],
+            "decode_used": ds["used_blocks"], "transfers": ds["transfers_pending"],
+            "streams": ds["streams"]}
+
+
+def _wait_empty(p, d, timeout=15.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        t = _tables(p, d)
+        if not any(t.values()) or time.monotonic() > deadline:
+            return t
+        time.sleep(0.1)
+
+
+def test_lease_expiry_frees_blocks_and_late_claim_fails_typed(ray_nodes, tiny_model_dir):
+    p, d = _pair(tiny_model_dir, "expiry", lease_ttl_s=0.5)
+    with pytest.raises(LeaseExpired):
+        # Decode arrives after the lease ran out: the claim fails before any read.
+        asyncio.run(_transfer(p, d, "late", list(range(3, 40)),
+                              after_prefill=lambda: time.sleep(1.0)))
+    assert _wait_empty(p, d) == dict.fromkeys(_tables(p, d), 0)
+    assert ray.get(p.stats.remote())["leases_expired"] == 1
+    # The same pair still serves a prompt pulled in time.
+    assert len(asyncio.run(_transfer(p, d, "on-time", list(range(3, 40))))) == 2
+
+
+def test_pull_that_never_completes_ends_at_timeout_and_frees_both_sides(ray_nodes,
+                                                                        tiny_model_dir):
+    """Prefill frozen (SIGSTOP) after prefilling: the claim is never answered."""
+    p, d = _pair(tiny_model_dir, "stall", lease_ttl_s=2.0)
+    pid = ray.get(p.ready.remote())["pid"]
+    t0 = []
+    try:
+        with pytest.raises(TransferTimeout):
+            asyncio.run(_transfer(p, d, "stalled", list(range(3, 40)),
+                                  after_prefill=lambda: (os.kill(pid, signal.SIGSTOP),
+                                                         t0.append(time.monotonic()))))
+        elapsed = time.monotonic() - t0[0]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert TIMEOUT_S * 0.9 < elapsed < TIMEOUT_S + 2.0
+    assert _wait_empty(p, d) == dict.fromkeys(_tables(p, d), 0)
+
+
+def test_1000_transfers_with_random_faults_all_end_on_time(ray_nodes, tiny_model_dir):
+    faults = FaultConfig(delay_rate=0.1, delay_s=0.05, stall_rate=0.02, fail_rate=0.1,
+                         expire_rate=0.05, seed=7)
+    p, d = _pair(tiny_model_dir, "faults", faults=faults, max_pending=32)
+
+    async def run():
+        sem = asyncio.Semaphore(16)
+
+        async def one(i):
+            async with sem:
+                t = time.monotonic()
+                try:
+                    await _transfer(p, d, f"f{i}", [3 + i % 200, 4, 5, 6, 7])
+                    outcome = "ok"
+                except TransferError as e:  # Ray wraps it; name the transfer error class
+                    outcome = next(c.__name__ for c in type(e).__mro__
+                                   if c.__module__ == "transfer.handle")
+                return outcome, time.monotonic() - t
+        return await asyncio.gather(*[one(i) for i in range(1000)])
+
+    results = asyncio.run(run())
+    outcomes = {o for o, _ in results}
+    assert outcomes <= {"ok", "TransferTimeout", "TransferFailed", "LeaseExpired",
+                        "TransferBackpressure"}, outcomes
+    assert {"ok", "TransferTimeout", "TransferFailed", "LeaseExpired"} <= outcomes
+    # Each ends within its transfer deadline plus the prefill and one decode step.
+    assert max(t for _, t in results) < TIMEOUT_S + 3.0
+    assert _wait_empty(p, d, timeout=40) == dict.fromkeys(_tables(p, d), 0)
+    assert ray.get(p.stats.remote())["leases"] == 0
+
+
+def test_restarted_prefill_worker_serves_transfers_again(ray_nodes, tiny_model_dir):
+    p, d = _pair(tiny_model_dir, "restart")
+    before = ray.get(p.ready.remote())["agent"]
+    assert len(asyncio.run(_transfer(p, d, "r0", list(range(3, 30))))) == 2
+    ray.kill(p, no_restart=False)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            after = ray.get(p.ready.remote(), timeout=10)["agent"]
+            break
+        except Exception:  # noqa: BLE001 - restarting
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+    assert after != before  # a new NIXL agent: decode must handshake again
+    for i in range(3):
+        assert len(asyncio.run(_transfer(p, d, f"r{i + 1}", list(range(3, 30))))) == 2
+    assert _wait_empty(p, d) == dict.fromkeys(_tables(p, d), 0)

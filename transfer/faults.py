@@ -1,0 +1,54 @@
+"""Fault hooks for chaos: exist only when `transfer.faults` is set in the config.
+
+Each pull rolls once: delay it, make it never complete (it waits out its own
+deadline and ends as `TransferTimeout`, exactly as a stalled peer would), or
+fail it; each lease rolls once to be registered already expiring.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import msgspec
+
+from transfer.handle import TransferFailed, TransferTimeout
+
+
+class FaultConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    delay_rate: float = 0.0
+    delay_s: float = 0.2
+    stall_rate: float = 0.0    # pull never completes: ends at transfer.timeout_s
+    fail_rate: float = 0.0
+    expire_rate: float = 0.0   # lease expires at once, before decode can claim it
+    seed: int = 0
+
+
+class FaultInjector:
+    def __init__(self, cfg: FaultConfig, salt: str = ""):
+        self.cfg = cfg
+        self._rng = random.Random(f"{cfg.seed}:{salt}")
+        self.injected = {"delay": 0, "stall": 0, "fail": 0, "expire": 0}
+
+    def before_pull(self, timeout_s: float) -> None:
+        """Called by the puller before its READ, on the transfer thread."""
+        r = self._rng.random()
+        c = self.cfg
+        if r < c.stall_rate:
+            self.injected["stall"] += 1
+            time.sleep(timeout_s)
+            raise TransferTimeout(f"injected fault: pull never completed within {timeout_s}s")
+        r -= c.stall_rate
+        if r < c.fail_rate:
+            self.injected["fail"] += 1
+            raise TransferFailed("injected fault: pull failed")
+        r -= c.fail_rate
+        if r < c.delay_rate:
+            self.injected["delay"] += 1
+            time.sleep(c.delay_s)
+
+    def lease_ttl(self, ttl_s: float) -> float:
+        if self._rng.random() < self.cfg.expire_rate:
+            self.injected["expire"] += 1
+            return 0.0
+        return ttl_s
