@@ -121,7 +121,7 @@ def _check(cfg: Config) -> None:
     need(cfg.decode.max_running >= 1, "decode.max_running", "an int >= 1")
     need(cfg.prefill.block_size == cfg.decode.block_size, "decode.block_size",
          "the same block_size as prefill.block_size (blocks move one to one)")
-    need(cfg.transfer.backend in ("nixl",), "transfer.backend", "'nixl'")
+    need(cfg.transfer.backend in ("nixl", "ray"), "transfer.backend", "'nixl' or 'ray'")
     need(cfg.transfer.timeout_s > 0, "transfer.timeout_s", "a number > 0")
     need(cfg.transfer.lease_ttl_s > 0, "transfer.lease_ttl_s", "a number > 0")
     need(cfg.transfer.max_pending >= 1, "transfer.max_pending", "an int >= 1")

@@ -99,7 +99,8 @@ def _spec(cfg: Config, role: str, replica: int, model_dir: str) -> WorkerSpec:
                             else cfg.model.max_model_len),
         max_running=cfg.decode.max_running if role == "decode" else 1024,
         transfer_timeout_s=cfg.transfer.timeout_s, lease_ttl_s=cfg.transfer.lease_ttl_s,
-        max_pending=cfg.transfer.max_pending, faults=cfg.transfer.faults)
+        max_pending=cfg.transfer.max_pending, faults=cfg.transfer.faults,
+        transfer_backend=cfg.transfer.backend)
 
 
 def _start_group(cfg: Config, role: str, replica: int, model_dir: str) -> WorkerGroup:

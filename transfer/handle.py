@@ -41,6 +41,7 @@ class RankKV(msgspec.Struct, frozen=True):
     device_id: int  # 0 for DRAM
     mem_type: str  # "DRAM" or "VRAM"
     block_ids: list[int]  # the request's blocks in that pool, in sequence order
+    object_ref: object = None  # Ray object store backend: the blocks' bytes (ObjectRef)
 
 
 class KVHandle(msgspec.Struct, frozen=True):

@@ -21,6 +21,7 @@ import torch
 import nixl._api as nixl_api
 from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
 
+from transfer.backend import TransferBackend
 from transfer.handle import RankKV, TransferError, TransferFailed, TransferTimeout
 
 log = logging.getLogger(__name__)
@@ -91,12 +92,14 @@ def _check_ids(ids: list[int], num_blocks: int, what: str) -> None:
             raise ValueError(f"{what} block id {b} out of range [0, {num_blocks})")
 
 
-class NixlTransferAgent:
+class NixlTransferAgent(TransferBackend):
     """One per worker rank process. Owns a NIXL agent with the rank's KV pool registered once.
 
     `pool` is a contiguous, block-major tensor whose dim 0 is the block index
     (CPU -> DRAM, CUDA -> VRAM). Thread-safe: pulls may run concurrently.
     """
+
+    notifies = True
 
     def __init__(self, name_prefix: str, pool: torch.Tensor, *, max_peers: int = 64):
         if pool.dim() < 1 or pool.shape[0] == 0 or not pool.is_contiguous():

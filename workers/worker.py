@@ -30,6 +30,8 @@ from transfer import (
     KVHandle,
     LeaseRegistry,
     NixlTransferAgent,
+    RayObjectBackend,
+    TransferBackend,
     TransferBackpressure,
     TransferError,
     TransferFailed,
@@ -69,6 +71,7 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     max_pending: int = 1024
     num_threads: int = 1
     faults: FaultConfig | None = None
+    transfer_backend: str = "nixl"   # "nixl" | "ray"
 
 
 class PrefillResult(msgspec.Struct, frozen=True):
@@ -123,6 +126,18 @@ class _EngineThread:
                 self._on_error(e)
 
 
+def _make_backend(spec: WorkerSpec, pool: torch.Tensor) -> TransferBackend:
+    name = f"{spec.role}-{spec.replica}"
+    if spec.transfer_backend == "nixl":
+        try:
+            if NixlTransferAgent is None:
+                raise ImportError("the nixl package does not import")
+            return NixlTransferAgent(name, pool)
+        except Exception as e:  # noqa: BLE001 - any NIXL/UCX start failure
+            log.warning("NIXL unavailable (%r): using the Ray object store for KV", e)
+    return RayObjectBackend(name, pool)
+
+
 def _fail_future(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, exc: BaseException):
     loop.call_soon_threadsafe(lambda: fut.done() or fut.set_exception(exc))
 
@@ -137,7 +152,7 @@ class _WorkerBase:
         self.blocks = BlockManager(spec.kv_blocks, spec.block_size)
         self.engine = Engine(self.runner, self.blocks, max_batched_tokens=spec.max_batched_tokens,
                              max_running=spec.max_running, prefill_only=spec.role == "prefill")
-        self.agent = NixlTransferAgent(f"{spec.role}-{spec.replica}", self.runner.kv_pool)
+        self.agent = _make_backend(spec, self.runner.kv_pool)
         self.loop = asyncio.get_event_loop()
         self.thread = _EngineThread(self.engine, self._on_outputs, self._on_tick, self._on_error)
 
@@ -200,9 +215,10 @@ class PrefillWorker(_WorkerBase):
         finally:
             self._futures.pop(request_id, None)
 
-    async def release(self, request_id: str) -> None:
-        """Drop a request's lease or queued prefill (router's `finally` backstop)."""
-        self.thread.call(lambda: self._release(request_id))
+    async def release(self, request_id: str, epoch: int | None = None) -> None:
+        """Drop a request's lease (that epoch's, if given) or queued prefill:
+        decode after a pull without notification, or the router's backstop."""
+        self.thread.call(lambda: self._release(request_id, epoch))
 
     def _release(self, request_id: str, epoch: int | None = None) -> None:  # engine thread
         self.engine.abort(request_id)
@@ -239,7 +255,9 @@ class PrefillWorker(_WorkerBase):
                     seq.block_table = []
                     _fail_future(self.loop, fut, e)
                     continue
-                handle = KVHandle(request_id=seq.request_id, backend="nixl",
+                handle = KVHandle(request_id=seq.request_id,
+                                  backend="ray" if isinstance(self.agent, RayObjectBackend)
+                                  else "nixl",
                                   num_tokens=seq.num_cached,
                                   ranks=[self.agent.rank_kv(seq.block_table)],
                                   epoch=lease.epoch, expires_at=time.time() + ttl)
@@ -283,6 +301,8 @@ class DecodeWorker(_WorkerBase):
         # Pulls poll NIXL and must not block the event loop; several threads so
         # one stalled peer (bounded by its timeout) does not hold up the others.
         self._xfer = ThreadPoolExecutor(4, thread_name_prefix="kv-pull")
+        # Handles say which backend holds their bytes; the object store needs no setup.
+        self._ray_backend = RayObjectBackend(f"decode-{spec.replica}", self.runner.kv_pool)
 
     async def generate(self, request_id: str, prompt_ids: list[int], first_token: int,
                        params: SamplingParams, handle: KVHandle, deadline: float,
@@ -358,13 +378,17 @@ class DecodeWorker(_WorkerBase):
                                          "blocks than the handle; refusing to read")
             notif = f"{rid}:{handle.epoch}".encode()
 
+            backend = self._ray_backend if handle.backend == "ray" else self.agent
+
             def pull() -> int:
                 if self.faults is not None:
                     self.faults.before_pull(timeout - (time.monotonic() - t0))
-                return self.agent.pull(src, blocks, timeout_s=timeout - (time.monotonic() - t0),
-                                       notif=notif)
+                return backend.pull(src, blocks, timeout_s=timeout - (time.monotonic() - t0),
+                                    notif=notif)
 
             nbytes = await self.loop.run_in_executor(self._xfer, pull)
+            if not backend.notifies and prefill is not None:
+                prefill.release.remote(rid, handle.epoch)
         except TransferError as e:
             self.xfer["timeouts" if isinstance(e, TransferTimeout) else "failures"] += 1
             if prefill is not None:  # let prefill free its blocks now, not at lease expiry

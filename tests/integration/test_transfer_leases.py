@@ -33,10 +33,11 @@ def ray_nodes():
     cluster.shutdown()
 
 
-def _pair(model_dir, name: str, lease_ttl_s=30.0, faults=None, max_pending=64):
+def _pair(model_dir, name: str, lease_ttl_s=30.0, faults=None, max_pending=64,
+          backend="nixl"):
     spec = dict(model_dir=str(model_dir), max_model_len=256, kv_blocks=64, block_size=16,
                 transfer_timeout_s=TIMEOUT_S, lease_ttl_s=lease_ttl_s, max_pending=max_pending,
-                faults=faults)
+                faults=faults, transfer_backend=backend)
     p = PrefillWorker.options(name=f"p-{name}", max_restarts=-1, num_cpus=0,
                               resources={"prefill_node": 0.01}).remote(
         WorkerSpec(role="prefill", replica=0, **spec))
@@ -48,13 +49,13 @@ def _pair(model_dir, name: str, lease_ttl_s=30.0, faults=None, max_pending=64):
 
 
 async def _transfer(p, d, rid: str, prompt: list[int], deadline_s: float = 30.0,
-                    after_prefill=None) -> list[int]:
-    res = await p.prefill.remote(rid, prompt, SP)
+                    after_prefill=None, sp: SamplingParams = SP) -> list[int]:
+    res = await p.prefill.remote(rid, prompt, sp)
     if after_prefill is not None:
         await asyncio.to_thread(after_prefill)
     out = [res.first_token]
     gen = d.generate.options(num_returns="streaming").remote(
-        rid, prompt, res.first_token, SP, res.handle, time.time() + deadline_s, p)
+        rid, prompt, res.first_token, sp, res.handle, time.time() + deadline_s, p)
     async for ref in gen:
         tokens, reason = await ref
         out += tokens
@@ -144,14 +145,29 @@ def test_restarted_prefill_worker_serves_transfers_again(ray_nodes, tiny_model_d
     assert len(asyncio.run(_transfer(p, d, "r0", list(range(3, 30))))) == 2
     ray.kill(p, no_restart=False)
     deadline = time.monotonic() + 60
-    while True:
+    after = before
+    while after == before:  # ray.kill is asynchronous: wait for the new incarnation
+        assert time.monotonic() < deadline, "prefill worker did not come back"
         try:
             after = ray.get(p.ready.remote(), timeout=10)["agent"]
-            break
-        except Exception:  # noqa: BLE001 - restarting
-            assert time.monotonic() < deadline
-            time.sleep(0.5)
-    assert after != before  # a new NIXL agent: decode must handshake again
+        except Exception:  # noqa: BLE001 - dying or restarting
+            pass
+        time.sleep(0.2)
+    # `after` differs: a new NIXL agent, so decode must handshake again.
     for i in range(3):
         assert len(asyncio.run(_transfer(p, d, f"r{i + 1}", list(range(3, 30))))) == 2
     assert _wait_empty(p, d) == dict.fromkeys(_tables(p, d), 0)
+
+
+def test_ray_object_store_backend_gives_the_same_tokens(ray_nodes, tiny_model_dir):
+    """transfer.backend: ray — same leases and deadlines, bytes through the object store."""
+    sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompt = list(range(3, 70))  # five blocks
+    pn, dn = _pair(tiny_model_dir, "cmp-nixl")
+    pr, dr = _pair(tiny_model_dir, "cmp-ray", backend="ray")
+    want = asyncio.run(_transfer(pn, dn, "n0", prompt, sp=sp))
+    got = asyncio.run(_transfer(pr, dr, "r0", prompt, sp=sp))
+    assert got == want and len(got) == 12
+    assert ray.get(dr.stats.remote())["transfers"]["bytes"] > 0
+    for p, d in ((pn, dn), (pr, dr)):
+        assert _wait_empty(p, d) == dict.fromkeys(_tables(p, d), 0)
