@@ -47,6 +47,7 @@ class _GroupConfig(_Strict):
     tensor_parallel_size: int = 1
     kv_blocks: int = 512
     block_size: int = 16
+    num_threads: int = 1  # torch intra-op threads per rank
 
 
 class PrefillConfig(_GroupConfig):
@@ -112,6 +113,7 @@ def _check(cfg: Config) -> None:
         need(g.tensor_parallel_size >= 1, f"{role}.tensor_parallel_size", "an int >= 1")
         need(g.block_size >= 1, f"{role}.block_size", "an int >= 1")
         need(g.kv_blocks >= 1, f"{role}.kv_blocks", "an int >= 1")
+        need(g.num_threads >= 1, f"{role}.num_threads", "an int >= 1")
         # Tensor-parallel groups are placed already; rank lockstep lands with the engine issue.
         need(g.tensor_parallel_size == 1, f"{role}.tensor_parallel_size", "1 (TP > 1 is not built yet)")
         need(g.kv_blocks * g.block_size >= cfg.model.max_model_len, f"{role}.kv_blocks",

@@ -100,7 +100,7 @@ def _spec(cfg: Config, role: str, replica: int, model_dir: str) -> WorkerSpec:
         max_running=cfg.decode.max_running if role == "decode" else 1024,
         transfer_timeout_s=cfg.transfer.timeout_s, lease_ttl_s=cfg.transfer.lease_ttl_s,
         max_pending=cfg.transfer.max_pending, faults=cfg.transfer.faults,
-        transfer_backend=cfg.transfer.backend)
+        transfer_backend=cfg.transfer.backend, num_threads=g.num_threads)
 
 
 def _start_group(cfg: Config, role: str, replica: int, model_dir: str) -> WorkerGroup:

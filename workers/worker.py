@@ -347,6 +347,11 @@ class DecodeWorker(_WorkerBase):
                 if timeout <= 0:
                     raise TimeoutError(f"request {rid} passed its deadline in decode")
                 tokens, reason = await asyncio.wait_for(q.get(), timeout)
+                # Coalesce what queued up meanwhile: one stream item per wake-up,
+                # not per step, keeps a slow consumer from falling further behind.
+                while reason is None and not q.empty():
+                    more, reason = q.get_nowait()
+                    tokens = tokens + more
                 if isinstance(reason, BaseException):
                     raise reason
                 yield tokens, reason
