@@ -13,6 +13,7 @@ import logging
 import os
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -190,7 +191,12 @@ class Router:
         rid = uuid.uuid4().hex
         state = RequestState(rid, len(prompt_ids),
                              time.time() + self.cfg.router.request_timeout_s)
+        # The slot is taken now, before any await, so a burst cannot overrun
+        # max_queued. The lifecycle's finally gives it back; a generator that is
+        # dropped unstarted (client gone before the body) gives it back when collected.
+        self.requests[rid] = state
         events = self._lifecycle(state, prompt_ids, params)
+        weakref.finalize(events, self.requests.pop, rid, None)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(self._stream(rid, events, chat, len(prompt_ids),
@@ -272,14 +278,13 @@ class Router:
                          params: SamplingParams) -> AsyncIterator[tuple[str, str | None, int]]:
         """Yield (text delta, finish_reason, completion tokens so far).
 
-        The one try/finally that owns the request: its table entry exists
-        exactly while this generator runs, and every worker it touched is
-        told to let go on the way out, whatever the exit."""
+        The one try/finally that owns the request: its table entry (made at
+        admission) goes when this generator ends, and every worker it touched
+        is told to let go on the way out, whatever the exit."""
         rid = state.request_id
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
         stops = StopChecker(params.stop, params.include_stop_str_in_output)
         n_out, outcome = 0, "error"
-        self.requests[rid] = state
         try:
             async for tokens, reason in self._tokens(state, prompt_ids, params):
                 if n_out == 0:
@@ -377,9 +382,9 @@ class Router:
             state.prefills.add((i, wid))
             self.prefill_pool.load[i] += len(ids)
             try:
+                left = self._remaining(state)  # before submitting: it may raise
                 res = await self.prefill_pool.call(
-                    i, self.prefill_pool.handles[i].prefill.remote(wid, ids, sp),
-                    self._remaining(state))
+                    i, self.prefill_pool.handles[i].prefill.remote(wid, ids, sp), left)
                 return res, i
             except _WORKER_LOST + (TransferError,) as e:
                 last = e
@@ -409,7 +414,8 @@ class Router:
                     self.prefill_pool.handles[p])
             while True:
                 try:
-                    ref = await self.decode_pool.call(i, gen.__anext__(), self._remaining(state))
+                    left = self._remaining(state)  # before __anext__: it may raise
+                    ref = await self.decode_pool.call(i, gen.__anext__(), left)
                 except StopAsyncIteration:
                     return
                 tokens, reason = await ref

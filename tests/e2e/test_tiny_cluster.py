@@ -165,30 +165,41 @@ def test_deadline_ends_request_with_clear_error_and_frees_everything(cluster):
 
 
 def test_queue_full_is_429_with_retry_after(cluster):
-    """max_queued is 64: of 100 simultaneous long streams some are refused at once."""
+    """max_queued is 64. With decode frozen every admitted request holds its slot
+    until the 5 s deadline, so of 100 simultaneous streams exactly 36 are refused
+    at once (429, Retry-After), and the 64 admitted end in-band with the deadline.
+    The slot is taken at admission, before any await: a burst cannot overrun it."""
     import asyncio
 
     async def one(client):
-        body = {"model": "tiny-llama", "prompt": "q", "max_tokens": 100, "temperature": 0,
-                "ignore_eos": True, "stream": True}
+        body = {"model": "tiny-llama", "prompt": "q", "max_tokens": 10, "temperature": 0,
+                "stream": True}
         async with client.stream("POST", f"{cluster.url}/v1/completions", json=body) as r:
-            if r.status_code != 200:
-                await r.aread()
-                return r.status_code, r.headers.get("retry-after"), r.json()
             await r.aread()
-            return 200, None, None
+            if r.status_code != 200:
+                return r.status_code, r.headers.get("retry-after"), r.json()
+            return 200, None, r.text
 
     async def burst():
         async with httpx.AsyncClient(timeout=60,
                                      limits=httpx.Limits(max_connections=200)) as client:
             return await asyncio.gather(*[one(client) for _ in range(100)])
 
-    results = asyncio.run(burst())
+    pid = ray.get(cluster.decode[0].leader.ready.remote(), timeout=30)["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        results = asyncio.run(burst())
+    finally:
+        os.kill(pid, signal.SIGCONT)
     refused = [r for r in results if r[0] == 429]
-    assert refused and all(r[1] == "1" and r[2]["error"]["code"] == "queue_full"
-                           for r in refused)
-    assert all(r[0] in (200, 429) for r in results)
-    assert sum(r[0] == 200 for r in results) >= 64
+    admitted = [r for r in results if r[0] == 200]
+    assert len(refused) == 36 and len(admitted) == 64
+    assert all(r[1] == "1" and r[2]["error"]["code"] == "queue_full" for r in refused)
+    assert all('"request_timeout"' in r[2] and r[2].endswith("data: [DONE]\n\n")
+               for r in admitted)
+    state = wait_idle(cluster.url)
+    assert state["requests_in_flight"] == 0 and state["decode_blocks_used"] == 0
+    assert state["prefill_leases"] == 0
 
 
 def test_idle_after_requests(cluster):
