@@ -114,8 +114,6 @@ def _check(cfg: Config) -> None:
         need(g.block_size >= 1, f"{role}.block_size", "an int >= 1")
         need(g.kv_blocks >= 1, f"{role}.kv_blocks", "an int >= 1")
         need(g.num_threads >= 1, f"{role}.num_threads", "an int >= 1")
-        # Tensor-parallel groups are placed already; rank lockstep lands with the engine issue.
-        need(g.tensor_parallel_size == 1, f"{role}.tensor_parallel_size", "1 (TP > 1 is not built yet)")
         need(g.kv_blocks * g.block_size >= cfg.model.max_model_len, f"{role}.kv_blocks",
              f"kv_blocks * block_size >= model.max_model_len ({cfg.model.max_model_len}) so one "
              "full-length sequence fits")
@@ -124,6 +122,11 @@ def _check(cfg: Config) -> None:
     need(cfg.prefill.block_size == cfg.decode.block_size, "decode.block_size",
          "the same block_size as prefill.block_size (blocks move one to one)")
     need(cfg.transfer.backend in ("nixl", "ray"), "transfer.backend", "'nixl' or 'ray'")
+    need(cfg.decode.tensor_parallel_size == cfg.prefill.tensor_parallel_size,
+         "decode.tensor_parallel_size", "the same as prefill.tensor_parallel_size (each rank's "
+         "KV shard moves to the same rank)")
+    need(cfg.prefill.tensor_parallel_size == 1 or cfg.transfer.backend == "nixl",
+         "transfer.backend", "'nixl' when tensor_parallel_size > 1 (shards move rank to rank)")
     need(cfg.transfer.timeout_s > 0, "transfer.timeout_s", "a number > 0")
     need(cfg.transfer.lease_ttl_s > 0, "transfer.lease_ttl_s", "a number > 0")
     need(cfg.transfer.max_pending >= 1, "transfer.max_pending", "an int >= 1")

@@ -19,7 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import Config
 from workers.loader import resolve_model
-from workers.worker import DecodeWorker, PrefillWorker, WorkerSpec
+from workers.worker import DecodeWorker, PrefillWorker, RankWorker, WorkerSpec
 
 log = logging.getLogger("pdcluster.launcher")
 
@@ -89,9 +89,10 @@ def _start_ray(cfg: Config):
     return local
 
 
-def _spec(cfg: Config, role: str, replica: int, model_dir: str) -> WorkerSpec:
+def _spec(cfg: Config, role: str, replica: int, model_dir: str, rank: int) -> WorkerSpec:
     g = cfg.prefill if role == "prefill" else cfg.decode
     return WorkerSpec(
+        tp_rank=rank, tp_size=g.tensor_parallel_size, group=f"pdcluster-{role}-{replica}",
         role=role, replica=replica, model_dir=model_dir,
         max_model_len=cfg.model.max_model_len, kv_blocks=g.kv_blocks, block_size=g.block_size,
         dtype=cfg.model.dtype, device=os.environ.get("PDCLUSTER_DEVICE", "cpu"),
@@ -108,13 +109,20 @@ def _start_group(cfg: Config, role: str, replica: int, model_dir: str) -> Worker
     res = {g.node_resource: 0.001}
     pg = placement_group([dict(res) for _ in range(g.tensor_parallel_size)],
                          strategy="STRICT_PACK", name=f"pdcluster-{role}-{replica}")
-    cls = PrefillWorker if role == "prefill" else DecodeWorker
-    ranks = [cls.options(
-        # A dead worker comes back (same handle, new process, new NIXL agent);
-        # the router's watchdog kills stalled ones so that this applies to them too.
-        max_restarts=-1, max_task_retries=0, num_cpus=0, resources=res, name=f"pdcluster-{role}-{replica}-rank{r}",
-        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
-    ).remote(_spec(cfg, role, replica, model_dir)) for r in range(g.tensor_parallel_size)]
+    ranks = []
+    for r in range(g.tensor_parallel_size):
+        spec = _spec(cfg, role, replica, model_dir, r)
+        # Rank 0 runs the engine; ranks 1.. follow its step plans (workers/tp.py).
+        cls = (PrefillWorker if role == "prefill" else DecodeWorker) if r == 0 else RankWorker
+        extra = {} if r == 0 else {"max_concurrency": 8}  # concurrent shard pulls
+        ranks.append(cls.options(
+            # A dead worker comes back (same handle, new process, new NIXL agent);
+            # the router's watchdog kills stalled ones so that this applies to them
+            # too, and a TP group restarts as a unit (workers/tp.py).
+            max_restarts=-1, max_task_retries=0, num_cpus=0, resources=res,
+            name=spec.rank_name(r), **extra,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
+        ).remote(spec))
     return WorkerGroup(role, replica, ranks, pg)
 
 

@@ -13,6 +13,7 @@ import torch
 from workers.kv_cache import allocate_pool
 from workers.model import AttnContext, LlamaModel, ModelArgs
 from workers.sequence import Sequence
+from workers.tp import StepPlan, TPGroup
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -43,6 +44,11 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.device = torch.device(device)
         self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.tp: TPGroup | None = None  # set once the group has formed (tp_size > 1)
+        if self.args.num_heads % tp_size or self.args.num_kv_heads % tp_size:
+            raise ValueError(f"tensor_parallel_size {tp_size} must divide the model's "
+                             f"{self.args.num_heads} attention heads and "
+                             f"{self.args.num_kv_heads} KV heads")
         torch_dtype = DTYPES[dtype]
         with torch.device(self.device):
             self.model = LlamaModel(self.args, max_model_len, tp_rank, tp_size).to(torch_dtype)
@@ -53,19 +59,26 @@ class ModelRunner:
                                      self.model.kv_heads_local, self.args.head_dim,
                                      torch_dtype, self.device)
 
-    def _context(self, seqs: list[Sequence], num_new: list[int]):
+    def plan(self, seqs: list[Sequence], num_new: list[int]) -> StepPlan:
+        """The step as plain lists: what rank 0 broadcasts to the other ranks."""
+        bs = self.block_size
+        starts = [s.num_cached for s in seqs]
+        nblk = -(-max(st + n for st, n in zip(starts, num_new)) // bs)
+        return StepPlan(tokens=[s.token_ids[st:st + n] for s, st, n in zip(seqs, starts, num_new)],
+                        starts=starts, tables=[s.block_table[:nblk] for s in seqs])
+
+    def _context(self, plan: StepPlan):
         """Flatten the step's new tokens and index them into the paged pool.
         Built from Python lists with a handful of tensor ops: it runs every step."""
         bs, dev = self.block_size, self.device
-        B, Tq = len(seqs), max(num_new)
-        starts = [s.num_cached for s in seqs]
+        starts, num_new = plan.starts, [len(t) for t in plan.tokens]
+        B, Tq = len(starts), max(num_new)
         nblk = -(-max(st + n for st, n in zip(starts, num_new)) // bs)
         L = nblk * bs
         ids, pos, table = [], [], []
-        for s, st, n in zip(seqs, starts, num_new):
-            ids += s.token_ids[st:st + n]
-            pos += range(st, st + n)
-            blocks = s.block_table[:nblk]
+        for toks, st, blocks in zip(plan.tokens, starts, plan.tables):
+            ids += toks
+            pos += range(st, st + len(toks))
             table += blocks + [blocks[0]] * (nblk - len(blocks))
         T = len(ids)
         tables = torch.tensor(table, dtype=torch.long)
@@ -97,10 +110,23 @@ class ModelRunner:
         last = None if T == B else (cu[1:] - 1).to(dev)
         return torch.tensor(ids, dtype=torch.long, device=dev), positions.to(dev), ctx, last
 
-    @torch.inference_mode()
     def forward(self, seqs: list[Sequence], num_new: list[int]) -> torch.Tensor:
         """Compute KV for `num_new[i]` uncached tokens of each sequence and
-        return logits [B, vocab] for the last of them."""
-        input_ids, positions, ctx, last = self._context(seqs, num_new)
-        hidden = self.model(input_ids, positions, self.kv_pool, ctx)
-        return self.model.logits(hidden if last is None else hidden[last])
+        return logits [B, vocab] for the last of them. Under tensor parallelism
+        this is rank 0: the other ranks get the plan first and run it too."""
+        plan = self.plan(seqs, num_new)
+        if self.tp is not None:
+            self.tp.send(plan)
+        return self.run(plan)
+
+    @torch.inference_mode()
+    def run(self, plan: StepPlan) -> torch.Tensor:
+        """One forward over `plan` on this rank's shard (every rank calls it)."""
+        try:
+            input_ids, positions, ctx, last = self._context(plan)
+            hidden = self.model(input_ids, positions, self.kv_pool, ctx)
+            return self.model.logits(hidden if last is None else hidden[last])
+        except Exception as e:
+            if self.tp is not None:  # a collective may be half done: the group is gone
+                self.tp.failed(e)
+            raise

@@ -30,6 +30,7 @@ from transfer import (
     KVHandle,
     LeaseRegistry,
     NixlTransferAgent,
+    RankKV,
     RayObjectBackend,
     TransferBackend,
     TransferBackpressure,
@@ -42,6 +43,7 @@ from workers.kv_cache import BlockManager, NoFreeBlocks
 from workers.runner import ModelRunner
 from workers.sampling_params import SamplingParams
 from workers.sequence import Sequence
+from workers.tp import RENDEZVOUS_TIMEOUT_S, TPGroup
 
 log = logging.getLogger("pdcluster.worker")
 
@@ -72,6 +74,12 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     num_threads: int = 1
     faults: FaultConfig | None = None
     transfer_backend: str = "nixl"   # "nixl" | "ray"
+    tp_rank: int = 0
+    tp_size: int = 1
+    group: str = ""  # rank r's Ray actor name is f"{group}-rank{r}"
+
+    def rank_name(self, rank: int) -> str:
+        return f"{self.group}-rank{rank}"
 
 
 class PrefillResult(msgspec.Struct, frozen=True):
@@ -87,8 +95,9 @@ class _EngineThread:
 
     def __init__(self, engine: Engine, on_outputs: Callable[[list[StepOutput]], None],
                  on_tick: Callable[[], None], on_error: Callable[[BaseException], None],
-                 idle_wait_s: float = 0.01):
+                 idle_wait_s: float = 0.01, setup: Callable[[], None] | None = None):
         self.engine = engine
+        self._setup = setup  # runs on the thread before the first step (TP rendezvous)
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._on_outputs, self._on_tick, self._on_error = on_outputs, on_tick, on_error
         self._idle_wait_s = idle_wait_s
@@ -115,6 +124,8 @@ class _EngineThread:
                 return
 
     def _loop(self) -> None:
+        if self._setup is not None:
+            self._setup()
         while not self._stop.is_set():
             try:
                 self._drain(block=not self.engine.has_work)
@@ -127,15 +138,25 @@ class _EngineThread:
 
 
 def _make_backend(spec: WorkerSpec, pool: torch.Tensor) -> TransferBackend:
-    name = f"{spec.role}-{spec.replica}"
+    name = f"{spec.role}-{spec.replica}" + (f"-rank{spec.tp_rank}" if spec.tp_size > 1 else "")
     if spec.transfer_backend == "nixl":
         try:
             if NixlTransferAgent is None:
                 raise ImportError("the nixl package does not import")
             return NixlTransferAgent(name, pool)
         except Exception as e:  # noqa: BLE001 - any NIXL/UCX start failure
+            if spec.tp_size > 1:  # shards move rank to rank over NIXL only
+                raise RuntimeError(f"NIXL is required at tensor_parallel_size > 1: {e!r}") from e
             log.warning("NIXL unavailable (%r): using the Ray object store for KV", e)
     return RayObjectBackend(name, pool)
+
+
+def _load_runner(spec: WorkerSpec) -> ModelRunner:
+    torch.set_num_threads(spec.num_threads)
+    return ModelRunner(spec.model_dir, max_model_len=spec.max_model_len,
+                       num_blocks=spec.kv_blocks, block_size=spec.block_size,
+                       dtype=spec.dtype, device=spec.device,
+                       tp_rank=spec.tp_rank, tp_size=spec.tp_size)
 
 
 def _fail_future(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, exc: BaseException):
@@ -143,24 +164,57 @@ def _fail_future(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, exc: Base
 
 
 class _WorkerBase:
+    """Rank 0 of a worker group: the engine, its block manager and the API.
+    At tensor_parallel_size > 1 it leads ranks 1.. (`RankWorker`) in lockstep."""
+
     def __init__(self, spec: WorkerSpec):
-        torch.set_num_threads(spec.num_threads)
         self.spec = spec
-        self.runner = ModelRunner(spec.model_dir, max_model_len=spec.max_model_len,
-                                  num_blocks=spec.kv_blocks, block_size=spec.block_size,
-                                  dtype=spec.dtype, device=spec.device)
+        self.runner = _load_runner(spec)
         self.blocks = BlockManager(spec.kv_blocks, spec.block_size)
         self.engine = Engine(self.runner, self.blocks, max_batched_tokens=spec.max_batched_tokens,
                              max_running=spec.max_running, prefill_only=spec.role == "prefill")
         self.agent = _make_backend(spec, self.runner.kv_pool)
         self.loop = asyncio.get_event_loop()
-        self.thread = _EngineThread(self.engine, self._on_outputs, self._on_tick, self._on_error)
+        # Ranks 1..: their KV described with no blocks (filled per handle), their actors.
+        self.tp_peers: list[RankKV] = []
+        self._followers: list | None = None
+        setup = None
+        if spec.tp_size > 1:
+            self.runner.tp = TPGroup(0, spec.tp_size, self.runner.device)
+            self._tp_address = self.runner.tp.open(ray.util.get_node_ip_address())
+            setup = self._form_group
+        self.thread = _EngineThread(self.engine, self._on_outputs, self._on_tick, self._on_error,
+                                    setup=setup)
+
+    def _form_group(self) -> None:  # engine thread, before the first step
+        tp = self.runner.tp
+        try:
+            tp.join(self._tp_address)
+            self.tp_peers = tp.gather(self.agent.rank_kv([]))[1:]
+        except Exception as e:  # noqa: BLE001 - the followers retry against our next start
+            tp.failed(e)
+
+    def tp_address(self) -> tuple[str, int, str]:
+        """Where ranks 1.. find this group's rendezvous (this incarnation's)."""
+        return self._tp_address
+
+    def followers(self) -> list:
+        if self._followers is None:
+            self._followers = [ray.get_actor(self.spec.rank_name(r))
+                               for r in range(1, self.spec.tp_size)]
+        return self._followers
+
+    def rank_kvs(self, block_ids: list[int]) -> list[RankKV]:
+        """Every rank's share of these blocks (same block ids on every rank)."""
+        return [self.agent.rank_kv(block_ids)] + [
+            msgspec.structs.replace(t, block_ids=list(block_ids)) for t in self.tp_peers]
 
     def _on_outputs(self, outputs: list[StepOutput]) -> None:
         raise NotImplementedError
 
-    def _on_tick(self) -> None:
-        pass
+    def _on_tick(self) -> None:  # engine thread
+        if self.runner.tp is not None:
+            self.runner.tp.keepalive()
 
     def _on_error(self, exc: BaseException) -> None:
         raise NotImplementedError
@@ -259,13 +313,14 @@ class PrefillWorker(_WorkerBase):
                                   backend="ray" if isinstance(self.agent, RayObjectBackend)
                                   else "nixl",
                                   num_tokens=seq.num_cached,
-                                  ranks=[self.agent.rank_kv(seq.block_table)],
+                                  ranks=self.rank_kvs(seq.block_table),
                                   epoch=lease.epoch, expires_at=time.time() + ttl)
             if fut is not None:
                 res = PrefillResult(seq.request_id, out.token, out.finish_reason, handle)
                 self.loop.call_soon_threadsafe(lambda f=fut, r=res: f.done() or f.set_result(r))
 
     def _on_tick(self) -> None:  # engine thread
+        super()._on_tick()
         for msg in self.agent.poll_notifs():  # "<request id>:<epoch>" when a READ completed
             rid, _, epoch = msg.decode().rpartition(":")
             if epoch.isdigit():
@@ -313,6 +368,9 @@ class DecodeWorker(_WorkerBase):
         if handle.num_tokens != len(prompt_ids):
             raise WorkerError(f"KV handle holds {handle.num_tokens} tokens, "
                               f"prompt has {len(prompt_ids)}")
+        if len(handle.ranks) != self.spec.tp_size:
+            raise WorkerError(f"KV handle has {len(handle.ranks)} rank shards, this decode "
+                              f"group has tensor_parallel_size {self.spec.tp_size}")
         blocks = await self._allocate_for(handle, deadline)
         try:
             await self._pull(handle, blocks, prefill)
@@ -381,9 +439,11 @@ class DecodeWorker(_WorkerBase):
                 if claimed != src.block_ids:
                     raise TransferFailed(f"lease of {rid} epoch {handle.epoch} names other "
                                          "blocks than the handle; refusing to read")
-            notif = f"{rid}:{handle.epoch}".encode()
-
             backend = self._ray_backend if handle.backend == "ray" else self.agent
+            # One rank: NIXL tells prefill when the READ is done. Several: every
+            # rank's READ must be done first, so decode releases the lease itself.
+            tp = self.spec.tp_size
+            notif = f"{rid}:{handle.epoch}".encode() if tp == 1 else b""
 
             def pull() -> int:
                 if self.faults is not None:
@@ -391,8 +451,16 @@ class DecodeWorker(_WorkerBase):
                 return backend.pull(src, blocks, timeout_s=timeout - (time.monotonic() - t0),
                                     notif=notif)
 
-            nbytes = await self.loop.run_in_executor(self._xfer, pull)
-            if not backend.notifies and prefill is not None:
+            pulls = [self.loop.run_in_executor(self._xfer, pull)] + [
+                self._pull_rank(f, shard, blocks, timeout - (time.monotonic() - t0))
+                for f, shard in zip(self.followers(), handle.ranks[1:])]
+            # Wait for every rank (each bounded) before the blocks can be freed on error.
+            results = await asyncio.gather(*pulls, return_exceptions=True)
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
+            nbytes = sum(results)
+            if (not backend.notifies or tp > 1) and prefill is not None:
                 prefill.release.remote(rid, handle.epoch)
         except TransferError as e:
             self.xfer["timeouts" if isinstance(e, TransferTimeout) else "failures"] += 1
@@ -406,6 +474,21 @@ class DecodeWorker(_WorkerBase):
         self.xfer["bytes"] += nbytes
         self.xfer["seconds"] += dt
         self.xfer["buckets"][bisect.bisect_left(XFER_BUCKETS, dt)] += 1
+
+    @staticmethod
+    async def _pull_rank(follower, shard: RankKV, blocks: list[int], timeout: float) -> int:
+        """Rank r of this group READs rank r's shard of the prompt's KV."""
+        try:
+            # The rank bounds its own READ by `timeout`; this bounds the call around it.
+            return await asyncio.wait_for(follower.pull.remote(shard, blocks, timeout),
+                                          timeout + 5.0)
+        except (asyncio.TimeoutError, TimeoutError):
+            raise TransferTimeout(f"rank pull from {shard.agent_name} not answered "
+                                  f"in {timeout + 5.0:.1f}s") from None
+        except TransferError:
+            raise
+        except Exception as e:  # noqa: BLE001 - rank actor died or failed
+            raise TransferFailed(f"rank pull from {shard.agent_name} failed: {e!r}") from None
 
     async def _allocate_for(self, handle: KVHandle, deadline: float) -> list[int]:
         """Blocks for a pulled prompt. A full pool is a queue, not an error: wait
@@ -449,5 +532,44 @@ class DecodeWorker(_WorkerBase):
                 "steps": self.engine.steps}
 
 
-__all__ = ["DecodeWorker", "PrefillResult", "PrefillWorker", "TransferError", "WorkerError",
-           "WorkerSpec"]
+@ray.remote
+class RankWorker:
+    """Rank r >= 1 of a tensor-parallel group: its shard of the weights and KV
+    pool. It runs every plan the leader broadcasts and, on decode, READs its
+    shard of a prompt's KV from the same rank of the prefill group."""
+
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        self.runner = _load_runner(spec)
+        self.agent = _make_backend(spec, self.runner.kv_pool)
+        self.steps = 0
+        tp = self.runner.tp = TPGroup(spec.tp_rank, spec.tp_size, self.runner.device)
+        try:
+            leader = ray.get_actor(spec.rank_name(0))
+            tp.join(ray.get(leader.tp_address.remote(), timeout=RENDEZVOUS_TIMEOUT_S))
+            tp.gather(self.agent.rank_kv([]))
+        except Exception as e:  # noqa: BLE001 - exit, so Ray restarts us to try again
+            tp.failed(e)
+        threading.Thread(target=self._follow, name="tp-follow", daemon=True).start()
+
+    def _follow(self) -> None:
+        while True:
+            plan = self.runner.tp.recv()
+            if plan is not None:
+                self.runner.run(plan)
+                self.steps += 1
+
+    def pull(self, src: RankKV, blocks: list[int], timeout_s: float) -> int:
+        return self.agent.pull(src, blocks, timeout_s=timeout_s)
+
+    def ready(self) -> dict:
+        return {"role": self.spec.role, "replica": self.spec.replica, "rank": self.spec.tp_rank,
+                "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                "agent": self.agent.name}
+
+    def stats(self) -> dict:
+        return {"rank": self.spec.tp_rank, "steps": self.steps}
+
+
+__all__ = ["DecodeWorker", "PrefillResult", "PrefillWorker", "RankWorker", "TransferError",
+           "WorkerError", "WorkerSpec"]

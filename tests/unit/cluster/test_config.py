@@ -70,6 +70,19 @@ def test_semantic_error_names_key():
         parse_config(d)
 
 
+def test_tensor_parallel_rules_name_the_key():
+    d = base()
+    d["prefill"]["tensor_parallel_size"] = d["decode"]["tensor_parallel_size"] = 2
+    assert parse_config(d).decode.tensor_parallel_size == 2
+    d["decode"]["tensor_parallel_size"] = 1
+    with pytest.raises(ConfigError, match=r"`decode\.tensor_parallel_size`.*same"):
+        parse_config(d)
+    d["decode"]["tensor_parallel_size"] = 2
+    d["transfer"]["backend"] = "ray"
+    with pytest.raises(ConfigError, match=r"`transfer\.backend`.*nixl"):
+        parse_config(d)
+
+
 def test_cli_reports_config_error_and_starts_nothing(tmp_path, capsys):
     d = base()
     d["transfer"]["timeout_s"] = "soon"
