@@ -3,7 +3,8 @@
   (a) Hugging Face generate, batch 1
   (b) Hugging Face generate, padded batch 32
   (c) the pdcluster engine in-process at batch 1, 8, 32
-  (d) the full cluster over HTTP (router -> prefill -> NIXL -> decode), 32 concurrent streams
+  (d) the full cluster over HTTP (router -> prefill -> NIXL -> decode), 32 concurrent streams,
+      with decode.stream_interval 1 (as shipped) and 8
 
 Every row: 64 output tokens per sequence, greedy, EOS ignored; tokens/s counts
 output tokens over wall time including prefill. Ratios are against (a) and (b)
@@ -119,21 +120,28 @@ def main() -> None:
     if not args.skip_http:
         from tests.support import load_test_config, running_cluster
 
-        cfg = load_test_config("local.yaml", router={"port": 8014})
-        with running_cluster(cfg) as rc:
-            rows["(d) cluster over HTTP, 32 streams"] = asyncio.run(http_rate(rc.url, n, 32))
+        # configs/local.yaml as shipped (every token its own stream message), then
+        # with decode.stream_interval 8 (vLLM's --stream-interval): fewer messages.
+        for interval in (1, 8):
+            cfg = load_test_config("local.yaml", router={"port": 8014},
+                                   decode={"stream_interval": interval})
+            with running_cluster(cfg) as rc:
+                rows[f"(d) cluster over HTTP, 32 streams, stream_interval {interval}"] = (
+                    asyncio.run(http_rate(rc.url, n, 32)))
 
     a, b = rows["(a) HF generate, batch 1"], rows["(b) HF generate, padded batch 32"]
-    print(f"{'':38} {'tok/s':>8} {'vs (a)':>7} {'vs (b)':>7}")
+    w = max(map(len, rows))
+    print(f"{'':{w}} {'tok/s':>8} {'vs (a)':>7} {'vs (b)':>7}")
     for k, v in rows.items():
-        print(f"{k:38} {v:8.1f} {v / a:7.2f} {v / b:7.2f}")
+        print(f"{k:{w}} {v:8.1f} {v / a:7.2f} {v / b:7.2f}")
     e32 = rows["(c) engine in-process, batch 32"]
-    if "(d) cluster over HTTP, 32 streams" in rows:
-        print(f"HTTP / in-process at 32: {rows['(d) cluster over HTTP, 32 streams'] / e32:.2f}")
+    for k, v in rows.items():
+        if k.startswith("(d)"):
+            print(f"{k[4:]} / in-process batch 32: {v / e32:.2f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads "
-                   f"{torch.get_num_threads()} in-process; cluster workers 1 thread each",
+                   f"{torch.get_num_threads()} in-process; cluster: prefill 1 thread, decode 2 (configs/local.yaml)",
         "output_tokens": n, "tok_per_s": rows}, indent=2))
     print(f"wrote {args.out}")
 

@@ -58,6 +58,9 @@ class PrefillConfig(_GroupConfig):
 class DecodeConfig(_GroupConfig):
     node_resource: str = "decode_node"
     max_running: int = 32
+    # Tokens per stream message from decode to the router (vLLM's --stream-interval):
+    # 1 streams every token as it is made; more sends fewer, larger messages.
+    stream_interval: int = 1
 
 
 class TransferConfig(_Strict):
@@ -119,6 +122,7 @@ def _check(cfg: Config) -> None:
              "full-length sequence fits")
     need(cfg.prefill.max_batched_tokens >= 1, "prefill.max_batched_tokens", "an int >= 1")
     need(cfg.decode.max_running >= 1, "decode.max_running", "an int >= 1")
+    need(cfg.decode.stream_interval >= 1, "decode.stream_interval", "an int >= 1")
     need(cfg.prefill.block_size == cfg.decode.block_size, "decode.block_size",
          "the same block_size as prefill.block_size (blocks move one to one)")
     need(cfg.transfer.backend in ("nixl", "ray"), "transfer.backend", "'nixl' or 'ray'")

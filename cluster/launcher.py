@@ -99,6 +99,7 @@ def _spec(cfg: Config, role: str, replica: int, model_dir: str, rank: int) -> Wo
         max_batched_tokens=(cfg.prefill.max_batched_tokens if role == "prefill"
                             else cfg.model.max_model_len),
         max_running=cfg.decode.max_running if role == "decode" else 1024,
+        stream_interval=cfg.decode.stream_interval,
         transfer_timeout_s=cfg.transfer.timeout_s, lease_ttl_s=cfg.transfer.lease_ttl_s,
         max_pending=cfg.transfer.max_pending, faults=cfg.transfer.faults,
         transfer_backend=cfg.transfer.backend, num_threads=g.num_threads)

@@ -72,6 +72,7 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     lease_ttl_s: float = 30.0
     max_pending: int = 1024
     num_threads: int = 1
+    stream_interval: int = 1  # decode: tokens per stream item (fewer, larger messages)
     faults: FaultConfig | None = None
     transfer_backend: str = "nixl"   # "nixl" | "ray"
     tp_rank: int = 0
@@ -157,6 +158,13 @@ def _load_runner(spec: WorkerSpec) -> ModelRunner:
                        num_blocks=spec.kv_blocks, block_size=spec.block_size,
                        dtype=spec.dtype, device=spec.device,
                        tp_rank=spec.tp_rank, tp_size=spec.tp_size)
+
+
+def _left(deadline: float, rid: str) -> float:
+    left = deadline - time.time()
+    if left <= 0:
+        raise TimeoutError(f"request {rid} passed its deadline in decode")
+    return left
 
 
 def _fail_future(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, exc: BaseException):
@@ -401,14 +409,14 @@ class DecodeWorker(_WorkerBase):
         self.thread.call(lambda: self.engine.add(seq))
         try:
             while True:
-                timeout = deadline - time.time()
-                if timeout <= 0:
-                    raise TimeoutError(f"request {rid} passed its deadline in decode")
+                timeout = _left(deadline, rid)
                 tokens, reason = await asyncio.wait_for(q.get(), timeout)
-                # Coalesce what queued up meanwhile: one stream item per wake-up,
-                # not per step, keeps a slow consumer from falling further behind.
-                while reason is None and not q.empty():
-                    more, reason = q.get_nowait()
+                # Coalesce what queued up meanwhile (one stream item per wake-up, not
+                # per step, keeps a slow consumer from falling further behind), and
+                # wait for `stream_interval` tokens before sending.
+                while reason is None and (not q.empty()
+                                          or len(tokens) < self.spec.stream_interval):
+                    more, reason = await asyncio.wait_for(q.get(), _left(deadline, rid))
                     tokens = tokens + more
                 if isinstance(reason, BaseException):
                     raise reason
