@@ -1,0 +1,79 @@
+"""Per-request sampling: top-k, top-p, seeds, min_tokens, stop token ids, ignore_eos."""
+
+from __future__ import annotations
+
+import torch
+
+from workers.sampler import sample
+from workers.sampling_params import SamplingParams
+from workers.sequence import Sequence, finish_reason
+
+EOS = (2,)
+V = 50
+
+
+def seq(output: list[int] | None = None, **params) -> Sequence:
+    return Sequence("r", [5, 6, 7], SamplingParams(max_tokens=100, **params), output)
+
+
+def logits(rows: int = 1, seed: int = 0) -> torch.Tensor:
+    return torch.randn(rows, V, generator=torch.Generator().manual_seed(seed))
+
+
+def test_top_k_1_and_tiny_top_p_are_argmax():
+    for s in range(20):
+        x = logits(seed=s)
+        best = int(x[0].argmax())
+        assert sample(x.clone(), [seq(temperature=1.0, top_k=1, seed=s)], EOS) == [best]
+        assert sample(x.clone(), [seq(temperature=1.0, top_p=1e-6, seed=s)], EOS) == [best]
+
+
+def test_top_k_keeps_only_the_k_best():
+    x = logits()
+    top3 = set(torch.topk(x[0], 3).indices.tolist())
+    got = {sample(x.clone(), [seq(temperature=5.0, top_k=3, seed=s)], EOS)[0] for s in range(200)}
+    assert got <= top3 and len(got) > 1
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_p():
+    x = torch.full((1, V), -30.0)
+    x[0, 10], x[0, 11], x[0, 12] = 2.0, 1.0, 0.0  # probs ~0.67, 0.24, 0.09
+    got = {sample(x.clone(), [seq(temperature=1.0, top_p=0.8, seed=s)], EOS)[0]
+           for s in range(300)}
+    assert got == {10, 11}
+
+
+def test_seed_reproduces_and_differs_across_seeds():
+    x = logits(4)
+    def run(seed):
+        seqs = [seq(temperature=1.0, seed=seed) for _ in range(4)]
+        return [sample(x.clone(), seqs, EOS) for _ in range(10)]
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+def test_min_tokens_bans_eos_and_stop_ids_until_reached():
+    x = torch.zeros(2, V)
+    x[:, 2] = 10.0   # EOS is the best token
+    x[:, 9] = 9.0    # then a stop token id
+    x[:, 4] = 8.0
+    early = [seq(temperature=0.0, min_tokens=3, stop_token_ids=[9]),
+             seq([1, 1, 1], temperature=0.0, min_tokens=3, stop_token_ids=[9])]
+    assert sample(x.clone(), early, EOS) == [4, 2]
+
+
+def test_ignore_eos_keeps_eos_from_stopping_but_not_stop_ids():
+    s = seq([1], temperature=0.0, ignore_eos=True, stop_token_ids=[9])
+    assert finish_reason(s, 2, EOS, 2048) is None
+    assert finish_reason(s, 9, EOS, 2048) == "stop"
+    s = seq([1], temperature=0.0)
+    assert finish_reason(s, 2, EOS, 2048) == "stop"
+    s = seq([1], temperature=0.0, min_tokens=5)
+    assert finish_reason(s, 2, EOS, 2048) is None
+
+
+def test_max_tokens_and_context_window_end_a_sequence():
+    s = Sequence("r", [5, 6, 7], SamplingParams(max_tokens=2), [1, 1])
+    assert finish_reason(s, 1, EOS, 2048) == "length"
+    s = Sequence("r", [5, 6, 7], SamplingParams(max_tokens=100), [1])
+    assert finish_reason(s, 1, EOS, 4) == "length"
