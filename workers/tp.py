@@ -22,6 +22,7 @@ import logging
 import os
 import time
 import uuid
+from typing import NoReturn
 
 import msgspec
 import torch
@@ -46,7 +47,7 @@ class StepPlan(msgspec.Struct, array_like=True):
 _enc, _dec = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(StepPlan | None)
 
 
-def _exit(what: str, e: BaseException) -> None:
+def _exit(what: str, e: BaseException) -> NoReturn:
     log.critical("tensor-parallel %s failed (%r): ending this rank so the group restarts", what, e)
     logging.shutdown()
     os._exit(1)
@@ -116,10 +117,10 @@ class TPGroup:
     def recv(self) -> StepPlan | None:
         """Follower: the next plan, or None for a keep-alive."""
         try:
-            return _dec.decode(self._bcast(None))
+            payload = self._bcast(None)
         except Exception as e:  # noqa: BLE001
             _exit("plan receive", e)
-            raise  # unreachable
+        return _dec.decode(payload)
 
-    def failed(self, e: BaseException) -> None:
+    def failed(self, e: BaseException) -> NoReturn:
         _exit("forward", e)

@@ -160,6 +160,12 @@ def _load_runner(spec: WorkerSpec) -> ModelRunner:
                        tp_rank=spec.tp_rank, tp_size=spec.tp_size)
 
 
+def _ready(spec: WorkerSpec, agent: TransferBackend) -> dict:
+    """What every rank answers once it is up (the launcher waits for all of them)."""
+    return {"role": spec.role, "replica": spec.replica, "rank": spec.tp_rank, "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(), "agent": agent.name}
+
+
 def _left(deadline: float, rid: str) -> float:
     left = deadline - time.time()
     if left <= 0:
@@ -243,8 +249,7 @@ class _WorkerBase:
         return await asyncio.wait_for(fut, timeout=30)
 
     def ready(self) -> dict:
-        return {"role": self.spec.role, "replica": self.spec.replica, "pid": os.getpid(),
-                "node_id": ray.get_runtime_context().get_node_id(), "agent": self.agent.name}
+        return _ready(self.spec, self.agent)
 
 
 @ray.remote
@@ -416,7 +421,8 @@ class DecodeWorker(_WorkerBase):
                 # wait for `stream_interval` tokens before sending.
                 while reason is None and (not q.empty()
                                           or len(tokens) < self.spec.stream_interval):
-                    more, reason = await asyncio.wait_for(q.get(), _left(deadline, rid))
+                    more, reason = (q.get_nowait() if not q.empty() else
+                                    await asyncio.wait_for(q.get(), _left(deadline, rid)))
                     tokens = tokens + more
                 if isinstance(reason, BaseException):
                     raise reason
@@ -571,9 +577,7 @@ class RankWorker:
         return self.agent.pull(src, blocks, timeout_s=timeout_s)
 
     def ready(self) -> dict:
-        return {"role": self.spec.role, "replica": self.spec.replica, "rank": self.spec.tp_rank,
-                "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
-                "agent": self.agent.name}
+        return _ready(self.spec, self.agent)
 
     def stats(self) -> dict:
         return {"rank": self.spec.tp_rank, "steps": self.steps}
