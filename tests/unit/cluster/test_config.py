@@ -31,56 +31,48 @@ def test_defaults_match_design():
     assert cfg.transfer.backend == "nixl"
 
 
-def test_unknown_key_names_its_path():
+def _set(path: str, value):
+    def apply(d: dict) -> None:
+        *parents, last = path.split(".")
+        for k in parents:
+            d = d[k]
+        d[last] = value
+    return apply
+
+
+def _tp(prefill: int, decode: int, backend: str = "nixl"):
+    def apply(d: dict) -> None:
+        d["prefill"]["tensor_parallel_size"], d["decode"]["tensor_parallel_size"] = prefill, decode
+        d["transfer"]["backend"] = backend
+    return apply
+
+
+BAD = {
+    "unknown key": (_set("decode.kv_blokcs", 10), r"kv_blokcs.*`decode`|`decode`.*kv_blokcs"),
+    "unknown top-level key": (_set("routr", {}), "routr"),
+    "wrong type": (_set("router.port", "eight thousand"), r"Expected `int`.*`router\.port`"),
+    "missing key": (lambda d: d["cluster"]["nodes"][1].pop("name"), r"name.*`cluster\.nodes\[1\]`"),
+    "resource no node has": (_set("decode.node_resource", "gpu_node"),
+                             r"`decode\.node_resource`.*gpu_node"),
+    "pool below one sequence": (_set("decode.kv_blocks", 4), r"`decode\.kv_blocks`"),
+    "prefill and decode TP differ": (_tp(2, 1), r"`decode\.tensor_parallel_size`.*same"),
+    "TP over the object store": (_tp(2, 2, "ray"), r"`transfer\.backend`.*nixl"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_config_names_the_key(case):
+    mutate, pattern = BAD[case]
     d = base()
-    d["decode"]["kv_blokcs"] = 10
-    with pytest.raises(ConfigError, match=r"kv_blokcs.*`decode`|`decode`.*kv_blokcs"):
+    mutate(d)
+    with pytest.raises(ConfigError, match=pattern):
         parse_config(d)
 
 
-def test_unknown_top_level_key():
+def test_tensor_parallel_2_is_accepted():
     d = base()
-    d["routr"] = {}
-    with pytest.raises(ConfigError, match="routr"):
-        parse_config(d)
-
-
-def test_wrong_type_names_key_and_expected_type():
-    d = base()
-    d["router"]["port"] = "eight thousand"
-    with pytest.raises(ConfigError, match=r"Expected `int`.*`router\.port`"):
-        parse_config(d)
-
-
-def test_missing_required_key_names_it():
-    d = base()
-    del d["cluster"]["nodes"][1]["name"]
-    with pytest.raises(ConfigError, match=r"name.*`cluster\.nodes\[1\]`"):
-        parse_config(d)
-
-
-def test_semantic_error_names_key():
-    d = base()
-    d["decode"]["node_resource"] = "gpu_node"
-    with pytest.raises(ConfigError, match=r"`decode\.node_resource`.*gpu_node"):
-        parse_config(d)
-    d = base()
-    d["decode"]["kv_blocks"] = 4
-    with pytest.raises(ConfigError, match=r"`decode\.kv_blocks`"):
-        parse_config(d)
-
-
-def test_tensor_parallel_rules_name_the_key():
-    d = base()
-    d["prefill"]["tensor_parallel_size"] = d["decode"]["tensor_parallel_size"] = 2
+    _tp(2, 2)(d)
     assert parse_config(d).decode.tensor_parallel_size == 2
-    d["decode"]["tensor_parallel_size"] = 1
-    with pytest.raises(ConfigError, match=r"`decode\.tensor_parallel_size`.*same"):
-        parse_config(d)
-    d["decode"]["tensor_parallel_size"] = 2
-    d["transfer"]["backend"] = "ray"
-    with pytest.raises(ConfigError, match=r"`transfer\.backend`.*nixl"):
-        parse_config(d)
 
 
 def test_cli_reports_config_error_and_starts_nothing(tmp_path, capsys):
