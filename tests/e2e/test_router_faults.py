@@ -189,11 +189,17 @@ def test_prefill_killed_under_load_every_request_completes(cluster):
 
 def test_frozen_decode_is_detected_and_its_streams_migrate(cluster):
     want = asyncio.run(_streams(cluster.url, PROMPTS, 300))
-    victim = cluster.decode[1].leader
-    pid = ray.get(victim.ready.remote(), timeout=30)["pid"]
-    frozen_at = []
+    frozen_at, pid = [], None
 
     def freeze():
+        # Freeze a decode replica that is serving some of the streams right now
+        # (routing decides where they went), so there is something to detect.
+        nonlocal pid
+        for g in cluster.decode:
+            if ray.get(g.leader.stats.remote(), timeout=10)["running"] > 0:
+                pid = ray.get(g.leader.ready.remote(), timeout=10)["pid"]
+                break
+        assert pid is not None, "no decode replica holds a stream"
         os.kill(pid, signal.SIGSTOP)
         frozen_at.append(time.monotonic())
 
@@ -202,7 +208,8 @@ def test_frozen_decode_is_detected_and_its_streams_migrate(cluster):
         got = asyncio.run(_streams(cluster.url, PROMPTS, 300, on_progress=freeze))
     finally:
         try:
-            os.kill(pid, signal.SIGCONT)
+            if pid is not None:
+                os.kill(pid, signal.SIGCONT)
         except ProcessLookupError:
             pass  # the watchdog killed it; Ray restarted it
     assert got == want
