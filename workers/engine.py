@@ -155,7 +155,9 @@ class Engine:
                 self.waiting.appendleft(s)
         if not done:
             return outputs
-        tokens = sample(logits[done], [seqs[i] for i in done], self.eos_ids)
+        if len(done) < len(seqs):
+            logits = logits[done]
+        tokens = sample(logits, [seqs[i] for i in done], self.eos_ids)
         for i, tok in zip(done, tokens):
             s = seqs[i]
             s.token_ids.append(tok)

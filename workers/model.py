@@ -73,21 +73,25 @@ class ModelArgs:
 class AttnContext:
     """Where one step's tokens live in the paged KV pool.
 
-    The step's T new tokens are flattened over B sequences. Each new token's
-    K/V is written at (write_blocks[t], write_offsets[t]). Each sequence then
-    attends over its block table's first `L / block_size` blocks
-    (`gather_blocks`, [B * L / block_size], padded with any valid block),
-    under the additive `mask` [B, 1, Tq, L] (0 or -inf), which also hides the
-    padding. When every sequence has the same number of new tokens (decode,
-    or equal prompts) the flat tokens are already a [B, Tq] grid and the two
-    index maps are None; otherwise `q_index` [B, Tq] maps padded query slots
-    to flat token indices and `out_index` [T] maps flat tokens back into the
-    padded [B*Tq] layout.
+    The pool [blocks, layers, 2, block_size, kv_heads, head_dim] is seen two
+    ways: `rows` [-1, kv_heads * head_dim], one token's K or V of one layer,
+    and `chunks` [-1, block_size * kv_heads * head_dim], one block's K or V of
+    one layer. The step's T new tokens are flattened over B sequences; per
+    layer, `write_rows[layer]` [T, 2] names the K and V rows each new token
+    writes, and `gather_chunks[layer]` [B * 2 * L / block_size] the K then V
+    chunks of each sequence's first `L / block_size` blocks (padded with any
+    valid block), read under the additive `mask` [B, 1, Tq, L] (0 or -inf),
+    which also hides the padding. When every sequence has the same number of
+    new tokens (decode, or equal prompts) the flat tokens are already a
+    [B, Tq] grid and the two index maps are None; otherwise `q_index` [B, Tq]
+    maps padded query slots to flat token indices and `out_index` [T] maps
+    flat tokens back into the padded [B*Tq] layout.
     """
 
-    write_blocks: torch.Tensor
-    write_offsets: torch.Tensor
-    gather_blocks: torch.Tensor
+    rows: torch.Tensor
+    chunks: torch.Tensor
+    write_rows: list[torch.Tensor]
+    gather_chunks: list[torch.Tensor]
     mask: torch.Tensor
     q_index: torch.Tensor | None = None
     out_index: torch.Tensor | None = None
@@ -203,8 +207,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one call, bit for bit what Hugging Face computes
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        if x.dtype == torch.float32:
+            # Hugging Face's ops in its order (bit for bit), in place where it can be:
+            # fewer kernels than F.rms_norm, which copies its input twice on CPU.
+            r = x.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
+            return (x * r).mul_(self.weight)
         # Same op order as Hugging Face, so results match bit for bit.
         dtype = x.dtype
         x = x.float()
@@ -248,7 +255,7 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(q, args.hidden_size, tp_rank, tp_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_pool: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+                ctx: AttnContext) -> torch.Tensor:
         T, nh, nkv, hd = x.shape[0], self.nh, self.nkv, self.hd
         qkv = self.qkv_proj(x).view(T, nh + 2 * nkv, hd)
         # RoPE over q, k and v heads in one pass: `cos`/`sin` are 1/0 on the v heads,
@@ -256,18 +263,15 @@ class Attention(nn.Module):
         # bit for bit Hugging Face's q * cos + rotate_half(q) * sin.
         half = hd // 2
         qkv = qkv * cos + torch.cat((qkv[..., half:], qkv[..., :half]), dim=-1) * sin
-        q, kv = qkv[:, :nh], qkv[:, nh:].view(T, 2, nkv, hd)
-        # Pool layout is block-major [blocks, layers, 2, block_size, kv_heads, head_dim]
-        # so one block of one request is one contiguous region for transfers.
-        pool = kv_pool[:, self.layer]
-        pool[ctx.write_blocks, :, ctx.write_offsets] = kv
+        ctx.rows.index_put_((ctx.write_rows[self.layer],), qkv[:, nh:].view(T, 2, nkv * hd))
         B, _, Tq, L = ctx.mask.shape
-        # Whole blocks are gathered (contiguous copies); the mask hides what is not context.
-        keys = pool[:, 0].index_select(0, ctx.gather_blocks).view(B, L, nkv, hd).transpose(1, 2)
-        values = pool[:, 1].index_select(0, ctx.gather_blocks).view(B, L, nkv, hd).transpose(1, 2)
+        # Whole blocks are gathered, K and V in one copy; the mask hides what is not context.
+        kv = ctx.chunks.index_select(0, ctx.gather_chunks[self.layer]).view(B, 2, L, nkv, hd)
+        q = qkv[:, :nh]
         queries = q.view(B, Tq, nh, hd) if ctx.q_index is None else q[ctx.q_index]
-        out = F.scaled_dot_product_attention(queries.transpose(1, 2), keys, values,
-                                             attn_mask=ctx.mask, enable_gqa=nkv != nh)
+        out = F.scaled_dot_product_attention(queries.transpose(1, 2), kv[:, 0].transpose(1, 2),
+                                             kv[:, 1].transpose(1, 2), attn_mask=ctx.mask,
+                                             enable_gqa=nkv != nh)
         out = out.transpose(1, 2).reshape(B * Tq, nh * hd)
         if ctx.out_index is not None:
             out = out[ctx.out_index]
@@ -295,8 +299,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x, cos, sin, kv_pool, ctx):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_pool, ctx)
+    def forward(self, x, cos, sin, ctx):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -331,18 +335,19 @@ class LlamaModel(nn.Module):
         return self.args.num_kv_heads // self.tp_size
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_pool: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+                ctx: AttnContext) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         cos, sin = self._rope(positions)
         for layer in self.layers:
-            x = layer(x, cos, sin, kv_pool, ctx)
+            x = layer(x, cos, sin, ctx)
         return self.norm(x)
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This step's cos/sin over [T, q + k + v heads, head_dim], built once for
         every layer: RoPE on the q and k heads, identity (1, 0) on the v heads."""
         T, hd, nqk = positions.shape[0], self.args.head_dim, self.nh + self.nkv
-        cos, sin = self.cos[positions].unsqueeze(1), self.sin_signed[positions].unsqueeze(1)
+        cos = self.cos.index_select(0, positions).unsqueeze(1)
+        sin = self.sin_signed.index_select(0, positions).unsqueeze(1)
         one = cos.new_ones(()).expand(T, self.nkv, hd)
         cos = torch.cat((cos.expand(T, nqk, hd), one), dim=1)
         sin = torch.cat((sin.expand(T, nqk, hd), torch.zeros_like(one)), dim=1)

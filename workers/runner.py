@@ -87,8 +87,13 @@ class ModelRunner:
         seq_of = torch.arange(B).repeat_interleave(n_t, output_size=T)
         cu = torch.zeros(B + 1, dtype=torch.long)
         torch.cumsum(n_t, 0, out=cu[1:])
-        write_blocks = tables[seq_of * nblk + positions // bs]
-        write_offsets = positions % bs
+        # Pool rows and chunks (see AttnContext), for every layer at once.
+        nl = self.args.num_layers
+        write_base = tables[seq_of * nblk + positions // bs] * (nl * 2 * bs) + positions % bs
+        write_rows = (write_base[None, :, None] + torch.arange(0, nl * 2 * bs, 2 * bs)[:, None, None]
+                      + torch.tensor([0, bs]))                                        # nl,T,2
+        gather = ((tables.view(B, 1, nblk) * (nl * 2) + torch.tensor([[0], [1]]))[None]
+                  + torch.arange(0, nl * 2, 2)[:, None, None, None])                  # nl,B,2,nblk
         # Query slot j of sequence b sits at position starts[b] + j and sees keys up to
         # there; padded slots (j >= num_new[b]) see key 0 only, so no row is all -inf.
         j = torch.arange(Tq)
@@ -104,9 +109,12 @@ class ModelRunner:
             q_index[seq_of, j_of] = torch.arange(T)
             out_index = (seq_of * Tq + j_of).to(dev)
             q_index = q_index.to(dev)
-        ctx = AttnContext(write_blocks=write_blocks.to(dev), write_offsets=write_offsets.to(dev),
-                          gather_blocks=tables.to(dev), mask=mask.to(dev),
-                          q_index=q_index, out_index=out_index)
+        pool = self.kv_pool
+        ctx = AttnContext(rows=pool.view(-1, pool[0, 0, 0, 0].numel()),
+                          chunks=pool.view(-1, pool[0, 0, 0].numel()),
+                          write_rows=write_rows.to(dev).unbind(0),
+                          gather_chunks=gather.view(nl, -1).to(dev).unbind(0),
+                          mask=mask.to(dev), q_index=q_index, out_index=out_index)
         last = None if T == B else (cu[1:] - 1).to(dev)
         return torch.tensor(ids, dtype=torch.long, device=dev), positions.to(dev), ctx, last
 
@@ -124,8 +132,8 @@ class ModelRunner:
         """One forward over `plan` on this rank's shard (every rank calls it)."""
         try:
             input_ids, positions, ctx, last = self._context(plan)
-            hidden = self.model(input_ids, positions, self.kv_pool, ctx)
-            return self.model.logits(hidden if last is None else hidden[last])
+            hidden = self.model(input_ids, positions, ctx)
+            return self.model.logits(hidden if last is None else hidden.index_select(0, last))
         except Exception as e:
             if self.tp is not None:  # a collective may be half done: the group is gone
                 self.tp.failed(e)

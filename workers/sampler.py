@@ -7,6 +7,7 @@ import torch
 from workers.sequence import Sequence
 
 
+@torch.inference_mode()
 def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...]) -> list[int]:
     """One next token per sequence. Greedy rows (temperature 0) take argmax;
     the rest sample with temperature, top-k and top-p, seeded per request.
