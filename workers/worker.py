@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import ctypes
 import logging
 import os
 import queue
@@ -90,14 +91,42 @@ class PrefillResult(msgspec.Struct, frozen=True):
     handle: KVHandle | None    # None when finished: nothing to transfer
 
 
+def _omp_max_threads() -> int | None:
+    """What OpenMP (which MKL's GEMMs follow) gives the calling thread, asked of
+    libgomp directly: torch's own getters reinitialise the count and would hide it."""
+    with open("/proc/self/maps") as f:
+        path = next((ln.split()[-1] for ln in f if "/libgomp" in ln), None)
+    return ctypes.CDLL(path).omp_get_max_threads() if path else None
+
+
+def _model_thread_start(runner: ModelRunner, num_threads: int) -> int | None:
+    """First call of the one thread that runs the model; returns OpenMP's thread
+    count there. Three things found by measuring (2 cores, batch-32 decode step
+    85 ms in-process, 160-195 ms in the actor before this):
+    - OpenMP counts threads per thread. Ray starts workers with OMP_NUM_THREADS=1,
+      so a thread other than the one that called torch.set_num_threads runs
+      MKL's GEMMs on one core. The model thread sets its own count.
+    - One OpenMP team per process. With a second one (the loading thread's),
+      libgomp manages more threads than cores and makes its workers sleep
+      between parallel regions: silu on 32 x 1536 took 53 us instead of 12.
+      So loading runs on one thread (`_load_runner`).
+    - MKL packs weights for the packing thread's count: packed here."""
+    torch.set_num_threads(num_threads)
+    runner.pack_weights()
+    return _omp_max_threads()
+
+
 class _EngineThread:
     """Runs `engine.step()` in a loop on a dedicated thread; other threads
     hand it work as callables through an inbox, so engine state has one owner."""
 
     def __init__(self, engine: Engine, on_outputs: Callable[[list[StepOutput]], None],
                  on_tick: Callable[[], None], on_error: Callable[[BaseException], None],
-                 idle_wait_s: float = 0.01, setup: Callable[[], None] | None = None):
+                 num_threads: int, idle_wait_s: float = 0.01,
+                 setup: Callable[[], None] | None = None):
         self.engine = engine
+        self.num_threads = num_threads
+        self.omp_threads: int | None = None  # as OpenMP reports it on this thread
         self._setup = setup  # runs on the thread before the first step (TP rendezvous)
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._on_outputs, self._on_tick, self._on_error = on_outputs, on_tick, on_error
@@ -125,6 +154,7 @@ class _EngineThread:
                 return
 
     def _loop(self) -> None:
+        self.omp_threads = _model_thread_start(self.engine.runner, self.num_threads)
         if self._setup is not None:
             self._setup()
         while not self._stop.is_set():
@@ -153,7 +183,9 @@ def _make_backend(spec: WorkerSpec, pool: torch.Tensor) -> TransferBackend:
 
 
 def _load_runner(spec: WorkerSpec) -> ModelRunner:
-    torch.set_num_threads(spec.num_threads)
+    # Loads on one thread: the model thread alone takes `num_threads` (see
+    # _model_thread_start), so the process has one OpenMP team.
+    torch.set_num_threads(1)
     return ModelRunner(spec.model_dir, max_model_len=spec.max_model_len,
                        num_blocks=spec.kv_blocks, block_size=spec.block_size,
                        dtype=spec.dtype, device=spec.device,
@@ -198,7 +230,7 @@ class _WorkerBase:
             self._tp_address = self.runner.tp.open(ray.util.get_node_ip_address())
             setup = self._form_group
         self.thread = _EngineThread(self.engine, self._on_outputs, self._on_tick, self._on_error,
-                                    setup=setup)
+                                    num_threads=spec.num_threads, setup=setup)
 
     def _form_group(self) -> None:  # engine thread, before the first step
         tp = self.runner.tp
@@ -351,7 +383,8 @@ class PrefillWorker(_WorkerBase):
         return {"role": "prefill", "replica": self.spec.replica,
                 "pinned_blocks": self.blocks.num_used, "leases": len(self.leases),
                 "leases_expired": self.leases.expired_total, "pending": len(self._futures),
-                "queued_tokens": self.engine.num_queued_tokens, "steps": self.engine.steps}
+                "queued_tokens": self.engine.num_queued_tokens, "steps": self.engine.steps,
+                "omp_threads": self.thread.omp_threads}
 
 
 @ray.remote
@@ -543,7 +576,7 @@ class DecodeWorker(_WorkerBase):
                 "running": len(self.engine.running), "waiting": len(self.engine.waiting),
                 "streams": len(self._streams), "transfers_pending": self.transfers_pending,
                 "transfers": dict(self.xfer),
-                "steps": self.engine.steps}
+                "steps": self.engine.steps, "omp_threads": self.thread.omp_threads}
 
 
 @ray.remote
@@ -557,6 +590,7 @@ class RankWorker:
         self.runner = _load_runner(spec)
         self.agent = _make_backend(spec, self.runner.kv_pool)
         self.steps = 0
+        self.omp_threads: int | None = None
         tp = self.runner.tp = TPGroup(spec.tp_rank, spec.tp_size, self.runner.device)
         try:
             leader = ray.get_actor(spec.rank_name(0))
@@ -567,6 +601,7 @@ class RankWorker:
         threading.Thread(target=self._follow, name="tp-follow", daemon=True).start()
 
     def _follow(self) -> None:
+        self.omp_threads = _model_thread_start(self.runner, self.spec.num_threads)
         while True:
             plan = self.runner.tp.recv()
             if plan is not None:
@@ -580,7 +615,7 @@ class RankWorker:
         return _ready(self.spec, self.agent)
 
     def stats(self) -> dict:
-        return {"rank": self.spec.tp_rank, "steps": self.steps}
+        return {"rank": self.spec.tp_rank, "steps": self.steps, "omp_threads": self.omp_threads}
 
 
 __all__ = ["DecodeWorker", "PrefillResult", "PrefillWorker", "RankWorker", "TransferError",

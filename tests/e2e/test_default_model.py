@@ -48,3 +48,16 @@ def test_greedy_equals_hf_generate(cluster):
     assert got.usage.completion_tokens == n
     state = wait_idle(cluster.url)
     assert state["prefill_pinned_blocks"] == 0 and state["decode_blocks_used"] == 0
+
+
+def test_engine_threads_run_with_the_configured_thread_count(cluster):
+    """Ray starts workers with OMP_NUM_THREADS=1, and OpenMP counts threads per
+    thread: the engine thread must still give MKL decode.num_threads threads."""
+    import ray
+
+    cfg = cluster.config
+    assert cfg.decode.num_threads == 2  # configs/local.yaml; 1 would make this test vacuous
+    for groups, want in ((cluster.decode, cfg.decode.num_threads),
+                         (cluster.prefill, cfg.prefill.num_threads)):
+        for g in groups:
+            assert ray.get(g.leader.stats.remote(), timeout=30)["omp_threads"] == want
