@@ -205,6 +205,11 @@ def _left(deadline: float, rid: str) -> float:
     return left
 
 
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
+
+
 def _fail_future(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, exc: BaseException):
     loop.call_soon_threadsafe(lambda: fut.done() or fut.set_exception(exc))
 
@@ -554,14 +559,16 @@ class DecodeWorker(_WorkerBase):
         self.thread.call(lambda: self.engine.abort(request_id))
 
     def _on_outputs(self, outputs: list[StepOutput]) -> None:  # engine thread
+        items = []
         for out in outputs:
             q = self._streams.get(out.seq.request_id)
             if q is None:  # consumer gone: stop computing for it
                 if out.finish_reason is None:
                     self.engine.abort(out.seq.request_id)
                 continue
-            item = ([out.token] if out.token >= 0 else [], out.finish_reason)
-            self.loop.call_soon_threadsafe(q.put_nowait, item)
+            items.append((q, ([out.token] if out.token >= 0 else [], out.finish_reason)))
+        if items:  # one wake-up of the event loop per step, not one per stream
+            self.loop.call_soon_threadsafe(_put_all, items)
 
     def _on_error(self, exc: BaseException) -> None:  # engine thread
         for s in list(self.engine.running) + list(self.engine.waiting):
