@@ -4,13 +4,17 @@
   (b) Hugging Face generate, padded batch 32
   (c) the pdcluster engine in-process at batch 1, 8, 32
   (d) the full cluster over HTTP (router -> prefill -> NIXL -> decode), 32 concurrent streams,
-      with decode.stream_interval 1 (as shipped) and 8
+      with decode.stream_interval 1 (as shipped) and 8; each is the median of 3 bursts
+  (e) optionally, vLLM's CPU build offline at batch 1 and 32 (benchmarks/vllm_cpu_rate.py
+      run by another venv's python: --vllm-python), both cores, tcmalloc/iomp5 preloaded
+      when present, as vLLM's CPU docs advise
 
 Every row: 64 output tokens per sequence, greedy, EOS ignored; tokens/s counts
 output tokens over wall time including prefill. Ratios are against (a) and (b)
-from the same run.
+from the same run, and against (e) when it ran.
 
 Usage:  .venv/bin/python benchmarks/throughput.py [--skip-http] [--tokens 64]
+            [--vllm-python /path/to/vllm-venv/bin/python]
 Writes benchmarks/results/throughput.json.
 """
 
@@ -21,6 +25,9 @@ import asyncio
 import json
 import os
 import platform
+import statistics
+import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -58,6 +65,7 @@ def engine_rate(model_dir: str, ids: list[list[int]], n: int) -> float:
     from workers.sequence import Sequence
 
     runner = ModelRunner(model_dir, max_model_len=2048, num_blocks=512, block_size=16)
+    runner.pack_weights()  # once per model, before timing
     engine = Engine(runner, BlockManager(512, 16), max_batched_tokens=4096, max_running=64)
     sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
     seqs = [Sequence(str(i), p, sp) for i, p in enumerate(ids)]
@@ -71,11 +79,14 @@ def engine_rate(model_dir: str, ids: list[list[int]], n: int) -> float:
     return len(ids) * n / dt
 
 
-async def http_rate(url: str, n: int, streams: int) -> float:
+async def http_rate(url: str, n: int, streams: int, reps: int = 1,
+                    model: str = "SmolLM2-135M-Instruct") -> list[float]:
+    """`reps` bursts of `streams` concurrent streaming chat requests (after one
+    warm-up request); output tokens / wall time of each burst."""
     import httpx
 
     async def one(client, q):
-        body = {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": q}],
+        body = {"model": model, "messages": [{"role": "user", "content": q}],
                 "max_tokens": n, "temperature": 0, "ignore_eos": True, "stream": True,
                 "stream_options": {"include_usage": True}}
         used = 0
@@ -87,17 +98,45 @@ async def http_rate(url: str, n: int, streams: int) -> float:
 
     async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=64)) as c:
         await one(c, "warm up")
-        t = time.perf_counter()
-        got = await asyncio.gather(*[one(c, QUESTIONS[i % 32]) for i in range(streams)])
-        dt = time.perf_counter() - t
-    assert all(g == n for g in got), got
-    return sum(got) / dt
+        rates = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            got = await asyncio.gather(*[one(c, QUESTIONS[i % 32]) for i in range(streams)])
+            dt = time.perf_counter() - t
+            assert all(g == n for g in got), got
+            rates.append(sum(got) / dt)
+    return rates
+
+
+def vllm_rates(python: str, model_dir: str, n: int) -> dict:
+    """vLLM CPU offline at batch 1 and 32, then its OpenAI server with 32 streams,
+    in its own venv, both cores."""
+    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=f"0-{(os.cpu_count() or 1) - 1}")
+    preload = [p for p in ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+                           str(Path(python).parents[1] / "lib" / "libiomp5.so")) if Path(p).exists()]
+    if preload:
+        env["LD_PRELOAD"] = ":".join(preload)
+    script = str(Path(__file__).parent / "vllm_cpu_rate.py")
+    res: dict = {"ld_preload": preload, "tok_per_s": {}}
+    with tempfile.TemporaryDirectory() as d:
+        for mode in ([], ["--serve"]):
+            out = Path(d) / "vllm.json"
+            subprocess.run([python, script, "--model", model_dir, "--tokens", str(n), "--batches",
+                            "1,32", "--omp-bind", env["VLLM_CPU_OMP_THREADS_BIND"], "--json",
+                            str(out), *mode], env=env, check=True, stdout=subprocess.DEVNULL)
+            got = json.loads(out.read_text())
+            res["tok_per_s"].update(got["tok_per_s"])
+            res["vllm_version"] = got["vllm_version"]
+            if mode:
+                res["http_bursts"] = got["bursts"]
+    return res
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--skip-http", action="store_true")
+    ap.add_argument("--vllm-python", help="python of a venv with vllm-cpu: adds rows (e)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "throughput.json"))
     args = ap.parse_args()
     n = args.tokens
@@ -117,6 +156,14 @@ def main() -> None:
     del hf
     for b in (1, 8, 32):
         rows[f"(c) engine in-process, batch {b}"] = engine_rate(model_dir, ids[:b], n)
+    vllm = None
+    if args.vllm_python:
+        vllm = vllm_rates(args.vllm_python, model_dir, n)
+        for b in (1, 32):
+            rows[f"(e) vLLM {vllm['vllm_version']} CPU offline, batch {b}"] = vllm["tok_per_s"][f"batch {b}"]
+        rows[f"(e) vLLM {vllm['vllm_version']} OpenAI server, 32 streams"] = (
+            vllm["tok_per_s"]["http 32 streams"])
+    bursts = {}
     if not args.skip_http:
         from tests.support import load_test_config, running_cluster
 
@@ -126,8 +173,9 @@ def main() -> None:
             cfg = load_test_config("local.yaml", router={"port": 8014},
                                    decode={"stream_interval": interval})
             with running_cluster(cfg) as rc:
-                rows[f"(d) cluster over HTTP, 32 streams, stream_interval {interval}"] = (
-                    asyncio.run(http_rate(rc.url, n, 32)))
+                key = f"(d) cluster over HTTP, 32 streams, stream_interval {interval}"
+                bursts[key] = asyncio.run(http_rate(rc.url, n, 32, reps=3))
+                rows[key] = statistics.median(bursts[key])
 
     a, b = rows["(a) HF generate, batch 1"], rows["(b) HF generate, padded batch 32"]
     w = max(map(len, rows))
@@ -137,12 +185,21 @@ def main() -> None:
     e32 = rows["(c) engine in-process, batch 32"]
     for k, v in rows.items():
         if k.startswith("(d)"):
-            print(f"{k[4:]} / in-process batch 32: {v / e32:.2f}")
+            print(f"{k[4:]} / in-process batch 32: {v / e32:.2f}   (bursts: "
+                  + ", ".join(f"{r:.1f}" for r in bursts[k]) + ")")
+    if vllm:
+        for b in (1, 32):
+            v = vllm["tok_per_s"][f"batch {b}"]
+            print(f"engine in-process / vLLM CPU, batch {b}: "
+                  f"{rows[f'(c) engine in-process, batch {b}'] / v:.2f}")
+        print("vLLM OpenAI server / vLLM offline batch 32: "
+              f"{vllm['tok_per_s']['http 32 streams'] / vllm['tok_per_s']['batch 32']:.2f}   "
+              "(bursts: " + ", ".join(f"{r:.1f}" for r in vllm["http_bursts"]) + ")")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads "
                    f"{torch.get_num_threads()} in-process; cluster: prefill 1 thread, decode 2 (configs/local.yaml)",
-        "output_tokens": n, "tok_per_s": rows}, indent=2))
+        "output_tokens": n, "tok_per_s": rows, "http_bursts": bursts, "vllm": vllm}, indent=2))
     print(f"wrote {args.out}")
 
 
