@@ -154,9 +154,13 @@ class _EngineThread:
                 return
 
     def _loop(self) -> None:
-        self.omp_threads = _model_thread_start(self.engine.runner, self.num_threads)
-        if self._setup is not None:
-            self._setup()
+        try:
+            self.omp_threads = _model_thread_start(self.engine.runner, self.num_threads)
+            if self._setup is not None:
+                self._setup()
+        except BaseException:  # noqa: BLE001 - a worker without its engine thread is no worker
+            log.exception("engine thread set-up failed; exiting so that Ray restarts this worker")
+            os._exit(1)
         while not self._stop.is_set():
             try:
                 self._drain(block=not self.engine.has_work)
