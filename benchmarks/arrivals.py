@@ -26,22 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx  # noqa: E402
 
-from throughput import QUESTIONS, http_rate  # noqa: E402
+from throughput import QUESTIONS, http_rate, stream_chat  # noqa: E402
 
 
 async def staggered(url: str, n: int = 64, count: int = 48, gap_s: float = 0.15) -> dict:
     async def one(client, q, delay):
         await asyncio.sleep(delay)
-        body = {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": q}],
-                "max_tokens": n, "temperature": 0, "ignore_eos": True, "stream": True}
-        t, first = time.perf_counter(), None
-        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
-            async for line in r.aiter_lines():
-                if first is None and line.startswith("data: {"):
-                    choices = json.loads(line[6:])["choices"]
-                    if choices and choices[0]["delta"].get("content"):  # text, not the role
-                        first = time.perf_counter() - t
-        return first, time.perf_counter() - t
+        first, total, used = await stream_chat(client, url, q, n)
+        assert used == n, used
+        return first, total
 
     async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=128)) as c:
         t = time.perf_counter()

@@ -79,29 +79,39 @@ def engine_rate(model_dir: str, ids: list[list[int]], n: int) -> float:
     return len(ids) * n / dt
 
 
+async def stream_chat(client, url: str, q: str, n: int,
+                      model: str = "SmolLM2-135M-Instruct") -> tuple[float | None, float, int]:
+    """One streaming chat request of `n` tokens (EOS ignored, greedy): seconds to
+    the first text, seconds to the end, completion tokens from the usage chunk.
+    Only the lines it needs are parsed: the client shares the cores it measures."""
+    body = {"model": model, "messages": [{"role": "user", "content": q}],
+            "max_tokens": n, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    t, first, used = time.perf_counter(), None, 0
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+        async for line in r.aiter_lines():
+            if '"usage"' in line and '"completion_tokens"' in line:
+                used = json.loads(line[6:])["usage"]["completion_tokens"]
+            elif first is None and line.startswith("data: {"):
+                choices = json.loads(line[6:])["choices"]
+                if choices and choices[0]["delta"].get("content"):  # text, not the role chunk
+                    first = time.perf_counter() - t
+    return first, time.perf_counter() - t, used
+
+
 async def http_rate(url: str, n: int, streams: int, reps: int = 1,
                     model: str = "SmolLM2-135M-Instruct") -> list[float]:
     """`reps` bursts of `streams` concurrent streaming chat requests (after one
     warm-up request); output tokens / wall time of each burst."""
     import httpx
 
-    async def one(client, q):
-        body = {"model": model, "messages": [{"role": "user", "content": q}],
-                "max_tokens": n, "temperature": 0, "ignore_eos": True, "stream": True,
-                "stream_options": {"include_usage": True}}
-        used = 0
-        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
-            async for line in r.aiter_lines():
-                if '"usage"' in line and '"completion_tokens"' in line:
-                    used = json.loads(line[5:])["usage"]["completion_tokens"]
-        return used
-
     async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=64)) as c:
-        await one(c, "warm up")
+        await stream_chat(c, url, "warm up", n, model)
         rates = []
         for _ in range(reps):
             t = time.perf_counter()
-            got = await asyncio.gather(*[one(c, QUESTIONS[i % 32]) for i in range(streams)])
+            got = [r[2] for r in await asyncio.gather(
+                *[stream_chat(c, url, QUESTIONS[i % 32], n, model) for i in range(streams)])]
             dt = time.perf_counter() - t
             assert all(g == n for g in got), got
             rates.append(sum(got) / dt)

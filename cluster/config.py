@@ -47,7 +47,7 @@ class _GroupConfig(_Strict):
     tensor_parallel_size: int = 1
     kv_blocks: int = 512
     block_size: int = 16
-    num_threads: int = 1  # torch intra-op threads per rank
+    num_threads: int = 1  # torch/OpenMP threads of each rank's model thread
 
 
 class PrefillConfig(_GroupConfig):

@@ -110,10 +110,17 @@ def _model_thread_start(runner: ModelRunner, num_threads: int) -> int | None:
       libgomp manages more threads than cores and makes its workers sleep
       between parallel regions: silu on 32 x 1536 took 53 us instead of 12.
       So loading runs on one thread (`_load_runner`).
-    - MKL packs weights for the packing thread's count: packed here."""
-    torch.set_num_threads(num_threads)
-    runner.pack_weights()
-    return _omp_max_threads()
+    - MKL packs weights for the packing thread's count: packed here.
+    A failure here exits the process (Ray restarts it): an actor whose model
+    thread is gone would accept work that nothing runs."""
+    try:
+        torch.set_num_threads(num_threads)
+        runner.pack_weights()
+        return _omp_max_threads()
+    except BaseException:  # noqa: BLE001
+        log.exception("model thread set-up failed; exiting so that Ray restarts this worker")
+        logging.shutdown()
+        os._exit(1)
 
 
 class _EngineThread:
@@ -154,13 +161,9 @@ class _EngineThread:
                 return
 
     def _loop(self) -> None:
-        try:
-            self.omp_threads = _model_thread_start(self.engine.runner, self.num_threads)
-            if self._setup is not None:
-                self._setup()
-        except BaseException:  # noqa: BLE001 - a worker without its engine thread is no worker
-            log.exception("engine thread set-up failed; exiting so that Ray restarts this worker")
-            os._exit(1)
+        self.omp_threads = _model_thread_start(self.engine.runner, self.num_threads)
+        if self._setup is not None:
+            self._setup()  # ends the process itself when the group cannot form
         while not self._stop.is_set():
             try:
                 self._drain(block=not self.engine.has_work)
