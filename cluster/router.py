@@ -31,7 +31,7 @@ from cluster.health import WorkerPool, WorkerStalled
 from cluster.metrics import RouterMetrics
 from transfer import TransferError
 from workers.sampling_params import SamplingParams
-from workers.worker import XFER_BUCKETS, WorkerError
+from workers.worker import XFER_BUCKETS, OutputChannel, WorkerError
 
 log = logging.getLogger("pdcluster.router")
 
@@ -105,6 +105,8 @@ class Router:
         self.metrics.watch_workers(lambda: self.prefill_pool.stats,
                                    lambda: self.decode_pool.stats, XFER_BUCKETS)
         self.requests: dict[str, RequestState] = {}
+        # One output stream per decode replica carries all this router's requests there.
+        self._channels: dict[int, OutputChannel] = {}
         self.model_name = self.cfg.served_model_name
         self._health_task = asyncio.get_event_loop().create_task(self._poll_health())
 
@@ -403,25 +405,24 @@ class Router:
             raise Unavailable("no healthy decode worker")
         state.decodes.add((i, wid))
         self.decode_pool.load[i] += 1
-        try:
-            h = self.decode_pool.handles[i]
+        h = self.decode_pool.handles[i]
+        chan = self._channels.get(i)
+        if chan is None or not chan.alive:  # first use, or the actor died/restarted
+            chan = self._channels[i] = OutputChannel(h, f"router-decode{i}")
+
+        def submit():
             if res is None:
-                gen = h.generate_local.options(num_returns="streaming").remote(
-                    wid, ids, sp, state.deadline)
-            else:
-                gen = h.generate.options(num_returns="streaming").remote(
-                    wid, ids, res.first_token, sp, res.handle, state.deadline,
-                    self.prefill_pool.handles[p])
-            while True:
-                try:
-                    left = self._remaining(state)  # before __anext__: it may raise
-                    ref = await self.decode_pool.call(i, gen.__anext__(), left)
-                except StopAsyncIteration:
-                    return
-                tokens, reason = await ref
-                yield tokens, reason
-                if reason is not None:
-                    return
+                return h.generate_local.remote(wid, chan.id, ids, sp, state.deadline)
+            return h.generate.remote(wid, chan.id, ids, res.first_token, sp, res.handle,
+                                     state.deadline, self.prefill_pool.handles[p])
+
+        def wait(fn):
+            left = self._remaining(state)  # before fn(): it may raise
+            return self.decode_pool.call(i, fn(), left)
+
+        try:
+            async for item in chan.stream(wid, submit, wait):
+                yield item
         finally:
             self.decode_pool.load[i] -= 1
 

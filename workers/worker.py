@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
 import ctypes
 import logging
 import os
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
@@ -73,7 +74,7 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     lease_ttl_s: float = 30.0
     max_pending: int = 1024
     num_threads: int = 1
-    stream_interval: int = 1  # decode: tokens per stream item (fewer, larger messages)
+    stream_interval: int = 1  # decode: tokens gathered per request before they go out
     faults: FaultConfig | None = None
     transfer_backend: str = "nixl"   # "nixl" | "ray"
     tp_rank: int = 0
@@ -82,6 +83,115 @@ class WorkerSpec(msgspec.Struct, frozen=True):
 
     def rank_name(self, rank: int) -> str:
         return f"{self.group}-rank{rank}"
+
+
+class OutputChannel:
+    """The caller's end of a decode worker's `outputs` stream: one Ray stream per
+    (caller, decode actor) carries every request's tokens, step by step; this
+    hands each request its own queue. If the stream fails (actor died or
+    restarted), every open request's queue gets the error and the channel is
+    dead: the caller opens a new one for later requests."""
+
+    def __init__(self, actor, name: str):
+        self.id = f"{name}-{os.getpid()}-{id(self):x}"
+        self.error: BaseException | None = None
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._open = asyncio.Event()  # the worker has the channel (its first, empty message)
+        self._gen = actor.outputs.options(num_returns="streaming").remote(self.id)
+        self._task = asyncio.get_event_loop().create_task(self._pump())
+
+    @property
+    def alive(self) -> bool:
+        return self.error is None
+
+    def open(self, request_id: str) -> asyncio.Queue:
+        """Items: (tokens, finish_reason) in order, or an exception when the channel fails."""
+        q = self._queues[request_id] = asyncio.Queue()
+        if self.error is not None:
+            q.put_nowait(self.error)
+        return q
+
+    def close(self, request_id: str) -> None:
+        self._queues.pop(request_id, None)
+
+    async def stream(self, request_id: str, submit: Callable[[], object],
+                     wait: Callable[[Callable[[], Awaitable]], Awaitable],
+                     grace_s: float = 5.0) -> AsyncIterator[tuple[list[int], str | None]]:
+        """(tokens, finish_reason) of one request until it finishes. `submit()`
+        sends its `generate` call (after its queue exists) and returns the call's
+        ref: a failed call raises here. `wait(fn)` awaits `fn()` under the
+        caller's bounds (deadline, watchdog). Tokens that queued up meanwhile are
+        merged into one item. A call that returned before its last tokens came
+        gets `grace_s` for them (the call's reply and the stream are not ordered)."""
+        q = self.open(request_id)
+        call: asyncio.Future | None = None
+        ended = False
+
+        async def last_tokens():
+            try:
+                return await asyncio.wait_for(q.get(), grace_s)
+            except (asyncio.TimeoutError, TimeoutError):
+                raise WorkerError(f"request {request_id} ended on decode but its last tokens "
+                                  f"did not arrive in {grace_s}s") from None
+
+        buf: collections.deque = collections.deque()
+        try:
+            if not self._open.is_set():
+                await wait(self._open.wait)
+            if self.error is not None:
+                raise self.error
+            call = asyncio.ensure_future(submit())
+            call.add_done_callback(lambda f: f.cancelled() or f.exception())  # always retrieved
+            call.add_done_callback(q.put_nowait)
+            while True:
+                if not buf:
+                    buf.append(await wait(last_tokens if ended else q.get))
+                while not q.empty():
+                    buf.append(q.get_nowait())
+                item = buf.popleft()
+                if isinstance(item, asyncio.Future):  # the call ended
+                    if not item.cancelled() and item.exception() is not None:
+                        raise item.exception()
+                    ended = True
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                tokens, reason = item
+                while reason is None and buf and isinstance(buf[0], tuple):
+                    more, reason = buf.popleft()
+                    tokens = tokens + more
+                yield tokens, reason
+                if reason is not None:
+                    return
+        finally:
+            self.close(request_id)
+            if call is not None:
+                call.remove_done_callback(q.put_nowait)
+
+    def shutdown(self) -> None:
+        """Close the stream; the worker aborts whatever was still decoding on it."""
+        self._task.cancel()
+        ray.cancel(self._gen)
+
+    async def _pump(self) -> None:
+        try:
+            async for ref in self._gen:
+                items = await ref
+                self._open.set()
+                for rid, tokens, reason in items:
+                    q = self._queues.get(rid)
+                    if q is not None:
+                        q.put_nowait((tokens, reason))
+            self.error = WorkerError(f"output channel {self.id} ended")
+        except asyncio.CancelledError:
+            self.error = WorkerError(f"output channel {self.id} closed")
+            raise
+        except Exception as e:  # noqa: BLE001 - actor died/restarted: every request learns it
+            self.error = e
+        finally:
+            self._open.set()  # wake requests waiting for it: they find the error
+            for q in self._queues.values():
+                q.put_nowait(self.error)
 
 
 class PrefillResult(msgspec.Struct, frozen=True):
@@ -129,7 +239,7 @@ class _EngineThread:
 
     def __init__(self, engine: Engine, on_outputs: Callable[[list[StepOutput]], None],
                  on_tick: Callable[[], None], on_error: Callable[[BaseException], None],
-                 num_threads: int, idle_wait_s: float = 0.01,
+                 num_threads: int, idle_wait_s: float = 0.05,
                  setup: Callable[[], None] | None = None):
         self.engine = engine
         self.num_threads = num_threads
@@ -137,6 +247,9 @@ class _EngineThread:
         self._setup = setup  # runs on the thread before the first step (TP rendezvous)
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._on_outputs, self._on_tick, self._on_error = on_outputs, on_tick, on_error
+        # Idle, the thread wakes for work at once and for `on_tick` (NIXL notifications,
+        # lease expiry, TP keep-alive) every idle_wait_s. Each wake-up of an idle worker
+        # preempts a busy one's OpenMP thread on a shared machine, so not more often.
         self._idle_wait_s = idle_wait_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
@@ -210,11 +323,6 @@ def _left(deadline: float, rid: str) -> float:
     if left <= 0:
         raise TimeoutError(f"request {rid} passed its deadline in decode")
     return left
-
-
-def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
-    for q, item in items:
-        q.put_nowait(item)
 
 
 def _fail_future(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, exc: BaseException):
@@ -404,7 +512,10 @@ class DecodeWorker(_WorkerBase):
     """Pulls a request's KV from prefill and decodes it in the running batch."""
 
     def __init__(self, spec: WorkerSpec):
-        self._streams: dict[str, asyncio.Queue] = {}
+        # Output channels (one per router replica, `outputs`) and the requests
+        # decoding here: request id -> (its channel's queue, future set when it ends).
+        self._channels: dict[str, asyncio.Queue] = {}
+        self._streams: dict[str, tuple[asyncio.Queue, asyncio.Future]] = {}
         self.transfers_pending = 0
         # Counters the router publishes as pdcluster_kv_transfer_* metrics.
         self.xfer = {"count": 0, "bytes": 0, "seconds": 0.0, "timeouts": 0, "failures": 0,
@@ -417,18 +528,53 @@ class DecodeWorker(_WorkerBase):
         # Handles say which backend holds their bytes; the object store needs no setup.
         self._ray_backend = RayObjectBackend(f"decode-{spec.replica}", self.runner.kv_pool)
 
-    async def generate(self, request_id: str, prompt_ids: list[int], first_token: int,
-                       params: SamplingParams, handle: KVHandle, deadline: float,
-                       prefill=None) -> AsyncIterator[tuple[list[int], str | None]]:
-        """Stream (new token ids, finish_reason) until the request finishes.
-        The first token came from prefill and is not repeated here. `prefill`
-        is the actor holding the lease: the pull claims it first."""
+    async def outputs(self, channel: str) -> AsyncIterator[list[tuple[str, list[int], str | None]]]:
+        """A router's output channel: one message per decode step (or fewer, when
+        the router lags: whatever queued meanwhile is merged) carrying
+        (request id, new token ids, finish_reason) for every request that router
+        has decoding here, instead of one message per token per request. A
+        request's tokens go out once `stream_interval` of them have gathered or
+        it finished. When the channel closes (router gone), its requests are aborted."""
+        q = self._channels.setdefault(channel, asyncio.Queue())
+        held: dict[str, list] = {}  # request id -> [tokens, reason] not sent yet
+        interval = self.spec.stream_interval
+        try:
+            yield []  # open: requests may name this channel now
+            while True:
+                steps = [await q.get()]
+                while not q.empty():
+                    steps.append(q.get_nowait())
+                for step in steps:
+                    for rid, tokens, reason in step:
+                        h = held.setdefault(rid, [[], None])
+                        h[0] += tokens
+                        h[1] = reason
+                for rid in [r for r, h in held.items() if h[1] is None and r not in self._streams]:
+                    del held[rid]  # aborted while its tokens were held back
+                ready = [rid for rid, (tokens, reason) in held.items()
+                         if reason is not None or len(tokens) >= interval]
+                if ready:
+                    yield [(rid, *held.pop(rid)) for rid in ready]
+        finally:
+            self._channels.pop(channel, None)
+            for rid, (sq, _) in list(self._streams.items()):
+                if sq is q:
+                    self._end(rid, WorkerError(f"output channel {channel} closed"))
+
+    async def generate(self, request_id: str, channel: str, prompt_ids: list[int],
+                       first_token: int, params: SamplingParams, handle: KVHandle,
+                       deadline: float, prefill=None) -> str:
+        """Pull the prompt's KV and decode it in the running batch; tokens go out
+        on `channel` (the first came from prefill and is not repeated). Returns
+        the finish reason when the request ends; raises if it cannot be served.
+        `prefill` is the actor holding the lease: the pull claims it first."""
         if handle.num_tokens != len(prompt_ids):
             raise WorkerError(f"KV handle holds {handle.num_tokens} tokens, "
                               f"prompt has {len(prompt_ids)}")
         if len(handle.ranks) != self.spec.tp_size:
             raise WorkerError(f"KV handle has {len(handle.ranks)} rank shards, this decode "
                               f"group has tensor_parallel_size {self.spec.tp_size}")
+        q = self._channel(channel)
         blocks = await self._allocate_for(handle, deadline)
         try:
             await self._pull(handle, blocks, prefill)
@@ -437,48 +583,53 @@ class DecodeWorker(_WorkerBase):
             raise
         seq = Sequence(request_id, prompt_ids, params, output_ids=[first_token])
         seq.block_table, seq.num_cached = blocks, handle.num_tokens
-        async for item in self._run(seq, deadline):
-            yield item
+        return await self._run(seq, q, deadline)
 
-    async def generate_local(self, request_id: str, prompt_ids: list[int],
-                             params: SamplingParams,
-                             deadline: float) -> AsyncIterator[tuple[list[int], str | None]]:
+    async def generate_local(self, request_id: str, channel: str, prompt_ids: list[int],
+                             params: SamplingParams, deadline: float) -> str:
         """Decode-only fallback when no prefill worker is healthy: prefill here,
-        then decode; streams every token including the first."""
-        async for item in self._run(Sequence(request_id, prompt_ids, params), deadline):
-            yield item
+        then decode; every token including the first goes out on `channel`."""
+        q = self._channel(channel)
+        return await self._run(Sequence(request_id, prompt_ids, params), q, deadline)
 
-    async def _run(self, seq: Sequence,
-                   deadline: float) -> AsyncIterator[tuple[list[int], str | None]]:
-        """Hand `seq` to the engine and stream its tokens; on any exit before
-        it finished, abort it there (which frees its blocks)."""
+    def _channel(self, channel: str) -> asyncio.Queue:
+        q = self._channels.get(channel)
+        if q is None:  # this incarnation never saw it: the router must reopen it
+            raise WorkerError(f"decode-{self.spec.replica}: no output channel {channel}")
+        return q
+
+    async def _run(self, seq: Sequence, q: asyncio.Queue, deadline: float) -> str:
+        """Hand `seq` to the engine and wait for it to end (its tokens go out on
+        `q`'s channel); on any exit before it finished, abort it there (which
+        frees its blocks)."""
         rid = seq.request_id
-        q: asyncio.Queue = asyncio.Queue()
-        self._streams[rid] = q
+        if rid in self._streams:
+            self.blocks.free(seq.block_table)
+            raise WorkerError(f"request {rid} is already decoding here")
+        done = self.loop.create_future()
+        self._streams[rid] = (q, done)
         finished = False
         self.thread.call(lambda: self.engine.add(seq))
         try:
-            while True:
-                timeout = _left(deadline, rid)
-                tokens, reason = await asyncio.wait_for(q.get(), timeout)
-                # Coalesce what queued up meanwhile (one stream item per wake-up, not
-                # per step, keeps a slow consumer from falling further behind), and
-                # wait for `stream_interval` tokens before sending.
-                while reason is None and (not q.empty()
-                                          or len(tokens) < self.spec.stream_interval):
-                    more, reason = (q.get_nowait() if not q.empty() else
-                                    await asyncio.wait_for(q.get(), _left(deadline, rid)))
-                    tokens = tokens + more
-                if isinstance(reason, BaseException):
-                    raise reason
-                yield tokens, reason
-                if reason is not None:
-                    finished = True
-                    return
+            reason = await asyncio.wait_for(asyncio.shield(done), _left(deadline, rid))
+            finished = True
+            return reason
+        except (asyncio.TimeoutError, TimeoutError):
+            raise TimeoutError(f"request {rid} passed its deadline in decode") from None
         finally:
-            self._streams.pop(rid, None)
+            if self._streams.get(rid, (None, None))[1] is done:
+                del self._streams[rid]
             if not finished:
                 self.thread.call(lambda: self.engine.abort(rid))
+
+    def _end(self, rid: str, result: str | BaseException) -> None:  # event loop
+        """A request stops decoding here: its `generate` call returns (or raises)."""
+        _, done = self._streams.pop(rid, (None, None))
+        if done is not None and not done.done():
+            if isinstance(result, BaseException):
+                done.set_exception(result)
+            else:
+                done.set_result(result)
 
     async def _pull(self, handle: KVHandle, blocks: list[int], prefill) -> None:
         """Claim the lease (bounded), READ the blocks (bounded), count it.
@@ -563,32 +714,47 @@ class DecodeWorker(_WorkerBase):
             await asyncio.sleep(0.01)
 
     async def abort(self, request_id: str) -> None:
+        """Stop decoding a request (the router's backstop; idempotent)."""
+        self._end(request_id, WorkerError(f"request {request_id} aborted"))
         self.thread.call(lambda: self.engine.abort(request_id))
 
     def _on_outputs(self, outputs: list[StepOutput]) -> None:  # engine thread
-        items = []
+        steps: dict[int, tuple[asyncio.Queue, list]] = {}  # channel -> this step's items
+        ended = []
         for out in outputs:
-            q = self._streams.get(out.seq.request_id)
-            if q is None:  # consumer gone: stop computing for it
+            rid = out.seq.request_id
+            stream = self._streams.get(rid)
+            if stream is None:  # nobody waits for it any more: stop computing for it
                 if out.finish_reason is None:
-                    self.engine.abort(out.seq.request_id)
+                    self.engine.abort(rid)
                 continue
-            items.append((q, ([out.token] if out.token >= 0 else [], out.finish_reason)))
-        if items:  # one wake-up of the event loop per step, not one per stream
-            self.loop.call_soon_threadsafe(_put_all, items)
+            q = stream[0]
+            steps.setdefault(id(q), (q, []))[1].append(
+                (rid, [out.token] if out.token >= 0 else [], out.finish_reason))
+            if out.finish_reason is not None:
+                ended.append((rid, out.finish_reason))
+        if steps:  # one wake-up of the event loop per step, whatever the batch size
+            self.loop.call_soon_threadsafe(self._deliver, list(steps.values()), ended)
+
+    def _deliver(self, steps: list[tuple[asyncio.Queue, list]], ended: list) -> None:  # loop
+        for q, items in steps:
+            q.put_nowait(items)
+        for rid, reason in ended:
+            self._end(rid, reason)
 
     def _on_error(self, exc: BaseException) -> None:  # engine thread
         for s in list(self.engine.running) + list(self.engine.waiting):
             self.engine.abort(s.request_id)
         err = WorkerError(f"decode engine failed: {exc!r}")
-        for q in list(self._streams.values()):
-            self.loop.call_soon_threadsafe(q.put_nowait, ([], err))
+        for rid in list(self._streams):
+            self.loop.call_soon_threadsafe(self._end, rid, err)
 
     def stats(self) -> dict:
         return {"role": "decode", "replica": self.spec.replica,
                 "used_blocks": self.blocks.num_used, "free_blocks": self.blocks.num_free,
                 "running": len(self.engine.running), "waiting": len(self.engine.waiting),
-                "streams": len(self._streams), "transfers_pending": self.transfers_pending,
+                "streams": len(self._streams), "channels": len(self._channels),
+                "transfers_pending": self.transfers_pending,
                 "transfers": dict(self.xfer),
                 "steps": self.engine.steps, "omp_threads": self.thread.omp_threads}
 
@@ -632,5 +798,5 @@ class RankWorker:
         return {"rank": self.spec.tp_rank, "steps": self.steps, "omp_threads": self.omp_threads}
 
 
-__all__ = ["DecodeWorker", "PrefillResult", "PrefillWorker", "RankWorker", "TransferError",
-           "WorkerError", "WorkerSpec"]
+__all__ = ["DecodeWorker", "OutputChannel", "PrefillResult", "PrefillWorker", "RankWorker",
+           "TransferError", "WorkerError", "WorkerSpec"]

@@ -210,3 +210,7 @@ def test_idle_after_requests(cluster):
     assert state["transfer_pending"] == 0
     assert state["decode_blocks_used"] == 0
     assert all(w["healthy"] and w["stats"]["steps"] > 0 for w in state["workers"])
+    # Every request of this module reached decode through one output channel (the
+    # router's, per decode replica), and none is still registered on it.
+    decode = [w["stats"] for w in state["workers"] if w["role"] == "decode"]
+    assert [(s["channels"], s["streams"]) for s in decode] == [(1, 0)] * len(decode)

@@ -15,7 +15,7 @@ from ray.cluster_utils import Cluster
 
 from transfer import FaultConfig, LeaseExpired, TransferError, TransferTimeout
 from workers.sampling_params import SamplingParams
-from workers.worker import DecodeWorker, PrefillWorker, WorkerSpec
+from workers.worker import DecodeWorker, OutputChannel, PrefillWorker, WorkerSpec
 
 TIMEOUT_S = 1.0
 SP = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
@@ -54,11 +54,15 @@ async def _transfer(p, d, rid: str, prompt: list[int], deadline_s: float = 30.0,
     if after_prefill is not None:
         await asyncio.to_thread(after_prefill)
     out = [res.first_token]
-    gen = d.generate.options(num_returns="streaming").remote(
-        rid, prompt, res.first_token, sp, res.handle, time.time() + deadline_s, p)
-    async for ref in gen:
-        tokens, reason = await ref
-        out += tokens
+    chan = OutputChannel(d, f"test-{rid}")
+    try:
+        async for tokens, reason in chan.stream(
+                rid, lambda: d.generate.remote(rid, chan.id, prompt, res.first_token, sp,
+                                               res.handle, time.time() + deadline_s, p),
+                lambda fn: fn()):
+            out += tokens
+    finally:
+        chan.shutdown()
     return out
 
 
@@ -66,7 +70,7 @@ def _tables(p, d) -> dict:
     ps, ds = ray.get([p.stats.remote(), d.stats.remote()], timeout=30)
     return {"leases": ps["leases"], "pinned": ps["pinned_blocks"], "pending": ps["pending"],
             "decode_used": ds["used_blocks"], "transfers": ds["transfers_pending"],
-            "streams": ds["streams"]}
+            "streams": ds["streams"], "channels": ds["channels"]}
 
 
 def _wait_empty(p, d, timeout=15.0) -> dict:
