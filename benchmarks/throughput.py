@@ -177,8 +177,8 @@ def main() -> None:
     if not args.skip_http:
         from tests.support import load_test_config, running_cluster
 
-        # configs/local.yaml as shipped (every token its own stream message), then
-        # with decode.stream_interval 8 (vLLM's --stream-interval): fewer messages.
+        # configs/local.yaml as shipped (every token goes out at the step that made it),
+        # then with decode.stream_interval 8 (vLLM's --stream-interval): fewer messages.
         for interval in (1, 8):
             cfg = load_test_config("local.yaml", router={"port": 8014},
                                    decode={"stream_interval": interval})
