@@ -64,6 +64,9 @@ class WorkerPool:
         """Await a call to replica i, bounded by `timeout`, abandoned (WorkerStalled)
         as soon as the watchdog marks the replica unhealthy."""
         task = asyncio.ensure_future(awaitable)
+        # Abandoned calls may still fail later (Ray cancels a cancelled request's child
+        # tasks): their errors are retrieved here, not logged as never retrieved.
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
         lost = asyncio.ensure_future(self._lost[i].wait())
         try:
             done, _ = await asyncio.wait({task, lost}, timeout=timeout,

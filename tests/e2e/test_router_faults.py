@@ -118,7 +118,8 @@ def test_64_streams_disconnect_at_random_points(cluster):
 
 
 async def _streams(url: str, prompts: list[str], max_tokens: int,
-                   on_progress=None) -> list[str]:
+                   on_progress=None, after: int = 5) -> list[str]:
+    """Stream every prompt; once each stream has `after` chunks, run `on_progress`."""
     started = [0] * len(prompts)
 
     async def one(i: int, client: httpx.AsyncClient) -> str:
@@ -142,7 +143,7 @@ async def _streams(url: str, prompts: list[str], max_tokens: int,
     async with httpx.AsyncClient(timeout=60) as client:
         tasks = [asyncio.create_task(one(i, client)) for i in range(len(prompts))]
         if on_progress is not None:
-            while min(started) < 5:
+            while min(started) < after:
                 await asyncio.sleep(0.01)
             await asyncio.to_thread(on_progress)
         return await asyncio.gather(*tasks)
@@ -154,10 +155,20 @@ PROMPTS = [f"migrate me {i}" for i in range(6)]
 def test_decode_killed_mid_stream_streams_complete_with_same_text(cluster):
     want = asyncio.run(_streams(cluster.url, PROMPTS, 300))
     before = _metric(cluster.url, "pdcluster_migrations_total")
-    victim = cluster.decode[0].leader
-    got = asyncio.run(_streams(cluster.url, PROMPTS, 300,
-                               on_progress=lambda: ray.kill(victim, no_restart=False)))
-    assert got == want
+    killed = []
+
+    def kill():
+        # A decode replica still decoding some of the streams (decode runs ahead of
+        # what the clients have read, so the first chunk of each is the moment).
+        for g in cluster.decode:
+            if ray.get(g.leader.stats.remote(), timeout=10)["running"] > 0:
+                ray.kill(g.leader, no_restart=False)
+                killed.append(g)
+                return
+        raise AssertionError("no decode replica holds a stream")
+
+    got = asyncio.run(_streams(cluster.url, PROMPTS, 300, on_progress=kill, after=1))
+    assert killed and got == want
     assert _metric(cluster.url, "pdcluster_migrations_total") > before
     wait_healthy(cluster.url)
     assert_idle(cluster.url)
