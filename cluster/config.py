@@ -58,8 +58,9 @@ class PrefillConfig(_GroupConfig):
 class DecodeConfig(_GroupConfig):
     node_resource: str = "decode_node"
     max_running: int = 32
-    # Tokens per stream message from decode to the router (vLLM's --stream-interval):
-    # 1 streams every token as it is made; more sends fewer, larger messages.
+    # Tokens a request gathers on decode before they go to the router (vLLM's
+    # --stream-interval): 1 sends each token at the step that made it; more sends
+    # fewer, larger chunks.
     stream_interval: int = 1
 
 

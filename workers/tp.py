@@ -47,8 +47,12 @@ class StepPlan(msgspec.Struct, array_like=True):
 _enc, _dec = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(StepPlan | None)
 
 
-def _exit(what: str, e: BaseException) -> NoReturn:
-    log.critical("tensor-parallel %s failed (%r): ending this rank so the group restarts", what, e)
+def exit_for_restart(what: str, e: BaseException) -> NoReturn:
+    """End this worker process so that Ray restarts it (`max_restarts`): for a
+    failure that leaves the process unable to serve (a broken TP group, a model
+    thread that could not start), where an exception would only kill a thread."""
+    log.critical("%s failed (%r): ending this process so that Ray restarts it", what, e,
+                 exc_info=e)
     logging.shutdown()
     os._exit(1)
 
@@ -107,7 +111,7 @@ class TPGroup:
         try:
             self._bcast(_enc.encode(plan))
         except Exception as e:  # noqa: BLE001 - a broken group cannot be repaired in place
-            _exit("plan broadcast", e)
+            exit_for_restart("tensor-parallel plan broadcast", e)
         self._last_send = time.monotonic()
 
     def keepalive(self) -> None:
@@ -119,8 +123,8 @@ class TPGroup:
         try:
             payload = self._bcast(None)
         except Exception as e:  # noqa: BLE001
-            _exit("plan receive", e)
+            exit_for_restart("tensor-parallel plan receive", e)
         return _dec.decode(payload)
 
     def failed(self, e: BaseException) -> NoReturn:
-        _exit("forward", e)
+        exit_for_restart("tensor-parallel forward", e)

@@ -45,7 +45,7 @@ from workers.kv_cache import BlockManager, NoFreeBlocks
 from workers.runner import ModelRunner
 from workers.sampling_params import SamplingParams
 from workers.sequence import Sequence
-from workers.tp import RENDEZVOUS_TIMEOUT_S, TPGroup
+from workers.tp import RENDEZVOUS_TIMEOUT_S, TPGroup, exit_for_restart
 
 log = logging.getLogger("pdcluster.worker")
 
@@ -227,10 +227,8 @@ def _model_thread_start(runner: ModelRunner, num_threads: int) -> int | None:
         torch.set_num_threads(num_threads)
         runner.pack_weights()
         return _omp_max_threads()
-    except BaseException:  # noqa: BLE001
-        log.exception("model thread set-up failed; exiting so that Ray restarts this worker")
-        logging.shutdown()
-        os._exit(1)
+    except BaseException as e:  # noqa: BLE001
+        exit_for_restart("model thread set-up", e)
 
 
 class _EngineThread:
@@ -729,8 +727,10 @@ class DecodeWorker(_WorkerBase):
                     self.engine.abort(rid)
                 continue
             q = stream[0]
-            steps.setdefault(id(q), (q, []))[1].append(
-                (rid, [out.token] if out.token >= 0 else [], out.finish_reason))
+            step = steps.get(id(q))
+            if step is None:
+                step = steps[id(q)] = (q, [])
+            step[1].append((rid, [out.token] if out.token >= 0 else [], out.finish_reason))
             if out.finish_reason is not None:
                 ended.append((rid, out.finish_reason))
         if steps:  # one wake-up of the event loop per step, whatever the batch size
