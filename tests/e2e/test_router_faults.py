@@ -118,9 +118,8 @@ def test_64_streams_disconnect_at_random_points(cluster):
 
 
 async def _streams(url: str, prompts: list[str], max_tokens: int,
-                   on_progress=None, after: int = 5) -> list[str]:
-    """Stream every prompt; once each stream has `after` chunks, run `on_progress`."""
-    started = [0] * len(prompts)
+                   on_progress=None) -> list[str]:
+    """Stream every prompt; once all are sent, run `on_progress` (in a thread)."""
 
     async def one(i: int, client: httpx.AsyncClient) -> str:
         body = chat(prompts[i], max_tokens=max_tokens, temperature=0, stream=True,
@@ -137,19 +136,32 @@ async def _streams(url: str, prompts: list[str], max_tokens: int,
                 assert "error" not in chunk, chunk
                 for ch in chunk["choices"]:
                     text.append(ch["delta"].get("content") or "")
-                started[i] += 1
         return "".join(text)
 
     async with httpx.AsyncClient(timeout=60) as client:
         tasks = [asyncio.create_task(one(i, client)) for i in range(len(prompts))]
         if on_progress is not None:
-            while min(started) < after:
-                await asyncio.sleep(0.01)
             await asyncio.to_thread(on_progress)
         return await asyncio.gather(*tasks)
 
 
 PROMPTS = [f"migrate me {i}" for i in range(6)]
+
+
+def _decoding_replica(cluster, steps: int = 5):
+    """A decode replica in the middle of some streams (routing decides which hold
+    them): seen with running sequences and `steps` steps further on. Judged by
+    the replica itself, because decode runs far ahead of what clients have read."""
+    first: dict[int, int] = {}
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for i, g in enumerate(cluster.decode):
+            s = ray.get(g.leader.stats.remote(), timeout=10)
+            if s["running"] > 0:
+                first.setdefault(i, s["steps"])
+                if s["steps"] >= first[i] + steps:
+                    return g
+    raise AssertionError("no decode replica was seen decoding")
 
 
 def test_decode_killed_mid_stream_streams_complete_with_same_text(cluster):
@@ -158,16 +170,11 @@ def test_decode_killed_mid_stream_streams_complete_with_same_text(cluster):
     killed = []
 
     def kill():
-        # A decode replica still decoding some of the streams (decode runs ahead of
-        # what the clients have read, so the first chunk of each is the moment).
-        for g in cluster.decode:
-            if ray.get(g.leader.stats.remote(), timeout=10)["running"] > 0:
-                ray.kill(g.leader, no_restart=False)
-                killed.append(g)
-                return
-        raise AssertionError("no decode replica holds a stream")
+        g = _decoding_replica(cluster)
+        ray.kill(g.leader, no_restart=False)
+        killed.append(g)
 
-    got = asyncio.run(_streams(cluster.url, PROMPTS, 300, on_progress=kill, after=1))
+    got = asyncio.run(_streams(cluster.url, PROMPTS, 300, on_progress=kill))
     assert killed and got == want
     assert _metric(cluster.url, "pdcluster_migrations_total") > before
     wait_healthy(cluster.url)
@@ -203,14 +210,8 @@ def test_frozen_decode_is_detected_and_its_streams_migrate(cluster):
     frozen_at, pid = [], None
 
     def freeze():
-        # Freeze a decode replica that is serving some of the streams right now
-        # (routing decides where they went), so there is something to detect.
         nonlocal pid
-        for g in cluster.decode:
-            if ray.get(g.leader.stats.remote(), timeout=10)["running"] > 0:
-                pid = ray.get(g.leader.ready.remote(), timeout=10)["pid"]
-                break
-        assert pid is not None, "no decode replica holds a stream"
+        pid = ray.get(_decoding_replica(cluster).leader.ready.remote(), timeout=10)["pid"]
         os.kill(pid, signal.SIGSTOP)
         frozen_at.append(time.monotonic())
 
