@@ -38,12 +38,15 @@ async def staggered(url: str, n: int = 64, count: int = 48, gap_s: float = 0.15)
 
     async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=128)) as c:
         t = time.perf_counter()
-        res = await asyncio.gather(*[one(c, QUESTIONS[i % len(QUESTIONS)], i * gap_s)
-                                     for i in range(count)])
+        res = await asyncio.gather(
+            *[one(c, QUESTIONS[i % len(QUESTIONS)], i * gap_s) for i in range(count)]
+        )
         dt = time.perf_counter() - t
-    return {"tok_per_s": count * n / dt,
-            "median_ttft_s": statistics.median(r[0] for r in res),
-            "median_e2e_s": statistics.median(r[1] for r in res)}
+    return {
+        "tok_per_s": count * n / dt,
+        "median_ttft_s": statistics.median(r[0] for r in res),
+        "median_e2e_s": statistics.median(r[1] for r in res),
+    }
 
 
 def main() -> None:
@@ -60,9 +63,12 @@ def main() -> None:
             burst = asyncio.run(http_rate(rc.url, 64, 32, reps=2))
             stag = asyncio.run(staggered(rc.url))
         results.append({"override": json.loads(over), "burst_tok_per_s": burst, "staggered": stag})
-        print(f"{over:40s} burst {', '.join(f'{b:.1f}' for b in burst)} tok/s | staggered "
-              f"{stag['tok_per_s']:.1f} tok/s, median TTFT {stag['median_ttft_s'] * 1000:.0f} ms, "
-              f"median e2e {stag['median_e2e_s']:.2f} s", flush=True)
+        print(
+            f"{over:40s} burst {', '.join(f'{b:.1f}' for b in burst)} tok/s | staggered "
+            f"{stag['tok_per_s']:.1f} tok/s, median TTFT {stag['median_ttft_s'] * 1000:.0f} ms, "
+            f"median e2e {stag['median_e2e_s']:.2f} s",
+            flush=True,
+        )
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")
 

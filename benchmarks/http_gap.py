@@ -74,15 +74,25 @@ def idle_profile(seconds: float) -> dict:
     rows = []
     for pid, (name, cpu, sw) in b.items():
         if pid in a:
-            rows.append({"process": name, "pid": pid, "cores": (cpu - a[pid][1]) / seconds,
-                         "switches_per_s": (sw - a[pid][2]) / seconds})
+            rows.append(
+                {
+                    "process": name,
+                    "pid": pid,
+                    "cores": (cpu - a[pid][1]) / seconds,
+                    "switches_per_s": (sw - a[pid][2]) / seconds,
+                }
+            )
     rows.sort(key=lambda r: -r["cores"])
-    return {"cores": sum(r["cores"] for r in rows),
-            "switches_per_s": sum(r["switches_per_s"] for r in rows), "top": rows[:12]}
+    return {
+        "cores": sum(r["cores"] for r in rows),
+        "switches_per_s": sum(r["switches_per_s"] for r in rows),
+        "top": rows[:12],
+    }
 
 
-async def via_actors(prefill, decode, ids: list[list[int]], n: int, disaggregated: bool,
-                     tag: str) -> float:
+async def via_actors(
+    prefill, decode, ids: list[list[int]], n: int, disaggregated: bool, tag: str
+) -> float:
     """Rows B and C: all prompts at once straight to the worker actors, tokens back
     over one output channel to this process; output tokens / wall time."""
     from workers.sampling_params import SamplingParams
@@ -99,11 +109,14 @@ async def via_actors(prefill, decode, ids: list[list[int]], n: int, disaggregate
             got = 1  # the first token came from prefill
 
             def submit():
-                return decode.generate.remote(rid, chan.id, prompt, res.first_token, sp,
-                                              res.handle, deadline, prefill)
+                return decode.generate.remote(
+                    rid, chan.id, prompt, res.first_token, sp, res.handle, deadline, prefill
+                )
         else:
+
             def submit():
                 return decode.generate_local.remote(rid, chan.id, prompt, sp, deadline)
+
         async for tokens, _ in chan.stream(rid, submit, lambda fn: fn()):
             got += len(tokens)
         return got
@@ -118,8 +131,12 @@ async def via_actors(prefill, decode, ids: list[list[int]], n: int, disaggregate
     return sum(got) / dt
 
 
-ROWS = ("A engine beside an idle cluster", "B + decode worker actor (local prefill)",
-        "C + prefill worker, KV over NIXL", "D + router and HTTP proxy (row (d))")
+ROWS = (
+    "A engine beside an idle cluster",
+    "B + decode worker actor (local prefill)",
+    "C + prefill worker, KV over NIXL",
+    "D + router and HTTP proxy (row (d))",
+)
 
 
 def main() -> None:
@@ -140,22 +157,38 @@ def main() -> None:
     ids = prompts(AutoTokenizer.from_pretrained(model_dir))
     n = args.tokens
 
-    res: dict[str, list[float]] = {"engine alone, before": [engine_rate(model_dir, ids, n)
-                                                           for _ in range(args.reps)]}
+    res: dict[str, list[float]] = {
+        "engine alone, before": [engine_rate(model_dir, ids, n) for _ in range(args.reps)]
+    }
     quiet = idle_profile(5.0)
-    with running_cluster(load_test_config("local.yaml", router={"port": 8014, "debug_state": True})) as rc:
+    with running_cluster(
+        load_test_config("local.yaml", router={"port": 8014, "debug_state": True})
+    ) as rc:
         p, d = rc.prefill[0].ranks[0], rc.decode[0].ranks[0]
         asyncio.run(via_actors(p, d, ids[:2], 8, True, "warm"))
         time.sleep(5.0)  # past start-up work
         idle = idle_profile(10.0)
         for rep in range(args.reps):  # interleaved, so drift hits every row alike
             res.setdefault(ROWS[0], []).append(engine_rate(model_dir, ids, n))
-            res.setdefault(ROWS[1], []).append(asyncio.run(via_actors(p, d, ids, n, False, f"b{rep}")))
-            res.setdefault(ROWS[2], []).append(asyncio.run(via_actors(p, d, ids, n, True, f"c{rep}")))
+            res.setdefault(ROWS[1], []).append(
+                asyncio.run(via_actors(p, d, ids, n, False, f"b{rep}"))
+            )
+            res.setdefault(ROWS[2], []).append(
+                asyncio.run(via_actors(p, d, ids, n, True, f"c{rep}"))
+            )
             res.setdefault(ROWS[3], []).extend(asyncio.run(http_rate(rc.url, n, len(ids))))
         left = wait_idle(rc.url)
-        leaked = {k: left[k] for k in ("requests_in_flight", "prefill_leases", "prefill_pinned_blocks",
-                                       "transfer_pending", "decode_blocks_used") if left[k]}
+        leaked = {
+            k: left[k]
+            for k in (
+                "requests_in_flight",
+                "prefill_leases",
+                "prefill_pinned_blocks",
+                "transfer_pending",
+                "decode_blocks_used",
+            )
+            if left[k]
+        }
         assert not leaked, f"cluster not back at zero after the load: {leaked}"
     time.sleep(10.0)  # the cluster's processes wind down
     res["engine alone, after"] = [engine_rate(model_dir, ids, n) for _ in range(args.reps)]
@@ -163,17 +196,35 @@ def main() -> None:
     alone = statistics.median(res["engine alone, before"] + res["engine alone, after"])
     ratios = {k: statistics.median(v) / alone for k, v in res.items()}
     for k, v in res.items():
-        print(f"{k:42} " + ", ".join(f"{r:6.1f}" for r in v)
-              + f"  tok/s   median {statistics.median(v):6.1f} = {ratios[k]:.2f} of alone")
+        print(
+            f"{k:42} "
+            + ", ".join(f"{r:6.1f}" for r in v)
+            + f"  tok/s   median {statistics.median(v):6.1f} = {ratios[k]:.2f} of alone"
+        )
     for name, prof in (("machine without the cluster", quiet), ("idle cluster", idle)):
-        print(f"{name}: {prof['cores']:.3f} cores, {prof['switches_per_s']:.0f} "
-              "context switches/s")
-    print("idle cluster, busiest processes: " + ", ".join(
-        f"{r['process']} {r['cores']:.3f} cores {r['switches_per_s']:.0f}/s" for r in idle["top"][:8]))
-    Path(args.out).write_text(json.dumps({
-        "machine": f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
-        "tokens": n, "streams": len(ids), "tok_per_s": res, "ratio_of_alone": ratios,
-        "cluster_state_after": left, "quiet_machine": quiet, "idle_cluster": idle}, indent=2))
+        print(f"{name}: {prof['cores']:.3f} cores, {prof['switches_per_s']:.0f} context switches/s")
+    print(
+        "idle cluster, busiest processes: "
+        + ", ".join(
+            f"{r['process']} {r['cores']:.3f} cores {r['switches_per_s']:.0f}/s"
+            for r in idle["top"][:8]
+        )
+    )
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "machine": f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
+                "tokens": n,
+                "streams": len(ids),
+                "tok_per_s": res,
+                "ratio_of_alone": ratios,
+                "cluster_state_after": left,
+                "quiet_machine": quiet,
+                "idle_cluster": idle,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {args.out}")
 
 

@@ -95,8 +95,12 @@ class Decode:
             return agent.get_xfer_descs(d, "DRAM")
 
         t = time.perf_counter()
-        xfer = agent.initialize_xfer("READ", descs(self.pool.data_ptr(), local),
-                                     descs(src.base_addr, src.block_ids), src.agent_name)
+        xfer = agent.initialize_xfer(
+            "READ",
+            descs(self.pool.data_ptr(), local),
+            descs(src.base_addr, src.block_ids),
+            src.agent_name,
+        )
         state = agent.transfer(xfer)
         while state == "PROC":
             state = agent.check_xfer_state(xfer)
@@ -120,8 +124,10 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "kv_transfer.json"))
     args = ap.parse_args()
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1,
-                      "object_store_memory": 1024**3, "include_dashboard": False})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "object_store_memory": 1024**3, "include_dashboard": False},
+    )
     for res in ("prefill_node", "decode_node"):
         cluster.add_node(num_cpus=1, resources={res: 1}, object_store_memory=1024**3)
     ray.init(address=cluster.address, log_to_driver=False)
@@ -130,48 +136,70 @@ def main() -> None:
         rows = []
         for tokens in PROMPTS:
             n = tokens // BLOCK
-            src_ids = list(range(3, 3 + 2 * n, 2))[:n]       # scattered, like a real pool
+            src_ids = list(range(3, 3 + 2 * n, 2))[:n]  # scattered, like a real pool
             dst_ids = list(range(POOL_BLOCKS - n, POOL_BLOCKS))
             nbytes = n * LAYERS * 2 * BLOCK * KV_HEADS * HEAD_DIM * 4
             src, _ = ray.get(p.describe.remote(src_ids, f"warm-{tokens}"))
-            ray.get(d.transfer_pull.remote(src, dst_ids))     # handshake, warm caches
+            ray.get(d.transfer_pull.remote(src, dst_ids))  # handshake, warm caches
             times = {"transfer/": [], "transfer+claim": [], "raw NIXL": [], "Ray store": []}
             for r in range(args.reps):
                 src, epoch = ray.get(p.describe.remote(src_ids, f"t{tokens}-{r}"))
                 times["transfer/"].append(ray.get(d.transfer_pull.remote(src, dst_ids)))
-                times["transfer+claim"].append(ray.get(d.transfer_claim_pull.remote(
-                    p, f"t{tokens}-{r}", epoch, src, dst_ids)))
+                times["transfer+claim"].append(
+                    ray.get(d.transfer_claim_pull.remote(p, f"t{tokens}-{r}", epoch, src, dst_ids))
+                )
                 times["raw NIXL"].append(ray.get(d.raw_nixl.remote(src, dst_ids)))
                 t = time.perf_counter()
                 refs = ray.get(p.put.remote(src_ids))
                 ray.get(d.ray_get.remote(refs, dst_ids))
                 times["Ray store"].append(time.perf_counter() - t)
                 del refs
-            assert abs(ray.get(p.checksum.remote(src_ids)) - ray.get(d.checksum.remote(dst_ids))) < 1e-6
+            assert (
+                abs(ray.get(p.checksum.remote(src_ids)) - ray.get(d.checksum.remote(dst_ids)))
+                < 1e-6
+            )
             med = {k: statistics.median(v) for k, v in times.items()}
             gbps = {k: nbytes / v / 1e9 for k, v in med.items()}
-            rows.append({"prompt_tokens": tokens, "blocks": n, "bytes": nbytes,
-                         "median_s": med, "GBps": gbps,
-                         "transfer_vs_raw": gbps["transfer/"] / gbps["raw NIXL"],
-                         "claim_path_vs_raw": gbps["transfer+claim"] / gbps["raw NIXL"],
-                         "nixl_vs_ray": gbps["raw NIXL"] / gbps["Ray store"]})
+            rows.append(
+                {
+                    "prompt_tokens": tokens,
+                    "blocks": n,
+                    "bytes": nbytes,
+                    "median_s": med,
+                    "GBps": gbps,
+                    "transfer_vs_raw": gbps["transfer/"] / gbps["raw NIXL"],
+                    "claim_path_vs_raw": gbps["transfer+claim"] / gbps["raw NIXL"],
+                    "nixl_vs_ray": gbps["raw NIXL"] / gbps["Ray store"],
+                }
+            )
     finally:
         ray.shutdown()
         cluster.shutdown()
 
-    print(f"{'tokens':>6} {'MiB':>6} | {'transfer/':>9} {'+claim':>7} {'raw NIXL':>8} "
-          f"{'Ray store':>9} GB/s | transfer/raw  claim-path/raw  NIXL/Ray")
+    print(
+        f"{'tokens':>6} {'MiB':>6} | {'transfer/':>9} {'+claim':>7} {'raw NIXL':>8} "
+        f"{'Ray store':>9} GB/s | transfer/raw  claim-path/raw  NIXL/Ray"
+    )
     for r in rows:
         g = r["GBps"]
-        print(f"{r['prompt_tokens']:>6} {r['bytes'] / 2**20:>6.1f} | {g['transfer/']:>9.2f} "
-              f"{g['transfer+claim']:>7.2f} {g['raw NIXL']:>8.2f} {g['Ray store']:>9.2f}      | "
-              f"{r['transfer_vs_raw']:>12.2f}  {r['claim_path_vs_raw']:>14.2f}  "
-              f"{r['nixl_vs_ray']:>8.1f}")
+        print(
+            f"{r['prompt_tokens']:>6} {r['bytes'] / 2**20:>6.1f} | {g['transfer/']:>9.2f} "
+            f"{g['transfer+claim']:>7.2f} {g['raw NIXL']:>8.2f} {g['Ray store']:>9.2f}      | "
+            f"{r['transfer_vs_raw']:>12.2f}  {r['claim_path_vs_raw']:>14.2f}  "
+            f"{r['nixl_vs_ray']:>8.1f}"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-                   f"{__import__('os').cpu_count()} cores, CPU DRAM over UCX",
-        "reps": args.reps, "rows": rows}, indent=2))
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+                f"{__import__('os').cpu_count()} cores, CPU DRAM over UCX",
+                "reps": args.reps,
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {args.out}")
 
 

@@ -41,8 +41,15 @@ QUESTIONS = [f"Tell me one fact about the number {i}." for i in range(32)]
 
 
 def prompts(tok) -> list[list[int]]:
-    return [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                    tokenize=True, return_dict=False) for q in QUESTIONS]
+    return [
+        tok.apply_chat_template(
+            [{"role": "user", "content": q}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+        )
+        for q in QUESTIONS
+    ]
 
 
 def hf_rate(model, tok, ids: list[list[int]], n: int) -> float:
@@ -50,8 +57,13 @@ def hf_rate(model, tok, ids: list[list[int]], n: int) -> float:
     batch = tok.pad({"input_ids": ids}, return_tensors="pt")
     t = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(**batch, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                             pad_token_id=tok.pad_token_id)
+        out = model.generate(
+            **batch,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        )
     dt = time.perf_counter() - t
     assert out.shape[1] - batch["input_ids"].shape[1] == n
     return len(ids) * n / dt
@@ -79,14 +91,21 @@ def engine_rate(model_dir: str, ids: list[list[int]], n: int) -> float:
     return len(ids) * n / dt
 
 
-async def stream_chat(client, url: str, q: str, n: int,
-                      model: str = "SmolLM2-135M-Instruct") -> tuple[float | None, float, int]:
+async def stream_chat(
+    client, url: str, q: str, n: int, model: str = "SmolLM2-135M-Instruct"
+) -> tuple[float | None, float, int]:
     """One streaming chat request of `n` tokens (EOS ignored, greedy): seconds to
     the first text, seconds to the end, completion tokens from the usage chunk.
     Only the lines it needs are parsed: the client shares the cores it measures."""
-    body = {"model": model, "messages": [{"role": "user", "content": q}],
-            "max_tokens": n, "temperature": 0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": q}],
+        "max_tokens": n,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     t, first, used = time.perf_counter(), None, 0
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
         async for line in r.aiter_lines():
@@ -99,8 +118,9 @@ async def stream_chat(client, url: str, q: str, n: int,
     return first, time.perf_counter() - t, used
 
 
-async def http_rate(url: str, n: int, streams: int, reps: int = 1,
-                    model: str = "SmolLM2-135M-Instruct") -> list[float]:
+async def http_rate(
+    url: str, n: int, streams: int, reps: int = 1, model: str = "SmolLM2-135M-Instruct"
+) -> list[float]:
     """`reps` bursts of `streams` concurrent streaming chat requests (after one
     warm-up request); output tokens / wall time of each burst."""
     import httpx
@@ -110,8 +130,12 @@ async def http_rate(url: str, n: int, streams: int, reps: int = 1,
         rates = []
         for _ in range(reps):
             t = time.perf_counter()
-            got = [r[2] for r in await asyncio.gather(
-                *[stream_chat(c, url, QUESTIONS[i % 32], n, model) for i in range(streams)])]
+            got = [
+                r[2]
+                for r in await asyncio.gather(
+                    *[stream_chat(c, url, QUESTIONS[i % 32], n, model) for i in range(streams)]
+                )
+            ]
             dt = time.perf_counter() - t
             assert all(g == n for g in got), got
             rates.append(sum(got) / dt)
@@ -122,8 +146,14 @@ def vllm_rates(python: str, model_dir: str, n: int) -> dict:
     """vLLM CPU offline at batch 1 and 32, then its OpenAI server with 32 streams,
     in its own venv, both cores."""
     env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=f"0-{(os.cpu_count() or 1) - 1}")
-    preload = [p for p in ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
-                           str(Path(python).parents[1] / "lib" / "libiomp5.so")) if Path(p).exists()]
+    preload = [
+        p
+        for p in (
+            "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+            str(Path(python).parents[1] / "lib" / "libiomp5.so"),
+        )
+        if Path(p).exists()
+    ]
     if preload:
         env["LD_PRELOAD"] = ":".join(preload)
     script = str(Path(__file__).parent / "vllm_cpu_rate.py")
@@ -131,9 +161,26 @@ def vllm_rates(python: str, model_dir: str, n: int) -> dict:
     with tempfile.TemporaryDirectory() as d:
         for mode in ([], ["--serve"]):
             out = Path(d) / "vllm.json"
-            subprocess.run([python, script, "--model", model_dir, "--tokens", str(n), "--batches",
-                            "1,32", "--omp-bind", env["VLLM_CPU_OMP_THREADS_BIND"], "--json",
-                            str(out), *mode], env=env, check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [
+                    python,
+                    script,
+                    "--model",
+                    model_dir,
+                    "--tokens",
+                    str(n),
+                    "--batches",
+                    "1,32",
+                    "--omp-bind",
+                    env["VLLM_CPU_OMP_THREADS_BIND"],
+                    "--json",
+                    str(out),
+                    *mode,
+                ],
+                env=env,
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
             got = json.loads(out.read_text())
             res["tok_per_s"].update(got["tok_per_s"])
             res["vllm_version"] = got["vllm_version"]
@@ -170,9 +217,12 @@ def main() -> None:
     if args.vllm_python:
         vllm = vllm_rates(args.vllm_python, model_dir, n)
         for b in (1, 32):
-            rows[f"(e) vLLM {vllm['vllm_version']} CPU offline, batch {b}"] = vllm["tok_per_s"][f"batch {b}"]
-        rows[f"(e) vLLM {vllm['vllm_version']} OpenAI server, 32 streams"] = (
-            vllm["tok_per_s"]["http 32 streams"])
+            rows[f"(e) vLLM {vllm['vllm_version']} CPU offline, batch {b}"] = vllm["tok_per_s"][
+                f"batch {b}"
+            ]
+        rows[f"(e) vLLM {vllm['vllm_version']} OpenAI server, 32 streams"] = vllm["tok_per_s"][
+            "http 32 streams"
+        ]
     bursts = {}
     if not args.skip_http:
         from tests.support import load_test_config, running_cluster
@@ -180,8 +230,9 @@ def main() -> None:
         # configs/local.yaml as shipped (every token goes out at the step that made it),
         # then with decode.stream_interval 8 (vLLM's --stream-interval): fewer messages.
         for interval in (1, 8):
-            cfg = load_test_config("local.yaml", router={"port": 8014},
-                                   decode={"stream_interval": interval})
+            cfg = load_test_config(
+                "local.yaml", router={"port": 8014}, decode={"stream_interval": interval}
+            )
             with running_cluster(cfg) as rc:
                 key = f"(d) cluster over HTTP, 32 streams, stream_interval {interval}"
                 bursts[key] = asyncio.run(http_rate(rc.url, n, 32, reps=3))
@@ -195,21 +246,37 @@ def main() -> None:
     e32 = rows["(c) engine in-process, batch 32"]
     for k, v in rows.items():
         if k.startswith("(d)"):
-            print(f"{k[4:]} / in-process batch 32: {v / e32:.2f}   (bursts: "
-                  + ", ".join(f"{r:.1f}" for r in bursts[k]) + ")")
+            print(
+                f"{k[4:]} / in-process batch 32: {v / e32:.2f}   (bursts: "
+                + ", ".join(f"{r:.1f}" for r in bursts[k])
+                + ")"
+            )
     if vllm:
         for b in (1, 32):
             v = vllm["tok_per_s"][f"batch {b}"]
-            print(f"engine in-process / vLLM CPU, batch {b}: "
-                  f"{rows[f'(c) engine in-process, batch {b}'] / v:.2f}")
-        print("vLLM OpenAI server / vLLM offline batch 32: "
-              f"{vllm['tok_per_s']['http 32 streams'] / vllm['tok_per_s']['batch 32']:.2f}   "
-              "(bursts: " + ", ".join(f"{r:.1f}" for r in vllm["http_bursts"]) + ")")
+            print(
+                f"engine in-process / vLLM CPU, batch {b}: "
+                f"{rows[f'(c) engine in-process, batch {b}'] / v:.2f}"
+            )
+        print(
+            "vLLM OpenAI server / vLLM offline batch 32: "
+            f"{vllm['tok_per_s']['http 32 streams'] / vllm['tok_per_s']['batch 32']:.2f}   "
+            "(bursts: " + ", ".join(f"{r:.1f}" for r in vllm["http_bursts"]) + ")"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads "
-                   f"{torch.get_num_threads()} in-process; cluster: prefill 1 thread, decode 2 (configs/local.yaml)",
-        "output_tokens": n, "tok_per_s": rows, "http_bursts": bursts, "vllm": vllm}, indent=2))
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads "
+                f"{torch.get_num_threads()} in-process; cluster: prefill 1 thread, decode 2 (configs/local.yaml)",
+                "output_tokens": n,
+                "tok_per_s": rows,
+                "http_bursts": bursts,
+                "vllm": vllm,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {args.out}")
 
 

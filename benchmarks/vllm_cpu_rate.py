@@ -37,9 +37,12 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=64, help="output tokens per sequence")
     ap.add_argument("--batches", default="1,32", help="comma-separated batch sizes (<= 32)")
     ap.add_argument("--json", default=None, help="write results here")
-    ap.add_argument("--omp-bind", default=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
-                    help="VLLM_CPU_OMP_THREADS_BIND: 'auto' (vLLM default: on 2 cores it keeps 1 "
-                         "core for the scheduler process, 1 OMP thread) or '0-1' (2 OMP threads)")
+    ap.add_argument(
+        "--omp-bind",
+        default=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
+        help="VLLM_CPU_OMP_THREADS_BIND: 'auto' (vLLM default: on 2 cores it keeps 1 "
+        "core for the scheduler process, 1 OMP thread) or '0-1' (2 OMP threads)",
+    )
     ap.add_argument("--eager", action="store_true", help="enforce_eager (skip torch.compile)")
     ap.add_argument("--serve", action="store_true", help="measure vLLM's OpenAI server instead")
     args = ap.parse_args()
@@ -57,12 +60,25 @@ def main() -> int:
     from vllm.inputs import TokensPrompt
 
     tok = AutoTokenizer.from_pretrained(args.model)
-    ids = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                   tokenize=True, return_dict=False) for q in QUESTIONS]
+    ids = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": q}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+        )
+        for q in QUESTIONS
+    ]
     prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in ids]
 
-    llm = LLM(model=args.model, dtype="float32", max_model_len=2048, enable_prefix_caching=False,
-              enforce_eager=args.eager, seed=0)
+    llm = LLM(
+        model=args.model,
+        dtype="float32",
+        max_model_len=2048,
+        enable_prefix_caching=False,
+        enforce_eager=args.eager,
+        seed=0,
+    )
 
     def params(n: int) -> SamplingParams:
         return SamplingParams(temperature=0, max_tokens=n, min_tokens=n, ignore_eos=True)
@@ -75,19 +91,28 @@ def main() -> int:
         dt = time.perf_counter() - t
         got = [len(o.outputs[0].token_ids) for o in outs]
         if got != [args.tokens] * b:
-            print(f"batch {b}: expected {args.tokens} tokens per sequence, got {got}", file=sys.stderr)
+            print(
+                f"batch {b}: expected {args.tokens} tokens per sequence, got {got}", file=sys.stderr
+            )
             return 1
         rates[f"batch {b}"] = b * args.tokens / dt
 
-    print(f"\nvLLM {vllm.__version__} CPU, {args.tokens} tokens/seq, "
-          f"VLLM_CPU_OMP_THREADS_BIND={args.omp_bind}, eager={args.eager}")
+    print(
+        f"\nvLLM {vllm.__version__} CPU, {args.tokens} tokens/seq, "
+        f"VLLM_CPU_OMP_THREADS_BIND={args.omp_bind}, eager={args.eager}"
+    )
     print(f"{'config':<12}{'tok/s':>10}")
     for k, v in rates.items():
         print(f"{k:<12}{v:>10.1f}")
 
     if args.json:
-        result = {"vllm_version": vllm.__version__, "tok_per_s": rates, "tokens": args.tokens,
-                  "omp_threads_bind": args.omp_bind, "enforce_eager": args.eager}
+        result = {
+            "vllm_version": vllm.__version__,
+            "tok_per_s": rates,
+            "tokens": args.tokens,
+            "omp_threads_bind": args.omp_bind,
+            "enforce_eager": args.eager,
+        }
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
             f.write("\n")
@@ -111,9 +136,24 @@ def serve(args) -> int:
     import vllm
 
     port = 8031
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model,
-           "--served-model-name", "m", "--dtype", "float32", "--max-model-len", "2048",
-           "--port", str(port), "--no-enable-prefix-caching", "--seed", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        args.model,
+        "--served-model-name",
+        "m",
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "2048",
+        "--port",
+        str(port),
+        "--no-enable-prefix-caching",
+        "--seed",
+        "0",
+    ]
     if args.eager:
         cmd.append("--enforce-eager")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -138,13 +178,23 @@ def serve(args) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
     med = statistics.median(rates)
-    print(f"vLLM {vllm.__version__} OpenAI server, 32 streams x {args.tokens} tokens: "
-          f"{med:.1f} tok/s (bursts {', '.join(f'{r:.1f}' for r in rates)})")
+    print(
+        f"vLLM {vllm.__version__} OpenAI server, 32 streams x {args.tokens} tokens: "
+        f"{med:.1f} tok/s (bursts {', '.join(f'{r:.1f}' for r in rates)})"
+    )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"vllm_version": vllm.__version__, "tok_per_s": {"http 32 streams": med},
-                       "bursts": rates, "tokens": args.tokens,
-                       "omp_threads_bind": args.omp_bind}, f, indent=2)
+            json.dump(
+                {
+                    "vllm_version": vllm.__version__,
+                    "tok_per_s": {"http 32 streams": med},
+                    "bursts": rates,
+                    "tokens": args.tokens,
+                    "omp_threads_bind": args.omp_bind,
+                },
+                f,
+                indent=2,
+            )
             f.write("\n")
     return 0
 

@@ -13,7 +13,9 @@ from cluster.config import ConfigError, load_config
 
 
 def _up(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)  # before any import that touches Ray: a bad config starts nothing
+    cfg = load_config(
+        args.config
+    )  # before any import that touches Ray: a bad config starts nothing
     from cluster.launcher import start
 
     stop = threading.Event()
@@ -22,8 +24,11 @@ def _up(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     rc = start(cfg)
     try:
-        print(f"pdcluster: serving {cfg.served_model_name} at {rc.url} "
-              f"(started in {time.monotonic() - t0:.1f}s); Ctrl-C to stop", flush=True)
+        print(
+            f"pdcluster: serving {cfg.served_model_name} at {rc.url} "
+            f"(started in {time.monotonic() - t0:.1f}s); Ctrl-C to stop",
+            flush=True,
+        )
         while not stop.wait(0.5):
             pass
     except KeyboardInterrupt:

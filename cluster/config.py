@@ -82,8 +82,8 @@ class RouterConfig(_Strict):
     max_retries: int = 2
     max_migrations: int = 2
     debug_state: bool = False
-    watchdog_s: float = 10.0       # busy without a step (or silent) this long -> unhealthy, restarted
-    health_period_s: float = 0.5   # how often the router polls every worker's stats
+    watchdog_s: float = 10.0  # busy without a step (or silent) this long -> unhealthy, restarted
+    health_period_s: float = 0.5  # how often the router polls every worker's stats
     model_name: str | None = None  # id served on /v1/models; defaults to the source
 
 
@@ -105,6 +105,7 @@ _DTYPES = ("float32", "float16", "bfloat16")
 
 def _check(cfg: Config) -> None:
     """Semantic checks msgspec's types cannot express."""
+
     def need(ok: bool, path: str, what: str) -> None:
         if not ok:
             raise ConfigError(f"config: `{path}`: expected {what}")
@@ -118,20 +119,31 @@ def _check(cfg: Config) -> None:
         need(g.block_size >= 1, f"{role}.block_size", "an int >= 1")
         need(g.kv_blocks >= 1, f"{role}.kv_blocks", "an int >= 1")
         need(g.num_threads >= 1, f"{role}.num_threads", "an int >= 1")
-        need(g.kv_blocks * g.block_size >= cfg.model.max_model_len, f"{role}.kv_blocks",
-             f"kv_blocks * block_size >= model.max_model_len ({cfg.model.max_model_len}) so one "
-             "full-length sequence fits")
+        need(
+            g.kv_blocks * g.block_size >= cfg.model.max_model_len,
+            f"{role}.kv_blocks",
+            f"kv_blocks * block_size >= model.max_model_len ({cfg.model.max_model_len}) so one "
+            "full-length sequence fits",
+        )
     need(cfg.prefill.max_batched_tokens >= 1, "prefill.max_batched_tokens", "an int >= 1")
     need(cfg.decode.max_running >= 1, "decode.max_running", "an int >= 1")
     need(cfg.decode.stream_interval >= 1, "decode.stream_interval", "an int >= 1")
-    need(cfg.prefill.block_size == cfg.decode.block_size, "decode.block_size",
-         "the same block_size as prefill.block_size (blocks move one to one)")
+    need(
+        cfg.prefill.block_size == cfg.decode.block_size,
+        "decode.block_size",
+        "the same block_size as prefill.block_size (blocks move one to one)",
+    )
     need(cfg.transfer.backend in ("nixl", "ray"), "transfer.backend", "'nixl' or 'ray'")
-    need(cfg.decode.tensor_parallel_size == cfg.prefill.tensor_parallel_size,
-         "decode.tensor_parallel_size", "the same as prefill.tensor_parallel_size (each rank's "
-         "KV shard moves to the same rank)")
-    need(cfg.prefill.tensor_parallel_size == 1 or cfg.transfer.backend == "nixl",
-         "transfer.backend", "'nixl' when tensor_parallel_size > 1 (shards move rank to rank)")
+    need(
+        cfg.decode.tensor_parallel_size == cfg.prefill.tensor_parallel_size,
+        "decode.tensor_parallel_size",
+        "the same as prefill.tensor_parallel_size (each rank's KV shard moves to the same rank)",
+    )
+    need(
+        cfg.prefill.tensor_parallel_size == 1 or cfg.transfer.backend == "nixl",
+        "transfer.backend",
+        "'nixl' when tensor_parallel_size > 1 (shards move rank to rank)",
+    )
     need(cfg.transfer.timeout_s > 0, "transfer.timeout_s", "a number > 0")
     need(cfg.transfer.lease_ttl_s > 0, "transfer.lease_ttl_s", "a number > 0")
     need(cfg.transfer.max_pending >= 1, "transfer.max_pending", "an int >= 1")
@@ -148,8 +160,11 @@ def _check(cfg: Config) -> None:
         need(len(set(names)) == len(names), "cluster.nodes", "unique node names")
         for role in ("prefill", "decode"):
             res = getattr(cfg, role).node_resource
-            need(any(res in n.resources for n in cfg.cluster.nodes), f"{role}.node_resource",
-                 f"a resource that some node in cluster.nodes provides (none has `{res}`)")
+            need(
+                any(res in n.resources for n in cfg.cluster.nodes),
+                f"{role}.node_resource",
+                f"a resource that some node in cluster.nodes provides (none has `{res}`)",
+            )
 
 
 def _explain(err: msgspec.ValidationError) -> str:

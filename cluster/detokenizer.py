@@ -25,21 +25,24 @@ class IncrementalDetokenizer:
     `push` ends in U+FFFD.
     """
 
-    def __init__(self, tokenizer, prompt_ids: list[int] | None = None,
-                 skip_special_tokens: bool = True):
+    def __init__(
+        self, tokenizer, prompt_ids: list[int] | None = None, skip_special_tokens: bool = True
+    ):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         # Window of ids: [prefix, read) is already emitted context; [read, end) is
         # pending. Only the last few prompt ids are kept as context.
-        self.ids: list[int] = list(prompt_ids[-(_CONTEXT + 2):]) if prompt_ids else []
+        self.ids: list[int] = list(prompt_ids[-(_CONTEXT + 2) :]) if prompt_ids else []
         self.read = len(self.ids)
         self.prefix = max(self.read - _CONTEXT, 0)
         self._prefix_text = self._decode(self.prefix, self.read)
 
     def _decode(self, start: int, end: int | None = None) -> str:
-        return self.tokenizer.decode(self.ids[start:end],
-                                     skip_special_tokens=self.skip_special_tokens,
-                                     clean_up_tokenization_spaces=False)
+        return self.tokenizer.decode(
+            self.ids[start:end],
+            skip_special_tokens=self.skip_special_tokens,
+            clean_up_tokenization_spaces=False,
+        )
 
     def push(self, token_ids: list[int]) -> str:
         """Append `token_ids`; return the text they complete (possibly "")."""
@@ -48,7 +51,7 @@ class IncrementalDetokenizer:
             self.ids.append(t)
             new_text = self._decode(self.prefix)
             if len(new_text) > len(self._prefix_text) and not new_text.endswith(_REPLACEMENT):
-                out.append(new_text[len(self._prefix_text):])
+                out.append(new_text[len(self._prefix_text) :])
                 self.prefix, self.read = self.read, len(self.ids)
                 self._prefix_text = self._decode(self.prefix, self.read)
                 self._trim()
@@ -59,7 +62,7 @@ class IncrementalDetokenizer:
         new_text = self._decode(self.prefix)
         if len(new_text) <= len(self._prefix_text):
             return ""
-        out = new_text[len(self._prefix_text):]
+        out = new_text[len(self._prefix_text) :]
         self.prefix, self.read = self.read, len(self.ids)
         self._prefix_text = self._decode(self.prefix, self.read)
         return out
@@ -122,5 +125,5 @@ class StopChecker:
             self.stopped, self.buf = True, ""
             return buf[: i + len(s) if self.include else i], True
         keep = 0 if final else _partial_len(buf, self.stop)
-        self.buf = buf[len(buf) - keep:] if keep else ""
+        self.buf = buf[len(buf) - keep :] if keep else ""
         return buf[: len(buf) - keep], False

@@ -31,7 +31,7 @@ class WorkerPool:
         self.metrics = metrics
         n = len(handles)
         self.healthy = [True] * n
-        self.load = [0] * n                      # router-side outstanding work
+        self.load = [0] * n  # router-side outstanding work
         self.stats: list[dict | None] = [None] * n
         self.reason = [""] * n
         self._last_answer = [time.monotonic()] * n
@@ -69,8 +69,9 @@ class WorkerPool:
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
         lost = asyncio.ensure_future(self._lost[i].wait())
         try:
-            done, _ = await asyncio.wait({task, lost}, timeout=timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {task, lost}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
             if task in done:
                 return task.result()
             task.cancel()
@@ -110,8 +111,9 @@ class WorkerPool:
     async def _poll_one(self, i: int) -> None:
         now = time.monotonic()
         try:
-            s = await asyncio.wait_for(self.handles[i].stats.remote(),
-                                       timeout=min(self.watchdog_s, 5.0))
+            s = await asyncio.wait_for(
+                self.handles[i].stats.remote(), timeout=min(self.watchdog_s, 5.0)
+            )
         except (asyncio.TimeoutError, TimeoutError):
             if self.healthy[i] and now - self._last_answer[i] > self.watchdog_s:
                 self._restart(i, f"no answer for {now - self._last_answer[i]:.1f}s")
@@ -150,14 +152,21 @@ class WorkerPool:
 
     async def fresh_stats(self) -> list[dict | None]:
         """Stats read now (for /debug/state); None for a worker that does not answer."""
+
         async def one(h):
             try:
                 return await asyncio.wait_for(h.stats.remote(), timeout=5)
             except (Exception, asyncio.TimeoutError):  # noqa: BLE001
                 return None
+
         return list(await asyncio.gather(*[one(h) for h in self.handles]))
 
     def describe(self, i: int, stats: dict | None) -> dict:
-        return {"role": self.role, "replica": i, "healthy": self.healthy[i],
-                "reason": self.reason[i], "load": self.load[i], "stats": stats}
-
+        return {
+            "role": self.role,
+            "replica": i,
+            "healthy": self.healthy[i],
+            "reason": self.reason[i],
+            "load": self.load[i],
+            "stats": stats,
+        }

@@ -79,12 +79,20 @@ def _start_ray(cfg: Config):
     from ray.cluster_utils import Cluster
 
     # Head runs the Serve controller, proxy and router; workers go to named nodes.
-    local = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "object_store_memory": _OBJECT_STORE_BYTES,
-        "include_dashboard": False})
+    local = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 1,
+            "object_store_memory": _OBJECT_STORE_BYTES,
+            "include_dashboard": False,
+        },
+    )
     for node in cfg.cluster.nodes:
-        local.add_node(num_cpus=node.num_cpus, resources=dict(node.resources),
-                       object_store_memory=_OBJECT_STORE_BYTES)
+        local.add_node(
+            num_cpus=node.num_cpus,
+            resources=dict(node.resources),
+            object_store_memory=_OBJECT_STORE_BYTES,
+        )
     ray.init(address=local.address, log_to_driver=True)
     return local
 
@@ -92,38 +100,61 @@ def _start_ray(cfg: Config):
 def _spec(cfg: Config, role: str, replica: int, model_dir: str, rank: int) -> WorkerSpec:
     g = cfg.prefill if role == "prefill" else cfg.decode
     return WorkerSpec(
-        tp_rank=rank, tp_size=g.tensor_parallel_size, group=f"pdcluster-{role}-{replica}",
-        role=role, replica=replica, model_dir=model_dir,
-        max_model_len=cfg.model.max_model_len, kv_blocks=g.kv_blocks, block_size=g.block_size,
-        dtype=cfg.model.dtype, device=os.environ.get("PDCLUSTER_DEVICE", "cpu"),
-        max_batched_tokens=(cfg.prefill.max_batched_tokens if role == "prefill"
-                            else cfg.model.max_model_len),
+        tp_rank=rank,
+        tp_size=g.tensor_parallel_size,
+        group=f"pdcluster-{role}-{replica}",
+        role=role,
+        replica=replica,
+        model_dir=model_dir,
+        max_model_len=cfg.model.max_model_len,
+        kv_blocks=g.kv_blocks,
+        block_size=g.block_size,
+        dtype=cfg.model.dtype,
+        device=os.environ.get("PDCLUSTER_DEVICE", "cpu"),
+        max_batched_tokens=(
+            cfg.prefill.max_batched_tokens if role == "prefill" else cfg.model.max_model_len
+        ),
         max_running=cfg.decode.max_running if role == "decode" else 1024,
         stream_interval=cfg.decode.stream_interval,
-        transfer_timeout_s=cfg.transfer.timeout_s, lease_ttl_s=cfg.transfer.lease_ttl_s,
-        max_pending=cfg.transfer.max_pending, faults=cfg.transfer.faults,
-        transfer_backend=cfg.transfer.backend, num_threads=g.num_threads)
+        transfer_timeout_s=cfg.transfer.timeout_s,
+        lease_ttl_s=cfg.transfer.lease_ttl_s,
+        max_pending=cfg.transfer.max_pending,
+        faults=cfg.transfer.faults,
+        transfer_backend=cfg.transfer.backend,
+        num_threads=g.num_threads,
+    )
 
 
 def _start_group(cfg: Config, role: str, replica: int, model_dir: str) -> WorkerGroup:
     g = cfg.prefill if role == "prefill" else cfg.decode
     res = {g.node_resource: 0.001}
-    pg = placement_group([dict(res) for _ in range(g.tensor_parallel_size)],
-                         strategy="STRICT_PACK", name=f"pdcluster-{role}-{replica}")
+    pg = placement_group(
+        [dict(res) for _ in range(g.tensor_parallel_size)],
+        strategy="STRICT_PACK",
+        name=f"pdcluster-{role}-{replica}",
+    )
     ranks = []
     for r in range(g.tensor_parallel_size):
         spec = _spec(cfg, role, replica, model_dir, r)
         # Rank 0 runs the engine; ranks 1.. follow its step plans (workers/tp.py).
         cls = (PrefillWorker if role == "prefill" else DecodeWorker) if r == 0 else RankWorker
         extra = {} if r == 0 else {"max_concurrency": 8}  # concurrent shard pulls
-        ranks.append(cls.options(
-            # A dead worker comes back (same handle, new process, new NIXL agent);
-            # the router's watchdog kills stalled ones so that this applies to them
-            # too, and a TP group restarts as a unit (workers/tp.py).
-            max_restarts=-1, max_task_retries=0, num_cpus=0, resources=res,
-            name=spec.rank_name(r), **extra,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
-        ).remote(spec))
+        ranks.append(
+            cls.options(
+                # A dead worker comes back (same handle, new process, new NIXL agent);
+                # the router's watchdog kills stalled ones so that this applies to them
+                # too, and a TP group restarts as a unit (workers/tp.py).
+                max_restarts=-1,
+                max_task_retries=0,
+                num_cpus=0,
+                resources=res,
+                name=spec.rank_name(r),
+                **extra,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    pg, placement_group_bundle_index=r
+                ),
+            ).remote(spec)
+        )
     return WorkerGroup(role, replica, ranks, pg)
 
 
@@ -140,19 +171,26 @@ def start(cfg: Config) -> RunningCluster:
     try:
         rc.local = _start_ray(cfg)
         log.info("ray up (%.1fs)", time.monotonic() - t0)
-        rc.prefill = [_start_group(cfg, "prefill", i, model_dir) for i in range(cfg.prefill.replicas)]
+        rc.prefill = [
+            _start_group(cfg, "prefill", i, model_dir) for i in range(cfg.prefill.replicas)
+        ]
         rc.decode = [_start_group(cfg, "decode", i, model_dir) for i in range(cfg.decode.replicas)]
         ready = [a.ready.remote() for g in rc.prefill + rc.decode for a in g.ranks]
         for info in ray.get(ready, timeout=_READY_TIMEOUT_S):
             log.info("worker ready: %s", info)
-        serve.start(http_options={"host": cfg.router.host, "port": cfg.router.port},
-                    proxy_location="HeadOnly")
-        serve.run(build_app(cfg, model_dir, [g.leader for g in rc.prefill],
-                            [g.leader for g in rc.decode]),
-                  name="pdcluster", route_prefix="/")
+        serve.start(
+            http_options={"host": cfg.router.host, "port": cfg.router.port},
+            proxy_location="HeadOnly",
+        )
+        serve.run(
+            build_app(
+                cfg, model_dir, [g.leader for g in rc.prefill], [g.leader for g in rc.decode]
+            ),
+            name="pdcluster",
+            route_prefix="/",
+        )
         rc.url = f"http://{cfg.router.host}:{cfg.router.port}"
-        log.info("serving %s at %s (%.1fs)", cfg.served_model_name, rc.url,
-                 time.monotonic() - t0)
+        log.info("serving %s at %s (%.1fs)", cfg.served_model_name, rc.url, time.monotonic() - t0)
         return rc
     except BaseException:
         rc.shutdown()

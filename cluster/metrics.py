@@ -19,35 +19,54 @@ _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 class RouterMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.ttft = Histogram("pdcluster_time_to_first_token_seconds",
-                              "Arrival to first token", buckets=_LATENCY, registry=r)
-        self.tpot = Histogram("pdcluster_time_per_output_token_seconds",
-                              "Mean time per output token after the first",
-                              buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
-                              registry=r)
-        self.e2e = Histogram("pdcluster_e2e_request_latency_seconds", "Arrival to last byte",
-                             buckets=_LATENCY, registry=r)
-        self.requests = Counter("pdcluster_requests", "Requests by outcome", ["outcome"],
-                                registry=r)
-        self.retries = Counter("pdcluster_retries", "Prefill retries and re-prefills",
-                               ["reason"], registry=r)
-        self.migrations = Counter("pdcluster_migrations", "Streams moved to another decode",
-                                  registry=r)
-        self.restarts = Counter("pdcluster_worker_restarts",
-                                "Workers restarted by the watchdog or found restarted",
-                                ["role"], registry=r)
-        self.in_flight = Gauge("pdcluster_requests_in_flight", "Requests by stage", ["stage"],
-                               registry=r)
-        self.blocks_used = Gauge("pdcluster_kv_blocks_used", "KV blocks in use",
-                                 ["role", "replica"], registry=r)
-        self.transfer_pending = Gauge("pdcluster_kv_transfer_pending",
-                                      "KV pulls in flight on decode workers", registry=r)
+        self.ttft = Histogram(
+            "pdcluster_time_to_first_token_seconds",
+            "Arrival to first token",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "pdcluster_time_per_output_token_seconds",
+            "Mean time per output token after the first",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "pdcluster_e2e_request_latency_seconds",
+            "Arrival to last byte",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.requests = Counter(
+            "pdcluster_requests", "Requests by outcome", ["outcome"], registry=r
+        )
+        self.retries = Counter(
+            "pdcluster_retries", "Prefill retries and re-prefills", ["reason"], registry=r
+        )
+        self.migrations = Counter(
+            "pdcluster_migrations", "Streams moved to another decode", registry=r
+        )
+        self.restarts = Counter(
+            "pdcluster_worker_restarts",
+            "Workers restarted by the watchdog or found restarted",
+            ["role"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "pdcluster_requests_in_flight", "Requests by stage", ["stage"], registry=r
+        )
+        self.blocks_used = Gauge(
+            "pdcluster_kv_blocks_used", "KV blocks in use", ["role", "replica"], registry=r
+        )
+        self.transfer_pending = Gauge(
+            "pdcluster_kv_transfer_pending", "KV pulls in flight on decode workers", registry=r
+        )
         self.leases = Gauge("pdcluster_kv_leases", "Prefill leases held", registry=r)
-        self.healthy = Gauge("pdcluster_workers_healthy", "Healthy workers", ["role"],
-                             registry=r)
+        self.healthy = Gauge("pdcluster_workers_healthy", "Healthy workers", ["role"], registry=r)
 
-    def watch_workers(self, prefill: Callable[[], list], decode: Callable[[], list],
-                      buckets: tuple[float, ...]) -> None:
+    def watch_workers(
+        self, prefill: Callable[[], list], decode: Callable[[], list], buckets: tuple[float, ...]
+    ) -> None:
         """Publish the workers' own transfer/lease counters (from their last
         `stats()`), one series per replica so a restart is a counter reset."""
         self.registry.register(_WorkerCounters(prefill, decode, buckets))
@@ -61,20 +80,29 @@ class _WorkerCounters:
         self.prefill, self.decode, self.buckets = prefill, decode, buckets
 
     def collect(self):
-        secs = HistogramMetricFamily("pdcluster_kv_transfer_seconds",
-                                     "KV pull time on decode (claim + READ)",
-                                     labels=["replica"])
-        nbytes = CounterMetricFamily("pdcluster_kv_transfer_bytes", "KV bytes pulled",
-                                     labels=["replica"])
-        timeouts = CounterMetricFamily("pdcluster_kv_transfer_timeouts",
-                                       "KV pulls that missed transfer.timeout_s",
-                                       labels=["replica"])
-        failures = CounterMetricFamily("pdcluster_kv_transfer_failures",
-                                       "KV pulls that failed (peer gone, lease expired, error)",
-                                       labels=["replica"])
-        expired = CounterMetricFamily("pdcluster_kv_leases_expired",
-                                      "Prefill leases expired unclaimed or abandoned",
-                                      labels=["replica"])
+        secs = HistogramMetricFamily(
+            "pdcluster_kv_transfer_seconds",
+            "KV pull time on decode (claim + READ)",
+            labels=["replica"],
+        )
+        nbytes = CounterMetricFamily(
+            "pdcluster_kv_transfer_bytes", "KV bytes pulled", labels=["replica"]
+        )
+        timeouts = CounterMetricFamily(
+            "pdcluster_kv_transfer_timeouts",
+            "KV pulls that missed transfer.timeout_s",
+            labels=["replica"],
+        )
+        failures = CounterMetricFamily(
+            "pdcluster_kv_transfer_failures",
+            "KV pulls that failed (peer gone, lease expired, error)",
+            labels=["replica"],
+        )
+        expired = CounterMetricFamily(
+            "pdcluster_kv_leases_expired",
+            "Prefill leases expired unclaimed or abandoned",
+            labels=["replica"],
+        )
         for i, s in enumerate(self.decode()):
             x = (s or {}).get("transfers")
             if not x:

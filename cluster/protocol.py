@@ -27,11 +27,28 @@ import msgspec
 from workers.sampling_params import SamplingParams
 
 __all__ = [
-    "AdmissionError", "ChatCompletionRequest", "ChatMessage", "CompletionRequest",
-    "ContentPart", "SSE_DONE", "SamplingParams", "StreamOptions", "chat_chunk",
-    "chat_completion", "completion_chunk", "error_body", "error_type_for", "message_text",
-    "models_list", "new_request_id", "parse_chat", "parse_completion", "sse",
-    "text_completion", "to_sampling_params", "usage_chunk",
+    "AdmissionError",
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "CompletionRequest",
+    "ContentPart",
+    "SSE_DONE",
+    "SamplingParams",
+    "StreamOptions",
+    "chat_chunk",
+    "chat_completion",
+    "completion_chunk",
+    "error_body",
+    "error_type_for",
+    "message_text",
+    "models_list",
+    "new_request_id",
+    "parse_chat",
+    "parse_completion",
+    "sse",
+    "text_completion",
+    "to_sampling_params",
+    "usage_chunk",
 ]
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
@@ -66,18 +83,24 @@ def error_type_for(status: int) -> str:
     return _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
 
-def error_body(message: str, type: str, param: str | None = None,  # noqa: A002 - OpenAI's name
-               code: str | None = None) -> bytes:
+def error_body(
+    message: str,
+    type: str,
+    param: str | None = None,  # noqa: A002 - OpenAI's name
+    code: str | None = None,
+) -> bytes:
     """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
     return msgspec.json.encode(
-        {"error": {"message": message, "type": type, "param": param, "code": code}})
+        {"error": {"message": message, "type": type, "param": param, "code": code}}
+    )
 
 
 class AdmissionError(Exception):
     """A request rejected before anything is allocated (a 4xx)."""
 
-    def __init__(self, message: str, param: str | None = None, code: str | None = None,
-                 status: int = 400):
+    def __init__(
+        self, message: str, param: str | None = None, code: str | None = None, status: int = 400
+    ):
         super().__init__(message)
         self.message = message
         self.param = param
@@ -88,13 +111,16 @@ class AdmissionError(Exception):
         return error_body(self.message, "invalid_request_error", self.param, self.code)
 
     def __repr__(self) -> str:
-        return (f"AdmissionError({self.message!r}, param={self.param!r}, code={self.code!r}, "
-                f"status={self.status})")
+        return (
+            f"AdmissionError({self.message!r}, param={self.param!r}, code={self.code!r}, "
+            f"status={self.status})"
+        )
 
 
 # ---------------------------------------------------------------------------
 # request structs
 # ---------------------------------------------------------------------------
+
 
 class _Wire(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pass
@@ -255,15 +281,19 @@ def _unsupported(param: str, value: Any, allowed: str) -> AdmissionError:
     shown = msgspec.json.encode(value).decode()
     if len(shown) > 80:
         shown = shown[:77] + "..."
-    return AdmissionError(f"'{param}'={shown} is not supported by pdcluster ({allowed})",
-                          param, "unsupported_value")
+    return AdmissionError(
+        f"'{param}'={shown} is not supported by pdcluster ({allowed})", param, "unsupported_value"
+    )
 
 
 def _is_none_or(*ok: Any) -> Callable[[Any], bool]:
     """None, or one of `ok` (bools compare by identity so False never equals 0)."""
+
     def check(v: Any) -> bool:
-        return v is None or any(v is x if isinstance(x, bool) or isinstance(v, bool)
-                                else v == x for x in ok)
+        return v is None or any(
+            v is x if isinstance(x, bool) or isinstance(v, bool) else v == x for x in ok
+        )
+
     return check
 
 
@@ -280,8 +310,7 @@ _COMMON_POLICY: dict[str, tuple[Callable[[Any], bool], str]] = {
     "repetition_penalty": (_is_none_or(1), "penalties are not implemented"),
     "min_p": (_is_none_or(0), "min_p is not implemented"),
     "logit_bias": (_empty, "logit_bias is not implemented"),
-    "response_format": (lambda v: v is None or v == {"type": "text"},
-                        "only {\"type\": \"text\"}"),
+    "response_format": (lambda v: v is None or v == {"type": "text"}, 'only {"type": "text"}'),
     "use_beam_search": (_is_none_or(False), "beam search is not implemented"),
     "length_penalty": (_is_none_or(1), "beam search is not implemented"),
     "prompt_logprobs": (_is_none_or(), "logprobs are not implemented"),
@@ -306,7 +335,7 @@ _CHAT_POLICY = {
     "functions": (_empty, "function calling is not implemented"),
     "function_call": (lambda v: v is None or v == "none", "function calling is not implemented"),
     "audio": (_is_none_or(), "audio output is not implemented"),
-    "modalities": (lambda v: v is None or v == ["text"], "only [\"text\"]"),
+    "modalities": (lambda v: v is None or v == ["text"], 'only ["text"]'),
     "moderation": (_is_none_or(), "moderation is not implemented"),
     "web_search_options": (_is_none_or(), "web search is not implemented"),
     "echo": (_is_none_or(False), "echo is not implemented"),
@@ -393,24 +422,35 @@ def _check_messages(req: ChatCompletionRequest) -> None:
         if m.role not in _ROLES:
             hint = " (tools are not implemented)" if m.role == "tool" else ""
             raise AdmissionError(
-                f"Invalid '{where}.role': {m.role!r}; expected one of "
-                f"{', '.join(_ROLES)}{hint}", f"{where}.role", "invalid_value")
+                f"Invalid '{where}.role': {m.role!r}; expected one of {', '.join(_ROLES)}{hint}",
+                f"{where}.role",
+                "invalid_value",
+            )
         if m.tool_calls or m.function_call is not None or m.tool_call_id is not None:
-            raise _unsupported(f"{where}.tool_calls", m.tool_calls or m.function_call
-                               or m.tool_call_id, "tool calling is not implemented")
+            raise _unsupported(
+                f"{where}.tool_calls",
+                m.tool_calls or m.function_call or m.tool_call_id,
+                "tool calling is not implemented",
+            )
         if m.audio is not None:
             raise _unsupported(f"{where}.audio", m.audio, "audio is not implemented")
         if m.content is None and m.role != "assistant":
-            raise AdmissionError(f"Invalid '{where}.content': a {m.role} message needs "
-                                 "content", f"{where}.content", "invalid_value")
+            raise AdmissionError(
+                f"Invalid '{where}.content': a {m.role} message needs content",
+                f"{where}.content",
+                "invalid_value",
+            )
         if isinstance(m.content, list):
             for j, p in enumerate(m.content):
                 pw = f"{where}.content[{j}]"
                 if p.type != "text":
                     raise _unsupported(f"{pw}.type", p.type, "only text content parts")
                 if p.text is None:
-                    raise AdmissionError(f"Invalid '{pw}': a text part needs 'text'",
-                                         f"{pw}.text", "missing_required_parameter")
+                    raise AdmissionError(
+                        f"Invalid '{pw}': a text part needs 'text'",
+                        f"{pw}.text",
+                        "missing_required_parameter",
+                    )
 
 
 def _decode(body: bytes, typ: type) -> Any:
@@ -446,8 +486,11 @@ def _normalize_prompt(p: Any) -> str | list[int]:
                 raise _bad("prompt", "token ids must be >= 0")
             return p
         if len(p) > 1 and all(isinstance(x, (str, list)) for x in p):
-            raise AdmissionError("batch prompts not supported: send one prompt per request",
-                                 "prompt", "unsupported_value")
+            raise AdmissionError(
+                "batch prompts not supported: send one prompt per request",
+                "prompt",
+                "unsupported_value",
+            )
         if len(p) == 1 and not isinstance(p[0], int):
             return _normalize_prompt(p[0])
         if p:
@@ -461,9 +504,14 @@ def _requested_max_tokens(req: ChatCompletionRequest | CompletionRequest) -> int
     return getattr(req, "max_completion_tokens", None) or req.max_tokens
 
 
-def to_sampling_params(req: ChatCompletionRequest | CompletionRequest, *, prompt_len: int,
-                       max_model_len: int, default_max_tokens: int,
-                       strict: bool) -> SamplingParams:
+def to_sampling_params(
+    req: ChatCompletionRequest | CompletionRequest,
+    *,
+    prompt_len: int,
+    max_model_len: int,
+    default_max_tokens: int,
+    strict: bool,
+) -> SamplingParams:
     """Resolve defaults and the context window into the workers' SamplingParams.
 
     A prompt that leaves no room is a 400. An explicit max_tokens larger than the
@@ -476,7 +524,9 @@ def to_sampling_params(req: ChatCompletionRequest | CompletionRequest, *, prompt
             f"This model's maximum context length is {max_model_len} tokens, but the "
             f"{'messages' if chat else 'prompt'} has {prompt_len} tokens, leaving no room "
             "for the completion. Please shorten it.",
-            "messages" if chat else "prompt", "context_length_exceeded")
+            "messages" if chat else "prompt",
+            "context_length_exceeded",
+        )
     asked = _requested_max_tokens(req)
     max_tokens = asked or default_max_tokens
     if max_tokens > room:
@@ -487,7 +537,10 @@ def to_sampling_params(req: ChatCompletionRequest | CompletionRequest, *, prompt
                 f"you requested {prompt_len + max_tokens} tokens ({prompt_len} in the "
                 f"{'messages' if chat else 'prompt'}, {max_tokens} in the completion). "
                 f"Please reduce the length of the {'messages' if chat else 'prompt'} or "
-                "the completion.", name, "context_length_exceeded")
+                "the completion.",
+                name,
+                "context_length_exceeded",
+            )
         max_tokens = room
     temperature = 1.0 if req.temperature is None else float(req.temperature)
     if temperature < _GREEDY_EPS:
@@ -529,30 +582,70 @@ def _now(created: int | None) -> int:
     return int(time.time()) if created is None else created
 
 
-def chat_completion(id: str, model: str, text: str, finish_reason: str | None,  # noqa: A002
-                    usage: dict, created: int | None = None) -> bytes:
+def chat_completion(
+    id: str,
+    model: str,
+    text: str,
+    finish_reason: str | None,  # noqa: A002
+    usage: dict,
+    created: int | None = None,
+) -> bytes:
     """A non-streamed `chat.completion` object, encoded."""
-    return msgspec.json.encode({
-        "id": id, "object": "chat.completion", "created": _now(created), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "finish_reason": finish_reason or "stop", "logprobs": None}],
-        "usage": usage,
-    })
+    return msgspec.json.encode(
+        {
+            "id": id,
+            "object": "chat.completion",
+            "created": _now(created),
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": finish_reason or "stop",
+                    "logprobs": None,
+                }
+            ],
+            "usage": usage,
+        }
+    )
 
 
-def text_completion(id: str, model: str, text: str, finish_reason: str | None,  # noqa: A002
-                    usage: dict, created: int | None = None) -> bytes:
+def text_completion(
+    id: str,
+    model: str,
+    text: str,
+    finish_reason: str | None,  # noqa: A002
+    usage: dict,
+    created: int | None = None,
+) -> bytes:
     """A non-streamed `text_completion` object, encoded."""
-    return msgspec.json.encode({
-        "id": id, "object": "text_completion", "created": _now(created), "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason or "stop",
-                     "logprobs": None}],
-        "usage": usage,
-    })
+    return msgspec.json.encode(
+        {
+            "id": id,
+            "object": "text_completion",
+            "created": _now(created),
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "text": text,
+                    "finish_reason": finish_reason or "stop",
+                    "logprobs": None,
+                }
+            ],
+            "usage": usage,
+        }
+    )
 
 
-def chat_chunk(id: str, model: str, created: int, content: str | None,  # noqa: A002
-               finish_reason: str | None, role: str | None = None) -> dict:
+def chat_chunk(
+    id: str,
+    model: str,
+    created: int,
+    content: str | None,  # noqa: A002
+    finish_reason: str | None,
+    role: str | None = None,
+) -> dict:
     """A `chat.completion.chunk`. The first chunk of a stream passes role="assistant"
     (delta {"role": "assistant", "content": ""}); a finishing chunk carries
     finish_reason and whatever text came with it (an empty delta when none)."""
@@ -561,28 +654,64 @@ def chat_chunk(id: str, model: str, created: int, content: str | None,  # noqa: 
         delta = {"role": role, "content": content or ""}
     elif content:
         delta = {"content": content}
-    return {"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason,
-                         "logprobs": None}]}
+    return {
+        "id": id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+    }
 
 
-def completion_chunk(id: str, model: str, created: int, text: str | None,  # noqa: A002
-                     finish_reason: str | None) -> dict:
+def completion_chunk(
+    id: str,
+    model: str,
+    created: int,
+    text: str | None,  # noqa: A002
+    finish_reason: str | None,
+) -> dict:
     """A streamed `text_completion` chunk."""
-    return {"id": id, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text or "", "finish_reason": finish_reason,
-                         "logprobs": None}]}
+    return {
+        "id": id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
+        ],
+    }
 
 
-def usage_chunk(id: str, model: str, created: int, chat: bool,  # noqa: A002
-                usage: dict) -> dict:
+def usage_chunk(
+    id: str,
+    model: str,
+    created: int,
+    chat: bool,  # noqa: A002
+    usage: dict,
+) -> dict:
     """The final chunk sent when stream_options.include_usage: no choices, just usage."""
-    return {"id": id, "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": created, "model": model, "choices": [], "usage": usage}
+    return {
+        "id": id,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [],
+        "usage": usage,
+    }
 
 
 def models_list(model_id: str, created: int | None = None) -> bytes:
     """GET /v1/models."""
-    return msgspec.json.encode({"object": "list", "data": [
-        {"id": model_id, "object": "model", "created": _now(created),
-         "owned_by": "pdcluster"}]})
+    return msgspec.json.encode(
+        {
+            "object": "list",
+            "data": [
+                {
+                    "id": model_id,
+                    "object": "model",
+                    "created": _now(created),
+                    "owned_by": "pdcluster",
+                }
+            ],
+        }
+    )

@@ -7,7 +7,6 @@ that block (success, error, deadline, client gone) releases everything the
 request holds on the workers and in the router's table.
 """
 
-
 import asyncio
 import logging
 import os
@@ -74,22 +73,28 @@ def _continue_params(params: SamplingParams, produced: int) -> SamplingParams:
     """Params for continuing a request that already produced `produced` tokens."""
     if produced == 0:
         return params
-    return msgspec.structs.replace(params, max_tokens=params.max_tokens - produced,
-                                   min_tokens=max(0, params.min_tokens - produced))
+    return msgspec.structs.replace(
+        params,
+        max_tokens=params.max_tokens - produced,
+        min_tokens=max(0, params.min_tokens - produced),
+    )
 
 
 def _json(body: bytes, status: int = 200, headers: dict | None = None) -> Response:
-    return Response(content=body, status_code=status, media_type="application/json",
-                    headers=headers)
+    return Response(
+        content=body, status_code=status, media_type="application/json", headers=headers
+    )
 
 
-def _error(status: int, message: str, type_: str, code: str | None = None,
-           headers: dict | None = None) -> Response:
+def _error(
+    status: int, message: str, type_: str, code: str | None = None, headers: dict | None = None
+) -> Response:
     return _json(P.error_body(message, type_, None, code), status, headers)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1_000_000,
-                  health_check_period_s=5)
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1_000_000, health_check_period_s=5
+)
 @serve.ingress(app)
 class Router:
     def __init__(self, cfg_json: bytes, model_dir: str, prefill: list, decode: list):
@@ -102,8 +107,9 @@ class Router:
         r = self.cfg.router
         self.prefill_pool = WorkerPool("prefill", prefill, r.watchdog_s, self.metrics)
         self.decode_pool = WorkerPool("decode", decode, r.watchdog_s, self.metrics)
-        self.metrics.watch_workers(lambda: self.prefill_pool.stats,
-                                   lambda: self.decode_pool.stats, XFER_BUCKETS)
+        self.metrics.watch_workers(
+            lambda: self.prefill_pool.stats, lambda: self.decode_pool.stats, XFER_BUCKETS
+        )
         self.requests: dict[str, RequestState] = {}
         # One output stream per decode replica carries all this router's requests there.
         self._channels: dict[int, OutputChannel] = {}
@@ -123,19 +129,28 @@ class Router:
 
     @app.get("/health")
     async def health(self) -> Response:
-        body = {"prefill_healthy": sum(self.prefill_pool.healthy),
-                "decode_healthy": sum(self.decode_pool.healthy)}
+        body = {
+            "prefill_healthy": sum(self.prefill_pool.healthy),
+            "decode_healthy": sum(self.decode_pool.healthy),
+        }
         # Without prefill the cluster still serves (decode-only fallback), degraded.
-        status = ("unhealthy" if body["decode_healthy"] == 0 else
-                  "ok" if body["prefill_healthy"] > 0 else "degraded")
-        return _json(msgspec.json.encode({"status": status, **body}),
-                     503 if status == "unhealthy" else 200)
+        status = (
+            "unhealthy"
+            if body["decode_healthy"] == 0
+            else "ok"
+            if body["prefill_healthy"] > 0
+            else "degraded"
+        )
+        return _json(
+            msgspec.json.encode({"status": status, **body}), 503 if status == "unhealthy" else 200
+        )
 
     @app.get("/metrics")
     async def metrics_endpoint(self) -> Response:
         for stage in ("admitted", "prefill", "decode"):
             self.metrics.in_flight.labels(stage).set(
-                sum(1 for r in self.requests.values() if r.stage == stage))
+                sum(1 for r in self.requests.values() if r.stage == stage)
+            )
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -169,8 +184,9 @@ class Router:
             "prefill_pinned_blocks": sum(s["pinned_blocks"] for s in p),
             "transfer_pending": sum(s["transfers_pending"] for s in d),
             "decode_blocks_used": sum(s["used_blocks"] for s in d),
-            "workers": [pool.describe(i, st) for pool, ss in zip(pools, stats)
-                        for i, st in enumerate(ss)],
+            "workers": [
+                pool.describe(i, st) for pool, ss in zip(pools, stats) for i, st in enumerate(ss)
+            ],
         }
 
     # ---- admission -------------------------------------------------------
@@ -181,18 +197,25 @@ class Router:
             req = P.parse_chat(body) if chat else P.parse_completion(body)
             prompt_ids = self._tokenize(req, chat)
             params = P.to_sampling_params(
-                req, prompt_len=len(prompt_ids), max_model_len=self.cfg.model.max_model_len,
+                req,
+                prompt_len=len(prompt_ids),
+                max_model_len=self.cfg.model.max_model_len,
                 default_max_tokens=self.cfg.router.default_max_tokens,
-                strict=self.cfg.router.strict_max_tokens)
+                strict=self.cfg.router.strict_max_tokens,
+            )
         except P.AdmissionError as e:
             return _json(e.to_json(), e.status)
         if len(self.requests) >= self.cfg.router.max_queued:
-            return _error(429, f"{len(self.requests)} requests in flight, the limit is "
-                          f"{self.cfg.router.max_queued}; retry later", "rate_limit_error",
-                          "queue_full", headers={"Retry-After": "1"})
+            return _error(
+                429,
+                f"{len(self.requests)} requests in flight, the limit is "
+                f"{self.cfg.router.max_queued}; retry later",
+                "rate_limit_error",
+                "queue_full",
+                headers={"Retry-After": "1"},
+            )
         rid = uuid.uuid4().hex
-        state = RequestState(rid, len(prompt_ids),
-                             time.time() + self.cfg.router.request_timeout_s)
+        state = RequestState(rid, len(prompt_ids), time.time() + self.cfg.router.request_timeout_s)
         # The slot is taken now, before any await, so a burst cannot overrun
         # max_queued. The lifecycle's finally gives it back; a generator that is
         # dropped unstarted (client gone before the body) gives it back when collected.
@@ -201,33 +224,42 @@ class Router:
         weakref.finalize(events, self.requests.pop, rid, None)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._stream(rid, events, chat, len(prompt_ids),
-                                                  include_usage),
-                                     media_type="text/event-stream")
+            return StreamingResponse(
+                self._stream(rid, events, chat, len(prompt_ids), include_usage),
+                media_type="text/event-stream",
+            )
         text, reason, n_out = "", None, 0
         try:
             async for piece, reason, n_out in events:
                 text += piece
         except Exception as e:  # noqa: BLE001 - typed failures become HTTP errors
             return self._failure(e)
-        usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": n_out,
-                 "total_tokens": len(prompt_ids) + n_out}
+        usage = {
+            "prompt_tokens": len(prompt_ids),
+            "completion_tokens": n_out,
+            "total_tokens": len(prompt_ids) + n_out,
+        }
         build = P.chat_completion if chat else P.text_completion
-        return _json(build(f"{'chatcmpl' if chat else 'cmpl'}-{rid}", self.model_name, text,
-                           reason, usage))
+        return _json(
+            build(f"{'chatcmpl' if chat else 'cmpl'}-{rid}", self.model_name, text, reason, usage)
+        )
 
     def _tokenize(self, req, chat: bool) -> list[int]:
         if chat:
             messages = [{"role": m.role, "content": P.message_text(m)} for m in req.messages]
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                     tokenize=True, return_dict=False)
+            ids = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
             return list(ids)
         if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], int):
             vocab = len(self.tokenizer)
             bad = [t for t in req.prompt if not 0 <= t < vocab]
             if bad:
-                raise P.AdmissionError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}",
-                                       param="prompt", code="invalid_token_id")
+                raise P.AdmissionError(
+                    f"prompt token ids out of range [0, {vocab}): {bad[:5]}",
+                    param="prompt",
+                    code="invalid_token_id",
+                )
             return list(req.prompt)
         text = req.prompt[0] if isinstance(req.prompt, list) else req.prompt
         return self.tokenizer.encode(text)
@@ -236,16 +268,27 @@ class Router:
         if isinstance(e, P.AdmissionError):
             return _json(e.to_json(), e.status)
         if isinstance(e, TimeoutError):
-            return _error(504, f"request passed its deadline of {self.cfg.router.request_timeout_s}s "
-                          f"(router.request_timeout_s): {e}", "timeout", "request_timeout")
+            return _error(
+                504,
+                f"request passed its deadline of {self.cfg.router.request_timeout_s}s "
+                f"(router.request_timeout_s): {e}",
+                "timeout",
+                "request_timeout",
+            )
         if isinstance(e, Unavailable):
-            return _error(503, str(e), "service_unavailable", "worker_unavailable",
-                          headers={"Retry-After": "1"})
+            return _error(
+                503,
+                str(e),
+                "service_unavailable",
+                "worker_unavailable",
+                headers={"Retry-After": "1"},
+            )
         log.warning("request failed: %r", e)
         return _error(500, f"request failed: {e!r}", "server_error", "internal_error")
 
-    async def _stream(self, rid: str, events: AsyncIterator, chat: bool, prompt_len: int,
-                      include_usage: bool) -> AsyncIterator[bytes]:
+    async def _stream(
+        self, rid: str, events: AsyncIterator, chat: bool, prompt_len: int, include_usage: bool
+    ) -> AsyncIterator[bytes]:
         created = int(time.time())
         cid = f"{'chatcmpl' if chat else 'cmpl'}-{rid}"
         chunk = P.chat_chunk if chat else P.completion_chunk
@@ -257,9 +300,19 @@ class Router:
                 if piece or reason:
                     yield P.sse(chunk(cid, self.model_name, created, piece, reason))
             if include_usage:
-                yield P.sse(P.usage_chunk(cid, self.model_name, created, chat, {
-                    "prompt_tokens": prompt_len, "completion_tokens": n_out,
-                    "total_tokens": prompt_len + n_out}))
+                yield P.sse(
+                    P.usage_chunk(
+                        cid,
+                        self.model_name,
+                        created,
+                        chat,
+                        {
+                            "prompt_tokens": prompt_len,
+                            "completion_tokens": n_out,
+                            "total_tokens": prompt_len + n_out,
+                        },
+                    )
+                )
         except Exception as e:  # noqa: BLE001 - headers are sent: report in-band
             log.warning("stream %s failed: %r", rid, e)
             yield P.sse(msgspec.json.decode(self._failure(e).body))
@@ -272,12 +325,15 @@ class Router:
     def _remaining(self, state: RequestState) -> float:
         left = state.deadline - time.time()
         if left <= 0:
-            raise TimeoutError(f"request {state.request_id} passed its deadline "
-                               f"({self.cfg.router.request_timeout_s}s) during {state.stage}")
+            raise TimeoutError(
+                f"request {state.request_id} passed its deadline "
+                f"({self.cfg.router.request_timeout_s}s) during {state.stage}"
+            )
         return left
 
-    async def _lifecycle(self, state: RequestState, prompt_ids: list[int],
-                         params: SamplingParams) -> AsyncIterator[tuple[str, str | None, int]]:
+    async def _lifecycle(
+        self, state: RequestState, prompt_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[tuple[str, str | None, int]]:
         """Yield (text delta, finish_reason, completion tokens so far).
 
         The one try/finally that owns the request: its table entry (made at
@@ -322,8 +378,9 @@ class Router:
             if n_out > 1 and state.first_token_at:
                 self.metrics.tpot.observe((now - state.first_token_at) / (n_out - 1))
 
-    async def _tokens(self, state: RequestState, prompt_ids: list[int],
-                      params: SamplingParams) -> AsyncIterator[tuple[list[int], str | None]]:
+    async def _tokens(
+        self, state: RequestState, prompt_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[tuple[list[int], str | None]]:
         """Token ids as they are produced, surviving worker loss: a failed
         prefill is retried elsewhere, a failed transfer re-prefills once, and a
         decode lost mid-stream is migrated (re-prefill prompt + tokens so far on
@@ -367,11 +424,14 @@ class Router:
                     raise Unavailable(f"decode failed after {migrations} migrations: {e}") from None
                 migrations += 1
                 self.metrics.migrations.inc()
-                log.warning("request %s: decode lost after %d tokens (%r); migrating",
-                            state.request_id, len(produced), e)
+                log.warning(
+                    "request %s: decode lost after %d tokens (%r); migrating",
+                    state.request_id,
+                    len(produced),
+                    e,
+                )
 
-    async def _prefill(self, state: RequestState, wid: str, ids: list[int],
-                       sp: SamplingParams):
+    async def _prefill(self, state: RequestState, wid: str, ids: list[int], sp: SamplingParams):
         """Prefill on the least-loaded healthy replica, retrying others on failure."""
         tried: set[int] = set()
         last: BaseException | None = None
@@ -386,7 +446,8 @@ class Router:
             try:
                 left = self._remaining(state)  # before submitting: it may raise
                 res = await self.prefill_pool.call(
-                    i, self.prefill_pool.handles[i].prefill.remote(wid, ids, sp), left)
+                    i, self.prefill_pool.handles[i].prefill.remote(wid, ids, sp), left
+                )
                 return res, i
             except _WORKER_LOST + (TransferError,) as e:
                 last = e
@@ -398,8 +459,9 @@ class Router:
                 self.prefill_pool.load[i] -= len(ids)
         raise Unavailable(f"no prefill worker could take the request: {last!r}")
 
-    async def _decode(self, state: RequestState, wid: str, ids: list[int], res, p: int | None,
-                      sp: SamplingParams) -> AsyncIterator[tuple[list[int], str | None]]:
+    async def _decode(
+        self, state: RequestState, wid: str, ids: list[int], res, p: int | None, sp: SamplingParams
+    ) -> AsyncIterator[tuple[list[int], str | None]]:
         i = self.decode_pool.pick()
         if i is None:
             raise Unavailable("no healthy decode worker")
@@ -413,8 +475,16 @@ class Router:
         def submit():
             if res is None:
                 return h.generate_local.remote(wid, chan.id, ids, sp, state.deadline)
-            return h.generate.remote(wid, chan.id, ids, res.first_token, sp, res.handle,
-                                     state.deadline, self.prefill_pool.handles[p])
+            return h.generate.remote(
+                wid,
+                chan.id,
+                ids,
+                res.first_token,
+                sp,
+                res.handle,
+                state.deadline,
+                self.prefill_pool.handles[p],
+            )
 
         def wait(fn):
             left = self._remaining(state)  # before fn(): it may raise

@@ -49,12 +49,15 @@ def running_cluster(cfg):
 def wait_idle(url: str, timeout: float = 30.0) -> dict:
     """Poll /debug/state until every count is back at zero; return the last state."""
     deadline = time.monotonic() + timeout
-    keys = ("requests_in_flight", "prefill_leases", "prefill_pinned_blocks",
-            "transfer_pending", "decode_blocks_used")
+    keys = (
+        "requests_in_flight",
+        "prefill_leases",
+        "prefill_pinned_blocks",
+        "transfer_pending",
+        "decode_blocks_used",
+    )
     while True:
         state = httpx.get(f"{url}/debug/state", timeout=10).json()
         if all(state[k] == 0 for k in keys) or time.monotonic() > deadline:
             return state
         time.sleep(0.2)
-
-

@@ -15,6 +15,7 @@ from transfer.handle import (
 from transfer.backend import RayObjectBackend, TransferBackend
 from transfer.faults import FaultConfig, FaultInjector
 from transfer.lease import Lease, LeaseRegistry
+
 try:  # the Ray object-store backend works without NIXL
     from transfer.nixl_backend import NixlTransferAgent
 except ImportError:  # pragma: no cover - depends on the machine

@@ -34,8 +34,9 @@ class TransferBackend(abc.ABC):
         """Prefill side: describe local blocks for a KVHandle."""
 
     @abc.abstractmethod
-    def pull(self, src: RankKV, local_block_ids: list[int], *, timeout_s: float,
-             notif: bytes = b"") -> int:
+    def pull(
+        self, src: RankKV, local_block_ids: list[int], *, timeout_s: float, notif: bytes = b""
+    ) -> int:
         """Decode side: copy `src`'s blocks into ours within `timeout_s`; bytes moved."""
 
     def poll_notifs(self) -> list[bytes]:
@@ -61,25 +62,36 @@ class RayObjectBackend(TransferBackend):
 
         ids = torch.tensor(block_ids, dtype=torch.long, device=self._pool.device)
         ref = ray.put(self._pool.index_select(0, ids).cpu())
-        return RankKV(agent_name=self.name, agent_metadata=b"", base_addr=0,
-                      num_blocks=self._pool.shape[0], block_bytes=self.block_bytes,
-                      device_id=0, mem_type="RAY", block_ids=list(block_ids), object_ref=ref)
+        return RankKV(
+            agent_name=self.name,
+            agent_metadata=b"",
+            base_addr=0,
+            num_blocks=self._pool.shape[0],
+            block_bytes=self.block_bytes,
+            device_id=0,
+            mem_type="RAY",
+            block_ids=list(block_ids),
+            object_ref=ref,
+        )
 
-    def pull(self, src: RankKV, local_block_ids: list[int], *, timeout_s: float,
-             notif: bytes = b"") -> int:
+    def pull(
+        self, src: RankKV, local_block_ids: list[int], *, timeout_s: float, notif: bytes = b""
+    ) -> int:
         import ray
         from ray.exceptions import GetTimeoutError
 
         if len(local_block_ids) != len(src.block_ids):
-            raise ValueError(f"{len(local_block_ids)} local blocks for "
-                             f"{len(src.block_ids)} remote blocks")
+            raise ValueError(
+                f"{len(local_block_ids)} local blocks for {len(src.block_ids)} remote blocks"
+            )
         if src.object_ref is None:
             raise TransferFailed(f"handle from {src.agent_name} carries no object ref")
         try:
             data = ray.get(src.object_ref, timeout=timeout_s)
         except GetTimeoutError:
-            raise TransferTimeout(f"object from {src.agent_name} not fetched within "
-                                  f"{timeout_s}s") from None
+            raise TransferTimeout(
+                f"object from {src.agent_name} not fetched within {timeout_s}s"
+            ) from None
         except Exception as e:  # owner died, object lost
             raise TransferFailed(f"object from {src.agent_name} lost: {e!r}") from None
         ids = torch.tensor(local_block_ids, dtype=torch.long, device=self._pool.device)

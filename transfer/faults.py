@@ -18,9 +18,9 @@ from transfer.handle import TransferFailed, TransferTimeout
 class FaultConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     delay_rate: float = 0.0
     delay_s: float = 0.2
-    stall_rate: float = 0.0    # pull never completes: ends at transfer.timeout_s
+    stall_rate: float = 0.0  # pull never completes: ends at transfer.timeout_s
     fail_rate: float = 0.0
-    expire_rate: float = 0.0   # lease expires at once, before decode can claim it
+    expire_rate: float = 0.0  # lease expires at once, before decode can claim it
     seed: int = 0
 
 

@@ -34,7 +34,7 @@ class Lease:
     request_id: str
     epoch: int
     blocks: list[int]
-    expires: float          # time.monotonic()
+    expires: float  # time.monotonic()
     claimed: bool = False
 
 
@@ -62,10 +62,15 @@ class LeaseRegistry:
         if request_id in self._leases:
             raise ValueError(f"lease for {request_id} already exists")
         if len(self._leases) >= self.max_leases:
-            raise TransferBackpressure(f"{len(self._leases)} leases held (max_pending); "
-                                       "retry later")
-        lease = Lease(request_id, next(self._epochs), list(blocks),
-                      time.monotonic() + (self.ttl_s if ttl_s is None else ttl_s))
+            raise TransferBackpressure(
+                f"{len(self._leases)} leases held (max_pending); retry later"
+            )
+        lease = Lease(
+            request_id,
+            next(self._epochs),
+            list(blocks),
+            time.monotonic() + (self.ttl_s if ttl_s is None else ttl_s),
+        )
         self._leases[request_id] = lease
         return lease
 
@@ -74,11 +79,14 @@ class LeaseRegistry:
         now = time.monotonic() if now is None else now
         lease = self._leases.get(request_id)
         if lease is None or lease.epoch != epoch:
-            raise LeaseExpired(f"no live lease for {request_id} epoch {epoch} "
-                               "(expired, released, or never registered here)")
+            raise LeaseExpired(
+                f"no live lease for {request_id} epoch {epoch} "
+                "(expired, released, or never registered here)"
+            )
         if lease.expires <= now:
-            raise LeaseExpired(f"lease for {request_id} epoch {epoch} expired "
-                               f"{now - lease.expires:.3f}s ago")
+            raise LeaseExpired(
+                f"lease for {request_id} epoch {epoch} expired {now - lease.expires:.3f}s ago"
+            )
         if lease.claimed:
             raise LeaseExpired(f"lease for {request_id} epoch {epoch} is already claimed")
         lease.claimed = True

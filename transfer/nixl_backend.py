@@ -155,8 +155,9 @@ class NixlTransferAgent(TransferBackend):
 
     # ---- decode side --------------------------------------------------------
 
-    def pull(self, src: RankKV, local_block_ids: list[int], *, timeout_s: float,
-             notif: bytes = b"") -> int:
+    def pull(
+        self, src: RankKV, local_block_ids: list[int], *, timeout_s: float, notif: bytes = b""
+    ) -> int:
         """READ `src.block_ids` of the remote pool into `local_block_ids` of ours.
 
         Bounded by `timeout_s` (TransferTimeout); any NIXL/UCX error, an
@@ -164,8 +165,9 @@ class NixlTransferAgent(TransferBackend):
         delivered to the remote agent when the READ completes. Returns bytes moved.
         """
         if len(local_block_ids) != len(src.block_ids):
-            raise ValueError(f"{len(local_block_ids)} local blocks for "
-                             f"{len(src.block_ids)} remote blocks")
+            raise ValueError(
+                f"{len(local_block_ids)} local blocks for {len(src.block_ids)} remote blocks"
+            )
         if src.block_bytes != self.block_bytes:
             raise ValueError(f"remote block is {src.block_bytes} bytes, ours {self.block_bytes}")
         _check_ids(local_block_ids, self.num_blocks, "local")
@@ -191,11 +193,19 @@ class NixlTransferAgent(TransferBackend):
         finally:
             self._checkin(peer, failed)
 
-    def _read(self, peer: _Peer, src: RankKV, local_ids: list[int], deadline: float,
-              timeout_s: float, notif: bytes) -> None:
+    def _read(
+        self,
+        peer: _Peer,
+        src: RankKV,
+        local_ids: list[int],
+        deadline: float,
+        timeout_s: float,
+        notif: bytes,
+    ) -> None:
         try:
             xfer = self._agent.make_prepped_xfer(
-                "READ", self._local, local_ids, peer.dlist, src.block_ids, notif_msg=notif)
+                "READ", self._local, local_ids, peer.dlist, src.block_ids, notif_msg=notif
+            )
         except Exception as e:
             raise TransferFailed(f"cannot prepare READ from {src.agent_name}: {e!r}") from None
         state, error = "ERR", None
@@ -217,10 +227,13 @@ class NixlTransferAgent(TransferBackend):
         self._abort(xfer, peer)
         n = len(local_ids)
         if state == "PROC":
-            raise TransferTimeout(f"READ of {n} blocks from {src.agent_name} "
-                                  f"did not finish within {timeout_s}s")
-        raise TransferFailed(f"READ of {n} blocks from {src.agent_name} failed"
-                             + (f": {error!r}" if error else " (NIXL state ERR)"))
+            raise TransferTimeout(
+                f"READ of {n} blocks from {src.agent_name} did not finish within {timeout_s}s"
+            )
+        raise TransferFailed(
+            f"READ of {n} blocks from {src.agent_name} failed"
+            + (f": {error!r}" if error else " (NIXL state ERR)")
+        )
 
     def _abort(self, xfer, peer: _Peer) -> None:
         """Release an unfinished or failed xfer so nothing keeps writing our blocks."""
@@ -267,16 +280,19 @@ class NixlTransferAgent(TransferBackend):
             name = self._agent.add_remote_agent(src.agent_metadata)
         except Exception as e:
             # NIXL connects here: a dead peer fails now, as does garbage metadata.
-            raise TransferFailed(f"handshake with {src.agent_name} failed (peer unreachable "
-                                 f"or bad metadata): {e!r}") from None
+            raise TransferFailed(
+                f"handshake with {src.agent_name} failed (peer unreachable or bad metadata): {e!r}"
+            ) from None
         name = name.decode() if isinstance(name, bytes) else name  # the binding returns bytes
         if name != src.agent_name:
             self._forget(name)
             raise TransferFailed(f"metadata names agent {name!r}, handle says {src.agent_name!r}")
         try:
             dlist = self._agent.prep_xfer_dlist(
-                name, _block_dlist(src.base_addr, src.num_blocks, src.block_bytes, src.device_id),
-                src.mem_type)
+                name,
+                _block_dlist(src.base_addr, src.num_blocks, src.block_bytes, src.device_id),
+                src.mem_type,
+            )
         except Exception as e:
             self._forget(name)
             raise TransferFailed(f"cannot prepare blocks of {name}: {e!r}") from None
@@ -299,7 +315,7 @@ class NixlTransferAgent(TransferBackend):
     def _evict(self) -> None:
         """Drop least recently used idle peers beyond max_peers (caller holds the lock)."""
         excess = len(self._peers) - self.max_peers
-        for peer in [p for p in self._peers.values() if p.users == 0][:max(excess, 0)]:
+        for peer in [p for p in self._peers.values() if p.users == 0][: max(excess, 0)]:
             self._teardown(peer)
 
     def _teardown(self, peer: _Peer) -> None:

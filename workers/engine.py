@@ -27,8 +27,15 @@ class StepOutput:
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, blocks: BlockManager, *, max_batched_tokens: int,
-                 max_running: int, prefill_only: bool = False):
+    def __init__(
+        self,
+        runner: ModelRunner,
+        blocks: BlockManager,
+        *,
+        max_batched_tokens: int,
+        max_running: int,
+        prefill_only: bool = False,
+    ):
         self.runner = runner
         self.blocks = blocks
         self.max_batched_tokens = max_batched_tokens
@@ -48,8 +55,11 @@ class Engine:
         A sequence whose KV is already cached except the last token (pulled
         from a prefill worker) goes straight to `running` when the batch has
         room; otherwise it waits, keeping its KV, and joins later as a 1-token step."""
-        if (not self.prefill_only and 0 < seq.num_cached == seq.num_tokens - 1
-                and len(self.running) < self.max_running):
+        if (
+            not self.prefill_only
+            and 0 < seq.num_cached == seq.num_tokens - 1
+            and len(self.running) < self.max_running
+        ):
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
         else:

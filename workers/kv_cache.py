@@ -12,15 +12,23 @@ class NoFreeBlocks(Exception):
     """Not enough free KV blocks right now; callers queue or preempt, never crash."""
 
 
-def allocate_pool(num_blocks: int, num_layers: int, block_size: int, kv_heads: int,
-                  head_dim: int, dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
+def allocate_pool(
+    num_blocks: int,
+    num_layers: int,
+    block_size: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: str | torch.device,
+) -> torch.Tensor:
     """Block-major pool [blocks, layers, 2 (k/v), block_size, kv_heads, head_dim].
 
     Block-major so that a request's block is one contiguous region: a transfer
     moves one descriptor per block, and adjacent blocks merge into one.
     """
-    return torch.zeros(num_blocks, num_layers, 2, block_size, kv_heads, head_dim,
-                       dtype=dtype, device=device)
+    return torch.zeros(
+        num_blocks, num_layers, 2, block_size, kv_heads, head_dim, dtype=dtype, device=device
+    )
 
 
 class BlockManager:

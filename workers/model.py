@@ -137,13 +137,14 @@ class ColumnParallelLinear(_PackedLinear):
         assert all(s % tp_size == 0 for s in shards), "output size must divide tp_size"
         self.shards = shards
         self.tp_rank, self.tp_size = tp_rank, tp_size
-        self.weight = nn.Parameter(torch.empty(sum(shards) // tp_size, in_features),
-                                   requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.empty(sum(shards) // tp_size, in_features), requires_grad=False
+        )
 
     def load_shard(self, idx: int, full: torch.Tensor) -> None:
         per = self.shards[idx] // self.tp_size
         start = sum(self.shards[:idx]) // self.tp_size
-        self.weight[start:start + per].copy_(full.narrow(0, self.tp_rank * per, per))
+        self.weight[start : start + per].copy_(full.narrow(0, self.tp_rank * per, per))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x)
@@ -156,8 +157,9 @@ class RowParallelLinear(_PackedLinear):
         super().__init__()
         assert in_features % tp_size == 0
         self.tp_rank, self.tp_size = tp_rank, tp_size
-        self.weight = nn.Parameter(torch.empty(out_features, in_features // tp_size),
-                                   requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features // tp_size), requires_grad=False
+        )
 
     def load(self, full: torch.Tensor) -> None:
         per = self.weight.shape[1]
@@ -180,7 +182,7 @@ class VocabParallelEmbedding(_PackedLinear):
         self.weight = nn.Parameter(torch.zeros(self.per, dim), requires_grad=False)
 
     def load(self, full: torch.Tensor) -> None:
-        part = full[self.start:self.start + self.per]
+        part = full[self.start : self.start + self.per]
         self.weight[: part.shape[0]].copy_(part)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -245,7 +247,8 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int, tp_rank: int, tp_size: int):
         super().__init__()
         assert args.num_heads % tp_size == 0 and args.num_kv_heads % tp_size == 0, (
-            "tensor_parallel_size must divide the number of heads and KV heads")
+            "tensor_parallel_size must divide the number of heads and KV heads"
+        )
         self.layer = layer
         self.nh = args.num_heads // tp_size
         self.nkv = args.num_kv_heads // tp_size
@@ -254,8 +257,9 @@ class Attention(nn.Module):
         self.qkv_proj = ColumnParallelLinear(args.hidden_size, [q, kv, kv], tp_rank, tp_size)
         self.o_proj = RowParallelLinear(q, args.hidden_size, tp_rank, tp_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                ctx: AttnContext) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttnContext
+    ) -> torch.Tensor:
         T, nh, nkv, hd = x.shape[0], self.nh, self.nkv, self.hd
         qkv = self.qkv_proj(x).view(T, nh + 2 * nkv, hd)
         # RoPE over q, k and v heads in one pass: `cos`/`sin` are 1/0 on the v heads,
@@ -271,12 +275,14 @@ class Attention(nn.Module):
         if Tq == 1:
             # Decode: the nh / nkv query heads that share a KV head are that head's query
             # rows (GQA exactly; at batch 32 a third faster than enable_gqa).
-            out = F.scaled_dot_product_attention(q.view(B, nkv, nh // nkv, hd), keys, values,
-                                                 attn_mask=ctx.mask).view(B, nh * hd)
+            out = F.scaled_dot_product_attention(
+                q.view(B, nkv, nh // nkv, hd), keys, values, attn_mask=ctx.mask
+            ).view(B, nh * hd)
         else:
             queries = q.view(B, Tq, nh, hd) if ctx.q_index is None else q[ctx.q_index]
-            out = F.scaled_dot_product_attention(queries.transpose(1, 2), keys, values,
-                                                 attn_mask=ctx.mask, enable_gqa=nkv != nh)
+            out = F.scaled_dot_product_attention(
+                queries.transpose(1, 2), keys, values, attn_mask=ctx.mask, enable_gqa=nkv != nh
+            )
             out = out.transpose(1, 2).reshape(B * Tq, nh * hd)
         if ctx.out_index is not None:
             out = out[ctx.out_index]
@@ -317,14 +323,18 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.args = args
         self.tp_rank, self.tp_size = tp_rank, tp_size
-        self.embed_tokens = VocabParallelEmbedding(args.vocab_size, args.hidden_size,
-                                                   tp_rank, tp_size)
-        self.layers = nn.ModuleList(DecoderLayer(args, i, tp_rank, tp_size)
-                                    for i in range(args.num_layers))
+        self.embed_tokens = VocabParallelEmbedding(
+            args.vocab_size, args.hidden_size, tp_rank, tp_size
+        )
+        self.layers = nn.ModuleList(
+            DecoderLayer(args, i, tp_rank, tp_size) for i in range(args.num_layers)
+        )
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.lm_head = (self.embed_tokens if args.tie_word_embeddings else
-                        VocabParallelEmbedding(args.vocab_size, args.hidden_size,
-                                               tp_rank, tp_size))
+        self.lm_head = (
+            self.embed_tokens
+            if args.tie_word_embeddings
+            else VocabParallelEmbedding(args.vocab_size, args.hidden_size, tp_rank, tp_size)
+        )
         self.nh, self.nkv = args.num_heads // tp_size, args.num_kv_heads // tp_size
         freqs = torch.arange(max_len, dtype=torch.float32)[:, None] * rope_inv_freq(args)[None]
         half = freqs.shape[1]
@@ -339,8 +349,9 @@ class LlamaModel(nn.Module):
     def kv_heads_local(self) -> int:
         return self.args.num_kv_heads // self.tp_size
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                ctx: AttnContext) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttnContext
+    ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         cos, sin = self._rope(positions)
         for layer in self.layers:
@@ -381,15 +392,20 @@ class LlamaModel(nn.Module):
         if "lm_head.weight" not in seen and not self.args.tie_word_embeddings:
             raise ValueError(f"{path}: lm_head.weight missing and embeddings are not tied")
 
-    _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-              "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+    _FUSED = {
+        "q_proj": ("qkv_proj", 0),
+        "k_proj": ("qkv_proj", 1),
+        "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
 
     @torch.no_grad()
     def _load_one(self, name: str, t: torch.Tensor) -> None:
         dtype = self.norm.weight.dtype
         t = t.to(dtype)
         if name.startswith("model."):
-            name = name[len("model."):]
+            name = name[len("model.") :]
         if name in ("embed_tokens.weight", "lm_head.weight"):
             if name == "lm_head.weight" and self.args.tie_word_embeddings:
                 return

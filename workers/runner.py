@@ -35,9 +35,18 @@ def keep_freed_memory() -> None:
 
 
 class ModelRunner:
-    def __init__(self, model_dir: str | Path, *, max_model_len: int, num_blocks: int,
-                 block_size: int, dtype: str = "float32", device: str = "cpu",
-                 tp_rank: int = 0, tp_size: int = 1):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        max_model_len: int,
+        num_blocks: int,
+        block_size: int,
+        dtype: str = "float32",
+        device: str = "cpu",
+        tp_rank: int = 0,
+        tp_size: int = 1,
+    ):
         keep_freed_memory()
         self.args = ModelArgs.from_hf_dir(model_dir)
         self.block_size = block_size
@@ -46,26 +55,37 @@ class ModelRunner:
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.tp: TPGroup | None = None  # set once the group has formed (tp_size > 1)
         if self.args.num_heads % tp_size or self.args.num_kv_heads % tp_size:
-            raise ValueError(f"tensor_parallel_size {tp_size} must divide the model's "
-                             f"{self.args.num_heads} attention heads and "
-                             f"{self.args.num_kv_heads} KV heads")
+            raise ValueError(
+                f"tensor_parallel_size {tp_size} must divide the model's "
+                f"{self.args.num_heads} attention heads and "
+                f"{self.args.num_kv_heads} KV heads"
+            )
         torch_dtype = DTYPES[dtype]
         with torch.device(self.device):
             self.model = LlamaModel(self.args, max_model_len, tp_rank, tp_size).to(torch_dtype)
         self.model.load_hf_weights(model_dir)
         self.model.eval()
         self._packed = False
-        self.kv_pool = allocate_pool(num_blocks, self.args.num_layers, block_size,
-                                     self.model.kv_heads_local, self.args.head_dim,
-                                     torch_dtype, self.device)
+        self.kv_pool = allocate_pool(
+            num_blocks,
+            self.args.num_layers,
+            block_size,
+            self.model.kv_heads_local,
+            self.args.head_dim,
+            torch_dtype,
+            self.device,
+        )
 
     def plan(self, seqs: list[Sequence], num_new: list[int]) -> StepPlan:
         """The step as plain lists: what rank 0 broadcasts to the other ranks."""
         bs = self.block_size
         starts = [s.num_cached for s in seqs]
         nblk = -(-max(st + n for st, n in zip(starts, num_new)) // bs)
-        return StepPlan(tokens=[s.token_ids[st:st + n] for s, st, n in zip(seqs, starts, num_new)],
-                        starts=starts, tables=[s.block_table[:nblk] for s in seqs])
+        return StepPlan(
+            tokens=[s.token_ids[st : st + n] for s, st, n in zip(seqs, starts, num_new)],
+            starts=starts,
+            tables=[s.block_table[:nblk] for s in seqs],
+        )
 
     def _context(self, plan: StepPlan):
         """Flatten the step's new tokens and index them into the paged pool.
@@ -90,16 +110,20 @@ class ModelRunner:
         # Pool rows and chunks (see AttnContext), for every layer at once.
         nl = self.args.num_layers
         write_base = tables[seq_of * nblk + positions // bs] * (nl * 2 * bs) + positions % bs
-        write_rows = (write_base[None, :, None] + torch.arange(0, nl * 2 * bs, 2 * bs)[:, None, None]
-                      + torch.tensor([0, bs]))                                        # nl,T,2
-        gather = ((tables.view(B, 1, nblk) * (nl * 2) + torch.tensor([[0], [1]]))[None]
-                  + torch.arange(0, nl * 2, 2)[:, None, None, None])                  # nl,B,2,nblk
+        write_rows = (
+            write_base[None, :, None]
+            + torch.arange(0, nl * 2 * bs, 2 * bs)[:, None, None]
+            + torch.tensor([0, bs])
+        )  # nl,T,2
+        gather = (tables.view(B, 1, nblk) * (nl * 2) + torch.tensor([[0], [1]]))[
+            None
+        ] + torch.arange(0, nl * 2, 2)[:, None, None, None]  # nl,B,2,nblk
         # Query slot j of sequence b sits at position starts[b] + j and sees keys up to
         # there; padded slots (j >= num_new[b]) see key 0 only, so no row is all -inf.
         j = torch.arange(Tq)
         q_pos = torch.tensor(starts)[:, None] + j
         q_pos.masked_fill_(j >= n_t[:, None], 0)
-        hidden = torch.arange(L) > q_pos[:, :, None]                                  # B,Tq,L
+        hidden = torch.arange(L) > q_pos[:, :, None]  # B,Tq,L
         mask = torch.zeros(B, 1, Tq, L, dtype=self.model.cos.dtype)
         mask[:, 0].masked_fill_(hidden, float("-inf"))
         q_index = out_index = None
@@ -110,11 +134,15 @@ class ModelRunner:
             out_index = (seq_of * Tq + j_of).to(dev)
             q_index = q_index.to(dev)
         pool = self.kv_pool
-        ctx = AttnContext(rows=pool.view(-1, pool[0, 0, 0, 0].numel()),
-                          chunks=pool.view(-1, pool[0, 0, 0].numel()),
-                          write_rows=write_rows.to(dev).unbind(0),
-                          gather_chunks=gather.view(nl, -1).to(dev).unbind(0),
-                          mask=mask.to(dev), q_index=q_index, out_index=out_index)
+        ctx = AttnContext(
+            rows=pool.view(-1, pool[0, 0, 0, 0].numel()),
+            chunks=pool.view(-1, pool[0, 0, 0].numel()),
+            write_rows=write_rows.to(dev).unbind(0),
+            gather_chunks=gather.view(nl, -1).to(dev).unbind(0),
+            mask=mask.to(dev),
+            q_index=q_index,
+            out_index=out_index,
+        )
         last = None if T == B else (cu[1:] - 1).to(dev)
         return torch.tensor(ids, dtype=torch.long, device=dev), positions.to(dev), ctx, last
 

@@ -10,16 +10,21 @@ from workers.sampling_params import SamplingParams
 
 
 class SeqStatus(enum.Enum):
-    WAITING = "waiting"      # needs (re)computation of KV for tokens not yet cached
-    RUNNING = "running"      # all but the last token cached; decodes one token a step
+    WAITING = "waiting"  # needs (re)computation of KV for tokens not yet cached
+    RUNNING = "running"  # all but the last token cached; decodes one token a step
     FINISHED = "finished"
 
 
 class Sequence:
     """Token ids (prompt + output), block table, and how many tokens have KV cached."""
 
-    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 output_ids: list[int] | None = None):
+    def __init__(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        output_ids: list[int] | None = None,
+    ):
         self.request_id = request_id
         self.token_ids = list(prompt_ids) + list(output_ids or [])
         self.num_prompt_tokens = len(prompt_ids)
@@ -42,11 +47,12 @@ class Sequence:
 
     @property
     def output_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens :]
 
 
-def finish_reason(seq: Sequence, token: int, eos_ids: tuple[int, ...],
-                  max_model_len: int) -> str | None:
+def finish_reason(
+    seq: Sequence, token: int, eos_ids: tuple[int, ...], max_model_len: int
+) -> str | None:
     """Why `seq` ends after appending `token`, or None. One rule for prefill and decode:
     every sequence ends at a stop token, at max_tokens, or at the context window."""
     p = seq.params

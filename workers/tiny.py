@@ -31,8 +31,18 @@ MARKER = "pdcluster_tiny.json"
 FORMAT_VERSION = 1
 
 SPECIALS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
-MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("e", "r"),
-          ("a", "n"), ("Ġ", "a"), ("o", "n"), ("r", "e"), ("Ġ", "s")]
+MERGES = [
+    ("Ġ", "t"),
+    ("h", "e"),
+    ("Ġt", "he"),
+    ("i", "n"),
+    ("e", "r"),
+    ("a", "n"),
+    ("Ġ", "a"),
+    ("o", "n"),
+    ("r", "e"),
+    ("Ġ", "s"),
+]
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -43,8 +53,11 @@ CHAT_TEMPLATE = (
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable unicode character map."""
-    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-          + list(range(ord("®"), ord("ÿ") + 1)))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -68,17 +81,25 @@ def build_tokenizer():
     vocab = {b2u[b]: b for b in range(256)}
     for a, b in MERGES:
         vocab[a + b] = len(vocab)
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=list(MERGES), unk_token=None,
-                              fuse_unk=False, byte_fallback=False))
+    tk = Tokenizer(
+        models.BPE(
+            vocab=vocab, merges=list(MERGES), unk_token=None, fuse_unk=False, byte_fallback=False
+        )
+    )
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tk.decoder = decoders.ByteLevel()
     n_base = len(vocab) + len(SPECIALS)
     reserved = [f"<|reserved_{i}|>" for i in range(_round_up(n_base, 64) - n_base)]
-    tk.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                           for t in SPECIALS + reserved])
+    tk.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in SPECIALS + reserved]
+    )
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>",
-        chat_template=CHAT_TEMPLATE, model_max_length=1 << 20,
+        tokenizer_object=tk,
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        pad_token="<|pad|>",
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=1 << 20,
     )
     assert len(tok) % 64 == 0
     return tok
@@ -93,27 +114,47 @@ def _complete(path: Path, args: dict) -> bool:
         marker = json.loads((path / MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return marker == args and (path / "config.json").is_file() and (
-        path / "model.safetensors").is_file()
+    return (
+        marker == args
+        and (path / "config.json").is_file()
+        and (path / "model.safetensors").is_file()
+    )
 
 
-def write_tiny_llama(path: Path, *, seed: int = 0, hidden_size: int = 64, num_layers: int = 2,
-                     num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 128,
-                     max_position_embeddings: int = 2048, rope_scaling: dict | None = None,
-                     tie_word_embeddings: bool = True, rope_theta: float = 10000.0,
-                     initializer_range: float = 0.5) -> Path:
+def write_tiny_llama(
+    path: Path,
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    max_position_embeddings: int = 2048,
+    rope_scaling: dict | None = None,
+    tie_word_embeddings: bool = True,
+    rope_theta: float = 10000.0,
+    initializer_range: float = 0.5,
+) -> Path:
     """Write (once) a deterministic random-weight LlamaForCausalLM + tokenizer at `path`.
 
     initializer_range is large on purpose: with the default 0.02 and tied
     embeddings, greedy decoding just repeats the last token forever.
     """
     path = Path(path)
-    args = _args(seed=seed, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-                 num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
-                 max_position_embeddings=max_position_embeddings,
-                 rope_scaling=dict(rope_scaling) if rope_scaling else None,
-                 tie_word_embeddings=tie_word_embeddings, rope_theta=float(rope_theta),
-                 initializer_range=float(initializer_range))
+    args = _args(
+        seed=seed,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        rope_scaling=dict(rope_scaling) if rope_scaling else None,
+        tie_word_embeddings=tie_word_embeddings,
+        rope_theta=float(rope_theta),
+        initializer_range=float(initializer_range),
+    )
     if _complete(path, args):
         return path
     if path.exists() and any(path.iterdir()) and not (path / MARKER).exists():
@@ -129,19 +170,30 @@ def write_tiny_llama(path: Path, *, seed: int = 0, hidden_size: int = 64, num_la
     rope = dict(rope_scaling) if rope_scaling else {"rope_type": "default"}
     rope["rope_theta"] = float(rope_theta)
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads, max_position_embeddings=max_position_embeddings,
-        rms_norm_eps=1e-5, rope_parameters=rope, tie_word_embeddings=tie_word_embeddings,
-        initializer_range=initializer_range, bos_token_id=ids["<|bos|>"],
-        eos_token_id=ids["<|eos|>"], pad_token_id=ids["<|pad|>"], dtype="float32",
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        rms_norm_eps=1e-5,
+        rope_parameters=rope,
+        tie_word_embeddings=tie_word_embeddings,
+        initializer_range=initializer_range,
+        bos_token_id=ids["<|bos|>"],
+        eos_token_id=ids["<|eos|>"],
+        pad_token_id=ids["<|pad|>"],
+        dtype="float32",
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config).to(torch.float32).eval()
     model.generation_config = GenerationConfig(
-        bos_token_id=ids["<|bos|>"], eos_token_id=[ids["<|eos|>"], ids["<|im_end|>"]],
-        pad_token_id=ids["<|pad|>"])
+        bos_token_id=ids["<|bos|>"],
+        eos_token_id=[ids["<|eos|>"], ids["<|im_end|>"]],
+        pad_token_id=ids["<|pad|>"],
+    )
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))

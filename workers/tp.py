@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 log = logging.getLogger("pdcluster.tp")
 
-KEEPALIVE_S = 2.0        # leader sends an empty plan when idle this long
+KEEPALIVE_S = 2.0  # leader sends an empty plan when idle this long
 COLLECTIVE_TIMEOUT_S = 30.0  # a collective that waits longer ends the process
 RENDEZVOUS_TIMEOUT_S = 60.0  # one attempt to form the group
 
@@ -51,8 +51,7 @@ def exit_for_restart(what: str, e: BaseException) -> NoReturn:
     """End this worker process so that Ray restarts it (`max_restarts`): for a
     failure that leaves the process unable to serve (a broken TP group, a model
     thread that could not start), where an exception would only kill a thread."""
-    log.critical("%s failed (%r): ending this process so that Ray restarts it", what, e,
-                 exc_info=e)
+    log.critical("%s failed (%r): ending this process so that Ray restarts it", what, e, exc_info=e)
     logging.shutdown()
     os._exit(1)
 
@@ -72,8 +71,14 @@ class TPGroup:
     def open(self, host: str) -> tuple[str, int, str]:
         """Leader: start the group's store on `host` (this node's address);
         returns (host, port, generation) for the followers."""
-        self._store = dist.TCPStore(host, 0, None, True, wait_for_workers=False,
-                                    timeout=datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
+        self._store = dist.TCPStore(
+            host,
+            0,
+            None,
+            True,
+            wait_for_workers=False,
+            timeout=datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S),
+        )
         self.address = (host, self._store.port, uuid.uuid4().hex)
         return self.address
 
@@ -81,13 +86,24 @@ class TPGroup:
         """Form the group (every rank calls this; blocks until all have)."""
         host, port, gen = address
         store = self._store or dist.TCPStore(
-            host, port, None, False, timeout=datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
-        dist.init_process_group(self.backend, store=dist.PrefixStore(gen, store), rank=self.rank,
-                                world_size=self.size,
-                                timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+            host, port, None, False, timeout=datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S)
+        )
+        dist.init_process_group(
+            self.backend,
+            store=dist.PrefixStore(gen, store),
+            rank=self.rank,
+            world_size=self.size,
+            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+        )
         self._plans = dist.new_group(backend="gloo") if self.backend != "gloo" else None
-        log.info("tensor-parallel rank %d/%d joined %s:%d (%s)", self.rank, self.size, host,
-                 port, self.backend)
+        log.info(
+            "tensor-parallel rank %d/%d joined %s:%d (%s)",
+            self.rank,
+            self.size,
+            host,
+            port,
+            self.backend,
+        )
 
     def gather(self, obj: object) -> list[object]:
         """Every rank's `obj`, in rank order, on every rank (used once, at start)."""
@@ -100,8 +116,11 @@ class TPGroup:
     def _bcast(self, payload: bytes | None) -> bytes:
         n = torch.tensor([len(payload) if payload is not None else 0], dtype=torch.long)
         dist.broadcast(n, 0, group=self._plans)
-        buf = (torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload is not None
-               else torch.empty(int(n), dtype=torch.uint8))
+        buf = (
+            torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+            if payload is not None
+            else torch.empty(int(n), dtype=torch.uint8)
+        )
         if int(n):
             dist.broadcast(buf, 0, group=self._plans)
         return buf.numpy().tobytes()

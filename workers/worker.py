@@ -60,7 +60,7 @@ class WorkerError(Exception):
 class WorkerSpec(msgspec.Struct, frozen=True):
     """Everything a worker needs to start; built by the launcher from the config."""
 
-    role: str                  # "prefill" | "decode"
+    role: str  # "prefill" | "decode"
     replica: int
     model_dir: str
     max_model_len: int
@@ -76,7 +76,7 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     num_threads: int = 1
     stream_interval: int = 1  # decode: tokens gathered per request before they go out
     faults: FaultConfig | None = None
-    transfer_backend: str = "nixl"   # "nixl" | "ray"
+    transfer_backend: str = "nixl"  # "nixl" | "ray"
     tp_rank: int = 0
     tp_size: int = 1
     group: str = ""  # rank r's Ray actor name is f"{group}-rank{r}"
@@ -114,9 +114,13 @@ class OutputChannel:
     def close(self, request_id: str) -> None:
         self._queues.pop(request_id, None)
 
-    async def stream(self, request_id: str, submit: Callable[[], object],
-                     wait: Callable[[Callable[[], Awaitable]], Awaitable],
-                     grace_s: float = 5.0) -> AsyncIterator[tuple[list[int], str | None]]:
+    async def stream(
+        self,
+        request_id: str,
+        submit: Callable[[], object],
+        wait: Callable[[Callable[[], Awaitable]], Awaitable],
+        grace_s: float = 5.0,
+    ) -> AsyncIterator[tuple[list[int], str | None]]:
         """(tokens, finish_reason) of one request until it finishes. `submit()`
         sends its `generate` call (after its queue exists) and returns the call's
         ref: a failed call raises here. `wait(fn)` awaits `fn()` under the
@@ -131,8 +135,10 @@ class OutputChannel:
             try:
                 return await asyncio.wait_for(q.get(), grace_s)
             except (asyncio.TimeoutError, TimeoutError):
-                raise WorkerError(f"request {request_id} ended on decode but its last tokens "
-                                  f"did not arrive in {grace_s}s") from None
+                raise WorkerError(
+                    f"request {request_id} ended on decode but its last tokens "
+                    f"did not arrive in {grace_s}s"
+                ) from None
 
         buf: collections.deque = collections.deque()
         try:
@@ -198,7 +204,7 @@ class PrefillResult(msgspec.Struct, frozen=True):
     request_id: str
     first_token: int
     finish_reason: str | None  # set when the first token already ends the request
-    handle: KVHandle | None    # None when finished: nothing to transfer
+    handle: KVHandle | None  # None when finished: nothing to transfer
 
 
 def _omp_max_threads() -> int | None:
@@ -235,10 +241,16 @@ class _EngineThread:
     """Runs `engine.step()` in a loop on a dedicated thread; other threads
     hand it work as callables through an inbox, so engine state has one owner."""
 
-    def __init__(self, engine: Engine, on_outputs: Callable[[list[StepOutput]], None],
-                 on_tick: Callable[[], None], on_error: Callable[[BaseException], None],
-                 num_threads: int, idle_wait_s: float = 0.05,
-                 setup: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        on_outputs: Callable[[list[StepOutput]], None],
+        on_tick: Callable[[], None],
+        on_error: Callable[[BaseException], None],
+        num_threads: int,
+        idle_wait_s: float = 0.05,
+        setup: Callable[[], None] | None = None,
+    ):
         self.engine = engine
         self.num_threads = num_threads
         self.omp_threads: int | None = None  # as OpenMP reports it on this thread
@@ -304,16 +316,28 @@ def _load_runner(spec: WorkerSpec) -> ModelRunner:
     # Loads on one thread: the model thread alone takes `num_threads` (see
     # _model_thread_start), so the process has one OpenMP team.
     torch.set_num_threads(1)
-    return ModelRunner(spec.model_dir, max_model_len=spec.max_model_len,
-                       num_blocks=spec.kv_blocks, block_size=spec.block_size,
-                       dtype=spec.dtype, device=spec.device,
-                       tp_rank=spec.tp_rank, tp_size=spec.tp_size)
+    return ModelRunner(
+        spec.model_dir,
+        max_model_len=spec.max_model_len,
+        num_blocks=spec.kv_blocks,
+        block_size=spec.block_size,
+        dtype=spec.dtype,
+        device=spec.device,
+        tp_rank=spec.tp_rank,
+        tp_size=spec.tp_size,
+    )
 
 
 def _ready(spec: WorkerSpec, agent: TransferBackend) -> dict:
     """What every rank answers once it is up (the launcher waits for all of them)."""
-    return {"role": spec.role, "replica": spec.replica, "rank": spec.tp_rank, "pid": os.getpid(),
-            "node_id": ray.get_runtime_context().get_node_id(), "agent": agent.name}
+    return {
+        "role": spec.role,
+        "replica": spec.replica,
+        "rank": spec.tp_rank,
+        "pid": os.getpid(),
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "agent": agent.name,
+    }
 
 
 def _left(deadline: float, rid: str) -> float:
@@ -335,8 +359,13 @@ class _WorkerBase:
         self.spec = spec
         self.runner = _load_runner(spec)
         self.blocks = BlockManager(spec.kv_blocks, spec.block_size)
-        self.engine = Engine(self.runner, self.blocks, max_batched_tokens=spec.max_batched_tokens,
-                             max_running=spec.max_running, prefill_only=spec.role == "prefill")
+        self.engine = Engine(
+            self.runner,
+            self.blocks,
+            max_batched_tokens=spec.max_batched_tokens,
+            max_running=spec.max_running,
+            prefill_only=spec.role == "prefill",
+        )
         self.agent = _make_backend(spec, self.runner.kv_pool)
         self.loop = asyncio.get_event_loop()
         # Ranks 1..: their KV described with no blocks (filled per handle), their actors.
@@ -347,8 +376,14 @@ class _WorkerBase:
             self.runner.tp = TPGroup(0, spec.tp_size, self.runner.device)
             self._tp_address = self.runner.tp.open(ray.util.get_node_ip_address())
             setup = self._form_group
-        self.thread = _EngineThread(self.engine, self._on_outputs, self._on_tick, self._on_error,
-                                    num_threads=spec.num_threads, setup=setup)
+        self.thread = _EngineThread(
+            self.engine,
+            self._on_outputs,
+            self._on_tick,
+            self._on_error,
+            num_threads=spec.num_threads,
+            setup=setup,
+        )
 
     def _form_group(self) -> None:  # engine thread, before the first step
         tp = self.runner.tp
@@ -364,14 +399,16 @@ class _WorkerBase:
 
     def followers(self) -> list:
         if self._followers is None:
-            self._followers = [ray.get_actor(self.spec.rank_name(r))
-                               for r in range(1, self.spec.tp_size)]
+            self._followers = [
+                ray.get_actor(self.spec.rank_name(r)) for r in range(1, self.spec.tp_size)
+            ]
         return self._followers
 
     def rank_kvs(self, block_ids: list[int]) -> list[RankKV]:
         """Every rank's share of these blocks (same block ids on every rank)."""
         return [self.agent.rank_kv(block_ids)] + [
-            msgspec.structs.replace(t, block_ids=list(block_ids)) for t in self.tp_peers]
+            msgspec.structs.replace(t, block_ids=list(block_ids)) for t in self.tp_peers
+        ]
 
     def _on_outputs(self, outputs: list[StepOutput]) -> None:
         raise NotImplementedError
@@ -409,16 +446,20 @@ class PrefillWorker(_WorkerBase):
     def __init__(self, spec: WorkerSpec):
         self._futures: dict[str, asyncio.Future] = {}
         # A claimed lease stays pinned for the longest a read can take.
-        self.leases = LeaseRegistry(spec.max_pending, spec.lease_ttl_s,
-                                    claim_s=spec.transfer_timeout_s + 5.0)
+        self.leases = LeaseRegistry(
+            spec.max_pending, spec.lease_ttl_s, claim_s=spec.transfer_timeout_s + 5.0
+        )
         self.faults = FaultInjector(spec.faults, f"prefill-{spec.replica}") if spec.faults else None
         super().__init__(spec)
 
-    async def prefill(self, request_id: str, prompt_ids: list[int],
-                      params: SamplingParams) -> PrefillResult:
+    async def prefill(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+    ) -> PrefillResult:
         if len(self.leases) + len(self._futures) >= self.spec.max_pending:
-            raise TransferBackpressure(f"prefill-{self.spec.replica}: {self.spec.max_pending} "
-                                       "requests and leases pending (max_pending); try later")
+            raise TransferBackpressure(
+                f"prefill-{self.spec.replica}: {self.spec.max_pending} "
+                "requests and leases pending (max_pending); try later"
+            )
         fut = self.loop.create_future()
         self._futures[request_id] = fut
         seq = Sequence(request_id, prompt_ids, params)
@@ -472,12 +513,14 @@ class PrefillWorker(_WorkerBase):
                     seq.block_table = []
                     _fail_future(self.loop, fut, e)
                     continue
-                handle = KVHandle(request_id=seq.request_id,
-                                  backend="ray" if isinstance(self.agent, RayObjectBackend)
-                                  else "nixl",
-                                  num_tokens=seq.num_cached,
-                                  ranks=self.rank_kvs(seq.block_table),
-                                  epoch=lease.epoch, expires_at=time.time() + ttl)
+                handle = KVHandle(
+                    request_id=seq.request_id,
+                    backend="ray" if isinstance(self.agent, RayObjectBackend) else "nixl",
+                    num_tokens=seq.num_cached,
+                    ranks=self.rank_kvs(seq.block_table),
+                    epoch=lease.epoch,
+                    expires_at=time.time() + ttl,
+                )
             if fut is not None:
                 res = PrefillResult(seq.request_id, out.token, out.finish_reason, handle)
                 self.loop.call_soon_threadsafe(lambda f=fut, r=res: f.done() or f.set_result(r))
@@ -498,11 +541,17 @@ class PrefillWorker(_WorkerBase):
             _fail_future(self.loop, fut, WorkerError(f"prefill engine failed: {exc!r}"))
 
     def stats(self) -> dict:
-        return {"role": "prefill", "replica": self.spec.replica,
-                "pinned_blocks": self.blocks.num_used, "leases": len(self.leases),
-                "leases_expired": self.leases.expired_total, "pending": len(self._futures),
-                "queued_tokens": self.engine.num_queued_tokens, "steps": self.engine.steps,
-                "omp_threads": self.thread.omp_threads}
+        return {
+            "role": "prefill",
+            "replica": self.spec.replica,
+            "pinned_blocks": self.blocks.num_used,
+            "leases": len(self.leases),
+            "leases_expired": self.leases.expired_total,
+            "pending": len(self._futures),
+            "queued_tokens": self.engine.num_queued_tokens,
+            "steps": self.engine.steps,
+            "omp_threads": self.thread.omp_threads,
+        }
 
 
 @ray.remote
@@ -516,8 +565,14 @@ class DecodeWorker(_WorkerBase):
         self._streams: dict[str, tuple[asyncio.Queue, asyncio.Future]] = {}
         self.transfers_pending = 0
         # Counters the router publishes as pdcluster_kv_transfer_* metrics.
-        self.xfer = {"count": 0, "bytes": 0, "seconds": 0.0, "timeouts": 0, "failures": 0,
-                     "buckets": [0] * (len(XFER_BUCKETS) + 1)}
+        self.xfer = {
+            "count": 0,
+            "bytes": 0,
+            "seconds": 0.0,
+            "timeouts": 0,
+            "failures": 0,
+            "buckets": [0] * (len(XFER_BUCKETS) + 1),
+        }
         self.faults = FaultInjector(spec.faults, f"decode-{spec.replica}") if spec.faults else None
         super().__init__(spec)
         # Pulls poll NIXL and must not block the event loop; several threads so
@@ -549,8 +604,11 @@ class DecodeWorker(_WorkerBase):
                         h[1] = reason
                 for rid in [r for r, h in held.items() if h[1] is None and r not in self._streams]:
                     del held[rid]  # aborted while its tokens were held back
-                ready = [rid for rid, (tokens, reason) in held.items()
-                         if reason is not None or len(tokens) >= interval]
+                ready = [
+                    rid
+                    for rid, (tokens, reason) in held.items()
+                    if reason is not None or len(tokens) >= interval
+                ]
                 if ready:
                     yield [(rid, *held.pop(rid)) for rid in ready]
         finally:
@@ -559,19 +617,30 @@ class DecodeWorker(_WorkerBase):
                 if sq is q:
                     self._end(rid, WorkerError(f"output channel {channel} closed"))
 
-    async def generate(self, request_id: str, channel: str, prompt_ids: list[int],
-                       first_token: int, params: SamplingParams, handle: KVHandle,
-                       deadline: float, prefill=None) -> str:
+    async def generate(
+        self,
+        request_id: str,
+        channel: str,
+        prompt_ids: list[int],
+        first_token: int,
+        params: SamplingParams,
+        handle: KVHandle,
+        deadline: float,
+        prefill=None,
+    ) -> str:
         """Pull the prompt's KV and decode it in the running batch; tokens go out
         on `channel` (the first came from prefill and is not repeated). Returns
         the finish reason when the request ends; raises if it cannot be served.
         `prefill` is the actor holding the lease: the pull claims it first."""
         if handle.num_tokens != len(prompt_ids):
-            raise WorkerError(f"KV handle holds {handle.num_tokens} tokens, "
-                              f"prompt has {len(prompt_ids)}")
+            raise WorkerError(
+                f"KV handle holds {handle.num_tokens} tokens, prompt has {len(prompt_ids)}"
+            )
         if len(handle.ranks) != self.spec.tp_size:
-            raise WorkerError(f"KV handle has {len(handle.ranks)} rank shards, this decode "
-                              f"group has tensor_parallel_size {self.spec.tp_size}")
+            raise WorkerError(
+                f"KV handle has {len(handle.ranks)} rank shards, this decode "
+                f"group has tensor_parallel_size {self.spec.tp_size}"
+            )
         q = self._channel(channel)
         blocks = await self._allocate_for(handle, deadline)
         try:
@@ -583,8 +652,14 @@ class DecodeWorker(_WorkerBase):
         seq.block_table, seq.num_cached = blocks, handle.num_tokens
         return await self._run(seq, q, deadline)
 
-    async def generate_local(self, request_id: str, channel: str, prompt_ids: list[int],
-                             params: SamplingParams, deadline: float) -> str:
+    async def generate_local(
+        self,
+        request_id: str,
+        channel: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        deadline: float,
+    ) -> str:
         """Decode-only fallback when no prefill worker is healthy: prefill here,
         then decode; every token including the first goes out on `channel`."""
         q = self._channel(channel)
@@ -640,13 +715,16 @@ class DecodeWorker(_WorkerBase):
         try:
             if prefill is not None:
                 try:
-                    claimed = await asyncio.wait_for(prefill.claim.remote(rid, handle.epoch),
-                                                     timeout)
+                    claimed = await asyncio.wait_for(
+                        prefill.claim.remote(rid, handle.epoch), timeout
+                    )
                 except (asyncio.TimeoutError, TimeoutError):
                     raise TransferTimeout(f"claim of {rid} not answered in {timeout}s") from None
                 if claimed != src.block_ids:
-                    raise TransferFailed(f"lease of {rid} epoch {handle.epoch} names other "
-                                         "blocks than the handle; refusing to read")
+                    raise TransferFailed(
+                        f"lease of {rid} epoch {handle.epoch} names other "
+                        "blocks than the handle; refusing to read"
+                    )
             backend = self._ray_backend if handle.backend == "ray" else self.agent
             # One rank: NIXL tells prefill when the READ is done. Several: every
             # rank's READ must be done first, so decode releases the lease itself.
@@ -656,12 +734,14 @@ class DecodeWorker(_WorkerBase):
             def pull() -> int:
                 if self.faults is not None:
                     self.faults.before_pull(timeout - (time.monotonic() - t0))
-                return backend.pull(src, blocks, timeout_s=timeout - (time.monotonic() - t0),
-                                    notif=notif)
+                return backend.pull(
+                    src, blocks, timeout_s=timeout - (time.monotonic() - t0), notif=notif
+                )
 
             pulls = [self.loop.run_in_executor(self._xfer, pull)] + [
                 self._pull_rank(f, shard, blocks, timeout - (time.monotonic() - t0))
-                for f, shard in zip(self.followers(), handle.ranks[1:])]
+                for f, shard in zip(self.followers(), handle.ranks[1:])
+            ]
             # Wait for every rank (each bounded) before the blocks can be freed on error.
             results = await asyncio.gather(*pulls, return_exceptions=True)
             for r in results:
@@ -688,11 +768,13 @@ class DecodeWorker(_WorkerBase):
         """Rank r of this group READs rank r's shard of the prompt's KV."""
         try:
             # The rank bounds its own READ by `timeout`; this bounds the call around it.
-            return await asyncio.wait_for(follower.pull.remote(shard, blocks, timeout),
-                                          timeout + 5.0)
+            return await asyncio.wait_for(
+                follower.pull.remote(shard, blocks, timeout), timeout + 5.0
+            )
         except (asyncio.TimeoutError, TimeoutError):
-            raise TransferTimeout(f"rank pull from {shard.agent_name} not answered "
-                                  f"in {timeout + 5.0:.1f}s") from None
+            raise TransferTimeout(
+                f"rank pull from {shard.agent_name} not answered in {timeout + 5.0:.1f}s"
+            ) from None
         except TransferError:
             raise
         except Exception as e:  # noqa: BLE001 - rank actor died or failed
@@ -750,13 +832,20 @@ class DecodeWorker(_WorkerBase):
             self.loop.call_soon_threadsafe(self._end, rid, err)
 
     def stats(self) -> dict:
-        return {"role": "decode", "replica": self.spec.replica,
-                "used_blocks": self.blocks.num_used, "free_blocks": self.blocks.num_free,
-                "running": len(self.engine.running), "waiting": len(self.engine.waiting),
-                "streams": len(self._streams), "channels": len(self._channels),
-                "transfers_pending": self.transfers_pending,
-                "transfers": dict(self.xfer),
-                "steps": self.engine.steps, "omp_threads": self.thread.omp_threads}
+        return {
+            "role": "decode",
+            "replica": self.spec.replica,
+            "used_blocks": self.blocks.num_used,
+            "free_blocks": self.blocks.num_free,
+            "running": len(self.engine.running),
+            "waiting": len(self.engine.waiting),
+            "streams": len(self._streams),
+            "channels": len(self._channels),
+            "transfers_pending": self.transfers_pending,
+            "transfers": dict(self.xfer),
+            "steps": self.engine.steps,
+            "omp_threads": self.thread.omp_threads,
+        }
 
 
 @ray.remote
@@ -798,5 +887,13 @@ class RankWorker:
         return {"rank": self.spec.tp_rank, "steps": self.steps, "omp_threads": self.omp_threads}
 
 
-__all__ = ["DecodeWorker", "OutputChannel", "PrefillResult", "PrefillWorker", "RankWorker",
-           "TransferError", "WorkerError", "WorkerSpec"]
+__all__ = [
+    "DecodeWorker",
+    "OutputChannel",
+    "PrefillResult",
+    "PrefillWorker",
+    "RankWorker",
+    "TransferError",
+    "WorkerError",
+    "WorkerSpec",
+]

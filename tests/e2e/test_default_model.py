@@ -22,8 +22,9 @@ def cluster():
 
 def test_capital_of_france_is_paris(cluster):
     client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0)
-    r = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=QUESTION,
-                                       max_tokens=40, temperature=0)
+    r = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=QUESTION, max_tokens=40, temperature=0
+    )
     assert "Paris" in r.choices[0].message.content
 
 
@@ -32,18 +33,28 @@ def test_greedy_equals_hf_generate(cluster):
 
     hf = AutoModelForCausalLM.from_pretrained(cluster.model_dir, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(cluster.model_dir)
-    ids = tok.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True,
-                                  return_dict=False)
+    ids = tok.apply_chat_template(
+        QUESTION, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     n = 32
     with torch.no_grad():
-        out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
-                          dtype=torch.long), max_new_tokens=n, min_new_tokens=n,
-                          do_sample=False, pad_token_id=0)
-    want = tok.decode(out[0, len(ids):], skip_special_tokens=False)
+        out = hf.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    want = tok.decode(out[0, len(ids) :], skip_special_tokens=False)
     client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0)
     got = client.chat.completions.create(
-        model="SmolLM2-135M-Instruct", messages=QUESTION, max_tokens=n, temperature=0,
-        extra_body={"min_tokens": n, "skip_special_tokens": False})
+        model="SmolLM2-135M-Instruct",
+        messages=QUESTION,
+        max_tokens=n,
+        temperature=0,
+        extra_body={"min_tokens": n, "skip_special_tokens": False},
+    )
     assert got.choices[0].message.content == want
     assert got.usage.completion_tokens == n
     state = wait_idle(cluster.url)
@@ -57,7 +68,9 @@ def test_engine_threads_run_with_the_configured_thread_count(cluster):
 
     cfg = cluster.config
     assert cfg.decode.num_threads == 2  # configs/local.yaml; 1 would make this test vacuous
-    for groups, want in ((cluster.decode, cfg.decode.num_threads),
-                         (cluster.prefill, cfg.prefill.num_threads)):
+    for groups, want in (
+        (cluster.decode, cfg.decode.num_threads),
+        (cluster.prefill, cfg.prefill.num_threads),
+    ):
         for g in groups:
             assert ray.get(g.leader.stats.remote(), timeout=30)["omp_threads"] == want

@@ -22,17 +22,29 @@ WATCHDOG_S = 3.0
 def cluster():
     cfg = load_test_config(
         "tiny.yaml",
-        prefill={"replicas": 2}, decode={"replicas": 2},
-        router={"port": 8013, "watchdog_s": WATCHDOG_S, "health_period_s": 0.25,
-                "request_timeout_s": 30, "max_queued": 256})
+        prefill={"replicas": 2},
+        decode={"replicas": 2},
+        router={
+            "port": 8013,
+            "watchdog_s": WATCHDOG_S,
+            "health_period_s": 0.25,
+            "request_timeout_s": 30,
+            "max_queued": 256,
+        },
+    )
     with running_cluster(cfg) as rc:
         yield rc
 
 
 def assert_idle(url: str) -> dict:
     state = wait_idle(url)
-    for key in ("requests_in_flight", "prefill_leases", "prefill_pinned_blocks",
-                "transfer_pending", "decode_blocks_used"):
+    for key in (
+        "requests_in_flight",
+        "prefill_leases",
+        "prefill_pinned_blocks",
+        "transfer_pending",
+        "decode_blocks_used",
+    ):
         assert state[key] == 0, (key, state)
     return state
 
@@ -110,20 +122,28 @@ async def _disconnecting_streams(url: str, n: int) -> int:
 
 def test_64_streams_disconnect_at_random_points(cluster):
     asyncio.run(_disconnecting_streams(cluster.url, 64))
-    r = httpx.post(f"{cluster.url}/v1/chat/completions", timeout=30,
-                   json=chat("still there?", max_tokens=4, temperature=0))
+    r = httpx.post(
+        f"{cluster.url}/v1/chat/completions",
+        timeout=30,
+        json=chat("still there?", max_tokens=4, temperature=0),
+    )
     assert r.status_code == 200
     assert_idle(cluster.url)
     wait_healthy(cluster.url)
 
 
-async def _streams(url: str, prompts: list[str], max_tokens: int,
-                   on_progress=None) -> list[str]:
+async def _streams(url: str, prompts: list[str], max_tokens: int, on_progress=None) -> list[str]:
     """Stream every prompt; once all are sent, run `on_progress` (in a thread)."""
 
     async def one(i: int, client: httpx.AsyncClient) -> str:
-        body = chat(prompts[i], max_tokens=max_tokens, temperature=0, stream=True,
-                    ignore_eos=True, skip_special_tokens=False)
+        body = chat(
+            prompts[i],
+            max_tokens=max_tokens,
+            temperature=0,
+            stream=True,
+            ignore_eos=True,
+            skip_special_tokens=False,
+        )
         text = []
         async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
             assert r.status_code == 200
@@ -184,23 +204,30 @@ def test_decode_killed_mid_stream_streams_complete_with_same_text(cluster):
 def test_prefill_killed_under_load_every_request_completes(cluster):
     async def load():
         async with httpx.AsyncClient(timeout=60) as client:
+
             async def one(i):
-                return await client.post(f"{cluster.url}/v1/chat/completions",
-                                         json=chat(f"load {i} " * 20, max_tokens=4,
-                                                   temperature=0))
+                return await client.post(
+                    f"{cluster.url}/v1/chat/completions",
+                    json=chat(f"load {i} " * 20, max_tokens=4, temperature=0),
+                )
+
             tasks = [asyncio.create_task(one(i)) for i in range(60)]
             await asyncio.sleep(0.3)
             ray.kill(cluster.prefill[0].leader, no_restart=False)
             return await asyncio.gather(*tasks)
 
     responses = asyncio.run(load())
-    assert [r.status_code for r in responses] == [200] * len(responses), \
-        [r.text for r in responses if r.status_code != 200][:3]
+    assert [r.status_code for r in responses] == [200] * len(responses), [
+        r.text for r in responses if r.status_code != 200
+    ][:3]
     wait_healthy(cluster.url)
     # The restarted worker has a new NIXL agent: transfers from it work again.
     for i in range(6):
-        r = httpx.post(f"{cluster.url}/v1/chat/completions", timeout=30,
-                       json=chat(f"after restart {i}", max_tokens=4, temperature=0))
+        r = httpx.post(
+            f"{cluster.url}/v1/chat/completions",
+            timeout=30,
+            json=chat(f"after restart {i}", max_tokens=4, temperature=0),
+        )
         assert r.status_code == 200, r.text
     assert_idle(cluster.url)
 
@@ -235,8 +262,9 @@ def test_frozen_decode_is_detected_and_its_streams_migrate(cluster):
 
 
 def test_no_healthy_prefill_falls_back_to_decode_local_prefill(cluster):
-    body = chat("fallback please", max_tokens=24, temperature=0, ignore_eos=True,
-                skip_special_tokens=False)
+    body = chat(
+        "fallback please", max_tokens=24, temperature=0, ignore_eos=True, skip_special_tokens=False
+    )
     want = httpx.post(f"{cluster.url}/v1/chat/completions", timeout=30, json=body).json()
     pids = [ray.get(g.leader.ready.remote(), timeout=30)["pid"] for g in cluster.prefill]
     before = _metric(cluster.url, 'pdcluster_retries_total{reason="decode_local"}')
@@ -255,8 +283,9 @@ def test_no_healthy_prefill_falls_back_to_decode_local_prefill(cluster):
             except ProcessLookupError:
                 pass  # killed by the watchdog and restarted by Ray
     assert got.status_code == 200, got.text
-    assert got.json()["choices"][0]["message"]["content"] == \
-        want["choices"][0]["message"]["content"]
+    assert (
+        got.json()["choices"][0]["message"]["content"] == want["choices"][0]["message"]["content"]
+    )
     assert _metric(cluster.url, 'pdcluster_retries_total{reason="decode_local"}') > before
     wait_healthy(cluster.url)
     assert_idle(cluster.url)
@@ -264,14 +293,23 @@ def test_no_healthy_prefill_falls_back_to_decode_local_prefill(cluster):
 
 def test_metrics_endpoint_has_the_design_names(cluster):
     text = httpx.get(f"{cluster.url}/metrics", timeout=10).text
-    for name in ("pdcluster_time_to_first_token_seconds", "pdcluster_e2e_request_latency_seconds",
-                 "pdcluster_time_per_output_token_seconds", "pdcluster_requests_total",
-                 "pdcluster_retries_total", "pdcluster_migrations_total",
-                 "pdcluster_worker_restarts_total", "pdcluster_requests_in_flight",
-                 "pdcluster_workers_healthy", "pdcluster_kv_transfer_seconds_bucket",
-                 "pdcluster_kv_transfer_bytes_total", "pdcluster_kv_transfer_timeouts_total",
-                 "pdcluster_kv_leases_expired_total", "pdcluster_kv_transfer_pending",
-                 "pdcluster_kv_blocks_used"):
+    for name in (
+        "pdcluster_time_to_first_token_seconds",
+        "pdcluster_e2e_request_latency_seconds",
+        "pdcluster_time_per_output_token_seconds",
+        "pdcluster_requests_total",
+        "pdcluster_retries_total",
+        "pdcluster_migrations_total",
+        "pdcluster_worker_restarts_total",
+        "pdcluster_requests_in_flight",
+        "pdcluster_workers_healthy",
+        "pdcluster_kv_transfer_seconds_bucket",
+        "pdcluster_kv_transfer_bytes_total",
+        "pdcluster_kv_transfer_timeouts_total",
+        "pdcluster_kv_leases_expired_total",
+        "pdcluster_kv_transfer_pending",
+        "pdcluster_kv_blocks_used",
+    ):
         assert name in text, name
     assert 'pdcluster_requests_total{outcome="ok"}' in text
     assert _metric(cluster.url, "pdcluster_kv_transfer_bytes_total") > 0

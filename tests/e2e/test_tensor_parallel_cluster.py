@@ -21,9 +21,12 @@ N_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def cluster():
-    cfg = load_test_config("tiny.yaml", prefill={"tensor_parallel_size": 2},
-                           decode={"tensor_parallel_size": 2, "stream_interval": 4},
-                           router={"port": 8014, "watchdog_s": 20})
+    cfg = load_test_config(
+        "tiny.yaml",
+        prefill={"tensor_parallel_size": 2},
+        decode={"tensor_parallel_size": 2, "stream_interval": 4},
+        router={"port": 8014, "watchdog_s": 20},
+    )
     with running_cluster(cfg) as rc:
         yield rc
 
@@ -32,13 +35,23 @@ def _greedy_text(cluster, hf, prompt: str) -> tuple[str, str]:
     """(text over HTTP at TP=2, Hugging Face's greedy text at TP=1)."""
     _, tok = hf
     ids = tok.encode(prompt)
-    r = httpx.post(f"{cluster.url}/v1/completions", timeout=60, json={
-        "model": "tiny-llama", "prompt": ids, "max_tokens": N_TOKENS, "temperature": 0,
-        "min_tokens": N_TOKENS, "skip_special_tokens": False})
+    r = httpx.post(
+        f"{cluster.url}/v1/completions",
+        timeout=60,
+        json={
+            "model": "tiny-llama",
+            "prompt": ids,
+            "max_tokens": N_TOKENS,
+            "temperature": 0,
+            "min_tokens": N_TOKENS,
+            "skip_special_tokens": False,
+        },
+    )
     if r.status_code != 200:
         return r.text, None
-    return r.json()["choices"][0]["text"], tok.decode(hf_greedy(hf, ids, N_TOKENS),
-                                                      skip_special_tokens=False)
+    return r.json()["choices"][0]["text"], tok.decode(
+        hf_greedy(hf, ids, N_TOKENS), skip_special_tokens=False
+    )
 
 
 def test_groups_have_two_ranks_on_their_node(cluster):
@@ -57,11 +70,21 @@ def test_tp2_greedy_equals_tp1(cluster, hf, prompt):
 def test_stream_interval_sends_fewer_larger_chunks(cluster, hf):
     _, tok = hf
     ids = tok.encode(PROMPTS[1])
-    with httpx.stream("POST", f"{cluster.url}/v1/completions", timeout=60, json={
-            "model": "tiny-llama", "prompt": ids, "max_tokens": N_TOKENS, "temperature": 0,
-            "min_tokens": N_TOKENS, "skip_special_tokens": False, "stream": True}) as r:
-        chunks = [json.loads(line[6:]) for line in r.iter_lines()
-                  if line.startswith("data: {")]
+    with httpx.stream(
+        "POST",
+        f"{cluster.url}/v1/completions",
+        timeout=60,
+        json={
+            "model": "tiny-llama",
+            "prompt": ids,
+            "max_tokens": N_TOKENS,
+            "temperature": 0,
+            "min_tokens": N_TOKENS,
+            "skip_special_tokens": False,
+            "stream": True,
+        },
+    ) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     text = "".join(c["choices"][0]["text"] for c in chunks)
     assert text == tok.decode(hf_greedy(hf, ids, N_TOKENS), skip_special_tokens=False)
     # The first token comes from prefill alone; the other 23 in items of 4 (a byte

@@ -40,10 +40,15 @@ def hf(tiny_model_dir):
 def hf_greedy(hf, ids: list[int], n: int) -> list[int]:
     model, _ = hf
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
-                             dtype=torch.long), max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False, pad_token_id=0)
-    return out[0, len(ids):].tolist()
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[0, len(ids) :].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +71,18 @@ def test_completion_greedy_equals_hf(cluster, hf, prompt):
     _, tok = hf
     ids = tok.encode(prompt)
     want = hf_greedy(hf, ids, N_TOKENS)
-    r = httpx.post(f"{cluster.url}/v1/completions", timeout=60, json={
-        "model": "tiny-llama", "prompt": ids, "max_tokens": N_TOKENS, "temperature": 0,
-        "min_tokens": N_TOKENS, "skip_special_tokens": False})
+    r = httpx.post(
+        f"{cluster.url}/v1/completions",
+        timeout=60,
+        json={
+            "model": "tiny-llama",
+            "prompt": ids,
+            "max_tokens": N_TOKENS,
+            "temperature": 0,
+            "min_tokens": N_TOKENS,
+            "skip_special_tokens": False,
+        },
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["usage"]["completion_tokens"] == N_TOKENS
@@ -85,12 +99,14 @@ def test_prompt_lengths(hf):
 def test_openai_chat_stream_and_not(cluster, client, hf):
     _, tok = hf
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                  return_dict=False)
+    ids = tok.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     want = tok.decode(hf_greedy(hf, list(ids), N_TOKENS), skip_special_tokens=False)
     extra = {"min_tokens": N_TOKENS, "skip_special_tokens": False}
-    full = client.chat.completions.create(model="tiny-llama", messages=messages,
-                                          max_tokens=N_TOKENS, temperature=0, extra_body=extra)
+    full = client.chat.completions.create(
+        model="tiny-llama", messages=messages, max_tokens=N_TOKENS, temperature=0, extra_body=extra
+    )
     assert full.choices[0].message.content == want
     assert full.choices[0].message.role == "assistant"
     assert full.usage.completion_tokens == N_TOKENS
@@ -98,8 +114,14 @@ def test_openai_chat_stream_and_not(cluster, client, hf):
 
     pieces, reasons, usage = [], [], None
     stream = client.chat.completions.create(
-        model="tiny-llama", messages=messages, max_tokens=N_TOKENS, temperature=0, stream=True,
-        stream_options={"include_usage": True}, extra_body=extra)
+        model="tiny-llama",
+        messages=messages,
+        max_tokens=N_TOKENS,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body=extra,
+    )
     for chunk in stream:
         if chunk.usage:
             usage = chunk.usage
@@ -115,9 +137,18 @@ def test_openai_completion_stream(cluster, client, hf):
     _, tok = hf
     prompt = PROMPTS[2]
     want = tok.decode(hf_greedy(hf, tok.encode(prompt), N_TOKENS), skip_special_tokens=False)
-    text = "".join(c.choices[0].text for c in client.completions.create(
-        model="tiny-llama", prompt=prompt, max_tokens=N_TOKENS, temperature=0, stream=True,
-        extra_body={"min_tokens": N_TOKENS, "skip_special_tokens": False}) if c.choices)
+    text = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model="tiny-llama",
+            prompt=prompt,
+            max_tokens=N_TOKENS,
+            temperature=0,
+            stream=True,
+            extra_body={"min_tokens": N_TOKENS, "skip_special_tokens": False},
+        )
+        if c.choices
+    )
     assert text == want
 
 
@@ -130,16 +161,24 @@ def test_bad_input_is_4xx_openai_shape(cluster, client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny-llama", messages=[], max_tokens=4)
     assert e.value.status_code == 400
-    r = httpx.post(f"{cluster.url}/v1/completions", timeout=10,
-                   json={"model": "tiny-llama", "prompt": "x" * 600, "max_tokens": 4})
+    r = httpx.post(
+        f"{cluster.url}/v1/completions",
+        timeout=10,
+        json={"model": "tiny-llama", "prompt": "x" * 600, "max_tokens": 4},
+    )
     assert r.status_code == 400
     err = r.json()["error"]
     assert set(err) >= {"message", "type", "param", "code"} and "512" in err["message"]
 
 
 def test_ignore_eos_runs_to_max_tokens(cluster):
-    body = {"model": "tiny-llama", "prompt": "a", "max_tokens": 200, "temperature": 0,
-            "ignore_eos": True}
+    body = {
+        "model": "tiny-llama",
+        "prompt": "a",
+        "max_tokens": 200,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     r = httpx.post(f"{cluster.url}/v1/completions", timeout=30, json=body)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 200
 
@@ -151,8 +190,11 @@ def test_deadline_ends_request_with_clear_error_and_frees_everything(cluster):
     os.kill(pid, signal.SIGSTOP)
     try:
         t0 = time.monotonic()
-        r = httpx.post(f"{cluster.url}/v1/completions", timeout=30, json={
-            "model": "tiny-llama", "prompt": "frozen", "max_tokens": 50, "temperature": 0})
+        r = httpx.post(
+            f"{cluster.url}/v1/completions",
+            timeout=30,
+            json={"model": "tiny-llama", "prompt": "frozen", "max_tokens": 50, "temperature": 0},
+        )
         elapsed = time.monotonic() - t0
     finally:
         os.kill(pid, signal.SIGCONT)
@@ -172,8 +214,13 @@ def test_queue_full_is_429_with_retry_after(cluster):
     import asyncio
 
     async def one(client):
-        body = {"model": "tiny-llama", "prompt": "q", "max_tokens": 10, "temperature": 0,
-                "stream": True}
+        body = {
+            "model": "tiny-llama",
+            "prompt": "q",
+            "max_tokens": 10,
+            "temperature": 0,
+            "stream": True,
+        }
         async with client.stream("POST", f"{cluster.url}/v1/completions", json=body) as r:
             await r.aread()
             if r.status_code != 200:
@@ -181,8 +228,9 @@ def test_queue_full_is_429_with_retry_after(cluster):
             return 200, None, r.text
 
     async def burst():
-        async with httpx.AsyncClient(timeout=60,
-                                     limits=httpx.Limits(max_connections=200)) as client:
+        async with httpx.AsyncClient(
+            timeout=60, limits=httpx.Limits(max_connections=200)
+        ) as client:
             return await asyncio.gather(*[one(client) for _ in range(100)])
 
     pid = ray.get(cluster.decode[0].leader.ready.remote(), timeout=30)["pid"]
@@ -195,8 +243,7 @@ def test_queue_full_is_429_with_retry_after(cluster):
     admitted = [r for r in results if r[0] == 200]
     assert len(refused) == 36 and len(admitted) == 64
     assert all(r[1] == "1" and r[2]["error"]["code"] == "queue_full" for r in refused)
-    assert all('"request_timeout"' in r[2] and r[2].endswith("data: [DONE]\n\n")
-               for r in admitted)
+    assert all('"request_timeout"' in r[2] and r[2].endswith("data: [DONE]\n\n") for r in admitted)
     state = wait_idle(cluster.url)
     assert state["requests_in_flight"] == 0 and state["decode_blocks_used"] == 0
     assert state["prefill_leases"] == 0

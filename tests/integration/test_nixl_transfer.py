@@ -40,8 +40,12 @@ class Prefill:
         self.agent = NixlTransferAgent("prefill-test", self.pool)
 
     def handle(self, request_id: str, block_ids: list[int]) -> KVHandle:
-        return KVHandle(request_id=request_id, backend="nixl", num_tokens=len(block_ids) * 16,
-                        ranks=[self.agent.rank_kv(block_ids)])
+        return KVHandle(
+            request_id=request_id,
+            backend="nixl",
+            num_tokens=len(block_ids) * 16,
+            ranks=[self.agent.rank_kv(block_ids)],
+        )
 
     def wait_notif(self, timeout_s: float) -> list[bytes]:
         deadline = time.monotonic() + timeout_s
@@ -63,13 +67,18 @@ class Decode:
         """Returns (bytes moved, pulled blocks equal expected, untouched blocks intact, seconds)."""
         before = self.pool.clone()
         t0 = time.monotonic()
-        n = self.agent.pull(handle.ranks[0], local_ids, timeout_s=timeout_s,
-                            notif=handle.request_id.encode())
+        n = self.agent.pull(
+            handle.ranks[0], local_ids, timeout_s=timeout_s, notif=handle.request_id.encode()
+        )
         elapsed = time.monotonic() - t0
         expected = block_data(handle.ranks[0].block_ids)
         untouched = [i for i in range(POOL_SHAPE[0]) if i not in local_ids]
-        return (n, torch.equal(self.pool[local_ids], expected),
-                torch.equal(self.pool[untouched], before[untouched]), elapsed)
+        return (
+            n,
+            torch.equal(self.pool[local_ids], expected),
+            torch.equal(self.pool[untouched], before[untouched]),
+            elapsed,
+        )
 
     def pull_error(self, handle: KVHandle, local_ids: list[int], timeout_s: float):
         """Returns (exception type name, message, seconds) of a pull expected to fail."""
@@ -146,8 +155,9 @@ def test_pull_with_garbage_metadata_fails(actors):
     prefill, decode, _ = actors
     good = ray.get(prefill.handle.remote("req-bad", [0]))
     # A name decode has not cached, so it must handshake with the garbage.
-    rank = msgspec.structs.replace(good.ranks[0], agent_name="prefill-unknown",
-                                   agent_metadata=b"not nixl metadata")
+    rank = msgspec.structs.replace(
+        good.ranks[0], agent_name="prefill-unknown", agent_metadata=b"not nixl metadata"
+    )
     bad = msgspec.structs.replace(good, ranks=[rank])
 
     kind, msg, elapsed = ray.get(decode.pull_error.remote(bad, [0], 3.0))

@@ -24,8 +24,9 @@ def _rank(rank: int, size: int, address, model_dir: str, prompts, out) -> None:
     from tests.unit.workers.test_engine import run_all
 
     # A pool of 12 blocks for 5 prompts up to 150 tokens: preemption happens.
-    runner = ModelRunner(model_dir, max_model_len=512, num_blocks=12, block_size=16,
-                         tp_rank=rank, tp_size=size)
+    runner = ModelRunner(
+        model_dir, max_model_len=512, num_blocks=12, block_size=16, tp_rank=rank, tp_size=size
+    )
     runner.tp = TPGroup(rank, size, runner.device)
     runner.tp.join(address)
     if rank == 0:
@@ -49,8 +50,12 @@ def test_tp2_engine_greedy_equals_hf(tiny_model_dir, prompts_and_refs):  # noqa:
     address = store.open("127.0.0.1")
     ctx = mp.get_context("spawn")
     out0, out1 = ctx.Queue(), ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, 2, address, str(tiny_model_dir), prompts, q),
-                         daemon=True) for r, q in ((0, out0), (1, out1))]
+    procs = [
+        ctx.Process(
+            target=_rank, args=(r, 2, address, str(tiny_model_dir), prompts, q), daemon=True
+        )
+        for r, q in ((0, out0), (1, out1))
+    ]
     for p in procs:
         p.start()
     try:
@@ -71,5 +76,6 @@ def test_heads_must_divide(tiny_model_dir):
     from workers.runner import ModelRunner
 
     with pytest.raises(ValueError, match="tensor_parallel_size 3 must divide"):
-        ModelRunner(tiny_model_dir, max_model_len=64, num_blocks=8, block_size=16,
-                    tp_rank=0, tp_size=3)
+        ModelRunner(
+            tiny_model_dir, max_model_len=64, num_blocks=8, block_size=16, tp_rank=0, tp_size=3
+        )

@@ -23,8 +23,14 @@ SP = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def ray_nodes():
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "object_store_memory": 128 * 1024**2, "include_dashboard": False})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 1,
+            "object_store_memory": 128 * 1024**2,
+            "include_dashboard": False,
+        },
+    )
     for res in ("prefill_node", "decode_node"):
         cluster.add_node(num_cpus=1, resources={res: 1}, object_store_memory=128 * 1024**2)
     ray.init(address=cluster.address, log_to_driver=False)
@@ -33,23 +39,37 @@ def ray_nodes():
     cluster.shutdown()
 
 
-def _pair(model_dir, name: str, lease_ttl_s=30.0, faults=None, max_pending=64,
-          backend="nixl"):
-    spec = dict(model_dir=str(model_dir), max_model_len=256, kv_blocks=64, block_size=16,
-                transfer_timeout_s=TIMEOUT_S, lease_ttl_s=lease_ttl_s, max_pending=max_pending,
-                faults=faults, transfer_backend=backend)
-    p = PrefillWorker.options(name=f"p-{name}", max_restarts=-1, num_cpus=0,
-                              resources={"prefill_node": 0.01}).remote(
-        WorkerSpec(role="prefill", replica=0, **spec))
-    d = DecodeWorker.options(name=f"d-{name}", num_cpus=0,
-                             resources={"decode_node": 0.01}).remote(
-        WorkerSpec(role="decode", replica=0, **spec))
+def _pair(model_dir, name: str, lease_ttl_s=30.0, faults=None, max_pending=64, backend="nixl"):
+    spec = dict(
+        model_dir=str(model_dir),
+        max_model_len=256,
+        kv_blocks=64,
+        block_size=16,
+        transfer_timeout_s=TIMEOUT_S,
+        lease_ttl_s=lease_ttl_s,
+        max_pending=max_pending,
+        faults=faults,
+        transfer_backend=backend,
+    )
+    p = PrefillWorker.options(
+        name=f"p-{name}", max_restarts=-1, num_cpus=0, resources={"prefill_node": 0.01}
+    ).remote(WorkerSpec(role="prefill", replica=0, **spec))
+    d = DecodeWorker.options(name=f"d-{name}", num_cpus=0, resources={"decode_node": 0.01}).remote(
+        WorkerSpec(role="decode", replica=0, **spec)
+    )
     ray.get([p.ready.remote(), d.ready.remote()], timeout=120)
     return p, d
 
 
-async def _transfer(p, d, rid: str, prompt: list[int], deadline_s: float = 30.0,
-                    after_prefill=None, sp: SamplingParams = SP) -> list[int]:
+async def _transfer(
+    p,
+    d,
+    rid: str,
+    prompt: list[int],
+    deadline_s: float = 30.0,
+    after_prefill=None,
+    sp: SamplingParams = SP,
+) -> list[int]:
     res = await p.prefill.remote(rid, prompt, sp)
     if after_prefill is not None:
         await asyncio.to_thread(after_prefill)
@@ -57,9 +77,12 @@ async def _transfer(p, d, rid: str, prompt: list[int], deadline_s: float = 30.0,
     chan = OutputChannel(d, f"test-{rid}")
     try:
         async for tokens, reason in chan.stream(
-                rid, lambda: d.generate.remote(rid, chan.id, prompt, res.first_token, sp,
-                                               res.handle, time.time() + deadline_s, p),
-                lambda fn: fn()):
+            rid,
+            lambda: d.generate.remote(
+                rid, chan.id, prompt, res.first_token, sp, res.handle, time.time() + deadline_s, p
+            ),
+            lambda fn: fn(),
+        ):
             out += tokens
     finally:
         chan.shutdown()
@@ -68,9 +91,15 @@ async def _transfer(p, d, rid: str, prompt: list[int], deadline_s: float = 30.0,
 
 def _tables(p, d) -> dict:
     ps, ds = ray.get([p.stats.remote(), d.stats.remote()], timeout=30)
-    return {"leases": ps["leases"], "pinned": ps["pinned_blocks"], "pending": ps["pending"],
-            "decode_used": ds["used_blocks"], "transfers": ds["transfers_pending"],
-            "streams": ds["streams"], "channels": ds["channels"]}
+    return {
+        "leases": ps["leases"],
+        "pinned": ps["pinned_blocks"],
+        "pending": ps["pending"],
+        "decode_used": ds["used_blocks"],
+        "transfers": ds["transfers_pending"],
+        "streams": ds["streams"],
+        "channels": ds["channels"],
+    }
 
 
 def _wait_empty(p, d, timeout=15.0) -> dict:
@@ -86,25 +115,34 @@ def test_lease_expiry_frees_blocks_and_late_claim_fails_typed(ray_nodes, tiny_mo
     p, d = _pair(tiny_model_dir, "expiry", lease_ttl_s=0.5)
     with pytest.raises(LeaseExpired):
         # Decode arrives after the lease ran out: the claim fails before any read.
-        asyncio.run(_transfer(p, d, "late", list(range(3, 40)),
-                              after_prefill=lambda: time.sleep(1.0)))
+        asyncio.run(
+            _transfer(p, d, "late", list(range(3, 40)), after_prefill=lambda: time.sleep(1.0))
+        )
     assert _wait_empty(p, d) == dict.fromkeys(_tables(p, d), 0)
     assert ray.get(p.stats.remote())["leases_expired"] == 1
     # The same pair still serves a prompt pulled in time.
     assert len(asyncio.run(_transfer(p, d, "on-time", list(range(3, 40))))) == 2
 
 
-def test_pull_that_never_completes_ends_at_timeout_and_frees_both_sides(ray_nodes,
-                                                                        tiny_model_dir):
+def test_pull_that_never_completes_ends_at_timeout_and_frees_both_sides(ray_nodes, tiny_model_dir):
     """Prefill frozen (SIGSTOP) after prefilling: the claim is never answered."""
     p, d = _pair(tiny_model_dir, "stall", lease_ttl_s=2.0)
     pid = ray.get(p.ready.remote())["pid"]
     t0 = []
     try:
         with pytest.raises(TransferTimeout):
-            asyncio.run(_transfer(p, d, "stalled", list(range(3, 40)),
-                                  after_prefill=lambda: (os.kill(pid, signal.SIGSTOP),
-                                                         t0.append(time.monotonic()))))
+            asyncio.run(
+                _transfer(
+                    p,
+                    d,
+                    "stalled",
+                    list(range(3, 40)),
+                    after_prefill=lambda: (
+                        os.kill(pid, signal.SIGSTOP),
+                        t0.append(time.monotonic()),
+                    ),
+                )
+            )
         elapsed = time.monotonic() - t0[0]
     finally:
         os.kill(pid, signal.SIGCONT)
@@ -113,8 +151,9 @@ def test_pull_that_never_completes_ends_at_timeout_and_frees_both_sides(ray_node
 
 
 def test_1000_transfers_with_random_faults_all_end_on_time(ray_nodes, tiny_model_dir):
-    faults = FaultConfig(delay_rate=0.1, delay_s=0.05, stall_rate=0.02, fail_rate=0.1,
-                         expire_rate=0.05, seed=7)
+    faults = FaultConfig(
+        delay_rate=0.1, delay_s=0.05, stall_rate=0.02, fail_rate=0.1, expire_rate=0.05, seed=7
+    )
     p, d = _pair(tiny_model_dir, "faults", faults=faults, max_pending=32)
 
     async def run():
@@ -127,15 +166,22 @@ def test_1000_transfers_with_random_faults_all_end_on_time(ray_nodes, tiny_model
                     await _transfer(p, d, f"f{i}", [3 + i % 200, 4, 5, 6, 7])
                     outcome = "ok"
                 except TransferError as e:  # Ray wraps it; name the transfer error class
-                    outcome = next(c.__name__ for c in type(e).__mro__
-                                   if c.__module__ == "transfer.handle")
+                    outcome = next(
+                        c.__name__ for c in type(e).__mro__ if c.__module__ == "transfer.handle"
+                    )
                 return outcome, time.monotonic() - t
+
         return await asyncio.gather(*[one(i) for i in range(1000)])
 
     results = asyncio.run(run())
     outcomes = {o for o, _ in results}
-    assert outcomes <= {"ok", "TransferTimeout", "TransferFailed", "LeaseExpired",
-                        "TransferBackpressure"}, outcomes
+    assert outcomes <= {
+        "ok",
+        "TransferTimeout",
+        "TransferFailed",
+        "LeaseExpired",
+        "TransferBackpressure",
+    }, outcomes
     assert {"ok", "TransferTimeout", "TransferFailed", "LeaseExpired"} <= outcomes
     # Each ends within its transfer deadline plus the prefill and one decode step.
     assert max(t for _, t in results) < TIMEOUT_S + 3.0

@@ -37,6 +37,7 @@ def _set(path: str, value):
         for k in parents:
             d = d[k]
         d[last] = value
+
     return apply
 
 
@@ -44,6 +45,7 @@ def _tp(prefill: int, decode: int, backend: str = "nixl"):
     def apply(d: dict) -> None:
         d["prefill"]["tensor_parallel_size"], d["decode"]["tensor_parallel_size"] = prefill, decode
         d["transfer"]["backend"] = backend
+
     return apply
 
 
@@ -52,8 +54,10 @@ BAD = {
     "unknown top-level key": (_set("routr", {}), "routr"),
     "wrong type": (_set("router.port", "eight thousand"), r"Expected `int`.*`router\.port`"),
     "missing key": (lambda d: d["cluster"]["nodes"][1].pop("name"), r"name.*`cluster\.nodes\[1\]`"),
-    "resource no node has": (_set("decode.node_resource", "gpu_node"),
-                             r"`decode\.node_resource`.*gpu_node"),
+    "resource no node has": (
+        _set("decode.node_resource", "gpu_node"),
+        r"`decode\.node_resource`.*gpu_node",
+    ),
     "pool below one sequence": (_set("decode.kv_blocks", 4), r"`decode\.kv_blocks`"),
     "prefill and decode TP differ": (_tp(2, 1), r"`decode\.tensor_parallel_size`.*same"),
     "TP over the object store": (_tp(2, 2, "ray"), r"`transfer\.backend`.*nixl"),

@@ -29,7 +29,7 @@ def tok():
 
 def stream(tok, ids, prompt_ids=None, step=1, skip=True):
     d = IncrementalDetokenizer(tok, prompt_ids, skip_special_tokens=skip)
-    pieces = [d.push(ids[i:i + step]) for i in range(0, len(ids), step)]
+    pieces = [d.push(ids[i : i + step]) for i in range(0, len(ids), step)]
     return pieces, d.flush()
 
 

@@ -42,18 +42,43 @@ def comp_err(**kw) -> P.AdmissionError:
 
 # ---- parsing ----------------------------------------------------------------
 
+
 def test_valid_chat_parses_with_ignorable_fields():
-    req = P.parse_chat(chat_body(
-        messages=[{"role": "system", "content": "be brief"},
-                  {"role": "user", "content": [{"type": "text", "text": "a"},
-                                               {"type": "text", "text": "b"}]},
-                  {"role": "assistant", "content": "ok", "name": "bot"},
-                  {"role": "user", "content": "go"}],
-        max_tokens=5, temperature=0, top_p=0.5, stop=["x"], seed=3, stream=True,
-        stream_options={"include_usage": True}, user="u", service_tier="auto",
-        metadata={"k": "v"}, store=False, parallel_tool_calls=True, n=1, tools=[],
-        tool_choice="none", response_format={"type": "text"}, logprobs=False,
-        presence_penalty=0, top_k=0, min_p=0.0, repetition_penalty=1.0, ignore_eos=True))
+    req = P.parse_chat(
+        chat_body(
+            messages=[
+                {"role": "system", "content": "be brief"},
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+                },
+                {"role": "assistant", "content": "ok", "name": "bot"},
+                {"role": "user", "content": "go"},
+            ],
+            max_tokens=5,
+            temperature=0,
+            top_p=0.5,
+            stop=["x"],
+            seed=3,
+            stream=True,
+            stream_options={"include_usage": True},
+            user="u",
+            service_tier="auto",
+            metadata={"k": "v"},
+            store=False,
+            parallel_tool_calls=True,
+            n=1,
+            tools=[],
+            tool_choice="none",
+            response_format={"type": "text"},
+            logprobs=False,
+            presence_penalty=0,
+            top_k=0,
+            min_p=0.0,
+            repetition_penalty=1.0,
+            ignore_eos=True,
+        )
+    )
     assert req.stream and req.stream_options.include_usage
     assert [m.role for m in req.messages] == ["system", "user", "assistant", "user"]
     assert P.message_text(req.messages[1]) == "a\nb"
@@ -99,25 +124,28 @@ def test_missing_required_and_bad_json():
         P.parse_completion(b'{"model": "m"')
     assert ei.value.param is None and "JSON" in ei.value.message
     with pytest.raises(P.AdmissionError):
-        P.parse_completion(b'[1, 2]')
+        P.parse_completion(b"[1, 2]")
 
 
-@pytest.mark.parametrize("kw,param", [
-    ({"n": 2}, "n"),
-    ({"n": 0}, "n"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"tool_choice": "required"}, "tool_choice"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"logprobs": True}, "logprobs"),
-    ({"top_logprobs": 3}, "top_logprobs"),
-    ({"logit_bias": {"42": 10}}, "logit_bias"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
-    ({"frequency_penalty": -1}, "frequency_penalty"),
-    ({"repetition_penalty": 1.2}, "repetition_penalty"),
-    ({"min_p": 0.1}, "min_p"),
-    ({"functions": [{"name": "f"}]}, "functions"),
-    ({"echo": True}, "echo"),
-])
+@pytest.mark.parametrize(
+    "kw,param",
+    [
+        ({"n": 2}, "n"),
+        ({"n": 0}, "n"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 3}, "top_logprobs"),
+        ({"logit_bias": {"42": 10}}, "logit_bias"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"frequency_penalty": -1}, "frequency_penalty"),
+        ({"repetition_penalty": 1.2}, "repetition_penalty"),
+        ({"min_p": 0.1}, "min_p"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+        ({"echo": True}, "echo"),
+    ],
+)
 def test_unimplemented_fields_that_matter_are_400(kw, param):
     e = chat_err(**kw)
     assert e.param == param, e
@@ -127,10 +155,16 @@ def test_tool_choice_auto_without_tools_is_plain_text():
     assert P.parse_chat(chat_body(tool_choice="auto")).tool_choice == "auto"
 
 
-@pytest.mark.parametrize("kw,param", [
-    ({"best_of": 2}, "best_of"), ({"echo": True}, "echo"), ({"suffix": "end"}, "suffix"),
-    ({"logprobs": 1}, "logprobs"), ({"n": 3}, "n"),
-])
+@pytest.mark.parametrize(
+    "kw,param",
+    [
+        ({"best_of": 2}, "best_of"),
+        ({"echo": True}, "echo"),
+        ({"suffix": "end"}, "suffix"),
+        ({"logprobs": 1}, "logprobs"),
+        ({"n": 3}, "n"),
+    ],
+)
 def test_completion_unimplemented_fields_are_400(kw, param):
     assert comp_err(**kw).param == param
 
@@ -144,37 +178,53 @@ def test_bad_roles_are_400(role):
 def test_message_checks():
     assert chat_err(messages=[]).param == "messages"
     assert chat_err(messages=[{"role": "user", "content": None}]).param == "messages[0].content"
-    e = chat_err(messages=[{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "http://x"}}]}])
+    e = chat_err(
+        messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}
+        ]
+    )
     assert e.param == "messages[0].content[0].type"
     e = chat_err(messages=[{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}])
     assert "tool" in e.message
 
 
-@pytest.mark.parametrize("kw,param", [
-    ({"max_tokens": -1}, "max_tokens"),
-    ({"max_tokens": 0}, "max_tokens"),
-    ({"max_completion_tokens": 0}, "max_completion_tokens"),
-    ({"temperature": 2.5}, "temperature"),
-    ({"temperature": -0.1}, "temperature"),
-    ({"top_p": 0}, "top_p"),
-    ({"top_p": 1.5}, "top_p"),
-    ({"top_k": -2}, "top_k"),
-    ({"min_tokens": -1}, "min_tokens"),
-    ({"min_tokens": 10, "max_tokens": 5}, "min_tokens"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"stop": ""}, "stop"),
-    ({"stop_token_ids": [-1]}, "stop_token_ids"),
-    ({"seed": 2**64}, "seed"),
-])
+@pytest.mark.parametrize(
+    "kw,param",
+    [
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_completion_tokens": 0}, "max_completion_tokens"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"min_tokens": 10, "max_tokens": 5}, "min_tokens"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"stop": ""}, "stop"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"seed": 2**64}, "seed"),
+    ],
+)
 def test_ranges(kw, param):
     assert chat_err(**kw).param == param
 
 
 def test_range_edges_accepted():
-    for kw in ({"temperature": 0}, {"temperature": 2}, {"top_p": 1}, {"top_k": -1},
-               {"top_k": 1}, {"max_tokens": 1}, {"min_tokens": 0}, {"stop": "x"},
-               {"stop": ["a", "b", "c", "d"]}, {"seed": -1}, {"min_tokens": 5, "max_tokens": 5}):
+    for kw in (
+        {"temperature": 0},
+        {"temperature": 2},
+        {"top_p": 1},
+        {"top_k": -1},
+        {"top_k": 1},
+        {"max_tokens": 1},
+        {"min_tokens": 0},
+        {"stop": "x"},
+        {"stop": ["a", "b", "c", "d"]},
+        {"seed": -1},
+        {"min_tokens": 5, "max_tokens": 5},
+    ):
         P.parse_chat(chat_body(**kw))
 
 
@@ -189,21 +239,46 @@ def test_completion_prompt_checks():
 
 # ---- sampling params ---------------------------------------------------------
 
+
 def sp(body: bytes, chat=True, prompt_len=10, max_model_len=100, default=50, strict=False):
     req = P.parse_chat(body) if chat else P.parse_completion(body)
-    return P.to_sampling_params(req, prompt_len=prompt_len, max_model_len=max_model_len,
-                                default_max_tokens=default, strict=strict)
+    return P.to_sampling_params(
+        req,
+        prompt_len=prompt_len,
+        max_model_len=max_model_len,
+        default_max_tokens=default,
+        strict=strict,
+    )
 
 
 def test_sampling_defaults():
     p = sp(chat_body())
     assert p == SamplingParams(max_tokens=50, temperature=1.0, top_p=1.0, top_k=-1)
-    p = sp(chat_body(temperature=0, top_k=0, stop="##", stop_token_ids=[7], seed=9,
-                     min_tokens=2, max_completion_tokens=20, max_tokens=30,
-                     include_stop_str_in_output=True, skip_special_tokens=False))
-    assert (p.temperature, p.top_k, p.stop, p.stop_token_ids, p.seed, p.min_tokens,
-            p.max_tokens, p.include_stop_str_in_output, p.skip_special_tokens) == \
-        (0.0, -1, ["##"], [7], 9, 2, 20, True, False)
+    p = sp(
+        chat_body(
+            temperature=0,
+            top_k=0,
+            stop="##",
+            stop_token_ids=[7],
+            seed=9,
+            min_tokens=2,
+            max_completion_tokens=20,
+            max_tokens=30,
+            include_stop_str_in_output=True,
+            skip_special_tokens=False,
+        )
+    )
+    assert (
+        p.temperature,
+        p.top_k,
+        p.stop,
+        p.stop_token_ids,
+        p.seed,
+        p.min_tokens,
+        p.max_tokens,
+        p.include_stop_str_in_output,
+        p.skip_special_tokens,
+    ) == (0.0, -1, ["##"], [7], 9, 2, 20, True, False)
     # SamplingParams crosses to the workers: it round-trips through msgpack/pickle.
     assert msgspec.msgpack.decode(msgspec.msgpack.encode(p), type=SamplingParams) == p
 
@@ -232,15 +307,26 @@ def test_prompt_too_long():
 
 # ---- errors and responses ------------------------------------------------------
 
+
 def test_error_shape():
     e = chat_err(n=2)
     body = json.loads(e.to_json())
     assert set(body) == {"error"}
-    assert body["error"] == {"message": e.message, "type": "invalid_request_error",
-                             "param": "n", "code": e.code}
+    assert body["error"] == {
+        "message": e.message,
+        "type": "invalid_request_error",
+        "param": "n",
+        "code": e.code,
+    }
     body = json.loads(P.error_body("slow down", "rate_limit_error", code="queue_full"))
-    assert body == {"error": {"message": "slow down", "type": "rate_limit_error",
-                              "param": None, "code": "queue_full"}}
+    assert body == {
+        "error": {
+            "message": "slow down",
+            "type": "rate_limit_error",
+            "param": None,
+            "code": "queue_full",
+        }
+    }
     assert P.error_type_for(429) == "rate_limit_error"
     assert P.error_type_for(400) == "invalid_request_error"
 
@@ -250,7 +336,8 @@ USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
 
 def test_chat_completion_parses_with_openai_types():
     c = ChatCompletion.model_validate_json(
-        P.chat_completion("chatcmpl-ab12", "m", "hello", "length", USAGE))
+        P.chat_completion("chatcmpl-ab12", "m", "hello", "length", USAGE)
+    )
     assert c.object == "chat.completion" and c.choices[0].message.content == "hello"
     assert c.choices[0].message.role == "assistant" and c.choices[0].finish_reason == "length"
     assert c.usage.total_tokens == 5 and c.choices[0].logprobs is None
@@ -267,19 +354,21 @@ def _events(raw: bytes) -> list[dict]:
     out = []
     for ev in raw.split(b"\n\n")[:-1]:
         assert ev.startswith(b"data: ")
-        out.append(ev[len(b"data: "):])
+        out.append(ev[len(b"data: ") :])
     return out
 
 
 def test_chat_stream_chunks_parse_with_openai_types():
-    stream = b"".join([
-        P.sse(P.chat_chunk("chatcmpl-1", "m", 7, None, None, role="assistant")),
-        P.sse(P.chat_chunk("chatcmpl-1", "m", 7, "Hel", None)),
-        P.sse(P.chat_chunk("chatcmpl-1", "m", 7, "lo", None)),
-        P.sse(P.chat_chunk("chatcmpl-1", "m", 7, "", "stop")),
-        P.sse(P.usage_chunk("chatcmpl-1", "m", 7, True, USAGE)),
-        P.SSE_DONE,
-    ])
+    stream = b"".join(
+        [
+            P.sse(P.chat_chunk("chatcmpl-1", "m", 7, None, None, role="assistant")),
+            P.sse(P.chat_chunk("chatcmpl-1", "m", 7, "Hel", None)),
+            P.sse(P.chat_chunk("chatcmpl-1", "m", 7, "lo", None)),
+            P.sse(P.chat_chunk("chatcmpl-1", "m", 7, "", "stop")),
+            P.sse(P.usage_chunk("chatcmpl-1", "m", 7, True, USAGE)),
+            P.SSE_DONE,
+        ]
+    )
     *events, done = _events(stream)
     assert done == b"[DONE]"
     chunks = [ChatCompletionChunk.model_validate_json(e) for e in events]
@@ -292,9 +381,11 @@ def test_chat_stream_chunks_parse_with_openai_types():
 
 
 def test_completion_stream_chunks_parse_with_openai_types():
-    events = _events(P.sse(P.completion_chunk("cmpl-1", "m", 7, "ab", None))
-                     + P.sse(P.completion_chunk("cmpl-1", "m", 7, None, "length"))
-                     + P.sse(P.usage_chunk("cmpl-1", "m", 7, False, USAGE)))
+    events = _events(
+        P.sse(P.completion_chunk("cmpl-1", "m", 7, "ab", None))
+        + P.sse(P.completion_chunk("cmpl-1", "m", 7, None, "length"))
+        + P.sse(P.usage_chunk("cmpl-1", "m", 7, False, USAGE))
+    )
     # OpenAI's own stream sends finish_reason null mid-stream, which the strict
     # Completion type rejects; the client builds chunks leniently (construct_type),
     # so check the last chunks strictly and all of them the way the client does.

@@ -18,9 +18,16 @@ from transfer import (
 
 
 def _handle() -> KVHandle:
-    rank = RankKV(agent_name="prefill-0-abc", agent_metadata=b"\x00md\xff", base_addr=1 << 40,
-                  num_blocks=512, block_bytes=4096, device_id=0, mem_type="DRAM",
-                  block_ids=[7, 3, 9])
+    rank = RankKV(
+        agent_name="prefill-0-abc",
+        agent_metadata=b"\x00md\xff",
+        base_addr=1 << 40,
+        num_blocks=512,
+        block_bytes=4096,
+        device_id=0,
+        mem_type="DRAM",
+        block_ids=[7, 3, 9],
+    )
     return KVHandle(request_id="r1", backend="nixl", num_tokens=40, ranks=[rank])
 
 

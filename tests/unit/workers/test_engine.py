@@ -29,17 +29,26 @@ def prompts_and_refs(hf_model):
     refs = []
     for p in prompts:
         with torch.no_grad():
-            out = hf_model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p),
-                                    dtype=torch.long), max_new_tokens=N, min_new_tokens=N,
-                                    do_sample=False, pad_token_id=0)
-        refs.append(out[0, len(p):].tolist())
+            out = hf_model.generate(
+                torch.tensor([p]),
+                attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                max_new_tokens=N,
+                min_new_tokens=N,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        refs.append(out[0, len(p) :].tolist())
     return prompts, refs
 
 
 def make_engine(model_dir, num_blocks=64, max_batched_tokens=512, max_running=8):
     runner = ModelRunner(model_dir, max_model_len=512, num_blocks=num_blocks, block_size=16)
-    return Engine(runner, BlockManager(num_blocks, 16), max_batched_tokens=max_batched_tokens,
-                  max_running=max_running)
+    return Engine(
+        runner,
+        BlockManager(num_blocks, 16),
+        max_batched_tokens=max_batched_tokens,
+        max_running=max_running,
+    )
 
 
 def run_all(engine: Engine, prompts, **params) -> list[Sequence]:
@@ -100,8 +109,9 @@ def test_seeded_sampling_is_reproducible(tiny_model_dir):
     outs = []
     for _ in range(2):
         engine = make_engine(tiny_model_dir)
-        sp = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=1234,
-                            ignore_eos=True)
+        sp = SamplingParams(
+            max_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=1234, ignore_eos=True
+        )
         s = Sequence("s", list(range(3, 20)), sp)
         engine.add(s)
         while engine.has_work:

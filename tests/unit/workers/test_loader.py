@@ -31,8 +31,10 @@ def tiny(tmp_path_factory) -> Path:
 def hf(tiny):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return (AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval(),
-            AutoTokenizer.from_pretrained(tiny))
+    return (
+        AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval(),
+        AutoTokenizer.from_pretrained(tiny),
+    )
 
 
 def test_tiny_is_deterministic_and_idempotent(tiny, tmp_path):
@@ -62,11 +64,16 @@ def test_tiny_loads_in_hf(hf):
     assert tok.decode(ids) == text
     assert len(ids) > len(text)  # multi-byte chars span several tokens
     assert tok.decode([tok.convert_tokens_to_ids("<|im_end|>")]) == "<|im_end|>"
-    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}],
-                                   add_generation_prompt=True, tokenize=False)
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
     assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}],
-                                  add_generation_prompt=True, tokenize=True, return_dict=False)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=False,
+    )
     assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>")
 
 
@@ -75,8 +82,14 @@ def test_tiny_greedy_is_not_degenerate(hf):
     g = torch.Generator().manual_seed(0)
     for n in (3, 17):
         p = torch.randint(0, 256, (1, n), generator=g)
-        out = model.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=20,
-                             min_new_tokens=20, do_sample=False, pad_token_id=0)
+        out = model.generate(
+            p,
+            attention_mask=torch.ones_like(p),
+            max_new_tokens=20,
+            min_new_tokens=20,
+            do_sample=False,
+            pad_token_id=0,
+        )
         assert len(set(out[0, n:].tolist())) >= 8
 
 
@@ -91,8 +104,12 @@ def test_tiny_model_dir_is_cached(tmp_path):
 
 def test_resolve_sources(tiny, tmp_path):
     assert resolve_model(str(tiny), tmp_path) == tiny.resolve()
-    for bad in ("hf:some/model", str(tmp_path / "missing.gguf"), str(tmp_path),
-                "pypi:not a package!"):
+    for bad in (
+        "hf:some/model",
+        str(tmp_path / "missing.gguf"),
+        str(tmp_path),
+        "pypi:not a package!",
+    ):
         with pytest.raises(ValueError, match="model source"):
             resolve_model(bad, tmp_path)
 
@@ -142,10 +159,19 @@ def _write_gguf(hf_dir: Path, out: Path) -> None:
     def perm(x, n):  # llama.cpp interleaves each head's rotary halves
         return x.reshape(n, 2, x.shape[0] // n // 2, -1).swapaxes(1, 2).reshape(x.shape)
 
-    names = {"embed_tokens": "token_embd", "norm": "output_norm", "self_attn.q_proj": "attn_q",
-             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj":
-             "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj":
-             "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    names = {
+        "embed_tokens": "token_embd",
+        "norm": "output_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+    }
     for k, t in load_file(hf_dir / "model.safetensors").items():
         parts = k.removeprefix("model.").removesuffix(".weight").split(".")
         blk = f"blk.{parts.pop(1)}." if parts[0] == "layers" else ""
@@ -177,5 +203,7 @@ def test_gguf_converts_back(tiny, hf, tmp_path):
     torch.testing.assert_close(model(ids).logits, ref(ids).logits)
     assert tok.chat_template == ref_tok.chat_template
     assert model.generation_config.eos_token_id == list(ref.generation_config.eos_token_id)
-    assert "lm_head.weight" not in __import__("safetensors").safe_open(
-        out / "model.safetensors", "pt").keys()
+    assert (
+        "lm_head.weight"
+        not in __import__("safetensors").safe_open(out / "model.safetensors", "pt").keys()
+    )

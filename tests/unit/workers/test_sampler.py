@@ -38,27 +38,30 @@ def test_top_k_keeps_only_the_k_best():
 def test_top_p_keeps_the_smallest_prefix_reaching_p():
     x = torch.full((1, V), -30.0)
     x[0, 10], x[0, 11], x[0, 12] = 2.0, 1.0, 0.0  # probs ~0.67, 0.24, 0.09
-    got = {sample(x.clone(), [seq(temperature=1.0, top_p=0.8, seed=s)], EOS)[0]
-           for s in range(300)}
+    got = {sample(x.clone(), [seq(temperature=1.0, top_p=0.8, seed=s)], EOS)[0] for s in range(300)}
     assert got == {10, 11}
 
 
 def test_seed_reproduces_and_differs_across_seeds():
     x = logits(4)
+
     def run(seed):
         seqs = [seq(temperature=1.0, seed=seed) for _ in range(4)]
         return [sample(x.clone(), seqs, EOS) for _ in range(10)]
+
     assert run(1) == run(1)
     assert run(1) != run(2)
 
 
 def test_min_tokens_bans_eos_and_stop_ids_until_reached():
     x = torch.zeros(2, V)
-    x[:, 2] = 10.0   # EOS is the best token
-    x[:, 9] = 9.0    # then a stop token id
+    x[:, 2] = 10.0  # EOS is the best token
+    x[:, 9] = 9.0  # then a stop token id
     x[:, 4] = 8.0
-    early = [seq(temperature=0.0, min_tokens=3, stop_token_ids=[9]),
-             seq([1, 1, 1], temperature=0.0, min_tokens=3, stop_token_ids=[9])]
+    early = [
+        seq(temperature=0.0, min_tokens=3, stop_token_ids=[9]),
+        seq([1, 1, 1], temperature=0.0, min_tokens=3, stop_token_ids=[9]),
+    ]
     assert sample(x.clone(), early, EOS) == [4, 2]
 
 
