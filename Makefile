@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup model serve test clean
+.PHONY: setup model serve lint test clean
 
 # torch is pinned to the local CPU build first, so nothing pulls CUDA wheels.
 $(BIN)/.installed: pyproject.toml constraints.txt
@@ -25,8 +25,13 @@ model: setup
 serve: model
 	$(BIN)/pdcluster up configs/local.yaml
 
-test: model
-	$(BIN)/python -m pytest tests
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# `make test PYTEST_ARGS="-m unit"` runs a subset (markers: unit, integration, e2e, chaos).
+test: lint model
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

@@ -25,7 +25,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx  # noqa: E402
-
 from throughput import QUESTIONS, http_rate, stream_chat  # noqa: E402
 
 

@@ -95,8 +95,8 @@ async def via_actors(
 ) -> float:
     """Rows B and C: all prompts at once straight to the worker actors, tokens back
     over one output channel to this process; output tokens / wall time."""
+    from workers.channel import OutputChannel
     from workers.sampling_params import SamplingParams
-    from workers.worker import OutputChannel
 
     sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
     chan = OutputChannel(decode, f"http-gap-{tag}")

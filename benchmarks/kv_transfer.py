@@ -38,7 +38,8 @@ def pool() -> torch.Tensor:
 @ray.remote(num_cpus=0, resources={"prefill_node": 0.01})
 class Prefill:
     def __init__(self):
-        from transfer import LeaseRegistry, NixlTransferAgent
+        from transfer import LeaseRegistry
+        from transfer.nixl_backend import NixlTransferAgent
 
         torch.set_num_threads(1)
         self.pool = pool().normal_()
@@ -64,7 +65,7 @@ class Prefill:
 @ray.remote(num_cpus=0, resources={"decode_node": 0.01})
 class Decode:
     def __init__(self):
-        from transfer import NixlTransferAgent
+        from transfer.nixl_backend import NixlTransferAgent
 
         torch.set_num_threads(1)
         self.pool = pool().zero_()

@@ -27,8 +27,8 @@ import os
 import platform
 import statistics
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 from pathlib import Path
 

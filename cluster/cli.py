@@ -13,9 +13,8 @@ from cluster.config import ConfigError, load_config
 
 
 def _up(args: argparse.Namespace) -> int:
-    cfg = load_config(
-        args.config
-    )  # before any import that touches Ray: a bad config starts nothing
+    # Before any import that touches Ray: a bad config starts nothing.
+    cfg = load_config(args.config)
     from cluster.launcher import start
 
     stop = threading.Event()

@@ -82,7 +82,7 @@ class RouterConfig(_Strict):
     max_retries: int = 2
     max_migrations: int = 2
     debug_state: bool = False
-    watchdog_s: float = 10.0  # busy without a step (or silent) this long -> unhealthy, restarted
+    watchdog_s: float = 10.0  # busy without a step (or silent) this long: restarted
     health_period_s: float = 0.5  # how often the router polls every worker's stats
     model_name: str | None = None  # id served on /v1/models; defaults to the source
 

@@ -14,7 +14,10 @@ import asyncio
 import logging
 import time
 
+import msgspec
 import ray
+
+from workers.api import DecodeStats, PrefillStats, WorkerStats
 
 log = logging.getLogger("pdcluster.health")
 
@@ -32,7 +35,7 @@ class WorkerPool:
         n = len(handles)
         self.healthy = [True] * n
         self.load = [0] * n  # router-side outstanding work
-        self.stats: list[dict | None] = [None] * n
+        self.stats: list[WorkerStats | None] = [None] * n
         self.reason = [""] * n
         self._last_answer = [time.monotonic()] * n
         self._last_progress = [time.monotonic()] * n
@@ -53,12 +56,12 @@ class WorkerPool:
         if not ok:
             return None
         if self.role == "prefill":
-            return min(ok, key=lambda i: (self.load[i] + self._stat(i, "queued_tokens"), i))
-        return min(ok, key=lambda i: (-self._stat(i, "free_blocks"), self.load[i], i))
+            return min(ok, key=lambda i: (self.load[i] + self._engine(i, "queued_tokens"), i))
+        return min(ok, key=lambda i: (-self._engine(i, "free_blocks"), self.load[i], i))
 
-    def _stat(self, i: int, key: str) -> int:
+    def _engine(self, i: int, key: str) -> int:
         s = self.stats[i]
-        return s.get(key, 0) if s else 0
+        return getattr(s.engine, key) if s else 0
 
     async def call(self, i: int, awaitable, timeout: float):
         """Await a call to replica i, bounded by `timeout`, abandoned (WorkerStalled)
@@ -84,11 +87,6 @@ class WorkerPool:
                 task.cancel()
 
     # ---- the watchdog -----------------------------------------------------
-
-    def _busy(self, s: dict) -> bool:
-        if self.role == "prefill":
-            return s.get("queued_tokens", 0) > 0
-        return s.get("running", 0) + s.get("waiting", 0) > 0
 
     def _mark(self, i: int, healthy: bool, reason: str = "") -> None:
         if self.healthy[i] == healthy:
@@ -125,8 +123,9 @@ class WorkerPool:
         self.stats[i] = s
         self._last_answer[i] = now
         self._publish()
-        steps = s.get("steps", 0)
-        if steps != self._steps[i] or not self._busy(s):
+        # Busy means work that can run: a worker waiting for KV blocks is not stalled.
+        steps = s.engine.steps
+        if steps != self._steps[i] or not s.busy:
             self._last_progress[i] = now
         self._steps[i] = steps
         if self.healthy[i] and now - self._last_progress[i] > self.watchdog_s:
@@ -140,17 +139,18 @@ class WorkerPool:
         live = [s for s in self.stats if s]
         for i, s in enumerate(self.stats):
             if s:
-                used = s.get("used_blocks", s.get("pinned_blocks", 0))
-                m.blocks_used.labels(self.role, str(i)).set(used)
+                m.blocks_used.labels(self.role, str(i)).set(s.engine.used_blocks)
         if self.role == "decode":
-            m.transfer_pending.set(sum(s.get("transfers_pending", 0) for s in live))
+            m.transfer_pending.set(
+                sum(s.transfers_pending for s in live if isinstance(s, DecodeStats))
+            )
         else:
-            m.leases.set(sum(s.get("leases", 0) for s in live))
+            m.leases.set(sum(s.engine.leases for s in live if isinstance(s, PrefillStats)))
 
     async def poll(self) -> None:
         await asyncio.gather(*[self._poll_one(i) for i in range(len(self.handles))])
 
-    async def fresh_stats(self) -> list[dict | None]:
+    async def fresh_stats(self) -> list[WorkerStats | None]:
         """Stats read now (for /debug/state); None for a worker that does not answer."""
 
         async def one(h):
@@ -161,12 +161,12 @@ class WorkerPool:
 
         return list(await asyncio.gather(*[one(h) for h in self.handles]))
 
-    def describe(self, i: int, stats: dict | None) -> dict:
+    def describe(self, i: int, stats: WorkerStats | None) -> dict:
         return {
             "role": self.role,
             "replica": i,
             "healthy": self.healthy[i],
             "reason": self.reason[i],
             "load": self.load[i],
-            "stats": stats,
+            "stats": msgspec.to_builtins(stats) if stats is not None else None,
         }

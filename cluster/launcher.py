@@ -18,8 +18,11 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import Config
+from workers.api import WorkerSpec
+from workers.decode_worker import DecodeWorker
 from workers.loader import resolve_model
-from workers.worker import DecodeWorker, PrefillWorker, RankWorker, WorkerSpec
+from workers.prefill_worker import PrefillWorker
+from workers.rank_worker import RankWorker
 
 log = logging.getLogger("pdcluster.launcher")
 

@@ -104,19 +104,18 @@ class _WorkerCounters:
             labels=["replica"],
         )
         for i, s in enumerate(self.decode()):
-            x = (s or {}).get("transfers")
-            if not x:
+            if s is None:
                 continue
-            r = str(i)
+            x, r = s.transfers, str(i)
             cum, acc = [], 0
-            for bound, n in zip([*map(str, self.buckets), "+Inf"], x["buckets"]):
+            for bound, n in zip([*map(str, self.buckets), "+Inf"], x.buckets):
                 acc += n
                 cum.append((bound, acc))
-            secs.add_metric([r], cum, x["seconds"])
-            nbytes.add_metric([r], x["bytes"])
-            timeouts.add_metric([r], x["timeouts"])
-            failures.add_metric([r], x["failures"])
+            secs.add_metric([r], cum, x.seconds)
+            nbytes.add_metric([r], x.bytes)
+            timeouts.add_metric([r], x.timeouts)
+            failures.add_metric([r], x.failures)
         for i, s in enumerate(self.prefill()):
-            if s:
-                expired.add_metric([str(i)], s.get("leases_expired", 0))
+            if s is not None:
+                expired.add_metric([str(i)], s.engine.leases_expired)
         yield from (secs, nbytes, timeouts, failures, expired)

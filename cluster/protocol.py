@@ -52,6 +52,7 @@ __all__ = [
 ]
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_STOP_TOKEN_IDS = 256  # each is a banned id per sequence per step before min_tokens
 # torch.Generator.manual_seed accepts [-2**63, 2**64).
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
 # Below this a temperature is treated as greedy (as vLLM does): dividing logits by
@@ -394,8 +395,13 @@ def _check_ranges(req: ChatCompletionRequest | CompletionRequest) -> None:
             raise _bad("stop", f"{len(stop)} stop strings; at most {MAX_STOP_STRINGS}")
         if any(s == "" for s in stop):
             raise _bad("stop", "stop strings must be non-empty")
-    if req.stop_token_ids is not None and any(t < 0 for t in req.stop_token_ids):
-        raise _bad("stop_token_ids", "token ids must be >= 0")
+    if req.stop_token_ids is not None:
+        if len(req.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise _bad(
+                "stop_token_ids", f"{len(req.stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS}"
+            )
+        if any(t < 0 for t in req.stop_token_ids):
+            raise _bad("stop_token_ids", "token ids must be >= 0")
     for name in ("presence_penalty", "frequency_penalty"):
         v = getattr(req, name)
         if v is not None and not -2.0 <= v <= 2.0:
@@ -504,6 +510,17 @@ def _requested_max_tokens(req: ChatCompletionRequest | CompletionRequest) -> int
     return getattr(req, "max_completion_tokens", None) or req.max_tokens
 
 
+def model_vocab_size(model_dir: str, default: int) -> int:
+    """The model's vocabulary size (its config.json), the range of valid token ids."""
+    import json
+    from pathlib import Path
+
+    try:
+        return int(json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return default
+
+
 def to_sampling_params(
     req: ChatCompletionRequest | CompletionRequest,
     *,
@@ -511,13 +528,23 @@ def to_sampling_params(
     max_model_len: int,
     default_max_tokens: int,
     strict: bool,
+    vocab_size: int | None = None,
 ) -> SamplingParams:
     """Resolve defaults and the context window into the workers' SamplingParams.
 
     A prompt that leaves no room is a 400. An explicit max_tokens larger than the
     room is clamped (or a 400 when `strict`); the default max_tokens is always
-    clamped, since the client did not ask for it."""
+    clamped, since the client did not ask for it. Token ids the model does not
+    have (`vocab_size`) are a 400 here, never an index error in a worker."""
     chat = isinstance(req, ChatCompletionRequest)
+    if vocab_size is not None and req.stop_token_ids:
+        bad = [t for t in req.stop_token_ids if t >= vocab_size]
+        if bad:
+            raise _bad(
+                "stop_token_ids", f"ids {bad[:5]} are outside the vocabulary [0, {vocab_size})"
+            )
+        if (req.min_tokens or 0) > 0 and len(set(req.stop_token_ids)) >= vocab_size:
+            raise _bad("stop_token_ids", "with min_tokens they ban every token of the vocabulary")
     room = max_model_len - prompt_len
     if room <= 0:
         raise AdmissionError(

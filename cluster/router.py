@@ -20,7 +20,6 @@ import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from ray import serve
-
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from cluster import protocol as P
@@ -28,9 +27,10 @@ from cluster.config import Config
 from cluster.detokenizer import IncrementalDetokenizer, StopChecker
 from cluster.health import WorkerPool, WorkerStalled
 from cluster.metrics import RouterMetrics
-from transfer import TransferError
+from transfer.handle import TransferError
+from workers.api import XFER_BUCKETS, SequenceFailed, WorkerError
+from workers.channel import OutputChannel
 from workers.sampling_params import SamplingParams
-from workers.worker import XFER_BUCKETS, OutputChannel, WorkerError
 
 log = logging.getLogger("pdcluster.router")
 
@@ -99,10 +99,13 @@ def _error(
 class Router:
     def __init__(self, cfg_json: bytes, model_dir: str, prefill: list, decode: list):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from transformers import AutoTokenizer
+        # The fast tokenizer class by name: AutoTokenizer imports torch, and the
+        # router process loads neither torch nor nixl.
+        from transformers import PreTrainedTokenizerFast
 
         self.cfg = msgspec.json.decode(cfg_json, type=Config)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
+        self.vocab_size = P.model_vocab_size(model_dir, len(self.tokenizer))
         self.metrics = RouterMetrics()
         r = self.cfg.router
         self.prefill_pool = WorkerPool("prefill", prefill, r.watchdog_s, self.metrics)
@@ -180,10 +183,13 @@ class Router:
         p, d = ([s for s in ss if s] for ss in stats)
         return {
             "requests_in_flight": len(self.requests),
-            "prefill_leases": sum(s["leases"] for s in p),
-            "prefill_pinned_blocks": sum(s["pinned_blocks"] for s in p),
-            "transfer_pending": sum(s["transfers_pending"] for s in d),
-            "decode_blocks_used": sum(s["used_blocks"] for s in d),
+            "prefill_pending": sum(s.pending for s in p),
+            "prefill_leases": sum(s.engine.leases for s in p),
+            "prefill_pinned_blocks": sum(s.pinned_blocks for s in p),
+            "transfer_pending": sum(s.transfers_pending for s in d),
+            "decode_waiting_for_blocks": sum(s.engine.waiting_for_blocks for s in d),
+            "decode_streams": sum(s.streams for s in d),
+            "decode_blocks_used": sum(s.engine.used_blocks for s in d),
             "workers": [
                 pool.describe(i, st) for pool, ss in zip(pools, stats) for i, st in enumerate(ss)
             ],
@@ -202,6 +208,7 @@ class Router:
                 max_model_len=self.cfg.model.max_model_len,
                 default_max_tokens=self.cfg.router.default_max_tokens,
                 strict=self.cfg.router.strict_max_tokens,
+                vocab_size=self.vocab_size,
             )
         except P.AdmissionError as e:
             return _json(e.to_json(), e.status)
@@ -270,8 +277,8 @@ class Router:
         if isinstance(e, TimeoutError):
             return _error(
                 504,
-                f"request passed its deadline of {self.cfg.router.request_timeout_s}s "
-                f"(router.request_timeout_s): {e}",
+                "request passed its deadline of "
+                f"{self.cfg.router.request_timeout_s}s (router.request_timeout_s)",
                 "timeout",
                 "request_timeout",
             )
@@ -283,6 +290,8 @@ class Router:
                 "worker_unavailable",
                 headers={"Retry-After": "1"},
             )
+        if isinstance(e, SequenceFailed):  # this request alone; not retried elsewhere
+            return _error(e.status, str(e), P.error_type_for(e.status), "sampling_failed")
         log.warning("request failed: %r", e)
         return _error(500, f"request failed: {e!r}", "server_error", "internal_error")
 
@@ -415,13 +424,20 @@ class Router:
                 raise WorkerError("decode stream ended without a finish reason")
             except TransferError as e:
                 if got_tokens or re_prefills >= 1:
-                    raise Unavailable(f"KV transfer failed twice: {e}") from None
+                    log.warning("request %s: KV transfer failed twice: %r", state.request_id, e)
+                    raise Unavailable("KV transfer failed twice") from None
                 re_prefills += 1
                 self.metrics.retries.labels("transfer").inc()
                 log.warning("request %s: transfer failed (%r); re-prefilling", state.request_id, e)
             except _WORKER_LOST as e:
                 if migrations >= self.cfg.router.max_migrations:
-                    raise Unavailable(f"decode failed after {migrations} migrations: {e}") from None
+                    log.warning(
+                        "request %s: decode lost after %d migrations: %r",
+                        state.request_id,
+                        migrations,
+                        e,
+                    )
+                    raise Unavailable(f"decode failed after {migrations} migrations") from None
                 migrations += 1
                 self.metrics.migrations.inc()
                 log.warning(
@@ -457,7 +473,8 @@ class Router:
                 log.warning("request %s: prefill-%d failed (%r)", state.request_id, i, e)
             finally:
                 self.prefill_pool.load[i] -= len(ids)
-        raise Unavailable(f"no prefill worker could take the request: {last!r}")
+        log.warning("request %s: no prefill worker could take it: %r", state.request_id, last)
+        raise Unavailable("no prefill worker could take the request")
 
     async def _decode(
         self, state: RequestState, wid: str, ids: list[int], res, p: int | None, sp: SamplingParams

@@ -46,18 +46,63 @@ def running_cluster(cfg):
         rc.shutdown()
 
 
+# Every count /debug/state reports that must be back at zero when load ends.
+IDLE_KEYS = (
+    "requests_in_flight",
+    "prefill_pending",
+    "prefill_leases",
+    "prefill_pinned_blocks",
+    "transfer_pending",
+    "decode_waiting_for_blocks",
+    "decode_streams",
+    "decode_blocks_used",
+)
+
+
 def wait_idle(url: str, timeout: float = 30.0) -> dict:
     """Poll /debug/state until every count is back at zero; return the last state."""
     deadline = time.monotonic() + timeout
-    keys = (
-        "requests_in_flight",
-        "prefill_leases",
-        "prefill_pinned_blocks",
-        "transfer_pending",
-        "decode_blocks_used",
-    )
     while True:
         state = httpx.get(f"{url}/debug/state", timeout=10).json()
-        if all(state[k] == 0 for k in keys) or time.monotonic() > deadline:
+        if all(state[k] == 0 for k in IDLE_KEYS) or time.monotonic() > deadline:
             return state
         time.sleep(0.2)
+
+
+def assert_idle(url: str) -> dict:
+    """Wait for idle, then assert every count is zero (naming the one that is not)."""
+    state = wait_idle(url)
+    for key in IDLE_KEYS:
+        assert state[key] == 0, (key, state)
+    return state
+
+
+def hf_greedy(hf, ids: list[int], n: int) -> list[int]:
+    """Hugging Face `generate`'s greedy continuation of `ids`: exactly `n` tokens."""
+    import torch
+
+    model, _ = hf
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[0, len(ids) :].tolist()
+
+
+async def sse_events(response):
+    """The JSON events of an SSE response, split on blank lines only: generated text
+    may hold characters (U+2028, U+0085) that httpx's aiter_lines takes for line ends."""
+    import json
+
+    buf = ""
+    async for text in response.aiter_text():
+        buf += text
+        while "\n\n" in buf:
+            event, buf = buf.split("\n\n", 1)
+            if event.startswith("data: {"):
+                yield json.loads(event[6:])

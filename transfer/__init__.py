@@ -1,8 +1,13 @@
-"""KV transfer between prefill and decode ranks: handle types and the NIXL backend.
+"""KV transfer between prefill and decode ranks.
 
 Imports nothing from `cluster` or `workers`; the data path runs one way into here.
+This package's top level is torch- and NIXL-free (handle types, typed errors,
+fault config, the lease table), so the router can import it; the backends
+(`transfer.backend`, `transfer.nixl_backend`) and the sending side
+(`transfer.sender`) are imported by name where they run, in the workers.
 """
 
+from transfer.faults import FaultConfig, FaultInjector
 from transfer.handle import (
     KVHandle,
     LeaseExpired,
@@ -12,27 +17,17 @@ from transfer.handle import (
     TransferFailed,
     TransferTimeout,
 )
-from transfer.backend import RayObjectBackend, TransferBackend
-from transfer.faults import FaultConfig, FaultInjector
 from transfer.lease import Lease, LeaseRegistry
 
-try:  # the Ray object-store backend works without NIXL
-    from transfer.nixl_backend import NixlTransferAgent
-except ImportError:  # pragma: no cover - depends on the machine
-    NixlTransferAgent = None
-
 __all__ = [
-    "RayObjectBackend",
-    "TransferBackend",
     "FaultConfig",
     "FaultInjector",
     "KVHandle",
     "Lease",
-    "LeaseRegistry",
-    "TransferBackpressure",
     "LeaseExpired",
-    "NixlTransferAgent",
+    "LeaseRegistry",
     "RankKV",
+    "TransferBackpressure",
     "TransferError",
     "TransferFailed",
     "TransferTimeout",

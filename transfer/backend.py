@@ -86,6 +86,8 @@ class RayObjectBackend(TransferBackend):
             )
         if src.object_ref is None:
             raise TransferFailed(f"handle from {src.agent_name} carries no object ref")
+        if timeout_s <= 0:
+            raise TransferTimeout(f"no time left to fetch the object from {src.agent_name}")
         try:
             data = ray.get(src.object_ref, timeout=timeout_s)
         except GetTimeoutError:

@@ -31,13 +31,15 @@ class FaultInjector:
         self.injected = {"delay": 0, "stall": 0, "fail": 0, "expire": 0}
 
     def before_pull(self, timeout_s: float) -> None:
-        """Called by the puller before its READ, on the transfer thread."""
+        """Called by the puller before its READ, on the transfer thread, with what
+        is left of the pull's deadline (never sleeps past it, even when none is left)."""
         r = self._rng.random()
         c = self.cfg
+        left = max(0.0, timeout_s)
         if r < c.stall_rate:
             self.injected["stall"] += 1
-            time.sleep(timeout_s)
-            raise TransferTimeout(f"injected fault: pull never completed within {timeout_s}s")
+            time.sleep(left)
+            raise TransferTimeout(f"injected fault: pull never completed within {left:.3f}s")
         r -= c.stall_rate
         if r < c.fail_rate:
             self.injected["fail"] += 1
@@ -45,7 +47,11 @@ class FaultInjector:
         r -= c.fail_rate
         if r < c.delay_rate:
             self.injected["delay"] += 1
-            time.sleep(c.delay_s)
+            time.sleep(min(c.delay_s, left))
+            if c.delay_s >= left:
+                raise TransferTimeout(
+                    f"injected fault: pull delayed past its deadline ({left:.3f}s)"
+                )
 
     def lease_ttl(self, ttl_s: float) -> float:
         if self._rng.random() < self.cfg.expire_rate:

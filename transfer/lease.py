@@ -16,8 +16,8 @@ has a new NIXL agent, so old handles cannot reach it), and a live claim keeps
 the sweeper away until the read is bounded to have ended.
 
 The registry is bounded (`max_leases`): at the bound `register` raises
-`TransferBackpressure` instead of growing. Not thread-safe by itself: the
-prefill worker calls it from its engine thread only.
+`TransferBackpressure` instead of growing. Not thread-safe by itself: its one
+owner is `transfer.sender.KVSender`, on the prefill engine thread.
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ class LeaseRegistry:
     def pinned_blocks(self) -> int:
         return sum(len(lease.blocks) for lease in self._leases.values())
 
-    def has_room(self) -> bool:
-        return len(self._leases) < self.max_leases
+    def ids(self) -> list[str]:
+        return list(self._leases)
 
     def register(self, request_id: str, blocks: list[int], ttl_s: float | None = None) -> Lease:
         if request_id in self._leases:

@@ -15,10 +15,9 @@ import time
 import uuid
 from collections import OrderedDict
 
+import nixl._api as nixl_api
 import numpy as np
 import torch
-
-import nixl._api as nixl_api
 from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
 
 from transfer.backend import TransferBackend
@@ -172,6 +171,8 @@ class NixlTransferAgent(TransferBackend):
             raise ValueError(f"remote block is {src.block_bytes} bytes, ours {self.block_bytes}")
         _check_ids(local_block_ids, self.num_blocks, "local")
         _check_ids(src.block_ids, src.num_blocks, "remote")
+        if timeout_s <= 0:
+            raise TransferTimeout(f"no time left to READ from {src.agent_name}")
         deadline = time.monotonic() + timeout_s
 
         peer = self._checkout(src)

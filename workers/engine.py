@@ -5,7 +5,18 @@ A step is either a prefill step (uncached tokens of waiting sequences under
 `max_batched_tokens`, long prompts in chunks) or a decode step (one token for
 every running sequence). When a running sequence needs a block and none is
 free, the most recently admitted one is preempted: its blocks are freed and it
-waits to be recomputed. Nothing here asserts on a full pool.
+waits to be recomputed. Nothing here asserts on a full pool: work that does not
+fit waits (`blocked`), and the thread that runs the engine sleeps until a free.
+
+The engine is the one owner of its sequences and their blocks. `seqs` is the
+request table: every sequence is in it from `add`/`add_pulled` until it ends
+(finished, failed, aborted), whichever queue holds it, so nothing can be lost
+between queues when a step raises (`fail_all` frees it all). Decode admission
+of pulled KV lives here too (vLLM v1's "waiting for remote KV"): a pulled
+request waits in `kv_waiting` for blocks, in order; `admit_pulls` allocates
+them (PULLING) and the worker runs the transfer; `pull_done` puts it in the
+batch, or frees its blocks, and only then: blocks a transfer may still write
+are never freed, even when the request is aborted meanwhile.
 """
 
 from __future__ import annotations
@@ -15,15 +26,16 @@ from dataclasses import dataclass
 
 from workers.kv_cache import BlockManager, NoFreeBlocks
 from workers.runner import ModelRunner
-from workers.sampler import sample
-from workers.sequence import Sequence, SeqStatus, finish_reason
+from workers.sampler import SampleError, sample
+from workers.sequence import SeqStatus, Sequence, finish_reason
 
 
 @dataclass
 class StepOutput:
     seq: Sequence
-    token: int
-    finish_reason: str | None
+    token: int  # -1 when no token was produced
+    finish_reason: str | None  # "error" with `error` set when this sequence alone failed
+    error: SampleError | None = None
 
 
 class Engine:
@@ -41,20 +53,74 @@ class Engine:
         self.max_batched_tokens = max_batched_tokens
         self.max_running = max_running
         # prefill_only: a sequence leaves after its first token, keeping its
-        # blocks; the caller (the prefill worker) owns them from then on.
+        # blocks; the caller (the prefill worker's KV sender) owns them from then on.
         self.prefill_only = prefill_only
         self.eos_ids = runner.args.eos_token_ids
         self.max_model_len = runner.max_model_len
+        self.seqs: dict[str, Sequence] = {}
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.kv_waiting: deque[Sequence] = deque()
         self.steps = 0  # progress counter a watchdog can read
-        self._finished_unscheduled: list[Sequence] = []
+        self.blocked = False  # the last step found work but no blocks for it
+        self._finished_unscheduled: list[StepOutput] = []
+
+    # ---- admission -------------------------------------------------------
 
     def add(self, seq: Sequence) -> None:
-        """Queue a sequence; its uncached tokens get computed in prefill steps.
-        A sequence whose KV is already cached except the last token (pulled
-        from a prefill worker) goes straight to `running` when the batch has
-        room; otherwise it waits, keeping its KV, and joins later as a 1-token step."""
+        """Queue a sequence; its uncached tokens get computed in prefill steps."""
+        self._register(seq)
+        self._enqueue(seq)
+
+    def add_pulled(self, seq: Sequence) -> None:
+        """Decode: a request whose prompt KV (`num_prompt_tokens`) is to be pulled
+        from prefill. It waits, in order, for blocks (`admit_pulls`)."""
+        self._register(seq)
+        seq.status = SeqStatus.WAITING_FOR_BLOCKS
+        self.kv_waiting.append(seq)
+
+    def admit_pulls(self) -> list[Sequence]:
+        """Give blocks to waiting pulled requests, oldest first, while they fit with
+        a block of headroom per running sequence (so admitting never preempts) and
+        nothing older waits for blocks.
+        Each returned sequence is PULLING: the caller transfers into its blocks and
+        must call `pull_done` once the transfer has ended, whatever the outcome."""
+        admitted = []
+        # Older work first: a sequence waiting to be (re)computed here (preempted, or
+        # pulled but not yet in the batch) gets free blocks before any newer pull.
+        while self.kv_waiting and not self.waiting:
+            seq = self.kv_waiting[0]
+            n = self.blocks.blocks_for(seq.num_prompt_tokens)
+            if self.blocks.num_free < n + len(self.running):
+                break
+            seq.block_table = self.blocks.allocate(n)
+            seq.status = SeqStatus.PULLING
+            self.kv_waiting.popleft()
+            admitted.append(seq)
+        return admitted
+
+    def pull_done(self, request_id: str, ok: bool) -> None:
+        """The transfer into a PULLING sequence's blocks has ended (completed or
+        aborted: nothing writes them any more). On success the sequence joins the
+        batch; otherwise, or if it was aborted meanwhile, its blocks are freed."""
+        seq = self.seqs.get(request_id)
+        if seq is None or seq.status is not SeqStatus.PULLING:
+            return
+        if seq.aborted or not ok:
+            self._drop(seq)
+            return
+        seq.num_cached = seq.num_prompt_tokens
+        self._enqueue(seq)
+
+    def _register(self, seq: Sequence) -> None:
+        if seq.request_id in self.seqs:
+            raise ValueError(f"request {seq.request_id} is already in this engine")
+        self.seqs[seq.request_id] = seq
+
+    def _enqueue(self, seq: Sequence) -> None:
+        """A sequence whose KV is cached except the last token (pulled from a
+        prefill worker) goes straight to `running` when the batch has room;
+        otherwise it waits, keeping its KV, and joins later as a 1-token step."""
         if (
             not self.prefill_only
             and 0 < seq.num_cached == seq.num_tokens - 1
@@ -66,14 +132,49 @@ class Engine:
             seq.status = SeqStatus.WAITING
             self.waiting.append(seq)
 
+    # ---- ending ----------------------------------------------------------
+
     def abort(self, request_id: str) -> Sequence | None:
-        for q in (self.running, self.waiting):
-            for s in q:
-                if s.request_id == request_id:
-                    q.remove(s)
-                    self._release(s)
-                    return s
-        return None
+        """End a request here, freeing its blocks (idempotent). A PULLING one keeps
+        its blocks until `pull_done`: a transfer may still be writing them."""
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            return None
+        if seq.status is SeqStatus.PULLING:
+            seq.aborted = True
+            return seq
+        self._drop(seq)
+        return seq
+
+    def fail_all(self) -> list[Sequence]:
+        """After a failed step: end every sequence (PULLING ones as `abort` does)."""
+        seqs = list(self.seqs.values())
+        for s in seqs:
+            self.abort(s.request_id)
+        return seqs
+
+    def _drop(self, seq: Sequence) -> None:
+        """Out of every queue and the table; blocks back to the pool."""
+        if seq.status is SeqStatus.RUNNING and seq in self.running:
+            self.running.remove(seq)
+        elif seq.status is SeqStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        elif seq.status is SeqStatus.WAITING_FOR_BLOCKS and seq in self.kv_waiting:
+            self.kv_waiting.remove(seq)
+        if self.seqs.get(seq.request_id) is seq:
+            del self.seqs[seq.request_id]
+        if seq.block_table:
+            self.blocks.free(seq.block_table)
+        seq.block_table = []
+        seq.num_cached = 0
+        seq.status = SeqStatus.FINISHED
+
+    def _hand_over(self, seq: Sequence) -> None:
+        """prefill_only: the sequence leaves with its blocks, which its caller now owns."""
+        del self.seqs[seq.request_id]
+        seq.status = SeqStatus.FINISHED
+
+    # ---- what others may read (through the owner's snapshot) -------------
 
     @property
     def has_work(self) -> bool:
@@ -83,12 +184,7 @@ class Engine:
     def num_queued_tokens(self) -> int:
         return sum(s.num_tokens - s.num_cached for s in self.waiting)
 
-    def _release(self, seq: Sequence) -> None:
-        if seq.block_table:
-            self.blocks.free(seq.block_table)
-        seq.block_table = []
-        seq.num_cached = 0
-        seq.status = SeqStatus.FINISHED
+    # ---- scheduling --------------------------------------------------------
 
     def _grow(self, seq: Sequence, num_tokens: int) -> bool:
         need = self.blocks.blocks_for(num_tokens) - len(seq.block_table)
@@ -116,10 +212,9 @@ class Engine:
             if not self._grow(seq, seq.num_cached + n):
                 if not self.running and not seqs and not self.blocks.num_used:
                     # Cannot fit even alone in an empty pool: end it instead of waiting forever.
-                    self.waiting.popleft()
-                    seq.status = SeqStatus.FINISHED
                     seq.finish_reason = "length"
-                    self._finished_unscheduled.append(seq)
+                    self._drop(seq)
+                    self._finished_unscheduled.append(StepOutput(seq, -1, "length"))
                     continue
                 break
             self.waiting.popleft()
@@ -143,17 +238,26 @@ class Engine:
         return [s for s in scheduled if s in self.running]
 
     def step(self) -> list[StepOutput]:
-        """Run one batch; return the tokens sampled this step."""
+        """Run one batch; return the tokens sampled this step (and the sequences
+        that ended without one). A sequence that cannot be sampled ends alone with
+        finish_reason "error"; an exception out of here (the forward failed) leaves
+        every sequence in `seqs` for `fail_all`."""
         self._finished_unscheduled = []
         seqs, num_new = self._schedule_prefill()
         is_prefill = bool(seqs)
         if not is_prefill:
             seqs = self._schedule_decode()
             num_new = [1] * len(seqs)
-        outputs = [StepOutput(s, -1, s.finish_reason) for s in self._finished_unscheduled]
+        outputs = self._finished_unscheduled
+        self.blocked = not seqs and bool(self.waiting)
         if not seqs:
             return outputs
-        logits = self.runner.forward(seqs, num_new)
+        try:
+            logits = self.runner.forward(seqs, num_new)
+        except BaseException:
+            if is_prefill:  # taken out of `waiting` for this step: back where they were
+                self.waiting.extendleft(reversed(seqs))
+            raise
         self.steps += 1
         for s, n in zip(seqs, num_new):
             s.num_cached += n
@@ -170,18 +274,20 @@ class Engine:
         tokens = sample(logits, [seqs[i] for i in done], self.eos_ids)
         for i, tok in zip(done, tokens):
             s = seqs[i]
+            if isinstance(tok, SampleError):
+                s.finish_reason = "error"
+                self._drop(s)
+                outputs.append(StepOutput(s, -1, "error", tok))
+                continue
             s.token_ids.append(tok)
             reason = finish_reason(s, tok, self.eos_ids, self.max_model_len)
             s.finish_reason = reason
-            if is_prefill and s not in self.running:
-                if self.prefill_only:
-                    s.status = SeqStatus.FINISHED  # blocks stay allocated: caller owns them
-                else:
-                    s.status = SeqStatus.RUNNING
-                    self.running.append(s)
-            if reason is not None and s in self.running:
-                self.running.remove(s)
-            if reason is not None and not self.prefill_only:
-                self._release(s)
+            if reason is not None:
+                self._drop(s)
+            elif self.prefill_only:
+                self._hand_over(s)
+            elif is_prefill and s not in self.running:
+                s.status = SeqStatus.RUNNING
+                self.running.append(s)
             outputs.append(StepOutput(s, tok, reason))
         return outputs

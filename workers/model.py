@@ -339,7 +339,8 @@ class LlamaModel(nn.Module):
         freqs = torch.arange(max_len, dtype=torch.float32)[:, None] * rope_inv_freq(args)[None]
         half = freqs.shape[1]
         emb = torch.cat((freqs, freqs), dim=-1)
-        # sin with rotate_half's sign folded in: rotate_half(x) * sin == swap_halves(x) * sin_signed.
+        # sin with rotate_half's sign folded in:
+        # rotate_half(x) * sin == swap_halves(x) * sin_signed.
         sin = emb.sin()
         sin[:, :half] = -sin[:, :half]
         self.register_buffer("cos", emb.cos(), persistent=False)

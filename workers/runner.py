@@ -111,10 +111,10 @@ class ModelRunner:
         nl = self.args.num_layers
         write_base = tables[seq_of * nblk + positions // bs] * (nl * 2 * bs) + positions % bs
         write_rows = (
-            write_base[None, :, None]
+            write_base[None, :, None]  # nl,T,2
             + torch.arange(0, nl * 2 * bs, 2 * bs)[:, None, None]
             + torch.tensor([0, bs])
-        )  # nl,T,2
+        )
         gather = (tables.view(B, 1, nblk) * (nl * 2) + torch.tensor([[0], [1]]))[
             None
         ] + torch.arange(0, nl * 2, 2)[:, None, None, None]  # nl,B,2,nblk

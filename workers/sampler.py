@@ -7,42 +7,91 @@ import torch
 from workers.sequence import Sequence
 
 
+class SampleError(Exception):
+    """One sequence could not be sampled; `status` is 400 when its own parameters
+    made that impossible, 500 otherwise. The rest of the batch is unaffected."""
+
+    def __init__(self, message: str, status: int = 500):
+        super().__init__(message)
+        self.status = status
+
+
+def _banned(seq: Sequence, eos_ids: tuple[int, ...], vocab: int) -> list[int]:
+    """Ids `seq` may not produce yet (min_tokens), checked against the vocabulary
+    before any indexing: on CUDA an out-of-range index is a device assert that
+    poisons the context for every request."""
+    p = seq.params
+    if seq.num_output >= p.min_tokens:
+        return []
+    banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_ids))
+    bad = [t for t in banned if not 0 <= t < vocab]
+    if bad:
+        raise SampleError(f"stop_token_ids {bad[:5]} are outside the vocabulary [0, {vocab})", 400)
+    if len(set(banned)) >= vocab:
+        raise SampleError(
+            "min_tokens bans every token of the vocabulary (stop_token_ids "
+            "and EOS): nothing can be sampled",
+            400,
+        )
+    return banned
+
+
 @torch.inference_mode()
-def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...]) -> list[int]:
-    """One next token per sequence. Greedy rows (temperature 0) take argmax;
+def sample(
+    logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...]
+) -> list[int | SampleError]:
+    """One next token per sequence, or a SampleError for a sequence that cannot be
+    sampled (that sequence alone fails). Greedy rows (temperature 0) take argmax;
     the rest sample with temperature, top-k and top-p, seeded per request.
     `logits` [len(seqs), vocab] is the caller's scratch: banned ids are set in place."""
     logits = logits.float()
+    vocab = logits.shape[-1]
+    out: list[int | SampleError | None] = [None] * len(seqs)
     # min_tokens: stop tokens are not allowed before the minimum is reached.
     rows, cols = [], []
     for i, s in enumerate(seqs):
-        p = s.params
-        if s.num_output < p.min_tokens:
-            banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_ids))
-            rows += [i] * len(banned)
-            cols += banned
+        try:
+            banned = _banned(s, eos_ids, vocab)
+        except SampleError as e:
+            out[i] = e
+            continue
+        rows += [i] * len(banned)
+        cols += banned
     if rows:
         logits[rows, cols] = float("-inf")
     greedy = None
     if any(s.params.temperature == 0.0 for s in seqs):
         # max() is argmax (first index on ties) at less than half argmax's cost on CPU.
         greedy = logits.max(dim=-1).indices.tolist()
-    out = []
     for i, s in enumerate(seqs):
+        if out[i] is not None:
+            continue
         p = s.params
         if p.temperature == 0.0:
-            out.append(greedy[i])
+            out[i] = greedy[i]
             continue
-        row = logits[i] / p.temperature
-        if p.top_k is not None and p.top_k > 0:
-            kth = torch.topk(row, min(p.top_k, row.numel())).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        probs = torch.softmax(row, dim=-1)
-        if p.top_p < 1.0:
-            sorted_p, idx = probs.sort(descending=True)
-            cum = sorted_p.cumsum(0)
-            drop = cum - sorted_p > p.top_p  # keep the smallest prefix reaching top_p
-            sorted_p[drop] = 0.0
-            probs = torch.zeros_like(probs).scatter_(0, idx, sorted_p)
-        out.append(int(torch.multinomial(probs, 1, generator=s.generator)))
+        try:
+            out[i] = _sample_row(logits[i], s)
+        except SampleError as e:
+            out[i] = e
+        except Exception as e:  # noqa: BLE001 - one sequence fails, never the batch
+            out[i] = SampleError(f"sampling failed: {type(e).__name__}: {e}")
     return out
+
+
+def _sample_row(row: torch.Tensor, s: Sequence) -> int:
+    p = s.params
+    row = row / p.temperature
+    if p.top_k is not None and p.top_k > 0:
+        kth = torch.topk(row, min(p.top_k, row.numel())).values[-1]
+        row = row.masked_fill(row < kth, float("-inf"))
+    probs = torch.softmax(row, dim=-1)
+    if p.top_p < 1.0:
+        sorted_p, idx = probs.sort(descending=True)
+        cum = sorted_p.cumsum(0)
+        drop = cum - sorted_p > p.top_p  # keep the smallest prefix reaching top_p
+        sorted_p[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, idx, sorted_p)
+    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0.0:
+        raise SampleError("the logits left no finite probability to sample from")
+    return int(torch.multinomial(probs, 1, generator=s.generator))

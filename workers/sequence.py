@@ -12,6 +12,8 @@ from workers.sampling_params import SamplingParams
 class SeqStatus(enum.Enum):
     WAITING = "waiting"  # needs (re)computation of KV for tokens not yet cached
     RUNNING = "running"  # all but the last token cached; decodes one token a step
+    WAITING_FOR_BLOCKS = "waiting_for_blocks"  # decode: its KV is to be pulled; no blocks yet
+    PULLING = "pulling"  # decode: blocks allocated, a transfer is writing them
     FINISHED = "finished"
 
 
@@ -33,6 +35,7 @@ class Sequence:
         self.num_cached = 0
         self.status = SeqStatus.WAITING
         self.finish_reason: str | None = None
+        self.aborted = False  # aborted while PULLING: freed once the transfer has ended
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)

@@ -7,7 +7,7 @@ import openai
 import pytest
 import torch
 
-from tests.support import load_test_config, running_cluster, wait_idle
+from tests.support import assert_idle, hf_greedy, load_test_config, running_cluster
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -37,16 +37,7 @@ def test_greedy_equals_hf_generate(cluster):
         QUESTION, add_generation_prompt=True, tokenize=True, return_dict=False
     )
     n = 32
-    with torch.no_grad():
-        out = hf.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=n,
-            min_new_tokens=n,
-            do_sample=False,
-            pad_token_id=0,
-        )
-    want = tok.decode(out[0, len(ids) :], skip_special_tokens=False)
+    want = tok.decode(hf_greedy((hf, tok), ids, n), skip_special_tokens=False)
     client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0)
     got = client.chat.completions.create(
         model="SmolLM2-135M-Instruct",
@@ -57,8 +48,7 @@ def test_greedy_equals_hf_generate(cluster):
     )
     assert got.choices[0].message.content == want
     assert got.usage.completion_tokens == n
-    state = wait_idle(cluster.url)
-    assert state["prefill_pinned_blocks"] == 0 and state["decode_blocks_used"] == 0
+    assert_idle(cluster.url)
 
 
 def test_engine_threads_run_with_the_configured_thread_count(cluster):
@@ -73,4 +63,4 @@ def test_engine_threads_run_with_the_configured_thread_count(cluster):
         (cluster.prefill, cfg.prefill.num_threads),
     ):
         for g in groups:
-            assert ray.get(g.leader.stats.remote(), timeout=30)["omp_threads"] == want
+            assert ray.get(g.leader.stats.remote(), timeout=30).omp_threads == want

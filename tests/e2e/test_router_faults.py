@@ -13,7 +13,7 @@ import httpx
 import pytest
 import ray
 
-from tests.support import load_test_config, running_cluster, wait_idle
+from tests.support import assert_idle, load_test_config, running_cluster
 
 WATCHDOG_S = 3.0
 
@@ -34,19 +34,6 @@ def cluster():
     )
     with running_cluster(cfg) as rc:
         yield rc
-
-
-def assert_idle(url: str) -> dict:
-    state = wait_idle(url)
-    for key in (
-        "requests_in_flight",
-        "prefill_leases",
-        "prefill_pinned_blocks",
-        "transfer_pending",
-        "decode_blocks_used",
-    ):
-        assert state[key] == 0, (key, state)
-    return state
 
 
 def wait_healthy(url: str, timeout: float = 60) -> None:
@@ -70,7 +57,34 @@ BAD = [
     ("unknown field", chat("hi", max_tokens=2, frobnicate=True)),
     ("empty messages", {"model": "tiny-llama", "messages": [], "max_tokens": 2}),
     ("bad role", {"model": "tiny-llama", "messages": [{"role": "wizard", "content": "x"}]}),
+    # Sampling parameters that used to reach a worker and fail its whole engine step.
+    (
+        "stop id outside the vocabulary",
+        chat("hi", max_tokens=2, min_tokens=1, stop_token_ids=[99_999_999]),
+    ),
+    ("huge stop id list", chat("hi", max_tokens=2, stop_token_ids=list(range(5000)))),
+    (
+        "whole vocabulary banned, sampled",
+        chat("hi", max_tokens=2, min_tokens=2, temperature=0.9, stop_token_ids=list(range(320))),
+    ),
 ]
+
+
+def _valid(i: int) -> dict:
+    """Greedy, sampled and seeded requests, some with stop ids inside the vocabulary."""
+    kind = i % 3
+    if kind == 0:
+        return chat(f"request {i}", max_tokens=2, temperature=0)
+    if kind == 1:
+        return chat(f"request {i}", max_tokens=2, temperature=0.8, top_p=0.9, seed=i)
+    return chat(
+        f"request {i}",
+        max_tokens=2,
+        temperature=1.2,
+        top_k=20,
+        min_tokens=1,
+        stop_token_ids=[5, 6, 7],
+    )
 
 
 async def _run_mixed(url: str, n: int, concurrency: int) -> list[tuple[bool, int, dict]]:
@@ -79,7 +93,7 @@ async def _run_mixed(url: str, n: int, concurrency: int) -> list[tuple[bool, int
 
     async def one(i: int, client: httpx.AsyncClient):
         bad = i % 3 == 0
-        body = rng.choice(BAD)[1] if bad else chat(f"request {i}", max_tokens=2, temperature=0)
+        body = rng.choice(BAD)[1] if bad else _valid(i)
         async with sem:
             r = await client.post(f"{url}/v1/chat/completions", json=body)
         return bad, r.status_code, r.json()
@@ -89,6 +103,11 @@ async def _run_mixed(url: str, n: int, concurrency: int) -> list[tuple[bool, int
 
 
 def test_2000_requests_a_third_bad(cluster):
+    """A storm of valid requests (greedy and sampled) and invalid ones (bad JSON
+    types, over-long prompts, out-of-vocabulary stop ids, huge stop lists, a
+    whole-vocabulary ban): every invalid one is a 4xx before any worker sees it,
+    every valid one a 200, no worker restarts, and nothing is left held."""
+    restarts = _metric(cluster.url, "pdcluster_worker_restarts_total")
     results = asyncio.run(_run_mixed(cluster.url, 2000, 32))
     for bad, status, body in results:
         if bad:
@@ -97,6 +116,7 @@ def test_2000_requests_a_third_bad(cluster):
         else:
             assert status == 200, body
             assert body["usage"]["completion_tokens"] >= 1
+    assert _metric(cluster.url, "pdcluster_worker_restarts_total") == restarts
     assert_idle(cluster.url)
 
 
@@ -177,9 +197,9 @@ def _decoding_replica(cluster, steps: int = 5):
     while time.monotonic() < deadline:
         for i, g in enumerate(cluster.decode):
             s = ray.get(g.leader.stats.remote(), timeout=10)
-            if s["running"] > 0:
-                first.setdefault(i, s["steps"])
-                if s["steps"] >= first[i] + steps:
+            if s.engine.running > 0:
+                first.setdefault(i, s.engine.steps)
+                if s.engine.steps >= first[i] + steps:
                     return g
     raise AssertionError("no decode replica was seen decoding")
 

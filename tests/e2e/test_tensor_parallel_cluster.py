@@ -13,8 +13,8 @@ import httpx
 import pytest
 import ray
 
-from tests.e2e.test_tiny_cluster import PROMPTS, hf, hf_greedy  # noqa: F401 - fixture
-from tests.support import load_test_config, running_cluster, wait_idle
+from tests.e2e.test_tiny_cluster import PROMPTS
+from tests.support import assert_idle, hf_greedy, load_test_config, running_cluster
 
 N_TOKENS = 24
 
@@ -93,16 +93,13 @@ def test_stream_interval_sends_fewer_larger_chunks(cluster, hf):
 
 
 def test_every_rank_stepped_and_nothing_is_held(cluster):
-    state = wait_idle(cluster.url)
-    assert state["requests_in_flight"] == 0 and state["decode_blocks_used"] == 0
-    assert state["prefill_leases"] == 0 and state["prefill_pinned_blocks"] == 0
-    assert state["transfer_pending"] == 0
+    assert_idle(cluster.url)
     for g in cluster.prefill + cluster.decode:
         leader = ray.get(g.leader.stats.remote(), timeout=30)
         follower = ray.get(g.ranks[1].stats.remote(), timeout=30)
-        assert follower["steps"] >= leader["steps"] > 0
-    transfers = ray.get(cluster.decode[0].leader.stats.remote(), timeout=30)["transfers"]
-    assert transfers["count"] >= len(PROMPTS) and transfers["failures"] == 0
+        assert follower.steps >= leader.engine.steps > 0
+    transfers = ray.get(cluster.decode[0].leader.stats.remote(), timeout=30).transfers
+    assert transfers.count >= len(PROMPTS) and transfers.failures == 0
 
 
 def test_lost_rank_restarts_the_group(cluster, hf):
@@ -128,6 +125,4 @@ def test_lost_rank_restarts_the_group(cluster, hf):
         assert time.monotonic() < deadline, got
         time.sleep(1)
     assert got == want
-    state = wait_idle(cluster.url)
-    assert state["requests_in_flight"] == 0 and state["decode_blocks_used"] == 0
-    assert state["prefill_leases"] == 0
+    assert_idle(cluster.url)

@@ -14,9 +14,8 @@ import httpx
 import openai
 import pytest
 import ray
-import torch
 
-from tests.support import load_test_config, running_cluster, wait_idle
+from tests.support import assert_idle, hf_greedy, load_test_config, running_cluster
 
 N_TOKENS = 24
 
@@ -27,28 +26,6 @@ def cluster():
     cfg = load_test_config("tiny.yaml", router={"request_timeout_s": 5, "watchdog_s": 60})
     with running_cluster(cfg) as rc:
         yield rc
-
-
-@pytest.fixture(scope="module")
-def hf(tiny_model_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
-def hf_greedy(hf, ids: list[int], n: int) -> list[int]:
-    model, _ = hf
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=n,
-            min_new_tokens=n,
-            do_sample=False,
-            pad_token_id=0,
-        )
-    return out[0, len(ids) :].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -201,9 +178,7 @@ def test_deadline_ends_request_with_clear_error_and_frees_everything(cluster):
     assert r.status_code == 504, r.text
     assert "deadline" in r.json()["error"]["message"]
     assert 4.5 < elapsed < 9
-    state = wait_idle(cluster.url)
-    assert state["requests_in_flight"] == 0 and state["decode_blocks_used"] == 0
-    assert state["prefill_leases"] == 0
+    assert_idle(cluster.url)
 
 
 def test_queue_full_is_429_with_retry_after(cluster):
@@ -244,19 +219,13 @@ def test_queue_full_is_429_with_retry_after(cluster):
     assert len(refused) == 36 and len(admitted) == 64
     assert all(r[1] == "1" and r[2]["error"]["code"] == "queue_full" for r in refused)
     assert all('"request_timeout"' in r[2] and r[2].endswith("data: [DONE]\n\n") for r in admitted)
-    state = wait_idle(cluster.url)
-    assert state["requests_in_flight"] == 0 and state["decode_blocks_used"] == 0
-    assert state["prefill_leases"] == 0
+    assert_idle(cluster.url)
 
 
 def test_idle_after_requests(cluster):
     """After the load ends, nothing is held anywhere (router, prefill, transfer, decode)."""
-    state = wait_idle(cluster.url)
-    assert state["requests_in_flight"] == 0
-    assert state["prefill_leases"] == 0 and state["prefill_pinned_blocks"] == 0
-    assert state["transfer_pending"] == 0
-    assert state["decode_blocks_used"] == 0
-    assert all(w["healthy"] and w["stats"]["steps"] > 0 for w in state["workers"])
+    state = assert_idle(cluster.url)
+    assert all(w["healthy"] and w["stats"]["engine"]["steps"] > 0 for w in state["workers"])
     # Every request of this module reached decode through one output channel (the
     # router's, per decode replica), and none is still registered on it.
     decode = [w["stats"] for w in state["workers"] if w["role"] == "decode"]

@@ -15,7 +15,8 @@ import ray
 import torch
 from ray.cluster_utils import Cluster
 
-from transfer import KVHandle, NixlTransferAgent, TransferError, TransferFailed
+from transfer import KVHandle, TransferError, TransferFailed
+from transfer.nixl_backend import NixlTransferAgent
 
 # Ray workers cannot import this test module by name; ship its actor classes by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -10,18 +10,16 @@ import multiprocessing as mp
 import pytest
 import torch
 
+from tests.unit.workers.test_engine import N, hf_model, prompts_and_refs  # noqa: F401 - fixtures
 from workers.tp import TPGroup
-
-from tests.unit.workers.test_engine import N, prompts_and_refs, hf_model  # noqa: F401 - fixtures
 
 
 def _rank(rank: int, size: int, address, model_dir: str, prompts, out) -> None:
     torch.set_num_threads(1)
+    from tests.unit.workers.test_engine import run_all
     from workers.engine import Engine
     from workers.kv_cache import BlockManager
     from workers.runner import ModelRunner
-
-    from tests.unit.workers.test_engine import run_all
 
     # A pool of 12 blocks for 5 prompts up to 150 tokens: preemption happens.
     runner = ModelRunner(

@@ -11,39 +11,31 @@ import time
 
 import pytest
 import ray
-from ray.cluster_utils import Cluster
 
 from transfer import FaultConfig, LeaseExpired, TransferError, TransferTimeout
+from workers.api import WorkerSpec
+from workers.channel import OutputChannel
+from workers.decode_worker import DecodeWorker
+from workers.prefill_worker import PrefillWorker
 from workers.sampling_params import SamplingParams
-from workers.worker import DecodeWorker, OutputChannel, PrefillWorker, WorkerSpec
 
 TIMEOUT_S = 1.0
 SP = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def ray_nodes():
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 1,
-            "object_store_memory": 128 * 1024**2,
-            "include_dashboard": False,
-        },
-    )
-    for res in ("prefill_node", "decode_node"):
-        cluster.add_node(num_cpus=1, resources={res: 1}, object_store_memory=128 * 1024**2)
-    ray.init(address=cluster.address, log_to_driver=False)
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
-
-
-def _pair(model_dir, name: str, lease_ttl_s=30.0, faults=None, max_pending=64, backend="nixl"):
+def _pair(
+    model_dir,
+    name: str,
+    lease_ttl_s=30.0,
+    faults=None,
+    max_pending=64,
+    backend="nixl",
+    kv_blocks=64,
+):
     spec = dict(
         model_dir=str(model_dir),
         max_model_len=256,
-        kv_blocks=64,
+        kv_blocks=kv_blocks,
         block_size=16,
         transfer_timeout_s=TIMEOUT_S,
         lease_ttl_s=lease_ttl_s,
@@ -92,13 +84,14 @@ async def _transfer(
 def _tables(p, d) -> dict:
     ps, ds = ray.get([p.stats.remote(), d.stats.remote()], timeout=30)
     return {
-        "leases": ps["leases"],
-        "pinned": ps["pinned_blocks"],
-        "pending": ps["pending"],
-        "decode_used": ds["used_blocks"],
-        "transfers": ds["transfers_pending"],
-        "streams": ds["streams"],
-        "channels": ds["channels"],
+        "leases": ps.engine.leases,
+        "pinned": ps.pinned_blocks,
+        "pending": ps.pending,
+        "decode_used": ds.engine.used_blocks,
+        "transfers": ds.transfers_pending,
+        "waiting_for_blocks": ds.engine.waiting_for_blocks,
+        "streams": ds.streams,
+        "channels": ds.channels,
     }
 
 
@@ -119,7 +112,7 @@ def test_lease_expiry_frees_blocks_and_late_claim_fails_typed(ray_nodes, tiny_mo
             _transfer(p, d, "late", list(range(3, 40)), after_prefill=lambda: time.sleep(1.0))
         )
     assert _wait_empty(p, d) == dict.fromkeys(_tables(p, d), 0)
-    assert ray.get(p.stats.remote())["leases_expired"] == 1
+    assert ray.get(p.stats.remote()).engine.leases_expired == 1
     # The same pair still serves a prompt pulled in time.
     assert len(asyncio.run(_transfer(p, d, "on-time", list(range(3, 40))))) == 2
 
@@ -186,7 +179,7 @@ def test_1000_transfers_with_random_faults_all_end_on_time(ray_nodes, tiny_model
     # Each ends within its transfer deadline plus the prefill and one decode step.
     assert max(t for _, t in results) < TIMEOUT_S + 3.0
     assert _wait_empty(p, d, timeout=40) == dict.fromkeys(_tables(p, d), 0)
-    assert ray.get(p.stats.remote())["leases"] == 0
+    assert ray.get(p.stats.remote()).engine.leases == 0
 
 
 def test_restarted_prefill_worker_serves_transfers_again(ray_nodes, tiny_model_dir):
@@ -218,6 +211,6 @@ def test_ray_object_store_backend_gives_the_same_tokens(ray_nodes, tiny_model_di
     want = asyncio.run(_transfer(pn, dn, "n0", prompt, sp=sp))
     got = asyncio.run(_transfer(pr, dr, "r0", prompt, sp=sp))
     assert got == want and len(got) == 12
-    assert ray.get(dr.stats.remote())["transfers"]["bytes"] > 0
+    assert ray.get(dr.stats.remote()).transfers.bytes > 0
     for p, d in ((pn, dn), (pr, dr)):
         assert _wait_empty(p, d) == dict.fromkeys(_tables(p, d), 0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.support import hf_greedy
 from workers.engine import Engine
 from workers.kv_cache import BlockManager, NoFreeBlocks
 from workers.runner import ModelRunner
@@ -16,29 +17,10 @@ N = 20
 
 
 @pytest.fixture(scope="module")
-def hf_model(tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def prompts_and_refs(hf_model):
+def prompts_and_refs(hf):
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (3, 16, 17, 45, 130)]
-    refs = []
-    for p in prompts:
-        with torch.no_grad():
-            out = hf_model.generate(
-                torch.tensor([p]),
-                attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                max_new_tokens=N,
-                min_new_tokens=N,
-                do_sample=False,
-                pad_token_id=0,
-            )
-        refs.append(out[0, len(p) :].tolist())
-    return prompts, refs
+    return prompts, [hf_greedy(hf, p, N) for p in prompts]
 
 
 def make_engine(model_dir, num_blocks=64, max_batched_tokens=512, max_running=8):
@@ -129,3 +111,143 @@ def test_block_manager_never_asserts():
     with pytest.raises(ValueError):
         bm.free(ids)  # double free is refused, the free list stays consistent
     assert bm.num_free == 4 and bm.num_used == 0
+
+
+def test_a_poisoned_request_ends_alone_and_the_batch_goes_on(tiny_model_dir, prompts_and_refs):
+    """A request whose sampling fails ends with "error"; its neighbours in the same
+    steps give Hugging Face's tokens, and every block comes back."""
+    prompts, refs = prompts_and_refs
+    engine = make_engine(tiny_model_dir)
+    sp = SamplingParams(max_tokens=N, temperature=0.0, min_tokens=N)
+    good = [Sequence(str(i), p, sp) for i, p in enumerate(prompts)]
+    bad = Sequence(
+        "bad",
+        prompts[0],
+        SamplingParams(max_tokens=N, temperature=0.0, min_tokens=1, stop_token_ids=[99_999_999]),
+    )
+    for s in [good[0], bad, *good[1:]]:
+        engine.add(s)
+    outs = []
+    while engine.has_work:
+        outs += engine.step()
+    failed = [o for o in outs if o.finish_reason == "error"]
+    assert [o.seq.request_id for o in failed] == ["bad"] and failed[0].error.status == 400
+    assert [s.output_ids for s in good] == refs
+    assert engine.blocks.num_used == 0 and not engine.seqs
+
+
+def test_a_failed_step_loses_no_sequence(tiny_model_dir, monkeypatch):
+    """The forward raises in a prefill step: the sequences taken out of `waiting`
+    for it are still the engine's, so aborting every request frees every block."""
+    engine = make_engine(tiny_model_dir)
+    sp = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    engine.add(Sequence("a", list(range(3, 40)), sp))
+    engine.step()  # "a" is running, holding blocks
+    engine.add(Sequence("b", list(range(3, 60)), sp))
+    engine.add(Sequence("c", list(range(3, 20)), sp))
+
+    def broken(*_):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine.runner, "forward", broken)
+    with pytest.raises(RuntimeError):
+        engine.step()
+    assert engine.blocks.num_used > 0
+    for rid in ("a", "b", "c"):
+        assert engine.abort(rid) is not None
+    assert engine.blocks.num_used == 0 and not engine.has_work and not engine.seqs
+
+
+def test_pulled_requests_wait_for_blocks_in_order_and_a_transfer_keeps_its_blocks(tiny_model_dir):
+    """Decode admission of pulled KV: requests wait for blocks in arrival order; a
+    request aborted while its transfer may still write keeps its blocks until the
+    transfer has ended."""
+    engine = make_engine(tiny_model_dir, num_blocks=8)
+    sp = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    seqs = [Sequence(f"p{i}", list(range(3, 3 + 60)), sp, output_ids=[7]) for i in range(3)]
+    for s in seqs:  # 4 blocks each: two fit in 8
+        engine.add_pulled(s)
+    assert [s.request_id for s in engine.admit_pulls()] == ["p0", "p1"]
+    assert engine.admit_pulls() == [] and len(engine.kv_waiting) == 1
+    engine.abort("p0")  # aborted mid-transfer: nothing is freed yet
+    assert engine.blocks.num_used == 8 and engine.admit_pulls() == []
+    engine.pull_done("p0", ok=True)  # the transfer ended: now its blocks go back
+    assert engine.blocks.num_used == 4
+    engine.pull_done("p1", ok=True)  # p1 joins the batch; p2 must wait for headroom
+    assert [s.request_id for s in engine.running] == ["p1"]
+    while engine.has_work:
+        engine.step()
+    assert [s.request_id for s in engine.admit_pulls()] == ["p2"]
+    engine.pull_done("p2", ok=False)  # a failed transfer frees its blocks
+    assert engine.blocks.num_used == 0 and not engine.seqs
+
+
+def test_work_that_does_not_fit_waits_blocked_without_steps(tiny_model_dir):
+    """No free block for the head of `waiting`: the step does nothing and says it
+    is blocked (waiting, not stalled); a free unblocks it."""
+    engine = make_engine(tiny_model_dir, num_blocks=8)
+    held = engine.blocks.allocate(6)  # e.g. leases not yet pulled
+    sp = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    engine.add(Sequence("x", list(range(3, 60)), sp))  # 4 blocks
+    assert engine.step() == [] and engine.blocked and engine.steps == 0
+    engine.blocks.free(held)
+    engine.step()
+    assert not engine.blocked and engine.steps == 1
+
+
+def test_engine_thread_sleeps_while_blocked(tiny_model_dir):
+    """The thread that runs a blocked engine sleeps until a free (it used to spin a
+    core, which the watchdog read as busy without progress)."""
+    import threading
+    import time
+
+    from workers.engine_thread import EngineThread
+
+    engine = make_engine(tiny_model_dir, num_blocks=8)
+    held = engine.blocks.allocate(6)
+    done = threading.Event()
+
+    class Owner:
+        def __init__(self):
+            self.engine = engine
+
+        def before_step(self):
+            pass
+
+        def on_outputs(self, outputs):
+            if any(o.finish_reason for o in outputs):
+                done.set()
+
+        def on_tick(self):
+            pass
+
+        def on_error(self, exc):
+            raise AssertionError(exc)
+
+    sp = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    thread = EngineThread(Owner(), num_threads=1)
+    thread.call(lambda: engine.add(Sequence("x", list(range(3, 60)), sp)))
+    time.sleep(0.3)
+    cpu0, t0 = time.thread_time(), time.process_time()
+    time.sleep(1.0)
+    busy = time.process_time() - t0 - (time.thread_time() - cpu0)
+    assert engine.blocked and busy < 0.3, busy
+    thread.call(lambda: engine.blocks.free(held))
+    assert done.wait(10)
+    thread.stop()
+    assert engine.blocks.num_used == 0
+
+
+def test_older_waiting_work_gets_blocks_before_a_newer_pull(tiny_model_dir):
+    """A sequence waiting to be computed here (e.g. preempted) is older than any
+    pull still waiting for blocks: the pull is not admitted ahead of it."""
+    engine = make_engine(tiny_model_dir, num_blocks=8)
+    sp = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    held = engine.blocks.allocate(6)
+    engine.add(Sequence("old", list(range(3, 40)), sp))  # 3 blocks: does not fit yet
+    engine.step()
+    engine.add_pulled(Sequence("new", list(range(3, 20)), sp, output_ids=[7]))  # 2 blocks
+    assert engine.admit_pulls() == []  # 2 are free, but "old" waits first
+    engine.blocks.free(held)
+    engine.step()  # "old" is computed
+    assert [s.request_id for s in engine.admit_pulls()] == ["new"]

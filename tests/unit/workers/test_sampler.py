@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from workers.sampler import sample
+from workers.sampler import SampleError, sample
 from workers.sampling_params import SamplingParams
 from workers.sequence import Sequence, finish_reason
 
@@ -80,3 +80,26 @@ def test_max_tokens_and_context_window_end_a_sequence():
     assert finish_reason(s, 1, EOS, 2048) == "length"
     s = Sequence("r", [5, 6, 7], SamplingParams(max_tokens=100), [1])
     assert finish_reason(s, 1, EOS, 4) == "length"
+
+
+def test_a_poisoned_sequence_fails_alone_and_its_neighbours_sample():
+    """An out-of-range stop id (checked before any indexing: a device assert on CUDA)
+    and a min_tokens ban of the whole vocabulary fail their own rows only."""
+    x = logits(rows=4)
+    bad_id = seq(temperature=0.0, min_tokens=1, stop_token_ids=[99_999_999])
+    everything = seq(temperature=0.8, seed=1, min_tokens=1, stop_token_ids=list(range(V)))
+    everything_greedy = seq(
+        temperature=0.0, min_tokens=1, ignore_eos=True, stop_token_ids=list(range(V))
+    )
+    out = sample(x.clone(), [bad_id, seq(temperature=0.0), everything, everything_greedy], EOS)
+    assert isinstance(out[0], SampleError) and out[0].status == 400
+    assert "outside the vocabulary" in str(out[0])
+    assert out[1] == int(x[1].argmax())
+    assert isinstance(out[2], SampleError) and isinstance(out[3], SampleError)
+    assert "every token" in str(out[2])
+
+
+def test_sampling_never_returns_nan_driven_tokens():
+    x = torch.full((1, V), float("nan"))
+    out = sample(x, [seq(temperature=0.7, seed=3)], EOS)
+    assert isinstance(out[0], SampleError) and out[0].status == 500

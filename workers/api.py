@@ -1,0 +1,138 @@
+"""What crosses the wire between the router and the workers: the spec a worker
+starts from, prefill's result, typed errors, and the workers' stats.
+
+This module imports neither torch nor nixl (nor anything that does): the router
+imports it, and the router process never loads either. Stats are typed structs
+shared by the workers, the health poller, the metrics and the tests, so a renamed
+field fails loudly instead of reading as 0.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from transfer.faults import FaultConfig
+from transfer.handle import KVHandle
+
+# Upper bounds (seconds) of the kv_transfer_seconds histogram buckets.
+XFER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class WorkerError(Exception):
+    """A worker could not serve a request (engine failure, deadline, lost channel):
+    the router retries or migrates it elsewhere."""
+
+
+class RequestReleased(WorkerError):
+    """The router let go of this attempt while it was still queued or running."""
+
+
+class SequenceFailed(Exception):
+    """This request alone could not be computed (e.g. sampling found every token
+    banned); its neighbours in the batch go on. Not retried: the same request
+    would fail the same way on any replica. `status` is the HTTP status to answer."""
+
+    def __init__(self, message: str, status: int = 500):
+        super().__init__(message)
+        self.status = status
+
+    def __reduce__(self):  # pickles across Ray with its status
+        return (SequenceFailed, (str(self), self.status))
+
+
+class WorkerSpec(msgspec.Struct, frozen=True):
+    """Everything a worker needs to start; built by the launcher from the config."""
+
+    role: str  # "prefill" | "decode"
+    replica: int
+    model_dir: str
+    max_model_len: int
+    kv_blocks: int
+    block_size: int
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_batched_tokens: int = 2048
+    max_running: int = 32
+    transfer_timeout_s: float = 10.0
+    lease_ttl_s: float = 30.0
+    max_pending: int = 1024
+    num_threads: int = 1
+    stream_interval: int = 1  # decode: tokens gathered per request before they go out
+    faults: FaultConfig | None = None
+    transfer_backend: str = "nixl"  # "nixl" | "ray"
+    tp_rank: int = 0
+    tp_size: int = 1
+    group: str = ""  # rank r's Ray actor name is f"{group}-rank{r}"
+
+    def rank_name(self, rank: int) -> str:
+        return f"{self.group}-rank{rank}"
+
+
+class PrefillResult(msgspec.Struct, frozen=True):
+    request_id: str
+    first_token: int
+    finish_reason: str | None  # set when the first token already ends the request
+    handle: KVHandle | None  # None when finished: nothing to transfer
+
+
+class EngineStats(msgspec.Struct, frozen=True, kw_only=True):
+    """What the engine thread publishes after every pass of its loop: the only view
+    of engine, block and lease state other threads get (they never read it live)."""
+
+    steps: int  # forwards run: the progress counter the watchdog reads
+    running: int
+    waiting: int  # queued for (re)computation
+    waiting_for_blocks: int  # decode: pulled KV waiting for free blocks
+    queued_tokens: int  # uncached tokens of `waiting`
+    blocked: bool  # work is queued but no block is free for it: waiting, not stalled
+    used_blocks: int
+    free_blocks: int
+    leases: int = 0  # prefill: leases held
+    leases_expired: int = 0  # prefill: swept unclaimed or abandoned, ever
+
+
+class TransferStats(msgspec.Struct, frozen=True, kw_only=True):
+    """Decode's cumulative pull counters (pdcluster_kv_transfer_* metrics)."""
+
+    count: int
+    bytes: int
+    seconds: float
+    timeouts: int
+    failures: int
+    buckets: list[int]  # per XFER_BUCKETS bound, then +Inf
+
+
+class WorkerStats(msgspec.Struct, frozen=True, kw_only=True):
+    """Rank 0 of a worker group, as `stats()` answers."""
+
+    role: str
+    replica: int
+    engine: EngineStats
+    omp_threads: int | None  # OpenMP's thread count on the model thread
+
+    @property
+    def busy(self) -> bool:
+        """Work that should make the step counter move (the watchdog's question)."""
+        e = self.engine
+        return (e.running + e.waiting > 0) and not e.blocked
+
+
+class PrefillStats(WorkerStats, frozen=True, kw_only=True):
+    pending: int  # prefill calls not answered yet
+
+    @property
+    def pinned_blocks(self) -> int:
+        return self.engine.used_blocks
+
+
+class DecodeStats(WorkerStats, frozen=True, kw_only=True):
+    streams: int  # requests decoding here (generate calls open)
+    channels: int  # output channels open
+    transfers_pending: int  # pulls in flight
+    transfers: TransferStats
+
+
+class RankStats(msgspec.Struct, frozen=True, kw_only=True):
+    rank: int
+    steps: int
+    omp_threads: int | None

@@ -1,0 +1,152 @@
+"""The prefill worker: runs prompts, samples the first token, and pins the
+prompt's KV blocks under a lease (`transfer.sender.KVSender`) until decode has
+pulled them or the lease expires."""
+
+from __future__ import annotations
+
+import asyncio
+
+import ray
+
+from transfer.faults import FaultInjector
+from transfer.handle import TransferBackpressure
+from transfer.sender import KVSender
+from workers.api import (
+    EngineStats,
+    PrefillResult,
+    PrefillStats,
+    RequestReleased,
+    SequenceFailed,
+    WorkerError,
+)
+from workers.engine import StepOutput
+from workers.leader import GroupLeader
+from workers.sampling_params import SamplingParams
+from workers.sequence import Sequence
+
+
+@ray.remote
+class PrefillWorker(GroupLeader):
+    """Runs prompts, samples the first token, pins the prompt's KV under a lease."""
+
+    def _init_role(self) -> None:
+        spec = self.spec
+        # Prefill calls not answered yet (event loop); every exit resolves its caller.
+        self._futures: dict[str, asyncio.Future] = {}
+        faults = FaultInjector(spec.faults, f"prefill-{spec.replica}") if spec.faults else None
+        # A claimed lease stays pinned for the longest a read can take.
+        self.sender = KVSender(
+            self.agent,
+            self.blocks.free,
+            max_pending=spec.max_pending,
+            lease_ttl_s=spec.lease_ttl_s,
+            claim_s=spec.transfer_timeout_s + 5.0,
+            describe=self.rank_kvs,
+            faults=faults,
+        )
+
+    # ---- API (event loop) -----------------------------------------------------
+
+    async def prefill(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+    ) -> PrefillResult:
+        """Compute the prompt and its first token. Raises TransferBackpressure at
+        `max_pending` (calls pending + leases held), RequestReleased when the router
+        lets go first, SequenceFailed when this request alone cannot be computed."""
+        if len(self._futures) + self.snapshot.leases >= self.spec.max_pending:
+            raise TransferBackpressure(
+                f"prefill-{self.spec.replica}: {self.spec.max_pending} "
+                "requests and leases pending (max_pending); try later"
+            )
+        if request_id in self._futures:
+            raise WorkerError(f"request {request_id} is already being prefilled here")
+        fut = self._futures[request_id] = self.loop.create_future()
+        seq = Sequence(request_id, prompt_ids, params)
+        self.thread.call(lambda: self._add(seq))
+        try:
+            return await fut
+        except BaseException:
+            # Cancelled, released or failed: whatever this request holds goes back.
+            self.thread.call(lambda: self._release(request_id))
+            raise
+        finally:
+            if self._futures.get(request_id) is fut:
+                del self._futures[request_id]
+
+    async def release(self, request_id: str, epoch: int | None = None) -> None:
+        """Drop a request's lease (that epoch's, if given) or queued prefill: decode
+        after a pull without notification, or the router's backstop. A prefill call
+        still waiting for this request is answered now (RequestReleased)."""
+        fut = self._futures.get(request_id)
+        if epoch is None and fut is not None and not fut.done():
+            fut.set_exception(RequestReleased(f"request {request_id} released while queued"))
+        self.thread.call(lambda: self._release(request_id, epoch))
+
+    async def claim(self, request_id: str, epoch: int) -> list[int]:
+        """Decode asks before it reads: is (request, epoch) still live? Holds the
+        lease for one read; raises LeaseExpired otherwise."""
+        return await self.on_thread(lambda: self.sender.claim(request_id, epoch))
+
+    def stats(self) -> PrefillStats:
+        return PrefillStats(
+            role="prefill",
+            replica=self.spec.replica,
+            engine=self.snapshot,
+            omp_threads=self.thread.omp_threads,
+            pending=len(self._futures),
+        )
+
+    # ---- event loop ---------------------------------------------------------
+
+    def _deliver(self, results: list[tuple[str, PrefillResult | BaseException]]) -> None:
+        for rid, res in results:
+            fut = self._futures.get(rid)
+            if fut is not None and not fut.done():
+                (fut.set_exception if isinstance(res, BaseException) else fut.set_result)(res)
+            elif isinstance(res, PrefillResult) and res.handle is not None:
+                # Nobody waits for it any more (released, cancelled): unpin it now.
+                epoch = res.handle.epoch
+                self.thread.call(lambda r=rid, e=epoch: self.sender.release(r, e))
+
+    def _refused(self, request_id: str, exc: Exception) -> None:
+        self._deliver([(request_id, WorkerError(str(exc)))])
+
+    # ---- engine thread ------------------------------------------------------
+
+    def _release(self, request_id: str, epoch: int | None = None) -> None:
+        if epoch is None:
+            self.engine.abort(request_id)
+        self.sender.release(request_id, epoch)
+
+    def on_outputs(self, outputs: list[StepOutput]) -> None:
+        results: list[tuple[str, PrefillResult | BaseException]] = []
+        for out in outputs:
+            seq, rid = out.seq, out.seq.request_id
+            if out.error is not None:
+                results.append((rid, SequenceFailed(str(out.error), out.error.status)))
+            elif out.finish_reason is not None:  # ended at its first token; blocks freed
+                results.append((rid, PrefillResult(rid, out.token, out.finish_reason, None)))
+            else:  # its blocks go to the sender, which frees them in every case
+                blocks, seq.block_table = seq.block_table, []
+                try:
+                    handle = self.sender.register(rid, blocks, seq.num_cached)
+                except TransferBackpressure as e:
+                    results.append((rid, e))
+                    continue
+                results.append((rid, PrefillResult(rid, out.token, None, handle)))
+        if results:  # one wake-up of the event loop per step
+            self.loop.call_soon_threadsafe(self._deliver, results)
+
+    def on_tick(self) -> None:
+        self.sender.tick()
+        super().on_tick()
+
+    def _engine_stats(self, **role) -> EngineStats:
+        return super()._engine_stats(
+            leases=len(self.sender), leases_expired=self.sender.expired_total
+        )
+
+    def on_error(self, exc: BaseException) -> None:
+        err = WorkerError(f"prefill engine failed: {type(exc).__name__}")
+        failed = [(s.request_id, err) for s in self.engine.fail_all()]
+        self.loop.call_soon_threadsafe(self._deliver, failed)

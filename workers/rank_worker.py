@@ -1,0 +1,58 @@
+"""Rank r >= 1 of a tensor-parallel group (the follower)."""
+
+from __future__ import annotations
+
+import threading
+
+import ray
+
+from transfer.handle import RankKV
+from workers.api import RankStats, WorkerSpec
+from workers.engine_thread import (
+    exit_when_orphaned,
+    load_runner,
+    make_backend,
+    model_thread_start,
+    ready_info,
+)
+from workers.tp import RENDEZVOUS_TIMEOUT_S, TPGroup
+
+
+@ray.remote
+class RankWorker:
+    """Rank r >= 1 of a tensor-parallel group: its shard of the weights and KV
+    pool. It runs every plan the leader broadcasts and, on decode, READs its
+    shard of a prompt's KV from the same rank of the prefill group."""
+
+    def __init__(self, spec: WorkerSpec):
+        exit_when_orphaned()
+        self.spec = spec
+        self.runner = load_runner(spec)
+        self.agent = make_backend(spec, self.runner.kv_pool)
+        self.steps = 0
+        self.omp_threads: int | None = None
+        tp = self.runner.tp = TPGroup(spec.tp_rank, spec.tp_size, self.runner.device)
+        try:
+            leader = ray.get_actor(spec.rank_name(0))
+            tp.join(ray.get(leader.tp_address.remote(), timeout=RENDEZVOUS_TIMEOUT_S))
+            tp.gather(self.agent.rank_kv([]))
+        except Exception as e:  # noqa: BLE001 - exit, so Ray restarts us to try again
+            tp.failed(e)
+        threading.Thread(target=self._follow, name="tp-follow", daemon=True).start()
+
+    def _follow(self) -> None:
+        self.omp_threads = model_thread_start(self.runner, self.spec.num_threads)
+        while True:
+            plan = self.runner.tp.recv()
+            if plan is not None:
+                self.runner.run(plan)
+                self.steps += 1
+
+    def pull(self, src: RankKV, blocks: list[int], timeout_s: float) -> int:
+        return self.agent.pull(src, blocks, timeout_s=timeout_s)
+
+    def ready(self) -> dict:
+        return ready_info(self.spec, self.agent)
+
+    def stats(self) -> RankStats:
+        return RankStats(rank=self.spec.tp_rank, steps=self.steps, omp_threads=self.omp_threads)
