@@ -182,6 +182,7 @@ class Router:
         stats = await asyncio.gather(*[p.fresh_stats() for p in pools])
         p, d = ([s for s in ss if s] for ss in stats)
         return {
+            "router_pid": os.getpid(),
             "requests_in_flight": len(self.requests),
             "prefill_pending": sum(s.pending for s in p),
             "prefill_leases": sum(s.engine.leases for s in p),

@@ -13,10 +13,10 @@ import bisect
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import ray
 
-from transfer.backend import RayObjectBackend
 from transfer.faults import FaultInjector
 from transfer.handle import (
     KVHandle,
@@ -27,10 +27,12 @@ from transfer.handle import (
     TransferTimeout,
 )
 from workers.api import XFER_BUCKETS, DecodeStats, SequenceFailed, TransferStats, WorkerError
-from workers.engine import StepOutput
 from workers.leader import GroupLeader
 from workers.sampling_params import SamplingParams
 from workers.sequence import Sequence
+
+if TYPE_CHECKING:
+    from workers.engine import StepOutput
 
 
 def _left(deadline: float, rid: str) -> float:
@@ -46,6 +48,8 @@ class DecodeWorker(GroupLeader):
     """Pulls a request's KV from prefill and decodes it in the running batch."""
 
     def _init_role(self) -> None:
+        from transfer.backend import RayObjectBackend
+
         spec = self.spec
         # Event-loop tables. Output channels (one per router replica, `outputs`); the
         # requests decoding here: id -> (its channel's queue, future set when it ends);

@@ -16,23 +16,22 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import msgspec
 import ray
 
 from transfer.handle import RankKV
 from workers.api import EngineStats, WorkerSpec
-from workers.engine import Engine, StepOutput
-from workers.engine_thread import (
-    EngineThread,
-    exit_when_orphaned,
-    load_runner,
-    make_backend,
-    ready_info,
-)
-from workers.kv_cache import BlockManager
 from workers.sequence import Sequence
-from workers.tp import TPGroup
+
+if TYPE_CHECKING:
+    from workers.engine import StepOutput
+
+# The worker actor modules (this one, prefill_worker, decode_worker, rank_worker) import
+# torch, nixl and the engine only inside the methods that run in the worker: the router
+# holds these actors' handles, Ray imports an actor's class module to build a handle,
+# and the router process must load neither torch nor nixl.
 
 # A call handed to the engine thread waits at most one step for its turn.
 ON_THREAD_TIMEOUT_S = 30.0
@@ -43,6 +42,16 @@ class GroupLeader:
     tensor_parallel_size > 1 it leads ranks 1.. (`RankWorker`) in lockstep."""
 
     def __init__(self, spec: WorkerSpec):
+        from workers.engine import Engine
+        from workers.engine_thread import (
+            EngineThread,
+            exit_when_orphaned,
+            load_runner,
+            make_backend,
+        )
+        from workers.kv_cache import BlockManager
+        from workers.tp import TPGroup
+
         exit_when_orphaned()
         self.spec = spec
         self.runner = load_runner(spec)
@@ -97,6 +106,8 @@ class GroupLeader:
         ]
 
     def ready(self) -> dict:
+        from workers.engine_thread import ready_info
+
         return ready_info(self.spec, self.agent)
 
     # ---- engine thread ---------------------------------------------------

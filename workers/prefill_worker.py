@@ -5,12 +5,12 @@ pulled them or the lease expires."""
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 import ray
 
 from transfer.faults import FaultInjector
 from transfer.handle import TransferBackpressure
-from transfer.sender import KVSender
 from workers.api import (
     EngineStats,
     PrefillResult,
@@ -19,10 +19,12 @@ from workers.api import (
     SequenceFailed,
     WorkerError,
 )
-from workers.engine import StepOutput
 from workers.leader import GroupLeader
 from workers.sampling_params import SamplingParams
 from workers.sequence import Sequence
+
+if TYPE_CHECKING:
+    from workers.engine import StepOutput
 
 
 @ray.remote
@@ -30,6 +32,8 @@ class PrefillWorker(GroupLeader):
     """Runs prompts, samples the first token, pins the prompt's KV under a lease."""
 
     def _init_role(self) -> None:
+        from transfer.sender import KVSender
+
         spec = self.spec
         # Prefill calls not answered yet (event loop); every exit resolves its caller.
         self._futures: dict[str, asyncio.Future] = {}

@@ -1,4 +1,5 @@
-"""Rank r >= 1 of a tensor-parallel group (the follower)."""
+"""Rank r >= 1 of a tensor-parallel group (the follower). Like the other worker
+actor modules it imports torch only where it runs (see `workers/leader.py`)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,6 @@ import ray
 
 from transfer.handle import RankKV
 from workers.api import RankStats, WorkerSpec
-from workers.engine_thread import (
-    exit_when_orphaned,
-    load_runner,
-    make_backend,
-    model_thread_start,
-    ready_info,
-)
-from workers.tp import RENDEZVOUS_TIMEOUT_S, TPGroup
 
 
 @ray.remote
@@ -25,6 +18,9 @@ class RankWorker:
     shard of a prompt's KV from the same rank of the prefill group."""
 
     def __init__(self, spec: WorkerSpec):
+        from workers.engine_thread import exit_when_orphaned, load_runner, make_backend
+        from workers.tp import RENDEZVOUS_TIMEOUT_S, TPGroup
+
         exit_when_orphaned()
         self.spec = spec
         self.runner = load_runner(spec)
@@ -41,6 +37,8 @@ class RankWorker:
         threading.Thread(target=self._follow, name="tp-follow", daemon=True).start()
 
     def _follow(self) -> None:
+        from workers.engine_thread import model_thread_start
+
         self.omp_threads = model_thread_start(self.runner, self.spec.num_threads)
         while True:
             plan = self.runner.tp.recv()
@@ -52,6 +50,8 @@ class RankWorker:
         return self.agent.pull(src, blocks, timeout_s=timeout_s)
 
     def ready(self) -> dict:
+        from workers.engine_thread import ready_info
+
         return ready_info(self.spec, self.agent)
 
     def stats(self) -> RankStats:

@@ -94,4 +94,6 @@ def _sample_row(row: torch.Tensor, s: Sequence) -> int:
         probs = torch.zeros_like(probs).scatter_(0, idx, sorted_p)
     if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0.0:
         raise SampleError("the logits left no finite probability to sample from")
+    if p.seed is not None and s.generator is None:  # one per request, kept across steps
+        s.generator = torch.Generator().manual_seed(p.seed)
     return int(torch.multinomial(probs, 1, generator=s.generator))

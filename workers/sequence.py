@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import enum
 
-import torch
-
 from workers.sampling_params import SamplingParams
 
 
@@ -36,9 +34,7 @@ class Sequence:
         self.status = SeqStatus.WAITING
         self.finish_reason: str | None = None
         self.aborted = False  # aborted while PULLING: freed once the transfer has ended
-        self.generator: torch.Generator | None = None
-        if params.seed is not None:
-            self.generator = torch.Generator().manual_seed(params.seed)
+        self.generator = None  # torch.Generator of a seeded request, made by the sampler
 
     @property
     def num_tokens(self) -> int:

@@ -230,3 +230,12 @@ def test_idle_after_requests(cluster):
     # router's, per decode replica), and none is still registered on it.
     decode = [w["stats"] for w in state["workers"] if w["role"] == "decode"]
     assert [(s["channels"], s["streams"]) for s in decode] == [(1, 0)] * len(decode)
+
+
+def test_router_process_loads_neither_torch_nor_nixl(cluster):
+    """After serving, the router's replica process has mapped neither library (the
+    worker handles it holds do not pull the workers' torch code in)."""
+    pid = httpx.get(f"{cluster.url}/debug/state", timeout=10).json()["router_pid"]
+    with open(f"/proc/{pid}/maps") as f:
+        maps = f.read()
+    assert "libtorch" not in maps and "nixl" not in maps

@@ -10,7 +10,7 @@ import multiprocessing as mp
 import pytest
 import torch
 
-from tests.unit.workers.test_engine import N, hf_model, prompts_and_refs  # noqa: F401 - fixtures
+from tests.unit.workers.test_engine import N, prompts_and_refs  # noqa: F401 - fixture
 from workers.tp import TPGroup
 
 

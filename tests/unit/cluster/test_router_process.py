@@ -1,4 +1,5 @@
-"""The router process loads neither torch nor nixl: its imports, and its tokenizer."""
+"""The router process loads neither torch nor nixl: its imports, its tokenizer, and
+the worker actor classes (Ray imports an actor's class module to build a handle)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ def test_router_imports_neither_torch_nor_nixl(tiny_model_dir):
     code = f"""
 import sys
 import cluster.router
+import workers.decode_worker, workers.prefill_worker, workers.rank_worker
 from transformers import PreTrainedTokenizerFast
 tok = PreTrainedTokenizerFast.from_pretrained({str(tiny_model_dir)!r})
 tok.apply_chat_template([{{"role": "user", "content": "hi"}}], add_generation_prompt=True,
