@@ -2,7 +2,6 @@
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
-export PDCLUSTER_CACHE ?= $(CURDIR)/.cache/pdcluster
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0

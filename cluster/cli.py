@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
 import time
 
 from cluster.config import ConfigError, load_config
+
+SHUTDOWN_S = 10.0  # the orderly stop's bound; the reaper does the rest
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -34,6 +37,12 @@ def _up(args: argparse.Namespace) -> int:
         pass
     finally:
         print("pdcluster: shutting down", flush=True)
+        # Bounded: when the signal went to the whole process group, Ray's own daemons
+        # are dying too and an orderly stop may hang; this process then just ends, and
+        # the reaper (cluster/reaper.py) kills whatever is left.
+        watchdog = threading.Timer(SHUTDOWN_S, lambda: os._exit(1))
+        watchdog.daemon = True
+        watchdog.start()
         rc.shutdown()
     return 0
 

@@ -14,6 +14,11 @@ import yaml
 
 from transfer.faults import FaultConfig
 
+# A custom resource only the head node has (the launcher gives it to a local head; a
+# cluster started elsewhere may give it to its own): the router runs there, beside the
+# Serve controller and proxy, never on a worker node whose stall would stop traffic.
+HEAD_RESOURCE = "pdcluster_head"
+
 
 class ConfigError(ValueError):
     """A config file that cannot be used; the message names the key path."""
@@ -76,6 +81,9 @@ class RouterConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = 8000
     max_queued: int = 256
+    max_body_bytes: int = 4 * 1024 * 1024  # larger request bodies: 413, cut off while read
+    body_timeout_s: float = 30.0  # a body not received by then: 408 (a slow client holds a slot)
+    admission_threads: int = 2  # parse, template and tokenize off the router's event loop
     request_timeout_s: float = 120.0
     default_max_tokens: int = 512
     strict_max_tokens: bool = False
@@ -150,6 +158,9 @@ def _check(cfg: Config) -> None:
     need(0 < cfg.router.port < 65536, "router.port", "a TCP port number")
     need(cfg.router.default_max_tokens >= 1, "router.default_max_tokens", "an int >= 1")
     need(cfg.router.request_timeout_s > 0, "router.request_timeout_s", "a number > 0")
+    need(cfg.router.max_body_bytes >= 1024, "router.max_body_bytes", "an int >= 1024")
+    need(cfg.router.body_timeout_s > 0, "router.body_timeout_s", "a number > 0")
+    need(cfg.router.admission_threads >= 1, "router.admission_threads", "an int >= 1")
     need(cfg.router.watchdog_s > 0, "router.watchdog_s", "a number > 0")
     need(cfg.router.health_period_s > 0, "router.health_period_s", "a number > 0")
     need(cfg.router.max_retries >= 0, "router.max_retries", "an int >= 0")

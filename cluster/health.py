@@ -22,6 +22,10 @@ from workers.api import DecodeStats, PrefillStats, WorkerStats
 log = logging.getLogger("pdcluster.health")
 
 
+SILENT_POLL_S = 2.0  # poll period of a replica silent for longer than the watchdog
+GONE_POLL_S = 10.0  # and of one taken to be gone for good
+
+
 class WorkerStalled(Exception):
     """The worker serving this call was marked unhealthy while we waited."""
 
@@ -42,6 +46,14 @@ class WorkerPool:
         self._steps = [-1] * n
         # Set when replica i goes unhealthy; in-flight calls wait on it.
         self._lost = [asyncio.Event() for _ in range(n)]
+        # At most one stats() call in flight per replica (a dead node's calls would
+        # otherwise pile up in Ray's queue), and a silent replica is polled less often.
+        self.polls = [0] * n  # stats() calls sent, per replica
+        self._inflight: list[asyncio.Future | None] = [None] * n
+        self._next_poll = [0.0] * n
+        # Silent this long: taken to be gone for good (its node died), reported as
+        # lost and polled every GONE_POLL_S; healthy again if it ever answers.
+        self.gone_after_s = max(5 * watchdog_s, 15.0)
         metrics.healthy.labels(role).set(n)
 
     # ---- routing ----------------------------------------------------------
@@ -106,20 +118,55 @@ class WorkerPool:
         # SIGKILL works on a SIGSTOPped process too; Ray then restarts the actor.
         ray.kill(self.handles[i], no_restart=False)
 
+    def gone(self, i: int) -> bool:
+        return time.monotonic() - self._last_answer[i] > self.gone_after_s
+
+    def lost(self) -> list[str]:
+        return [f"{self.role}-{i}" for i in range(len(self.handles)) if self.gone(i)]
+
+    def _stats_call(self, i: int) -> asyncio.Future:
+        """Replica i's stats() call: the one in flight (or answered late, after its
+        poll gave up waiting: that answer is still read), or a new one."""
+        fut = self._inflight[i]
+        if fut is None:
+
+            async def call():
+                return await self.handles[i].stats.remote()
+
+            fut = self._inflight[i] = asyncio.ensure_future(call())
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # always retrieved
+            self.polls[i] += 1
+        return fut
+
+    def _back_off(self, i: int, now: float) -> None:
+        """Poll a silent replica at the normal rate until the watchdog has had its say,
+        then every SILENT_POLL_S, and every GONE_POLL_S once it is taken to be gone."""
+        silent = now - self._last_answer[i]
+        if silent > self.gone_after_s:
+            self._next_poll[i] = now + GONE_POLL_S
+        elif silent > self.watchdog_s:
+            self._next_poll[i] = now + SILENT_POLL_S
+
     async def _poll_one(self, i: int) -> None:
         now = time.monotonic()
+        if now < self._next_poll[i]:
+            return
         try:
-            s = await asyncio.wait_for(
-                self.handles[i].stats.remote(), timeout=min(self.watchdog_s, 5.0)
-            )
+            call = self._stats_call(i)
+            s = await asyncio.wait_for(asyncio.shield(call), timeout=min(self.watchdog_s, 5.0))
+            self._inflight[i] = None  # answered and read
         except (asyncio.TimeoutError, TimeoutError):
             if self.healthy[i] and now - self._last_answer[i] > self.watchdog_s:
                 self._restart(i, f"no answer for {now - self._last_answer[i]:.1f}s")
+            self._back_off(i, now)
             return
         except Exception as e:  # noqa: BLE001 - dead or restarting: unhealthy until it answers
+            self._inflight[i] = None
             self._mark(i, False, f"unreachable: {type(e).__name__}")
             self.stats[i] = None
+            self._back_off(i, now)
             return
+        self._next_poll[i] = 0.0
         self.stats[i] = s
         self._last_answer[i] = now
         self._publish()
@@ -153,19 +200,29 @@ class WorkerPool:
     async def fresh_stats(self) -> list[WorkerStats | None]:
         """Stats read now (for /debug/state); None for a worker that does not answer."""
 
-        async def one(h):
-            try:
-                return await asyncio.wait_for(h.stats.remote(), timeout=5)
-            except (Exception, asyncio.TimeoutError):  # noqa: BLE001
+        async def one(i):
+            if self.gone(i):
                 return None
+            call = self._stats_call(i)
+            try:
+                s = await asyncio.wait_for(asyncio.shield(call), timeout=5)
+            except (asyncio.TimeoutError, TimeoutError):
+                return None
+            except Exception:  # noqa: BLE001 - dead or restarting
+                s = None
+            if self._inflight[i] is call:
+                self._inflight[i] = None
+            return s
 
-        return list(await asyncio.gather(*[one(h) for h in self.handles]))
+        return list(await asyncio.gather(*[one(i) for i in range(len(self.handles))]))
 
     def describe(self, i: int, stats: WorkerStats | None) -> dict:
         return {
             "role": self.role,
             "replica": i,
             "healthy": self.healthy[i],
+            "lost": self.gone(i),
+            "polls": self.polls[i],
             "reason": self.reason[i],
             "load": self.load[i],
             "stats": msgspec.to_builtins(stats) if stats is not None else None,

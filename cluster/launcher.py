@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -17,7 +19,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.config import Config
+from cluster.config import HEAD_RESOURCE, Config
 from workers.api import WorkerSpec
 from workers.decode_worker import DecodeWorker
 from workers.loader import resolve_model
@@ -52,6 +54,7 @@ class RunningCluster:
     prefill: list[WorkerGroup] = field(default_factory=list)
     decode: list[WorkerGroup] = field(default_factory=list)
     local: object | None = None  # ray.cluster_utils.Cluster when address is local
+    reaper: subprocess.Popen | None = None  # cluster/reaper.py, when address is local
     url: str = ""
 
     def shutdown(self) -> None:
@@ -73,21 +76,46 @@ class RunningCluster:
             if self.local is not None:
                 self.local.shutdown()
                 self.local = None
+            if self.reaper is not None:  # kills what the orderly stop left (agents)
+                self.reaper.stdin.close()
+                self.reaper.wait(timeout=30)
+                self.reaper = None
 
 
-def _start_ray(cfg: Config):
+# A local cluster listens on the loopback interface only (Ray's GCS, raylets, object
+# managers, agents and workers; UCX; gloo): nothing on the LAN can submit work to it.
+LOCAL_IP = "127.0.0.1"
+_LOCAL_ENV = {
+    "UCX_NET_DEVICES": "lo",  # NIXL's UCX: its TCP transport listens per device used
+    "GLOO_SOCKET_IFNAME": "lo",  # tensor-parallel collectives
+}
+
+
+def _start_ray(cfg: Config, rc: RunningCluster):
     if cfg.cluster.address != "local":
         ray.init(address=cfg.cluster.address, log_to_driver=True)
         return None
+    from ray._private import ray_constants
     from ray.cluster_utils import Cluster
 
+    # Ray binds each server to 127.0.0.1 only when that is its node's address, and
+    # ray.init would otherwise turn a loopback address into the machine's own IP.
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ.update(_LOCAL_ENV)  # inherited by raylets and so by every worker
+    rc.reaper = subprocess.Popen(
+        [sys.executable, "-m", "cluster.reaper", str(os.getpid())],
+        stdin=subprocess.PIPE,
+        start_new_session=True,  # the signal that stops this process does not reach it
+    )
     # Head runs the Serve controller, proxy and router; workers go to named nodes.
     local = Cluster(
         initialize_head=True,
         head_node_args={
             "num_cpus": 1,
+            "resources": {HEAD_RESOURCE: 1},
             "object_store_memory": _OBJECT_STORE_BYTES,
             "include_dashboard": False,
+            "node_ip_address": LOCAL_IP,
         },
     )
     for node in cfg.cluster.nodes:
@@ -95,6 +123,7 @@ def _start_ray(cfg: Config):
             num_cpus=node.num_cpus,
             resources=dict(node.resources),
             object_store_memory=_OBJECT_STORE_BYTES,
+            node_ip_address=LOCAL_IP,
         )
     ray.init(address=local.address, log_to_driver=True)
     return local
@@ -172,7 +201,7 @@ def start(cfg: Config) -> RunningCluster:
     log.info("model ready at %s (%.1fs)", model_dir, time.monotonic() - t0)
     rc = RunningCluster(cfg, model_dir)
     try:
-        rc.local = _start_ray(cfg)
+        rc.local = _start_ray(cfg, rc)
         log.info("ray up (%.1fs)", time.monotonic() - t0)
         rc.prefill = [
             _start_group(cfg, "prefill", i, model_dir) for i in range(cfg.prefill.replicas)
@@ -187,7 +216,11 @@ def start(cfg: Config) -> RunningCluster:
         )
         serve.run(
             build_app(
-                cfg, model_dir, [g.leader for g in rc.prefill], [g.leader for g in rc.decode]
+                cfg,
+                model_dir,
+                [g.leader for g in rc.prefill],
+                [g.leader for g in rc.decode],
+                pin_to_head=HEAD_RESOURCE in ray.cluster_resources(),
             ),
             name="pdcluster",
             route_prefix="/",

@@ -52,6 +52,9 @@ __all__ = [
 ]
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
+# The stop checker holds back at most this much text and checks only the new text plus
+# that tail, so each token costs O(new text + this), never O(output).
+MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256  # each is a banned id per sequence per step before min_tokens
 # torch.Generator.manual_seed accepts [-2**63, 2**64).
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
@@ -71,6 +74,7 @@ _GREEDY_EPS = 1e-5
 _ERROR_TYPES = {
     400: "invalid_request_error",
     404: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
@@ -395,6 +399,8 @@ def _check_ranges(req: ChatCompletionRequest | CompletionRequest) -> None:
             raise _bad("stop", f"{len(stop)} stop strings; at most {MAX_STOP_STRINGS}")
         if any(s == "" for s in stop):
             raise _bad("stop", "stop strings must be non-empty")
+        if any(len(s) > MAX_STOP_STRING_CHARS for s in stop):
+            raise _bad("stop", f"a stop string is longer than {MAX_STOP_STRING_CHARS} characters")
     if req.stop_token_ids is not None:
         if len(req.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise _bad(

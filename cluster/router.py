@@ -14,16 +14,18 @@ import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import msgspec
+import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError, TaskCancelledError
 
 from cluster import protocol as P
-from cluster.config import Config
+from cluster.config import HEAD_RESOURCE, Config
 from cluster.detokenizer import IncrementalDetokenizer, StopChecker
 from cluster.health import WorkerPool, WorkerStalled
 from cluster.metrics import RouterMetrics
@@ -34,9 +36,28 @@ from workers.sampling_params import SamplingParams
 
 log = logging.getLogger("pdcluster.router")
 
+
+def _serve_grpc_on_loopback() -> None:
+    """Ray Serve 2.60 starts an inter-deployment gRPC server in every replica on
+    "[::]:0", every interface, whatever the node's address; this replica's goes on
+    the loopback interface instead (a local cluster listens on 127.0.0.1 only). It
+    is started after the constructor, through the name patched here."""
+    from ray.serve._private import replica
+
+    bind = replica.add_port_to_grpc_server
+
+    def on_loopback(server, address: str):
+        return bind(server, "127.0.0.1:0" if address == "[::]:0" else address)
+
+    replica.add_port_to_grpc_server = on_loopback
+
+
 # Note: Serve's ingress pickles the Router class when it is decorated, so every
 # module-level name its methods use must be defined above the class.
 app = FastAPI(title="pdcluster", docs_url=None, redoc_url=None)
+
+
+CHANNEL_RETRY_S = 0.1  # how often a request looks for, and the router reopens, a dead channel
 
 
 class Unavailable(Exception):
@@ -104,8 +125,16 @@ class Router:
         from transformers import PreTrainedTokenizerFast
 
         self.cfg = msgspec.json.decode(cfg_json, type=Config)
+        if self.cfg.cluster.address == "local":
+            _serve_grpc_on_loopback()
         self.tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
         self.vocab_size = P.model_vocab_size(model_dir, len(self.tokenizer))
+        # Longest text one token can stand for (byte-level BPE: its string's length).
+        self._max_token_chars = max(len(t) for t in self.tokenizer.get_vocab())
+        self._admission = ThreadPoolExecutor(
+            self.cfg.router.admission_threads, thread_name_prefix="admission"
+        )
+        self._admitting = 0  # requests being read and admitted (they count as queued)
         self.metrics = RouterMetrics()
         r = self.cfg.router
         self.prefill_pool = WorkerPool("prefill", prefill, r.watchdog_s, self.metrics)
@@ -117,7 +146,45 @@ class Router:
         # One output stream per decode replica carries all this router's requests there.
         self._channels: dict[int, OutputChannel] = {}
         self.model_name = self.cfg.served_model_name
-        self._health_task = asyncio.get_event_loop().create_task(self._poll_health())
+        loop = asyncio.get_event_loop()
+        self._health_task = loop.create_task(self._poll_health())
+        self._channels_wanted = asyncio.Event()
+        self._channels_task = loop.create_task(self._keep_channels())
+
+    async def _keep_channels(self) -> None:
+        """Open every decode replica's output channel, and reopen one that failed (its
+        actor died or restarted). Only this task of the router's own opens channels: a
+        channel carries every request on its replica, so it must not be the child of a
+        request's task, whose cancellation (client gone) Ray may pass on to it."""
+        opened: dict[int, float] = {}
+        while True:
+            for i, h in enumerate(self.decode_pool.handles):
+                chan = self._channels.get(i)
+                # A dead actor's channel fails at once: reopened every CHANNEL_RETRY_S at most.
+                if (chan is None or not chan.alive) and (
+                    time.monotonic() - opened.get(i, -CHANNEL_RETRY_S) >= CHANNEL_RETRY_S
+                ):
+                    opened[i] = time.monotonic()
+                    try:
+                        self._channels[i] = OutputChannel(h, f"router-decode{i}")
+                    except Exception:  # noqa: BLE001 - tried again next pass
+                        log.exception("opening the output channel to decode-%d", i)
+            self._channels_wanted.clear()
+            try:
+                await asyncio.wait_for(
+                    self._channels_wanted.wait(), self.cfg.router.health_period_s
+                )
+            except (asyncio.TimeoutError, TimeoutError):
+                pass
+
+    async def _channel(self, i: int) -> OutputChannel:
+        """Decode replica i's live output channel, once the router's task has one open."""
+        while True:
+            chan = self._channels.get(i)
+            if chan is not None and chan.alive:
+                return chan
+            self._channels_wanted.set()
+            await asyncio.sleep(CHANNEL_RETRY_S)
 
     async def _poll_health(self) -> None:
         """Watchdog loop: stats from every worker, bounded by a timeout each."""
@@ -135,6 +202,8 @@ class Router:
         body = {
             "prefill_healthy": sum(self.prefill_pool.healthy),
             "decode_healthy": sum(self.decode_pool.healthy),
+            # Replicas silent for long enough to be taken as gone (their node died).
+            "lost": self.prefill_pool.lost() + self.decode_pool.lost(),
         }
         # Without prefill the cluster still serves (decode-only fallback), degraded.
         status = (
@@ -183,6 +252,7 @@ class Router:
         p, d = ([s for s in ss if s] for ss in stats)
         return {
             "router_pid": os.getpid(),
+            "router_node_id": ray.get_runtime_context().get_node_id(),
             "requests_in_flight": len(self.requests),
             "prefill_pending": sum(s.pending for s in p),
             "prefill_leases": sum(s.engine.leases for s in p),
@@ -199,29 +269,36 @@ class Router:
     # ---- admission -------------------------------------------------------
 
     async def _handle(self, request: Request, chat: bool) -> Response:
-        body = await request.body()
-        try:
-            req = P.parse_chat(body) if chat else P.parse_completion(body)
-            prompt_ids = self._tokenize(req, chat)
-            params = P.to_sampling_params(
-                req,
-                prompt_len=len(prompt_ids),
-                max_model_len=self.cfg.model.max_model_len,
-                default_max_tokens=self.cfg.router.default_max_tokens,
-                strict=self.cfg.router.strict_max_tokens,
-                vocab_size=self.vocab_size,
-            )
-        except P.AdmissionError as e:
-            return _json(e.to_json(), e.status)
-        if len(self.requests) >= self.cfg.router.max_queued:
+        # The queue check comes first: a full router spends nothing on the request.
+        r = self.cfg.router
+        if len(self.requests) + self._admitting >= r.max_queued:
             return _error(
                 429,
-                f"{len(self.requests)} requests in flight, the limit is "
-                f"{self.cfg.router.max_queued}; retry later",
+                f"{len(self.requests) + self._admitting} requests in flight, the limit is "
+                f"{r.max_queued}; retry later",
                 "rate_limit_error",
                 "queue_full",
                 headers={"Retry-After": "1"},
             )
+        self._admitting += 1  # holds a slot while it is read and admitted
+        try:
+            try:
+                body = await asyncio.wait_for(self._read_body(request), r.body_timeout_s)
+            except (asyncio.TimeoutError, TimeoutError):
+                raise P.AdmissionError(
+                    f"request body not received within {r.body_timeout_s}s (router.body_timeout_s)",
+                    code="request_timeout",
+                    status=408,
+                ) from None
+            # Parsing, chat templating and tokenizing run on a small pool of threads,
+            # never on this event loop (other streams, /health and the watchdog).
+            req, prompt_ids, params = await asyncio.get_running_loop().run_in_executor(
+                self._admission, self._admit, body, chat
+            )
+        except P.AdmissionError as e:
+            return _json(e.to_json(), e.status)
+        finally:
+            self._admitting -= 1
         rid = uuid.uuid4().hex
         state = RequestState(rid, len(prompt_ids), time.time() + self.cfg.router.request_timeout_s)
         # The slot is taken now, before any await, so a burst cannot overrun
@@ -241,7 +318,7 @@ class Router:
             async for piece, reason, n_out in events:
                 text += piece
         except Exception as e:  # noqa: BLE001 - typed failures become HTTP errors
-            return self._failure(e)
+            return self._failure(e, rid)
         usage = {
             "prompt_tokens": len(prompt_ids),
             "completion_tokens": n_out,
@@ -252,9 +329,58 @@ class Router:
             build(f"{'chatcmpl' if chat else 'cmpl'}-{rid}", self.model_name, text, reason, usage)
         )
 
+    async def _read_body(self, request: Request) -> bytes:
+        """The request body, refused (413) as soon as it passes router.max_body_bytes:
+        by its Content-Length before reading, or while it is read."""
+        limit = self.cfg.router.max_body_bytes
+        too_big = P.AdmissionError(
+            f"request body is larger than {limit} bytes (router.max_body_bytes)",
+            code="request_too_large",
+            status=413,
+        )
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _admit(self, body: bytes, chat: bool):  # admission thread
+        """Parse, check and tokenize one request: (request, prompt ids, sampling params)."""
+        req = P.parse_chat(body) if chat else P.parse_completion(body)
+        prompt_ids = self._tokenize(req, chat)
+        params = P.to_sampling_params(
+            req,
+            prompt_len=len(prompt_ids),
+            max_model_len=self.cfg.model.max_model_len,
+            default_max_tokens=self.cfg.router.default_max_tokens,
+            strict=self.cfg.router.strict_max_tokens,
+            vocab_size=self.vocab_size,
+        )
+        return req, prompt_ids, params
+
+    def _too_long_to_tokenize(self, chars: int, chat: bool) -> None:
+        """No token is longer than `_max_token_chars` characters, so a text longer than
+        max_model_len times that cannot fit: refused without tokenizing it (a huge
+        prompt would hold a tokenizer thread for seconds)."""
+        if chars > self.cfg.model.max_model_len * self._max_token_chars:
+            where = "messages" if chat else "prompt"
+            raise P.AdmissionError(
+                f"This model's maximum context length is {self.cfg.model.max_model_len} "
+                f"tokens, and the {where} ({chars} characters) is longer than that can hold. "
+                "Please shorten it.",
+                where,
+                "context_length_exceeded",
+            )
+
     def _tokenize(self, req, chat: bool) -> list[int]:
         if chat:
             messages = [{"role": m.role, "content": P.message_text(m)} for m in req.messages]
+            self._too_long_to_tokenize(sum(len(m["content"]) for m in messages), chat)
             ids = self.tokenizer.apply_chat_template(
                 messages, add_generation_prompt=True, tokenize=True, return_dict=False
             )
@@ -270,31 +396,34 @@ class Router:
                 )
             return list(req.prompt)
         text = req.prompt[0] if isinstance(req.prompt, list) else req.prompt
+        self._too_long_to_tokenize(len(text), chat)
         return self.tokenizer.encode(text)
 
-    def _failure(self, e: BaseException) -> Response:
+    def _failure(self, e: BaseException, rid: str) -> Response:
+        """The client's error for a failed request: a short message naming the request
+        id, a stable `code`, never internals (tracebacks, actor ids, addresses); the
+        router log has the details under the same id."""
         if isinstance(e, P.AdmissionError):
             return _json(e.to_json(), e.status)
         if isinstance(e, TimeoutError):
-            return _error(
+            status, msg, code = (
                 504,
-                "request passed its deadline of "
-                f"{self.cfg.router.request_timeout_s}s (router.request_timeout_s)",
-                "timeout",
+                f"request passed its deadline of {self.cfg.router.request_timeout_s}s "
+                "(router.request_timeout_s)",
                 "request_timeout",
             )
-        if isinstance(e, Unavailable):
-            return _error(
-                503,
-                str(e),
-                "service_unavailable",
-                "worker_unavailable",
-                headers={"Retry-After": "1"},
-            )
-        if isinstance(e, SequenceFailed):  # this request alone; not retried elsewhere
-            return _error(e.status, str(e), P.error_type_for(e.status), "sampling_failed")
-        log.warning("request failed: %r", e)
-        return _error(500, f"request failed: {e!r}", "server_error", "internal_error")
+        elif isinstance(e, Unavailable):
+            status, msg, code = 503, str(e), "worker_unavailable"
+        elif isinstance(e, SequenceFailed):  # this request alone; not retried elsewhere
+            status, msg, code = e.status, str(e), "sampling_failed"
+        elif isinstance(e, TaskCancelledError):  # the client left: its worker calls were cancelled
+            log.info("request %s cancelled", rid)
+            status, msg, code = 499, "request cancelled", "cancelled"
+        else:
+            log.error("request %s failed", rid, exc_info=e)
+            status, msg, code = 500, "internal error; see the router log", "internal_error"
+        headers = {"pdcluster-request-id": rid} | ({"Retry-After": "1"} if status == 503 else {})
+        return _error(status, f"{msg} (request {rid})", P.error_type_for(status), code, headers)
 
     async def _stream(
         self, rid: str, events: AsyncIterator, chat: bool, prompt_len: int, include_usage: bool
@@ -325,7 +454,7 @@ class Router:
                 )
         except Exception as e:  # noqa: BLE001 - headers are sent: report in-band
             log.warning("stream %s failed: %r", rid, e)
-            yield P.sse(msgspec.json.decode(self._failure(e).body))
+            yield P.sse(msgspec.json.decode(self._failure(e, rid).body))
         finally:
             await events.aclose()
         yield P.SSE_DONE
@@ -484,11 +613,14 @@ class Router:
         if i is None:
             raise Unavailable("no healthy decode worker")
         state.decodes.add((i, wid))
-        self.decode_pool.load[i] += 1
         h = self.decode_pool.handles[i]
-        chan = self._channels.get(i)
-        if chan is None or not chan.alive:  # first use, or the actor died/restarted
-            chan = self._channels[i] = OutputChannel(h, f"router-decode{i}")
+
+        def wait(fn):
+            left = self._remaining(state)  # before fn(): it may raise
+            return self.decode_pool.call(i, fn(), left)
+
+        chan = await wait(lambda: self._channel(i))
+        self.decode_pool.load[i] += 1  # given back by the finally below
 
         def submit():
             if res is None:
@@ -503,10 +635,6 @@ class Router:
                 state.deadline,
                 self.prefill_pool.handles[p],
             )
-
-        def wait(fn):
-            left = self._remaining(state)  # before fn(): it may raise
-            return self.decode_pool.call(i, fn(), left)
 
         try:
             async for item in chan.stream(wid, submit, wait):
@@ -524,9 +652,14 @@ class Router:
                 self.decode_pool.handles[i].abort.remote(wid)
 
 
-def build_app(cfg: Config, model_dir: str, prefill: list, decode: list):
+def build_app(cfg: Config, model_dir: str, prefill: list, decode: list, pin_to_head: bool):
     """The Serve application for `serve.run`."""
-    return Router.bind(msgspec.json.encode(cfg), model_dir, prefill, decode)
+    router = Router
+    if pin_to_head:
+        router = Router.options(
+            ray_actor_options={"num_cpus": 0, "resources": {HEAD_RESOURCE: 0.001}}
+        )
+    return router.bind(msgspec.json.encode(cfg), model_dir, prefill, decode)
 
 
 __all__ = ["Router", "build_app"]

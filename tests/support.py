@@ -106,3 +106,37 @@ async def sse_events(response):
             event, buf = buf.split("\n\n", 1)
             if event.startswith("data: {"):
                 yield json.loads(event[6:])
+
+
+def listening_sockets(pids) -> list[tuple[int, str]]:
+    """(pid, local address) of every listening TCP socket the given processes hold."""
+    import socket
+    import struct
+
+    addrs = {}
+    for path, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        for line in Path(path).read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] != "0A":  # LISTEN
+                continue
+            ip_hex, port = f[1].split(":")
+            if v6:
+                words = [struct.pack("<I", int(ip_hex[i : i + 8], 16)) for i in range(0, 32, 8)]
+                ip = socket.inet_ntop(socket.AF_INET6, b"".join(words))
+            else:
+                ip = socket.inet_ntoa(struct.pack("<I", int(ip_hex, 16)))
+            addrs[f[9]] = f"{ip}:{int(port, 16)}"
+    out = []
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except (FileNotFoundError, PermissionError):
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except (FileNotFoundError, PermissionError):
+                continue
+            if link.startswith("socket:[") and link[8:-1] in addrs:
+                out.append((pid, addrs[link[8:-1]]))
+    return out

@@ -61,6 +61,7 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.kv_waiting: deque[Sequence] = deque()
+        self.num_pulling = 0  # PULLING sequences: each has a place in the batch kept for it
         self.steps = 0  # progress counter a watchdog can read
         self.blocked = False  # the last step found work but no blocks for it
         self._finished_unscheduled: list[StepOutput] = []
@@ -81,8 +82,10 @@ class Engine:
 
     def admit_pulls(self) -> list[Sequence]:
         """Give blocks to waiting pulled requests, oldest first, while they fit with
-        a block of headroom per running sequence (so admitting never preempts) and
-        nothing older waits for blocks.
+        a block of headroom per running sequence (so admitting never preempts), the
+        batch has a place for each when its KV arrives, and nothing older waits. (A
+        pulled sequence parked in `waiting` with its KV could hold the blocks a
+        preempted one needs to be recomputed, with nothing running to free any.)
         Each returned sequence is PULLING: the caller transfers into its blocks and
         must call `pull_done` once the transfer has ended, whatever the outcome."""
         admitted = []
@@ -91,10 +94,14 @@ class Engine:
         while self.kv_waiting and not self.waiting:
             seq = self.kv_waiting[0]
             n = self.blocks.blocks_for(seq.num_prompt_tokens)
-            if self.blocks.num_free < n + len(self.running):
+            if (
+                self.blocks.num_free < n + len(self.running)
+                or len(self.running) + self.num_pulling >= self.max_running
+            ):
                 break
             seq.block_table = self.blocks.allocate(n)
             seq.status = SeqStatus.PULLING
+            self.num_pulling += 1
             self.kv_waiting.popleft()
             admitted.append(seq)
         return admitted
@@ -106,6 +113,7 @@ class Engine:
         seq = self.seqs.get(request_id)
         if seq is None or seq.status is not SeqStatus.PULLING:
             return
+        self.num_pulling -= 1
         if seq.aborted or not ok:
             self._drop(seq)
             return

@@ -128,7 +128,10 @@ class EngineThread:
                 owner.on_tick()
             except BaseException as e:  # noqa: BLE001 - report, never die silently
                 log.exception("engine step failed")
-                owner.on_error(e)
+                try:
+                    owner.on_error(e)
+                except BaseException as e2:  # noqa: BLE001 - a thread gone would stop serving
+                    exit_for_restart("engine failure handling", e2)
 
 
 def exit_when_orphaned(period_s: float = ORPHAN_CHECK_S) -> None:

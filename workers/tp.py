@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import socket
 import time
 import uuid
 from typing import NoReturn
@@ -70,14 +71,20 @@ class TPGroup:
 
     def open(self, host: str) -> tuple[str, int, str]:
         """Leader: start the group's store on `host` (this node's address);
-        returns (host, port, generation) for the followers."""
+        returns (host, port, generation) for the followers. The store listens on
+        `host` only: given a host, TCPStore itself would still listen on every
+        interface, so it gets a socket bound here."""
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.bind((host, 0))
+        sock.listen()
         self._store = dist.TCPStore(
             host,
-            0,
+            sock.getsockname()[1],
             None,
             True,
             wait_for_workers=False,
             timeout=datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S),
+            master_listen_fd=sock.detach(),
         )
         self.address = (host, self._store.port, uuid.uuid4().hex)
         return self.address

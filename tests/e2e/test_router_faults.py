@@ -13,7 +13,7 @@ import httpx
 import pytest
 import ray
 
-from tests.support import assert_idle, load_test_config, running_cluster
+from tests.support import assert_idle, load_test_config, running_cluster, sse_events
 
 WATCHDOG_S = 3.0
 
@@ -167,12 +167,7 @@ async def _streams(url: str, prompts: list[str], max_tokens: int, on_progress=No
         text = []
         async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
             assert r.status_code == 200
-            async for line in r.aiter_lines():
-                if not line.startswith("data:") or line.strip() == "data: [DONE]":
-                    continue
-                import json
-
-                chunk = json.loads(line[5:])
+            async for chunk in sse_events(r):
                 assert "error" not in chunk, chunk
                 for ch in chunk["choices"]:
                     text.append(ch["delta"].get("content") or "")
@@ -219,6 +214,70 @@ def test_decode_killed_mid_stream_streams_complete_with_same_text(cluster):
     assert _metric(cluster.url, "pdcluster_migrations_total") > before
     wait_healthy(cluster.url)
     assert_idle(cluster.url)
+
+
+def test_the_first_client_on_a_replica_cannot_end_the_others_streams(cluster):
+    """Output channels belong to the router, not to the request that first needs one:
+    after the decode replicas restart, the first client on them disconnects mid-stream
+    and the other streams complete with the fault-free text, none migrated."""
+    want = asyncio.run(_streams(cluster.url, PROMPTS, 300))
+    pids = [ray.get(g.leader.ready.remote(), timeout=30)["pid"] for g in cluster.decode]
+    for g in cluster.decode:
+        ray.kill(g.leader, no_restart=False)
+    deadline = time.monotonic() + 120
+    for g, pid in zip(cluster.decode, pids):  # ray.kill is asynchronous: wait for the new ones
+        while True:
+            try:
+                if ray.get(g.leader.ready.remote(), timeout=5)["pid"] != pid:
+                    break
+            except (ray.exceptions.RayError, TimeoutError):
+                pass
+            assert time.monotonic() < deadline, "decode replica did not restart"
+            time.sleep(0.5)
+    time.sleep(2)  # the health poller sees them answer again
+    wait_healthy(cluster.url)
+    migrations = _metric(cluster.url, "pdcluster_migrations_total")
+
+    async def run():
+        async with httpx.AsyncClient(timeout=60) as client:
+            body = chat(
+                "the first client", max_tokens=300, temperature=0, stream=True, ignore_eos=True
+            )
+            async with client.stream("POST", f"{cluster.url}/v1/chat/completions", json=body) as r:
+                got = 0
+                async for _ in sse_events(r):
+                    got += 1
+                    if got == 3:  # the others start while this one streams, then it leaves
+                        others = asyncio.create_task(_streams(cluster.url, PROMPTS, 300))
+                        await asyncio.sleep(0.5)
+                        break
+            return await others
+
+    assert asyncio.run(run()) == want
+    assert _metric(cluster.url, "pdcluster_migrations_total") == migrations
+    assert_idle(cluster.url)
+
+
+def test_router_and_serve_run_on_the_head_and_workers_on_their_nodes(cluster):
+    """A stalled worker node must not stop traffic: the router, the Serve controller and
+    the proxy run on the head node; each worker on a node of its role."""
+    from ray._private.state import actors
+
+    head = cluster.local.head_node.node_id
+    state = httpx.get(f"{cluster.url}/debug/state", timeout=10).json()
+    assert state["router_node_id"] == head
+    serve_actors = [
+        a
+        for a in actors().values()
+        if a["State"] == "ALIVE" and a["ActorClassName"] in ("ServeController", "ProxyActor")
+    ]
+    assert {a["ActorClassName"] for a in serve_actors} == {"ServeController", "ProxyActor"}
+    assert all(a["Address"]["NodeID"] == head for a in serve_actors), serve_actors
+    resources = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+    for role, groups in (("prefill", cluster.prefill), ("decode", cluster.decode)):
+        for g in groups:
+            node = ray.get(g.leader.ready.remote(), timeout=30)["node_id"]
+            assert f"{role}_node" in resources[node], (role, node)
 
 
 def test_prefill_killed_under_load_every_request_completes(cluster):
@@ -344,3 +403,31 @@ def _metric(url: str, name: str) -> float:
             if key == name or key.startswith(name + "{") or name.endswith("}"):
                 total += float(value)
     return total
+
+
+def test_a_replica_gone_for_good_is_reported_lost_and_polled_rarely(cluster):
+    """Last in this module: decode-1 is killed for good. /health names it lost, the
+    health poller backs off (one stats() call in flight at most, one every 10 s once
+    lost, instead of one every 0.25 s), and decode-0 goes on serving."""
+    ray.kill(cluster.decode[1].leader, no_restart=True)
+    deadline = time.monotonic() + 60
+    while "decode-1" not in httpx.get(f"{cluster.url}/health", timeout=10).json()["lost"]:
+        assert time.monotonic() < deadline, "decode-1 never reported lost"
+        time.sleep(0.5)
+
+    def polls() -> int:
+        state = httpx.get(f"{cluster.url}/debug/state", timeout=10).json()
+        return next(
+            w["polls"] for w in state["workers"] if w["role"] == "decode" and w["replica"] == 1
+        )
+
+    before = polls()
+    time.sleep(10)
+    assert polls() - before <= 2  # 40 at the health period
+    r = httpx.post(
+        f"{cluster.url}/v1/chat/completions",
+        timeout=30,
+        json=chat("still serving", max_tokens=4, temperature=0),
+    )
+    assert r.status_code == 200, r.text
+    assert_idle(cluster.url)

@@ -14,7 +14,13 @@ import pytest
 import ray
 
 from tests.e2e.test_tiny_cluster import PROMPTS
-from tests.support import assert_idle, hf_greedy, load_test_config, running_cluster
+from tests.support import (
+    assert_idle,
+    hf_greedy,
+    listening_sockets,
+    load_test_config,
+    running_cluster,
+)
 
 N_TOKENS = 24
 
@@ -126,3 +132,22 @@ def test_lost_rank_restarts_the_group(cluster, hf):
         time.sleep(1)
     assert got == want
     assert_idle(cluster.url)
+
+
+def test_every_process_of_the_local_cluster_listens_on_loopback_only(cluster):
+    """With `cluster.address: local`, nothing on the LAN can reach the cluster: Ray's
+    GCS, raylets, object managers, agents and workers, the Serve proxy, NIXL's UCX and
+    the tensor-parallel store and collectives (this module runs TP=2) listen on
+    127.0.0.1 (or ::1) only."""
+    import os
+
+    from cluster.reaper import _ray_descendants
+
+    pids = [os.getpid(), *_ray_descendants(os.getpid())]
+    socks = listening_sockets(pids)
+    assert len(socks) > 10
+    exposed = [
+        (p, a) for p, a in socks if not a.startswith(("127.0.0.1:", "::1:", "::ffff:127.0.0.1:"))
+    ]
+    names = {p: open(f"/proc/{p}/cmdline").read().replace("\0", " ")[:60] for p, _ in exposed}
+    assert not exposed, [(p, a, names[p]) for p, a in exposed]

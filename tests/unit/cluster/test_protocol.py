@@ -204,6 +204,8 @@ def test_message_checks():
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"stop": ""}, "stop"),
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"stop": ["x" * 257]}, "stop"),  # longer stop strings cost the checker per token
+        ({"stop_token_ids": list(range(257))}, "stop_token_ids"),
         ({"seed": 2**64}, "seed"),
     ],
 )
@@ -403,3 +405,23 @@ def test_models_list():
     assert body["object"] == "list"
     m = Model.model_validate(body["data"][0])
     assert m.id == "smol" and m.object == "model"
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_before_any_worker():
+    """Out-of-vocabulary stop ids (an index error in a worker's sampler, a device
+    assert on CUDA) and a min_tokens ban of the whole vocabulary are 400s here."""
+    for kw in (
+        {"stop_token_ids": [99_999_999]},
+        {"stop_token_ids": list(range(8)), "min_tokens": 1},
+    ):
+        req = P.parse_chat(chat_body(max_tokens=4, **kw))
+        with pytest.raises(P.AdmissionError) as ei:
+            P.to_sampling_params(
+                req,
+                prompt_len=3,
+                max_model_len=64,
+                default_max_tokens=8,
+                strict=False,
+                vocab_size=8,
+            )
+        assert ei.value.status == 400 and ei.value.param == "stop_token_ids"

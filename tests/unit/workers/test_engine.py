@@ -251,3 +251,23 @@ def test_older_waiting_work_gets_blocks_before_a_newer_pull(tiny_model_dir):
     engine.blocks.free(held)
     engine.step()  # "old" is computed
     assert [s.request_id for s in engine.admit_pulls()] == ["new"]
+
+
+def test_a_pull_waits_for_a_place_in_the_batch(tiny_model_dir):
+    """A pulled request gets blocks only when the batch has a place for it: parked in
+    `waiting` with its KV, it could hold the blocks a preempted sequence needs to be
+    recomputed while nothing runs to free any (a deadlock found in review)."""
+    engine = make_engine(tiny_model_dir, num_blocks=10, max_running=1)
+    sp = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    engine.add(Sequence("r", list(range(3, 23)), sp))
+    engine.step()
+    engine.add_pulled(Sequence("a", list(range(3, 63)), sp, output_ids=[7]))
+    assert engine.admit_pulls() == []  # free blocks, but "r" has the only place
+    while engine.running:
+        engine.step()
+    assert [s.request_id for s in engine.admit_pulls()] == ["a"]
+    engine.pull_done("a", ok=True)
+    assert [s.request_id for s in engine.running] == ["a"]
+    while engine.has_work:
+        engine.step()
+    assert engine.blocks.num_used == 0 and not engine.seqs
