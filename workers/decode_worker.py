@@ -168,6 +168,9 @@ class DecodeWorker(GroupLeader):
                     elif not got.cancelled() and got.exception() is None:
                         # Given while this wait was being cancelled or timing out.
                         self.thread.call(lambda: self.engine.pull_done(request_id, False))
+            if done.done():  # ended (aborted, channel closed) as its blocks came: no pull
+                self.thread.call(lambda: self.engine.pull_done(request_id, False))
+                return await done
             pull = asyncio.ensure_future(self._pull(handle, blocks, prefill))
 
             def pulled(t: asyncio.Future) -> None:
