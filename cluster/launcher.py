@@ -108,8 +108,13 @@ def _start_ray(cfg: Config, rc: RunningCluster):
         start_new_session=True,  # the signal that stops this process does not reach it
     )
     # Head runs the Serve controller, proxy and router; workers go to named nodes.
+    # shutdown_at_exit=False: where the kernel cannot tie Ray's processes to this one,
+    # Ray would start its own reaper and make this process a process group leader
+    # (setpgrp), out of its terminal's foreground group, so that Ctrl-C on `make serve`
+    # would not reach it. cluster/reaper.py does that job instead.
     local = Cluster(
         initialize_head=True,
+        shutdown_at_exit=False,
         head_node_args={
             "num_cpus": 1,
             "resources": {HEAD_RESOURCE: 1},

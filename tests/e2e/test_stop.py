@@ -1,6 +1,7 @@
-"""Stopping `pdcluster up` is clean: SIGTERM to the process alone, or to its whole
-process group (what a terminal's Ctrl-C or a supervisor does), ends every process it
-started within 15 s, and none is left burning CPU."""
+"""Stopping `pdcluster up` is clean: SIGTERM to the process alone or to its whole
+process group (what a supervisor does), or Ctrl-C in the terminal that ran it under a
+shell or `make` (SIGINT to that foreground group), ends every process it started within
+15 s, and none is left burning CPU."""
 
 from __future__ import annotations
 
@@ -54,14 +55,17 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.mark.parametrize("target", ["process", "group"])
-def test_sigterm_stops_everything_it_started(tmp_path, target):
+@pytest.mark.parametrize("target", ["process", "group", "terminal"])
+def test_a_stop_signal_stops_everything_it_started(tmp_path, target):
     cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     cfg["router"]["port"] = port = 8019
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    up = [sys.executable, "-m", "cluster.cli", "up", str(path)]
+    if target == "terminal":  # under a shell, as `make serve` runs it: not a group leader
+        up = ["bash", "-c", " ".join(up) + "; true"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", "up", str(path)],
+        up,
         cwd=ROOT,
         start_new_session=True,  # its own process group, as a terminal would give it
         stdout=subprocess.DEVNULL,
@@ -108,6 +112,8 @@ def test_sigterm_stops_everything_it_started(tmp_path, target):
         t0 = time.monotonic()
         if target == "group":
             os.killpg(proc.pid, signal.SIGTERM)
+        elif target == "terminal":
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole foreground group
         else:
             proc.send_signal(signal.SIGTERM)
         while (proc.poll() is None or any(_alive(p) for p in started)) and (
