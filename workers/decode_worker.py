@@ -346,9 +346,11 @@ class DecodeWorker(GroupLeader):
         if timeout <= 0:
             raise TransferTimeout(f"no time left to pull from {shard.agent_name}")
         try:
-            # The rank bounds its own READ by `timeout`; this bounds the call around it.
+            # The rank bounds its own READ by this absolute deadline (same node, same
+            # clock), so a call that starts late, queued behind others, reads nothing
+            # after this side has given up and freed the blocks; this bounds the call.
             return await asyncio.wait_for(
-                follower.pull.remote(shard, blocks, timeout), timeout + 5.0
+                follower.pull.remote(shard, blocks, time.time() + timeout), timeout + 5.0
             )
         except (asyncio.TimeoutError, TimeoutError):
             raise TransferTimeout(

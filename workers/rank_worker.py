@@ -4,6 +4,7 @@ actor modules it imports torch only where it runs (see `workers/leader.py`)."""
 from __future__ import annotations
 
 import threading
+import time
 
 import ray
 
@@ -46,8 +47,10 @@ class RankWorker:
                 self.runner.run(plan)
                 self.steps += 1
 
-    def pull(self, src: RankKV, blocks: list[int], timeout_s: float) -> int:
-        return self.agent.pull(src, blocks, timeout_s=timeout_s)
+    def pull(self, src: RankKV, blocks: list[int], deadline: float) -> int:
+        """READ rank r's shard into `blocks` by `deadline` (time.time(), set by the leader
+        on this node): a call that starts after it reads nothing (TransferTimeout)."""
+        return self.agent.pull(src, blocks, timeout_s=deadline - time.time())
 
     def ready(self) -> dict:
         from workers.engine_thread import ready_info
