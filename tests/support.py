@@ -140,3 +140,17 @@ def listening_sockets(pids) -> list[tuple[int, str]]:
             if link.startswith("socket:[") and link[8:-1] in addrs:
                 out.append((pid, addrs[link[8:-1]]))
     return out
+
+
+def greedy_completion(ids: list[int], n: int, **extra) -> dict:
+    """A /v1/completions body for exactly `n` greedy tokens after token ids `ids`
+    (min_tokens bans EOS the way HF's min_new_tokens does), special tokens kept."""
+    return {
+        "model": "tiny-llama",
+        "prompt": ids,
+        "max_tokens": n,
+        "temperature": 0,
+        "min_tokens": n,
+        "skip_special_tokens": False,
+        **extra,
+    }

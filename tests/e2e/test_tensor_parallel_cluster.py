@@ -16,6 +16,7 @@ import ray
 from tests.e2e.test_tiny_cluster import PROMPTS
 from tests.support import (
     assert_idle,
+    greedy_completion,
     hf_greedy,
     listening_sockets,
     load_test_config,
@@ -44,14 +45,7 @@ def _greedy_text(cluster, hf, prompt: str) -> tuple[str, str]:
     r = httpx.post(
         f"{cluster.url}/v1/completions",
         timeout=60,
-        json={
-            "model": "tiny-llama",
-            "prompt": ids,
-            "max_tokens": N_TOKENS,
-            "temperature": 0,
-            "min_tokens": N_TOKENS,
-            "skip_special_tokens": False,
-        },
+        json=greedy_completion(ids, N_TOKENS),
     )
     if r.status_code != 200:
         return r.text, None
@@ -80,15 +74,7 @@ def test_stream_interval_sends_fewer_larger_chunks(cluster, hf):
         "POST",
         f"{cluster.url}/v1/completions",
         timeout=60,
-        json={
-            "model": "tiny-llama",
-            "prompt": ids,
-            "max_tokens": N_TOKENS,
-            "temperature": 0,
-            "min_tokens": N_TOKENS,
-            "skip_special_tokens": False,
-            "stream": True,
-        },
+        json=greedy_completion(ids, N_TOKENS, stream=True),
     ) as r:
         chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     text = "".join(c["choices"][0]["text"] for c in chunks)

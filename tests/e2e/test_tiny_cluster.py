@@ -16,7 +16,14 @@ import openai
 import pytest
 import ray
 
-from tests.support import assert_idle, hf_greedy, load_test_config, running_cluster, sse_events
+from tests.support import (
+    assert_idle,
+    greedy_completion,
+    hf_greedy,
+    load_test_config,
+    running_cluster,
+    sse_events,
+)
 
 N_TOKENS = 24
 MAX_BODY = 1024 * 1024
@@ -62,14 +69,7 @@ def test_completion_greedy_equals_hf(cluster, hf, prompt):
     r = httpx.post(
         f"{cluster.url}/v1/completions",
         timeout=60,
-        json={
-            "model": "tiny-llama",
-            "prompt": ids,
-            "max_tokens": N_TOKENS,
-            "temperature": 0,
-            "min_tokens": N_TOKENS,
-            "skip_special_tokens": False,
-        },
+        json=greedy_completion(ids, N_TOKENS),
     )
     assert r.status_code == 200, r.text
     body = r.json()
