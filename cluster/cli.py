@@ -1,4 +1,5 @@
-"""`pdcluster` command line: `up CONFIG`, `fetch-model [SOURCE]`, `check-config CONFIG`."""
+"""`pdcluster` command line: `up CONFIG`, `chaos CONFIG`, `fetch-model [SOURCE]`,
+`check-config CONFIG`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import signal
 import sys
 import threading
 import time
+
+import msgspec
 
 from cluster.config import ConfigError, load_config
 
@@ -47,6 +50,30 @@ def _up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chaos(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    from chaos.scenarios import SCENARIOS
+
+    if args.list:
+        for s in SCENARIOS.values():
+            print(f"{s.name:28s} {s.about}")
+        return 0
+    unknown = [n for n in args.scenario or [] if n not in SCENARIOS]
+    if unknown:
+        print(f"pdcluster: unknown scenario {', '.join(unknown)} (see --list)", file=sys.stderr)
+        return 2
+    if args.concurrency:
+        cfg = msgspec.structs.replace(
+            cfg, chaos=msgspec.structs.replace(cfg.chaos, concurrency=args.concurrency)
+        )
+    if (args.url is None) != (args.ray_address is None):
+        print("pdcluster: --url and --ray-address go together (attach)", file=sys.stderr)
+        return 2
+    from chaos.main import chaos_main
+
+    return chaos_main(cfg, args)
+
+
 def _fetch(args: argparse.Namespace) -> int:
     from workers.loader import resolve_model
 
@@ -70,6 +97,27 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="start the cluster from a YAML config and serve HTTP")
     up.add_argument("config")
     up.set_defaults(fn=_up)
+    ch = sub.add_parser(
+        "chaos",
+        help="run fault scenarios under load and write a report",
+        description="Start the cluster from CONFIG (or attach to a running one), run steady "
+        "streaming load, apply each scenario in turn, and write report.json, report.md and "
+        "one PNG timeline per scenario. Exit status 0 only if every scenario met its "
+        "thresholds (the config's `chaos:` section).",
+    )
+    ch.add_argument("config")
+    ch.add_argument("--scenario", action="append", help="run only this one (repeatable)")
+    ch.add_argument(
+        "--duration", type=float, default=0.0, help="least seconds of load per scenario"
+    )
+    ch.add_argument("--concurrency", type=int, help="streaming clients (chaos.concurrency)")
+    ch.add_argument("--seed", type=int, default=0)
+    ch.add_argument("--out", default="chaos-report", help="report directory")
+    ch.add_argument("--url", help="attach: the running cluster's HTTP address")
+    ch.add_argument("--ray-address", help="attach: its Ray address (e.g. auto, ray://h:10001)")
+    ch.add_argument("--soak", type=float, metavar="SECONDS", help="soak: long load, rare faults")
+    ch.add_argument("--list", action="store_true", help="list the scenarios")
+    ch.set_defaults(fn=_chaos)
     fm = sub.add_parser("fetch-model", help="fetch and convert a model source into the cache")
     fm.add_argument("source", nargs="?")
     fm.add_argument("--config", default="configs/local.yaml")

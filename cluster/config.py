@@ -95,6 +95,41 @@ class RouterConfig(_Strict):
     model_name: str | None = None  # id served on /v1/models; defaults to the source
 
 
+class Thresholds(_Strict):
+    """What a chaos scenario must meet (`pdcluster chaos`)."""
+
+    min_success_rate: float = 0.995  # 200 with the fault-free text, of requests sent
+    max_hung: int = 0  # no end by router.request_timeout_s + 10 s
+    max_corrupted: int = 0  # a 200 whose text differs from the fault-free pass
+    max_recovery_s: float = 20.0  # fault to goodput back at 90 % of baseline
+    max_leaked: int = 0  # sum of /debug/state's counts once the load has ended
+
+
+class SoakConfig(_Strict):
+    fault_every_s: float = 300.0  # one fault from the mixed schedule this often
+    sample_s: float = 5.0  # tables, RSS and fds sampled this often
+    max_rss_growth_mb_per_10k: float = 64.0  # per process, per 10,000 requests
+    max_fds_growth: int = 64  # per process, first sample to last
+
+
+class ChaosConfig(_Strict):
+    """`pdcluster chaos`: load shape, fault lengths and thresholds."""
+
+    concurrency: int = 8  # streaming clients, each one request at a time
+    max_tokens: int = 32  # per request, greedy, ignore_eos
+    prompts: int = 32  # distinct prompts, cycled; each one's text known from the baseline
+    baseline_s: float = 15.0  # fault-free load first: the texts and the baseline goodput
+    warmup_s: float = 4.0  # load before each fault
+    stall_s: float = 6.0  # SIGSTOP length of a stall
+    node_down_s: float = 5.0  # a killed local node is replaced after this long
+    transfer_fault_s: float = 10.0  # how long injected transfer faults stay on
+    settle_s: float = 90.0  # longest wait for /health ok and zero state between scenarios
+    thresholds: Thresholds = Thresholds()
+    # Per scenario name, threshold fields that differ from `thresholds`.
+    scenarios: dict[str, dict[str, float]] = {}
+    soak: SoakConfig = SoakConfig()
+
+
 class Config(_Strict):
     model: ModelConfig = ModelConfig()
     cluster: ClusterSection = ClusterSection()
@@ -102,6 +137,7 @@ class Config(_Strict):
     decode: DecodeConfig = DecodeConfig()
     transfer: TransferConfig = TransferConfig()
     router: RouterConfig = RouterConfig()
+    chaos: ChaosConfig = ChaosConfig()
 
     @property
     def served_model_name(self) -> str:
@@ -166,6 +202,7 @@ def _check(cfg: Config) -> None:
     need(cfg.router.max_retries >= 0, "router.max_retries", "an int >= 0")
     need(cfg.router.max_migrations >= 0, "router.max_migrations", "an int >= 0")
     need(cfg.router.max_queued >= 1, "router.max_queued", "an int >= 1")
+    _check_chaos(cfg.chaos, need)
     if cfg.cluster.address == "local":
         names = [n.name for n in cfg.cluster.nodes]
         need(len(set(names)) == len(names), "cluster.nodes", "unique node names")
@@ -176,6 +213,22 @@ def _check(cfg: Config) -> None:
                 f"{role}.node_resource",
                 f"a resource that some node in cluster.nodes provides (none has `{res}`)",
             )
+
+
+def _check_chaos(c: ChaosConfig, need) -> None:
+    from chaos.scenarios import SCENARIOS
+
+    need(c.concurrency >= 1, "chaos.concurrency", "an int >= 1")
+    need(c.max_tokens >= 1, "chaos.max_tokens", "an int >= 1")
+    need(c.prompts >= 1, "chaos.prompts", "an int >= 1")
+    for key in ("baseline_s", "warmup_s", "stall_s", "node_down_s", "transfer_fault_s"):
+        need(getattr(c, key) > 0, f"chaos.{key}", "a number > 0")
+    need(0 <= c.thresholds.min_success_rate <= 1, "chaos.thresholds.min_success_rate", "0..1")
+    fields = set(Thresholds.__struct_fields__)
+    for name, over in c.scenarios.items():
+        need(name in SCENARIOS, f"chaos.scenarios.{name}", f"one of {', '.join(SCENARIOS)}")
+        for k in over:
+            need(k in fields, f"chaos.scenarios.{name}.{k}", f"one of {', '.join(sorted(fields))}")
 
 
 def _explain(err: msgspec.ValidationError) -> str:

@@ -31,10 +31,18 @@ class WorkerStalled(Exception):
 
 
 class WorkerPool:
-    def __init__(self, role: str, handles: list, watchdog_s: float, metrics) -> None:
+    def __init__(
+        self, role: str, handles: list, watchdog_s: float, metrics, health_period_s: float = 0.5
+    ) -> None:
         self.role = role
         self.handles = handles
         self.watchdog_s = watchdog_s
+        # Silent this long (several polls unanswered, before the watchdog decides):
+        # suspect. Its last stats are stale (a frozen decode still shows the free blocks
+        # it had), so new work goes to replicas that answer while any do.
+        self.suspect_after_s = min(watchdog_s, max(1.0, 4 * health_period_s))
+        self.health_period_s = health_period_s
+        self._polling: list[asyncio.Future | None] = [None] * len(handles)
         self.metrics = metrics
         n = len(handles)
         self.healthy = [True] * n
@@ -67,6 +75,9 @@ class WorkerPool:
         ok = [i for i in range(len(self.handles)) if self.healthy[i] and i not in exclude]
         if not ok:
             return None
+        now = time.monotonic()
+        answering = [i for i in ok if now - self._last_answer[i] <= self.suspect_after_s]
+        ok = answering or ok
         if self.role == "prefill":
             return min(ok, key=lambda i: (self.load[i] + self._engine(i, "queued_tokens"), i))
         return min(ok, key=lambda i: (-self._engine(i, "free_blocks"), self.load[i], i))
@@ -153,9 +164,15 @@ class WorkerPool:
             return
         try:
             call = self._stats_call(i)
-            s = await asyncio.wait_for(asyncio.shield(call), timeout=min(self.watchdog_s, 5.0))
+            # Waits no later than the watchdog's deadline: a silent replica is found
+            # at watchdog_s, not a whole wait after it.
+            until_deadline = self._last_answer[i] + self.watchdog_s - now + 0.05
+            s = await asyncio.wait_for(
+                asyncio.shield(call), timeout=min(5.0, max(0.2, until_deadline))
+            )
             self._inflight[i] = None  # answered and read
         except (asyncio.TimeoutError, TimeoutError):
+            now = time.monotonic()  # the wait itself took time
             if self.healthy[i] and now - self._last_answer[i] > self.watchdog_s:
                 self._restart(i, f"no answer for {now - self._last_answer[i]:.1f}s")
             self._back_off(i, now)
@@ -195,7 +212,13 @@ class WorkerPool:
             m.leases.set(sum(s.engine.leases for s in live if isinstance(s, PrefillStats)))
 
     async def poll(self) -> None:
-        await asyncio.gather(*[self._poll_one(i) for i in range(len(self.handles))])
+        """Poll every replica not still being polled, waiting at most one health
+        period: a silent replica's poll runs on (up to its watchdog deadline) without
+        holding up the others'."""
+        for i, task in enumerate(self._polling):
+            if task is None or task.done():
+                self._polling[i] = asyncio.ensure_future(self._poll_one(i))
+        await asyncio.wait(self._polling, timeout=self.health_period_s)
 
     async def fresh_stats(self) -> list[WorkerStats | None]:
         """Stats read now (for /debug/state); None for a worker that does not answer."""

@@ -19,7 +19,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.config import HEAD_RESOURCE, Config
+from cluster.config import HEAD_RESOURCE, Config, NodeConfig
 from workers.api import WorkerSpec
 from workers.decode_worker import DecodeWorker
 from workers.loader import resolve_model
@@ -27,6 +27,10 @@ from workers.prefill_worker import PrefillWorker
 from workers.rank_worker import RankWorker
 
 log = logging.getLogger("pdcluster.launcher")
+
+# Named actors (`pdcluster-<role>-<replica>-rank<r>`) live here, so that a second
+# driver (`pdcluster chaos --attach`, an operator's script) finds them by name.
+NAMESPACE = "pdcluster"
 
 # Small object stores: KV moves over NIXL, not through Ray's object store.
 _OBJECT_STORE_BYTES = 256 * 1024**2
@@ -54,6 +58,9 @@ class RunningCluster:
     prefill: list[WorkerGroup] = field(default_factory=list)
     decode: list[WorkerGroup] = field(default_factory=list)
     local: object | None = None  # ray.cluster_utils.Cluster when address is local
+    # Local only: the config of each worker node, by Ray node id (chaos replaces a
+    # node it killed with one of the same config).
+    local_nodes: dict[str, NodeConfig] = field(default_factory=dict)
     reaper: subprocess.Popen | None = None  # cluster/reaper.py, when address is local
     url: str = ""
 
@@ -91,9 +98,9 @@ _LOCAL_ENV = {
 }
 
 
-def _start_ray(cfg: Config, rc: RunningCluster):
+def _start_ray(cfg: Config, rc: RunningCluster, log_to_driver: bool):
     if cfg.cluster.address != "local":
-        ray.init(address=cfg.cluster.address, log_to_driver=True)
+        ray.init(address=cfg.cluster.address, namespace=NAMESPACE, log_to_driver=log_to_driver)
         return None
     from ray._private import ray_constants
     from ray.cluster_utils import Cluster
@@ -124,14 +131,21 @@ def _start_ray(cfg: Config, rc: RunningCluster):
         },
     )
     for node in cfg.cluster.nodes:
-        local.add_node(
-            num_cpus=node.num_cpus,
-            resources=dict(node.resources),
-            object_store_memory=_OBJECT_STORE_BYTES,
-            node_ip_address=LOCAL_IP,
-        )
-    ray.init(address=local.address, log_to_driver=True)
+        add_local_node(rc, local, node)
+    ray.init(address=local.address, namespace=NAMESPACE, log_to_driver=log_to_driver)
     return local
+
+
+def add_local_node(rc: RunningCluster, local, node: NodeConfig) -> str:
+    """Start one worker node of a local cluster (its own raylet); its Ray node id."""
+    n = local.add_node(
+        num_cpus=node.num_cpus,
+        resources=dict(node.resources),
+        object_store_memory=_OBJECT_STORE_BYTES,
+        node_ip_address=LOCAL_IP,
+    )
+    rc.local_nodes[n.node_id] = node
+    return n.node_id
 
 
 def _spec(cfg: Config, role: str, replica: int, model_dir: str, rank: int) -> WorkerSpec:
@@ -162,13 +176,48 @@ def _spec(cfg: Config, role: str, replica: int, model_dir: str, rank: int) -> Wo
     )
 
 
-def _start_group(cfg: Config, role: str, replica: int, model_dir: str) -> WorkerGroup:
+@dataclass(frozen=True)
+class Placement:
+    """Where the replicas of one role go. `share` is the amount of the role's node
+    resource each replica takes: 1.0 (one unit, so a node with `decode_node: 1` holds
+    one replica and a replica whose node dies waits for another node with a free unit
+    rather than doubling up on a survivor), or a small share when there are fewer
+    units than replicas. `targets` spreads replicas over distinct nodes first."""
+
+    share: float
+    targets: list[str]
+
+
+def plan_placement(role: str, resource: str, replicas: int, nodes: list[dict]) -> Placement:
+    """Anti-affinity for the replicas of one role, from `ray.nodes()`."""
+    have = sorted(
+        (n["NodeID"] for n in nodes if n["Alive"] and n["Resources"].get(resource, 0) > 0),
+    )
+    units = sum(int(n["Resources"][resource]) for n in nodes if n["Alive"] and n["NodeID"] in have)
+    if len(have) < replicas:
+        log.warning(
+            "%d %s replicas on %d node(s) with `%s`: replicas share a node, and one node's "
+            "failure takes all of them on it down",
+            replicas,
+            role,
+            len(have),
+            resource,
+        )
+    share = 1.0 if units >= replicas else 0.001
+    return Placement(share, [have[i % len(have)] for i in range(replicas)] if have else [])
+
+
+def _start_group(
+    cfg: Config, role: str, replica: int, model_dir: str, place: Placement
+) -> WorkerGroup:
     g = cfg.prefill if role == "prefill" else cfg.decode
-    res = {g.node_resource: 0.001}
+    res = {g.node_resource: place.share / g.tensor_parallel_size}
     pg = placement_group(
         [dict(res) for _ in range(g.tensor_parallel_size)],
         strategy="STRICT_PACK",
         name=f"pdcluster-{role}-{replica}",
+        # A hint: the bundles go elsewhere if this node is full or gone.
+        _soft_target_node_id=place.targets[replica] if place.targets else None,
     )
     ranks = []
     for r in range(g.tensor_parallel_size):
@@ -195,8 +244,9 @@ def _start_group(cfg: Config, role: str, replica: int, model_dir: str) -> Worker
     return WorkerGroup(role, replica, ranks, pg)
 
 
-def start(cfg: Config) -> RunningCluster:
-    """Bring the whole system up; returns once HTTP is being served."""
+def start(cfg: Config, log_to_driver: bool = True) -> RunningCluster:
+    """Bring the whole system up; returns once HTTP is being served. Without
+    `log_to_driver`, the workers' and router's logs stay in Ray's log files."""
     from ray import serve
 
     from cluster.router import build_app
@@ -206,12 +256,14 @@ def start(cfg: Config) -> RunningCluster:
     log.info("model ready at %s (%.1fs)", model_dir, time.monotonic() - t0)
     rc = RunningCluster(cfg, model_dir)
     try:
-        rc.local = _start_ray(cfg, rc)
+        rc.local = _start_ray(cfg, rc, log_to_driver)
         log.info("ray up (%.1fs)", time.monotonic() - t0)
-        rc.prefill = [
-            _start_group(cfg, "prefill", i, model_dir) for i in range(cfg.prefill.replicas)
-        ]
-        rc.decode = [_start_group(cfg, "decode", i, model_dir) for i in range(cfg.decode.replicas)]
+        nodes = ray.nodes()
+        for role in ("prefill", "decode"):
+            g = getattr(cfg, role)
+            place = plan_placement(role, g.node_resource, g.replicas, nodes)
+            groups = [_start_group(cfg, role, i, model_dir, place) for i in range(g.replicas)]
+            setattr(rc, role, groups)
         ready = [a.ready.remote() for g in rc.prefill + rc.decode for a in g.ranks]
         for info in ray.get(ready, timeout=_READY_TIMEOUT_S):
             log.info("worker ready: %s", info)

@@ -30,7 +30,7 @@ from cluster.detokenizer import IncrementalDetokenizer, StopChecker
 from cluster.health import WorkerPool, WorkerStalled
 from cluster.metrics import RouterMetrics
 from transfer.handle import TransferError
-from workers.api import XFER_BUCKETS, SequenceFailed, WorkerError
+from workers.api import XFER_BUCKETS, SequenceFailed, WorkerError, process_usage
 from workers.channel import OutputChannel
 from workers.sampling_params import SamplingParams
 
@@ -137,8 +137,12 @@ class Router:
         self._admitting = 0  # requests being read and admitted (they count as queued)
         self.metrics = RouterMetrics()
         r = self.cfg.router
-        self.prefill_pool = WorkerPool("prefill", prefill, r.watchdog_s, self.metrics)
-        self.decode_pool = WorkerPool("decode", decode, r.watchdog_s, self.metrics)
+        self.prefill_pool = WorkerPool(
+            "prefill", prefill, r.watchdog_s, self.metrics, r.health_period_s
+        )
+        self.decode_pool = WorkerPool(
+            "decode", decode, r.watchdog_s, self.metrics, r.health_period_s
+        )
         self.metrics.watch_workers(
             lambda: self.prefill_pool.stats, lambda: self.decode_pool.stats, XFER_BUCKETS
         )
@@ -253,6 +257,8 @@ class Router:
         return {
             "router_pid": os.getpid(),
             "router_node_id": ray.get_runtime_context().get_node_id(),
+            "router_channels": len(self._channels),
+            **{f"router_{k}": v for k, v in process_usage().items()},
             "requests_in_flight": len(self.requests),
             "prefill_pending": sum(s.pending for s in p),
             "prefill_leases": sum(s.engine.leases for s in p),
@@ -521,7 +527,7 @@ class Router:
         self, state: RequestState, prompt_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[tuple[list[int], str | None]]:
         """Token ids as they are produced, surviving worker loss: a failed
-        prefill is retried elsewhere, a failed transfer re-prefills once, and a
+        prefill is retried elsewhere, a failed transfer re-prefills (`router.max_retries`), and a
         decode lost mid-stream is migrated (re-prefill prompt + tokens so far on
         a prefill worker, continue on another decode worker)."""
         produced: list[int] = []
@@ -553,9 +559,14 @@ class Router:
                         return
                 raise WorkerError("decode stream ended without a finish reason")
             except TransferError as e:
-                if got_tokens or re_prefills >= 1:
-                    log.warning("request %s: KV transfer failed twice: %r", state.request_id, e)
-                    raise Unavailable("KV transfer failed twice") from None
+                if got_tokens or re_prefills >= self.cfg.router.max_retries:
+                    log.warning(
+                        "request %s: KV transfer failed %d times: %r",
+                        state.request_id,
+                        re_prefills + 1,
+                        e,
+                    )
+                    raise Unavailable(f"KV transfer failed {re_prefills + 1} times") from None
                 re_prefills += 1
                 self.metrics.retries.labels("transfer").inc()
                 log.warning("request %s: transfer failed (%r); re-prefilling", state.request_id, e)

@@ -17,10 +17,11 @@ _CHAOS = {"test_router_faults.py", "test_overload.py"}
 
 def pytest_collection_modifyitems(items):
     """Markers by place: tests/unit -> unit, tests/integration -> integration,
-    tests/e2e -> e2e, plus chaos for the fault modules (`pytest -m unit` while working)."""
+    tests/e2e -> e2e, tests/chaos -> chaos, plus chaos for the fault modules in e2e
+    (`pytest -m unit` while working)."""
     for item in items:
         parts = Path(str(item.fspath)).parts
-        for kind in ("unit", "integration", "e2e"):
+        for kind in ("unit", "integration", "e2e", "chaos"):
             if kind in parts:
                 item.add_marker(kind)
         if Path(str(item.fspath)).name in _CHAOS:

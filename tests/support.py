@@ -47,16 +47,7 @@ def running_cluster(cfg):
 
 
 # Every count /debug/state reports that must be back at zero when load ends.
-IDLE_KEYS = (
-    "requests_in_flight",
-    "prefill_pending",
-    "prefill_leases",
-    "prefill_pinned_blocks",
-    "transfer_pending",
-    "decode_waiting_for_blocks",
-    "decode_streams",
-    "decode_blocks_used",
-)
+from chaos.harness import ZERO_KEYS as IDLE_KEYS  # noqa: E402
 
 
 def wait_idle(url: str, timeout: float = 30.0) -> dict:

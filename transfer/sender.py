@@ -40,7 +40,7 @@ class KVSender:
         self.backend = backend
         self._free = free
         self._describe = describe or (lambda ids: [backend.rank_kv(ids)])
-        self._faults = faults
+        self.faults = faults  # chaos hooks; swapped at run time by set_faults
         self.leases = LeaseRegistry(max_pending, lease_ttl_s, claim_s)
         self._kind = "ray" if isinstance(backend, RayObjectBackend) else "nixl"
 
@@ -59,9 +59,7 @@ class KVSender:
         """Pin `blocks` (the caller's no longer) under a fresh lease; the handle for decode.
         A lease left under the same id by an earlier attempt is released first."""
         self.release(request_id)
-        ttl = (
-            self.leases.ttl_s if self._faults is None else self._faults.lease_ttl(self.leases.ttl_s)
-        )
+        ttl = self.leases.ttl_s if self.faults is None else self.faults.lease_ttl(self.leases.ttl_s)
         try:
             lease = self.leases.register(request_id, blocks, ttl)
         except TransferBackpressure:

@@ -9,6 +9,8 @@ field fails loudly instead of reading as 0.
 
 from __future__ import annotations
 
+import os
+
 import msgspec
 
 from transfer.faults import FaultConfig
@@ -102,6 +104,17 @@ class TransferStats(msgspec.Struct, frozen=True, kw_only=True):
     buckets: list[int]  # per XFER_BUCKETS bound, then +Inf
 
 
+def process_usage() -> dict:
+    """This process's resident memory and open file descriptors (chaos soak tracks both)."""
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        fds = len(os.listdir("/proc/self/fd"))
+    except OSError:  # not Linux
+        rss = fds = 0
+    return {"pid": os.getpid(), "rss_bytes": rss, "open_fds": fds}
+
+
 class WorkerStats(msgspec.Struct, frozen=True, kw_only=True):
     """Rank 0 of a worker group, as `stats()` answers."""
 
@@ -109,6 +122,9 @@ class WorkerStats(msgspec.Struct, frozen=True, kw_only=True):
     replica: int
     engine: EngineStats
     omp_threads: int | None  # OpenMP's thread count on the model thread
+    pid: int = 0
+    rss_bytes: int = 0
+    open_fds: int = 0
 
     @property
     def busy(self) -> bool:

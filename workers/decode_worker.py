@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 
 import ray
 
-from transfer.faults import FaultInjector
 from transfer.handle import (
     KVHandle,
     LeaseExpired,
@@ -26,7 +25,14 @@ from transfer.handle import (
     TransferFailed,
     TransferTimeout,
 )
-from workers.api import XFER_BUCKETS, DecodeStats, SequenceFailed, TransferStats, WorkerError
+from workers.api import (
+    XFER_BUCKETS,
+    DecodeStats,
+    SequenceFailed,
+    TransferStats,
+    WorkerError,
+    process_usage,
+)
 from workers.leader import GroupLeader
 from workers.sampling_params import SamplingParams
 from workers.sequence import Sequence
@@ -67,7 +73,7 @@ class DecodeWorker(GroupLeader):
             "failures": 0,
             "buckets": [0] * (len(XFER_BUCKETS) + 1),
         }
-        self.faults = FaultInjector(spec.faults, f"decode-{spec.replica}") if spec.faults else None
+        self.faults = self.fault_injector(spec.faults)
         # Pulls poll NIXL and must not block the event loop; several threads so
         # one stalled peer (bounded by its timeout) does not hold up the others.
         self._xfer = ThreadPoolExecutor(4, thread_name_prefix="kv-pull")
@@ -207,10 +213,14 @@ class DecodeWorker(GroupLeader):
         self._end(request_id, WorkerError(f"request {request_id} aborted"))
         self.thread.call(lambda: self.engine.abort(request_id))
 
+    def _set_faults(self, injector) -> None:
+        self.faults = injector
+
     def stats(self) -> DecodeStats:
         return DecodeStats(
             role="decode",
             replica=self.spec.replica,
+            **process_usage(),
             engine=self.snapshot,
             omp_threads=self.thread.omp_threads,
             streams=len(self._streams),

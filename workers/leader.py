@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import msgspec
 import ray
 
+from transfer.faults import FaultConfig, FaultInjector
 from transfer.handle import RankKV
 from workers.api import EngineStats, WorkerSpec
 from workers.sequence import Sequence
@@ -109,6 +110,17 @@ class GroupLeader:
         from workers.engine_thread import ready_info
 
         return ready_info(self.spec, self.agent)
+
+    def fault_injector(self, faults: FaultConfig | None) -> FaultInjector | None:
+        return FaultInjector(faults, f"{self.spec.role}-{self.spec.replica}") if faults else None
+
+    def set_faults(self, faults: FaultConfig | None) -> None:
+        """Chaos: replace this replica's transfer fault hooks (None removes them). They
+        last until the worker restarts, which brings back the config's `transfer.faults`."""
+        self._set_faults(self.fault_injector(faults))
+
+    def _set_faults(self, injector: FaultInjector | None) -> None:
+        raise NotImplementedError
 
     # ---- engine thread ---------------------------------------------------
 

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 
 import ray
 
-from transfer.faults import FaultInjector
 from transfer.handle import TransferBackpressure
 from workers.api import (
     EngineStats,
@@ -18,6 +17,7 @@ from workers.api import (
     RequestReleased,
     SequenceFailed,
     WorkerError,
+    process_usage,
 )
 from workers.leader import GroupLeader
 from workers.sampling_params import SamplingParams
@@ -37,7 +37,6 @@ class PrefillWorker(GroupLeader):
         spec = self.spec
         # Prefill calls not answered yet (event loop); every exit resolves its caller.
         self._futures: dict[str, asyncio.Future] = {}
-        faults = FaultInjector(spec.faults, f"prefill-{spec.replica}") if spec.faults else None
         # A claimed lease stays pinned for the longest a read can take.
         self.sender = KVSender(
             self.agent,
@@ -46,7 +45,7 @@ class PrefillWorker(GroupLeader):
             lease_ttl_s=spec.lease_ttl_s,
             claim_s=spec.transfer_timeout_s + 5.0,
             describe=self.rank_kvs,
-            faults=faults,
+            faults=self.fault_injector(spec.faults),
         )
 
     # ---- API (event loop) -----------------------------------------------------
@@ -91,10 +90,14 @@ class PrefillWorker(GroupLeader):
         lease for one read; raises LeaseExpired otherwise."""
         return await self.on_thread(lambda: self.sender.claim(request_id, epoch))
 
+    def _set_faults(self, injector) -> None:
+        self.sender.faults = injector
+
     def stats(self) -> PrefillStats:
         return PrefillStats(
             role="prefill",
             replica=self.spec.replica,
+            **process_usage(),
             engine=self.snapshot,
             omp_threads=self.thread.omp_threads,
             pending=len(self._futures),

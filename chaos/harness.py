@@ -1,0 +1,534 @@
+"""Run chaos scenarios against a cluster under steady load and judge them.
+
+For each scenario: load starts, the fault is applied after `chaos.warmup_s`, the
+load runs until goodput has recovered (or the recovery bound has passed), then
+stops; the harness waits for `/health` to be ok with every replica healthy and for
+`/debug/state` to be all zero, and reads what is left. Every request's text is
+checked against the fault-free pass made first.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import httpx
+import msgspec
+import ray
+
+from chaos.load import Load, LoadShape, Record, make_prompts, percentile
+from chaos.scenarios import SCENARIOS, Scenario, Skip, Window
+from cluster.config import Config, Thresholds
+
+# Every /debug/state count that must be back at zero once load has ended.
+ZERO_KEYS = (
+    "requests_in_flight",
+    "prefill_pending",
+    "prefill_leases",
+    "prefill_pinned_blocks",
+    "transfer_pending",
+    "decode_waiting_for_blocks",
+    "decode_streams",
+    "decode_blocks_used",
+)
+WINDOW_S = 3.0  # goodput is judged over windows this long, sliding by 0.5 s
+RECOVERED = 0.9  # of baseline goodput
+HUNG_MARGIN_S = 10.0  # past router.request_timeout_s, a request with no end is hung
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"unknown ({os.cpu_count()} cores)"
+
+
+class Target:
+    """The cluster under test: its HTTP endpoint and, through Ray, its workers.
+
+    `rc` is the launcher's RunningCluster when the harness started the cluster
+    itself; a local one lets it replace a node it killed (on a real cluster that is
+    the operator's or KubeRay's job)."""
+
+    def __init__(self, cfg: Config, url: str, rc=None):
+        self.cfg, self.chaos, self.url, self.rc = cfg, cfg.chaos, url.rstrip("/"), rc
+        self.http = httpx.Client(timeout=10)
+        self._agents: dict[str, object] = {}
+        self._info: dict[tuple[str, int, int], dict] = {}
+        self._timers: list[threading.Thread] = []
+
+    def close(self) -> None:
+        """Stop the node agents this harness started."""
+        for a in self._agents.values():
+            try:
+                ray.kill(a)
+            except Exception:  # noqa: BLE001 - its node may be gone
+                pass
+        self._agents.clear()
+        self.http.close()
+
+    # ---- reading -----------------------------------------------------------
+
+    def replicas(self, role: str) -> int:
+        return getattr(self.cfg, role).replicas
+
+    def rank_handle(self, role: str, i: int, rank: int = 0):
+        from cluster.launcher import NAMESPACE
+
+        tp = getattr(self.cfg, role).tensor_parallel_size
+        return ray.get_actor(f"pdcluster-{role}-{i}-rank{rank % tp}", namespace=NAMESPACE)
+
+    def info(self, role: str, i: int, rank: int = 0) -> dict:
+        """pid and node of a rank, as it answers now (cached for this scenario)."""
+        key = (role, i, rank)
+        if key not in self._info:
+            self._info[key] = self.get(self.rank_handle(role, i, rank).ready.remote())
+        return self._info[key]
+
+    def forget(self) -> None:
+        self._info.clear()
+
+    def get(self, ref, timeout: float = 60):
+        return ray.get(ref, timeout=timeout)
+
+    def state(self) -> dict:
+        r = self.http.get(f"{self.url}/debug/state")
+        r.raise_for_status()
+        return r.json()
+
+    def health(self) -> dict | None:
+        try:
+            return self.http.get(f"{self.url}/health", timeout=2).json()
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    def router_node(self) -> str:
+        return self.state()["router_node_id"]
+
+    # ---- acting ------------------------------------------------------------
+
+    def agent(self, node_id: str):
+        """The node agent on `node_id` (started on first use)."""
+        from chaos.agent import start_agent
+
+        a = self._agents.get(node_id)
+        if a is None:
+            a = self._agents[node_id] = start_agent(node_id)
+            self.get(a.node_id.remote())
+        return a
+
+    def kill_node(self, node_id: str) -> float:
+        if node_id == ray.get_runtime_context().get_node_id():
+            raise Skip("refusing to kill the node this harness runs on")
+        agent = self.agent(node_id)
+        start = time.time()
+        agent.kill_node.remote()  # no answer: the agent dies with its node
+        self._agents.pop(node_id)
+        if self.rc is not None and self.rc.local is not None:
+            t = threading.Thread(target=self._replace_node, args=(node_id,), daemon=True)
+            t.start()
+            self._timers.append(t)
+        return start
+
+    def _replace_node(self, node_id: str) -> None:
+        """A local node killed by chaos comes back (same config) after node_down_s, the
+        way KubeRay replaces a pod; its replicas' placement groups move onto it."""
+        from cluster.launcher import add_local_node
+
+        time.sleep(self.chaos.node_down_s)
+        local, rc = self.rc.local, self.rc
+        dead = next((n for n in local.worker_nodes if n.node_id == node_id), None)
+        if dead is not None:
+            local.remove_node(dead, allow_graceful=False)
+        add_local_node(rc, local, rc.local_nodes.pop(node_id))
+
+    def set_faults(self, faults) -> None:
+        refs = []
+        for role in ("prefill", "decode"):
+            for i in range(self.replicas(role)):
+                refs.append(self.rank_handle(role, i).set_faults.remote(faults))
+        for ref in refs:
+            try:
+                self.get(ref, timeout=30)
+            except ray.exceptions.RayError:
+                pass  # restarting: it comes back with the config's faults
+
+    def wait_settled(self, timeout: float) -> tuple[bool, dict | None, str]:
+        """Until /health is ok with every replica healthy and every count is zero."""
+        for t in self._timers:
+            t.join(timeout)
+        self._timers.clear()
+        deadline = time.monotonic() + timeout
+        why, state = "", None
+        while True:
+            h = self.health()
+            if h is None:
+                why = "/health does not answer"
+            elif (
+                h.get("status") != "ok"
+                or h["prefill_healthy"] < self.replicas("prefill")
+                or h["decode_healthy"] < self.replicas("decode")
+            ):
+                why = f"/health: {h}"
+            else:
+                try:
+                    state = self.state()
+                    busy = {k: state[k] for k in ZERO_KEYS if state[k]}
+                    why = f"/debug/state not zero: {busy}" if busy else ""
+                except (httpx.HTTPError, ValueError) as e:
+                    why = f"/debug/state: {e!r}"
+            if not why:
+                return True, state, ""
+            if time.monotonic() > deadline:
+                if state is None:
+                    try:
+                        state = self.state()
+                    except (httpx.HTTPError, ValueError):
+                        pass
+                return False, state, why
+            time.sleep(0.5)
+
+
+class HealthMonitor:
+    """/health sampled every 0.25 s for the whole run (time to detect)."""
+
+    def __init__(self, target: Target):
+        self.target, self.samples = target, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self):
+        while not self._stop.wait(0.25):
+            self.samples.append((time.time(), self.target.health()))
+
+    def detected(self, role: str | None, since: float) -> float | None:
+        """First time at or after `since` a worker of `role` (any role when None) was
+        reported unhealthy."""
+        for t, h in list(self.samples):
+            if t < since or h is None:
+                continue
+            roles = [role] if role else ["prefill", "decode"]
+            if any(h[f"{r}_healthy"] < self.target.replicas(r) for r in roles):
+                return t
+        return None
+
+
+@dataclass
+class Baseline:
+    texts: dict[int, str]  # prompt index -> fault-free text
+    goodput: float  # completed requests per second
+    requests: int
+    nondeterministic: int  # completed twice with different texts, no fault applied
+
+
+@dataclass
+class Result:
+    name: str
+    about: str
+    skipped: str | None = None
+    target: str = ""
+    fault_start: float = 0.0
+    fault_end: float = 0.0
+    sent: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    hung: int = 0
+    corrupted: int = 0
+    errors: dict = field(default_factory=dict)  # message -> count
+    detect_s: float | None = None
+    recover_s: float | None = None
+    recovered_at: float | None = None  # time.time() of the recovery window's start
+    latency_p50_s: float | None = None
+    latency_p99_s: float | None = None
+    ttft_p99_s: float | None = None
+    goodput_kept: float | None = None
+    leaked: dict = field(default_factory=dict)
+    settled: bool = True
+    unsettled_reason: str = ""
+    rss_mb_before: dict = field(default_factory=dict)
+    rss_mb_after: dict = field(default_factory=dict)
+    thresholds: dict = field(default_factory=dict)
+    failures: list = field(default_factory=list)  # thresholds missed
+    load_start: float = 0.0
+    load_end: float = 0.0
+    timeline: str = ""  # PNG file name
+    records: list = field(default_factory=list, repr=False)  # not in report.json
+
+    @property
+    def passed(self) -> bool:
+        return self.skipped is not None or not self.failures
+
+    @property
+    def success_rate(self) -> float:
+        return self.succeeded / self.sent if self.sent else 0.0
+
+
+def thresholds_for(cfg: Config, name: str) -> Thresholds:
+    over = cfg.chaos.scenarios.get(name, {})
+    t = cfg.chaos.thresholds
+    return msgspec.structs.replace(t, **{k: type(getattr(t, k))(v) for k, v in over.items()})
+
+
+def rss_mb(state: dict | None) -> dict:
+    if not state:
+        return {}
+    out = {"router": round(state.get("router_rss_bytes", 0) / 2**20, 1)}
+    for w in state["workers"]:
+        if w["stats"]:
+            out[f"{w['role']}-{w['replica']}"] = round(w["stats"]["rss_bytes"] / 2**20, 1)
+    return out
+
+
+class Harness:
+    def __init__(self, target: Target, *, seed: int = 0, min_duration: float = 0.0, progress=print):
+        self.t, self.cfg, self.seed, self.say = target, target.cfg, seed, progress
+        self.min_duration = min_duration  # each scenario's load runs at least this long
+        c = self.cfg.chaos
+        self.shape = LoadShape(
+            prompts=make_prompts(c.prompts, seed),
+            max_tokens=c.max_tokens,
+            model=self.cfg.served_model_name,
+            concurrency=c.concurrency,
+            hung_after_s=self.cfg.router.request_timeout_s + HUNG_MARGIN_S,
+            seed=seed,
+        )
+        self.baseline: Baseline | None = None
+
+    # ---- phases ------------------------------------------------------------
+
+    def _run_load(self, label: str, until) -> Load:
+        """Load until `until(load, elapsed)` says stop; a progress line every 2 s."""
+        load = Load(self.t.url, self.shape).start()
+        t0, last = time.monotonic(), 0.0
+        while not until(load, time.monotonic() - t0):
+            time.sleep(0.25)
+            el = time.monotonic() - t0
+            if el - last >= 2:
+                last = el
+                self.say(f"[{label}] {el:5.1f}s  done {load.done}  failed {load.failed}")
+        load.stop()
+        return load
+
+    def run_baseline(self) -> Baseline:
+        ok, _, why = self.t.wait_settled(self.cfg.chaos.settle_s)
+        if not ok:
+            raise RuntimeError(f"cluster not ready for chaos: {why}")
+        c = self.cfg.chaos
+        n = len(self.shape.prompts)
+
+        def covered(load: Load, el: float) -> bool:
+            seen = {r.prompt for r in load.records if r.completed}
+            return el >= c.baseline_s and (len(seen) == n or el >= 4 * c.baseline_s)
+
+        load = self._run_load("baseline", covered)
+        texts, mismatched = {}, 0
+        for r in sorted(load.records, key=lambda r: r.index):
+            if not r.completed:
+                continue
+            if r.prompt not in texts:
+                texts[r.prompt] = r.text
+            elif texts[r.prompt] != r.text:
+                mismatched += 1
+        if len(texts) < n:
+            raise RuntimeError(f"baseline: only {len(texts)} of {n} prompts completed")
+        failed = [r.error for r in load.records if not r.completed]
+        if failed:
+            raise RuntimeError(
+                f"baseline (no fault) had failures: {Counter(failed).most_common(3)}"
+            )
+        steady = [r for r in load.records if r.end >= load.started_at + WINDOW_S]
+        span = load.stopped_at - load.started_at - WINDOW_S
+        self.baseline = Baseline(texts, len(steady) / span, len(load.records), mismatched)
+        self.say(
+            f"[baseline] {len(load.records)} requests, goodput {self.baseline.goodput:.2f} req/s, "
+            f"{mismatched} nondeterministic"
+        )
+        return self.baseline
+
+    def run_scenario(self, sc: Scenario, monitor: HealthMonitor) -> Result:
+        res = Result(sc.name, sc.about)
+        th = thresholds_for(self.cfg, sc.name)
+        res.thresholds = msgspec.to_builtins(th)
+        why = sc.needs(self.cfg)
+        if why:
+            res.skipped = why
+            self.say(f"[{sc.name}] skipped: {why}")
+            return res
+        ok, state, why = self.t.wait_settled(self.cfg.chaos.settle_s)
+        if not ok:
+            res.failures.append(f"cluster not settled before the fault: {why}")
+            return res
+        res.rss_mb_before = rss_mb(state)
+        self.t.forget()
+        rng = random.Random(f"{self.seed}:{sc.name}")
+        window: list[Window] = []
+        error: list[BaseException] = []
+
+        def apply():
+            try:
+                window.append(sc.fault(self.t, sc, rng))
+            except BaseException as e:  # noqa: BLE001 - reported by the main thread
+                error.append(e)
+
+        fault = threading.Thread(target=apply, daemon=True)
+        c = self.cfg.chaos
+        base = self.baseline.goodput
+        recovered: list[float] = []
+
+        def until(load: Load, el: float) -> bool:
+            if el < c.warmup_s:
+                return False
+            if not fault.ident:
+                fault.start()
+            if error:
+                return True
+            if not window or el < self.min_duration:
+                return False
+            w, now = window[0], time.time()
+            if not recovered:
+                at = recovery_time(load.records, w.end, now, base)
+                if at is not None:
+                    recovered.append(at)
+            if recovered:
+                return now >= recovered[0] + WINDOW_S + 2
+            return now >= w.end + th.max_recovery_s + WINDOW_S + 2
+
+        self.say(f"[{sc.name}] {sc.about}")
+        load = self._run_load(sc.name, until)
+        fault.join(c.stall_s + c.transfer_fault_s + 60)
+        if error:
+            if isinstance(error[0], Skip):
+                res.skipped = str(error[0])
+                self.say(f"[{sc.name}] skipped: {res.skipped}")
+                return res
+            res.failures.append(f"the fault could not be applied: {error[0]!r}")
+            return res
+        w = window[0]
+        res.target, res.fault_start, res.fault_end = w.target, w.start, w.end
+        res.load_start, res.load_end = load.started_at, load.stopped_at
+        res.records = load.records
+        self._judge(res, load.records, w, recovered[0] if recovered else None, monitor, sc)
+        ok, state, why = self.t.wait_settled(c.settle_s)
+        res.settled, res.unsettled_reason = ok, why
+        res.leaked = {k: state[k] for k in ZERO_KEYS if state and state[k]} if state else {}
+        res.rss_mb_after = rss_mb(state)
+        self._check(res, th)
+        self.say(
+            f"[{sc.name}] {'PASS' if res.passed else 'FAIL'}: {res.succeeded}/{res.sent} ok, "
+            f"{res.failed} failed, {res.hung} hung, {res.corrupted} corrupted, detect "
+            f"{_s(res.detect_s)}, recover {_s(res.recover_s)}"
+            + (f"; missed: {'; '.join(res.failures)}" if res.failures else "")
+        )
+        return res
+
+    # ---- judging -----------------------------------------------------------
+
+    def _judge(self, res: Result, records: list[Record], w: Window, rec_at, monitor, sc) -> None:
+        texts = self.baseline.texts
+        errors = Counter()
+        for r in records:
+            res.sent += 1
+            if r.hung:
+                res.hung += 1
+            elif r.completed and r.text == texts[r.prompt]:
+                res.succeeded += 1
+            elif r.completed:
+                res.corrupted += 1
+            else:
+                res.failed += 1
+                errors[r.error or "unknown"] += 1
+        res.errors = dict(errors.most_common(8))
+        det = monitor.detected(sc.role, w.start)
+        res.detect_s = None if det is None else round(det - w.start, 2)
+        res.recovered_at = rec_at
+        res.recover_s = None if rec_at is None else round(max(0.0, rec_at - w.recover_from), 2)
+        until = (rec_at + WINDOW_S) if rec_at is not None else max(r.end for r in records)
+        during = [r for r in records if r.start <= until and r.end >= w.start]
+        lat = [r.latency for r in during if r.completed]
+        res.latency_p50_s = _round(percentile(lat, 50))
+        res.latency_p99_s = _round(percentile(lat, 99))
+        res.ttft_p99_s = _round(percentile([r.ttft for r in during if r.ttft is not None], 99))
+        good = sum(
+            1
+            for r in records
+            if r.completed and w.start <= r.end <= until and r.text == texts[r.prompt]
+        )
+        span = max(until - w.start, WINDOW_S)
+        res.goodput_kept = round(good / (self.baseline.goodput * span), 3)
+
+    def _check(self, res: Result, th: Thresholds) -> None:
+        f = res.failures
+        if res.success_rate < th.min_success_rate:
+            f.append(f"success {res.success_rate:.2%} < {th.min_success_rate:.2%}")
+        if res.hung > th.max_hung:
+            f.append(f"{res.hung} hung > {th.max_hung}")
+        if res.corrupted > th.max_corrupted:
+            f.append(f"{res.corrupted} corrupted > {th.max_corrupted}")
+        if res.recover_s is None or res.recover_s > th.max_recovery_s:
+            f.append(f"recovery {_s(res.recover_s)} > {th.max_recovery_s}s")
+        if not res.settled:
+            f.append(f"did not settle: {res.unsettled_reason}")
+        if sum(res.leaked.values()) > th.max_leaked:
+            f.append(f"leaked {res.leaked}")
+
+
+def recovery_time(records: list[Record], since: float, now: float, base: float) -> float | None:
+    """Start of the first WINDOW_S window beginning at or after `since` (and ended by
+    `now`) whose completed requests per second reach RECOVERED of `base`."""
+    ends = sorted(r.end for r in records if r.end is not None and r.completed)
+    t = since
+    while t + WINDOW_S <= now:
+        n = sum(1 for e in ends if t <= e < t + WINDOW_S)
+        if n / WINDOW_S >= RECOVERED * base:
+            return t
+        t += 0.5
+    return None
+
+
+def _round(v):
+    return None if v is None else round(v, 3)
+
+
+def _s(v) -> str:
+    return "-" if v is None else f"{v:.1f}s"
+
+
+def run(
+    target: Target,
+    names: list[str],
+    out_dir: str,
+    *,
+    seed: int = 0,
+    min_duration: float = 0.0,
+    progress=print,
+):
+    """Baseline, then every named scenario; writes the report. Returns (passed, report)."""
+    from chaos import report
+
+    os.makedirs(out_dir, exist_ok=True)
+    h = Harness(target, seed=seed, min_duration=min_duration, progress=progress)
+    with HealthMonitor(target) as monitor:
+        h.run_baseline()
+        results = []
+        for name in names:
+            res = h.run_scenario(SCENARIOS[name], monitor)
+            results.append(res)
+            if res.skipped is None and res.sent:
+                res.timeline = report.timeline(res, h.baseline, out_dir)
+    rep = report.write(out_dir, target.cfg, h.baseline, results, seed)
+    return all(r.passed for r in results), rep

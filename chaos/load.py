@@ -1,0 +1,238 @@
+"""Streaming load against any OpenAI-compatible endpoint.
+
+Closed loop (`concurrency` clients, each with one request at a time) or open loop
+(Poisson arrivals at `rate` per second). Every request is kept as a `Record`: when it
+started, its first token, each chunk and its end, its HTTP status, any error message,
+and its text. `pdcluster chaos` runs its faults under this load, and `pdcluster bench`
+measures with it, so both see requests the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+
+@dataclass
+class Record:
+    index: int
+    prompt: int  # index into LoadShape.prompts
+    start: float  # time.time()
+    first: float | None = None  # first chunk with text
+    end: float | None = None
+    status: int | None = None
+    error: str | None = None  # status and message, or how the connection ended
+    text: str = ""
+    tokens: int = 0
+    finish_reason: str | None = None
+    chunk_times: list[float] = field(default_factory=list)
+    hung: bool = False  # no end by LoadShape.hung_after_s
+
+    @property
+    def completed(self) -> bool:
+        """A 200 that ran to its finish reason."""
+        return self.status == 200 and self.error is None and self.finish_reason is not None
+
+    @property
+    def latency(self) -> float | None:
+        return None if self.end is None else self.end - self.start
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first is None else self.first - self.start
+
+
+@dataclass(frozen=True)
+class LoadShape:
+    prompts: list  # text prompts (or token id lists), cycled in order
+    max_tokens: int
+    model: str
+    concurrency: int = 8  # closed loop: this many clients; open loop: the most in flight
+    rate: float | None = None  # open loop: Poisson arrivals per second
+    endpoint: str = "/v1/completions"
+    hung_after_s: float = 130.0
+    # Greedy and exactly max_tokens long, so every prompt's text is known in advance.
+    body: dict = field(default_factory=lambda: {"temperature": 0, "ignore_eos": True})
+    seed: int = 0
+
+
+def make_prompts(n: int, seed: int = 0, min_words: int = 4, max_words: int = 40) -> list[str]:
+    """`n` distinct text prompts of varied length, the same for the same seed."""
+    rng = random.Random(seed)
+    words = (
+        "river stone lamp cloud engine paper garden window silver orbit music harbor "
+        "candle forest signal winter copper meadow thunder ladder mirror planet"
+    ).split()
+    return [
+        f"Prompt {i}: "
+        + " ".join(rng.choice(words) for _ in range(rng.randint(min_words, max_words)))
+        for i in range(n)
+    ]
+
+
+def _message(body: bytes) -> str:
+    try:
+        err = json.loads(body)["error"]
+        return f"{err.get('code') or err.get('type')}: {err.get('message')}"
+    except (ValueError, KeyError, TypeError):
+        return body[:200].decode(errors="replace")
+
+
+class Load:
+    """Runs in its own thread (its own event loop) until `stop()`."""
+
+    def __init__(self, url: str, shape: LoadShape):
+        self.url = url.rstrip("/")
+        self.shape = shape
+        self.records: list[Record] = []
+        self._next = 0
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._rng = random.Random(shape.seed)
+
+    # ---- control (any thread) ---------------------------------------------------
+
+    def start(self) -> Load:
+        self.started_at = time.time()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> list[Record]:
+        """Send nothing new; wait for what is in flight (each bounded by hung_after_s)."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(self.shape.hung_after_s + 30)
+        self.stopped_at = time.time()
+        return self.records
+
+    @property
+    def done(self) -> int:
+        return sum(1 for r in self.records if r.end is not None)
+
+    @property
+    def failed(self) -> int:
+        return sum(1 for r in self.records if r.end is not None and not r.completed)
+
+    # ---- the event loop ---------------------------------------------------------
+
+    async def _main(self) -> None:
+        s = self.shape
+        limits = httpx.Limits(
+            max_connections=s.concurrency + 8, max_keepalive_connections=s.concurrency
+        )
+        timeout = httpx.Timeout(s.hung_after_s, connect=30)
+        async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+            if s.rate is None:
+                await asyncio.gather(*[self._client(client) for _ in range(s.concurrency)])
+            else:
+                await self._arrivals(client)
+
+    async def _client(self, client: httpx.AsyncClient) -> None:
+        while not self._stopping.is_set():
+            await self._one(client)
+
+    async def _arrivals(self, client: httpx.AsyncClient) -> None:
+        sem = asyncio.Semaphore(self.shape.concurrency)
+        tasks = set()
+        while not self._stopping.is_set():
+            await asyncio.sleep(self._rng.expovariate(self.shape.rate))
+            await sem.acquire()  # at the in-flight cap, the arrival waits for a slot
+
+            async def run():
+                try:
+                    await self._one(client)
+                finally:
+                    sem.release()
+
+            t = asyncio.create_task(run())
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.gather(*tasks)
+
+    async def _one(self, client: httpx.AsyncClient) -> None:
+        s = self.shape
+        i = self._next
+        self._next += 1
+        rec = Record(index=i, prompt=i % len(s.prompts), start=time.time())
+        self.records.append(rec)
+        chat = s.endpoint.endswith("/chat/completions")
+        prompt = s.prompts[rec.prompt]
+        body = {
+            "model": s.model,
+            "max_tokens": s.max_tokens,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            **s.body,
+        }
+        if chat:
+            body["messages"] = [{"role": "user", "content": prompt}]
+        else:
+            body["prompt"] = prompt
+        try:
+            async with asyncio.timeout(s.hung_after_s):
+                await self._stream(client, body, rec, chat)
+        except TimeoutError:
+            rec.hung = True
+            rec.error = f"hung: no end after {s.hung_after_s:.0f}s"
+        except httpx.HTTPError as e:
+            rec.error = f"connection: {type(e).__name__}"
+        finally:
+            rec.end = time.time()
+
+    async def _stream(self, client: httpx.AsyncClient, body: dict, rec: Record, chat: bool) -> None:
+        async with client.stream("POST", self.url + self.shape.endpoint, json=body) as r:
+            rec.status = r.status_code
+            if r.status_code != 200:
+                rec.error = f"{r.status_code} {_message(await r.aread())}"
+                return
+            buf, parts = "", []
+            async for chunk in r.aiter_text():
+                buf += chunk
+                while "\n\n" in buf:
+                    event, buf = buf.split("\n\n", 1)
+                    if not event.startswith("data: "):
+                        continue
+                    data = event[6:]
+                    if data == "[DONE]":
+                        rec.text = "".join(parts)
+                        if rec.finish_reason is None:
+                            rec.error = "stream ended without a finish reason"
+                        return
+                    msg = json.loads(data)
+                    if "error" in msg:
+                        err = msg["error"]
+                        rec.error = f"stream error {err.get('code')}: {err.get('message')}"
+                        rec.text = "".join(parts)
+                        return
+                    if msg.get("usage"):
+                        rec.tokens = msg["usage"].get("completion_tokens", rec.tokens)
+                    for ch in msg.get("choices") or []:
+                        piece = (ch.get("delta") or {}).get("content") if chat else ch.get("text")
+                        now = time.time()
+                        if piece:
+                            parts.append(piece)
+                            rec.chunk_times.append(now)
+                            if rec.first is None:
+                                rec.first = now
+                        if ch.get("finish_reason"):
+                            rec.finish_reason = ch["finish_reason"]
+            rec.text = "".join(parts)
+            rec.error = "stream cut off"
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile (0..100) by nearest rank; None for no values."""
+    if not values:
+        return None
+    v = sorted(values)
+    k = max(0, min(len(v) - 1, math.ceil(q / 100 * len(v)) - 1))
+    return v[k]

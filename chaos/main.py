@@ -1,0 +1,55 @@
+"""`pdcluster chaos`: start (or attach to) a cluster, run the scenarios or a soak,
+write the report, stop what it started."""
+
+from __future__ import annotations
+
+import time
+
+import ray
+
+from chaos.scenarios import SCENARIOS
+from cluster.config import Config
+
+
+def chaos_main(cfg: Config, args) -> int:
+    import logging
+
+    from chaos.harness import Target
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    rc = None
+    if args.url:
+        from cluster.launcher import NAMESPACE
+
+        ray.init(address=args.ray_address, namespace=NAMESPACE, log_to_driver=False)
+        target = Target(cfg, args.url)
+    else:
+        from cluster.launcher import start
+
+        rc = start(cfg, log_to_driver=False)  # the progress lines stay readable
+        target = Target(cfg, rc.url, rc)
+    try:
+        if target.http.get(f"{target.url}/debug/state").status_code == 404:
+            print("pdcluster chaos: needs `router.debug_state: true` in the config")
+            return 2
+        t0 = time.monotonic()
+        if args.soak:
+            from chaos.soak import soak
+
+            passed, rep = soak(target, args.soak, args.out, seed=args.seed)
+        else:
+            from chaos.harness import run
+
+            names = args.scenario or list(SCENARIOS)
+            passed, rep = run(target, names, args.out, seed=args.seed, min_duration=args.duration)
+        print(
+            f"pdcluster chaos: {'PASS' if passed else 'FAIL'} in {time.monotonic() - t0:.0f}s; "
+            f"report in {args.out}/report.md"
+        )
+        return 0 if passed else 1
+    finally:
+        target.close()
+        if rc is not None:
+            rc.shutdown()
+        elif ray.is_initialized():
+            ray.shutdown()

@@ -1,0 +1,215 @@
+"""The chaos scenarios: one small entry each in `SCENARIOS`.
+
+A scenario names a fault function and what it needs. The fault function applies
+the fault to the running cluster (through `harness.Target`) and returns the fault
+window: when the fault began and when it ended (the same instant for a kill; the
+SIGCONT for a stall). Adding a scenario is a new entry, or a new function of a few
+lines when no existing one does the job. Nothing here imports Ray: the config
+checker reads the names.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from chaos.harness import Target
+
+
+@dataclass(frozen=True)
+class Window:
+    start: float  # time.time()
+    end: float
+    target: str = ""  # what was hit, for the report
+    last: float | None = None  # several faults: the start of the last one
+
+    @property
+    def recover_from(self) -> float:
+        """Recovery is timed from here: the fault, or the last of several."""
+        return self.start if self.last is None else self.last
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    about: str
+    fault: Callable[[Target, Scenario, random.Random], Window]
+    role: str | None = None  # the role whose health detection is timed
+    params: dict = field(default_factory=dict)
+    # Why this scenario does not apply to a config (None: it does).
+    needs: Callable[[object], str | None] = lambda cfg: None
+
+
+def _replica(t: Target, role: str, rng: random.Random) -> int:
+    """A replica of `role` that is not on the router's node (a node fault there
+    would take the router down too: that is the kill-router scenario)."""
+    choices = [i for i in range(t.replicas(role)) if t.info(role, i)["node_id"] != t.router_node()]
+    if not choices:
+        raise Skip(f"every {role} replica shares the router's node")
+    return rng.choice(choices)
+
+
+class Skip(Exception):
+    """The scenario cannot run against this cluster; the message says why."""
+
+
+def kill_worker(t: Target, sc: Scenario, rng: random.Random) -> Window:
+    i = rng.randrange(t.replicas(sc.role))
+    info = t.info(sc.role, i, sc.params.get("rank", 0))
+    at = t.agent(info["node_id"]).kill.remote([info["pid"]])
+    start = t.get(at)
+    return Window(start, start, f"{sc.role}-{i} rank {info['rank']} (pid {info['pid']})")
+
+
+def stall_worker(t: Target, sc: Scenario, rng: random.Random) -> Window:
+    i = rng.randrange(t.replicas(sc.role))
+    info = t.info(sc.role, i)
+    start, end = t.get(t.agent(info["node_id"]).stall.remote([info["pid"]], t.chaos.stall_s))
+    return Window(start, end, f"{sc.role}-{i} (pid {info['pid']})")
+
+
+def kill_node(t: Target, sc: Scenario, rng: random.Random) -> Window:
+    i = _replica(t, sc.role, rng)
+    node = t.info(sc.role, i)["node_id"]
+    start = t.kill_node(node)
+    return Window(start, start, f"node {node[:8]} of {sc.role}-{i}")
+
+
+def stall_node(t: Target, sc: Scenario, rng: random.Random) -> Window:
+    i = _replica(t, sc.role, rng)
+    node = t.info(sc.role, i)["node_id"]
+    agent = t.agent(node)
+    seen = ""
+    if sc.params.get("during_transfer"):
+        # Seed failure 5 (decode waiting forever for KV): stop the node while a pull
+        # from it is in flight.
+        seen = " (no transfer seen in flight)"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if t.state()["transfer_pending"] > 0:
+                seen = " (a transfer in flight)"
+                break
+    start, end = t.get(agent.stall_node.remote(t.chaos.stall_s))
+    return Window(start, end, f"node {node[:8]} of {sc.role}-{i}{seen}")
+
+
+def kill_router(t: Target, sc: Scenario, rng: random.Random) -> Window:
+    state = t.state()
+    start = t.get(t.agent(state["router_node_id"]).kill.remote([state["router_pid"]]))
+    return Window(start, start, f"router (pid {state['router_pid']})")
+
+
+def transfer_faults(t: Target, sc: Scenario, rng: random.Random) -> Window:
+    from transfer.faults import FaultConfig
+
+    faults = FaultConfig(**sc.params, seed=rng.randrange(1 << 30))
+    start = time.time()
+    t.set_faults(faults)
+    try:
+        time.sleep(t.chaos.transfer_fault_s)
+    finally:
+        t.set_faults(None)
+    rates = ", ".join(f"{k}={v}" for k, v in sc.params.items())
+    return Window(start, time.time(), f"every worker: {rates}")
+
+
+MIXED_POOL = (
+    "kill-prefill-worker",
+    "kill-decode-worker",
+    "stall-prefill-worker",
+    "stall-decode-worker",
+    "transfer-delay",
+    "transfer-fail",
+    "lease-expiry",
+)
+
+
+def mixed(t: Target, sc: Scenario, rng: random.Random) -> Window:
+    """Faults drawn from a seeded schedule, one after another with a gap between."""
+    windows = []
+    for k in range(sc.params.get("faults", 3)):
+        if k:
+            time.sleep(rng.uniform(1.0, 3.0))
+        pick = SCENARIOS[rng.choice(MIXED_POOL)]
+        windows.append((pick.name, pick.fault(t, pick, rng)))
+    return Window(
+        windows[0][1].start,
+        windows[-1][1].end,
+        "; ".join(f"{name}: {w.target}" for name, w in windows),
+        last=windows[-1][1].start,
+    )
+
+
+def _tp_only(cfg) -> str | None:
+    if cfg.decode.tensor_parallel_size < 2:
+        return "decode.tensor_parallel_size is 1: no rank to kill beside the leader"
+    return None
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario("kill-prefill-worker", "SIGKILL a prefill worker process", kill_worker, "prefill"),
+        Scenario("kill-decode-worker", "SIGKILL a decode worker process", kill_worker, "decode"),
+        Scenario(
+            "kill-prefill-node",
+            "SIGKILL a prefill node: its raylet and every process under it",
+            kill_node,
+            "prefill",
+        ),
+        Scenario("kill-decode-node", "SIGKILL a decode node", kill_node, "decode"),
+        Scenario(
+            "stall-prefill-worker",
+            "SIGSTOP a prefill worker, then SIGCONT",
+            stall_worker,
+            "prefill",
+        ),
+        Scenario(
+            "stall-decode-worker", "SIGSTOP a decode worker, then SIGCONT", stall_worker, "decode"
+        ),
+        Scenario("stall-prefill-node", "SIGSTOP a whole prefill node", stall_node, "prefill"),
+        Scenario("stall-decode-node", "SIGSTOP a whole decode node", stall_node, "decode"),
+        Scenario(
+            "stall-prefill-mid-transfer",
+            "SIGSTOP a prefill node while decode pulls KV from it",
+            stall_node,
+            "prefill",
+            {"during_transfer": True},
+        ),
+        Scenario(
+            "kill-tp-rank",
+            "SIGKILL the last tensor-parallel rank of a decode group",
+            kill_worker,
+            "decode",
+            {"rank": -1},
+            needs=_tp_only,
+        ),
+        Scenario("kill-router", "SIGKILL the router replica", kill_router),
+        Scenario(
+            "transfer-delay",
+            "every KV pull delayed by 0.5 s, half of them",
+            transfer_faults,
+            params={"delay_rate": 0.5, "delay_s": 0.5},
+        ),
+        Scenario(
+            "transfer-stall",
+            "5 % of KV pulls never complete (they end at transfer.timeout_s)",
+            transfer_faults,
+            params={"stall_rate": 0.05},
+        ),
+        Scenario(
+            "transfer-fail", "5 % of KV pulls fail", transfer_faults, params={"fail_rate": 0.05}
+        ),
+        Scenario(
+            "lease-expiry",
+            "5 % of prefill leases expire before decode claims them",
+            transfer_faults,
+            params={"expire_rate": 0.05},
+        ),
+        Scenario("mixed", "three faults drawn from a seeded schedule", mixed, params={"faults": 3}),
+    )
+}

@@ -1,0 +1,182 @@
+"""The chaos harness's judging, thresholds and report, and its load generator
+against a small local SSE server that answers in every way a cluster can."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from chaos import harness, report, soak
+from chaos.load import Load, LoadShape, Record, make_prompts, percentile
+from cluster.config import ConfigError, parse_config
+
+
+def _cfg(**chaos):
+    return parse_config({"cluster": {"address": "auto"}, "chaos": chaos})
+
+
+def _done(i: int, end: float, text: str = "t", prompt: int = 0) -> Record:
+    return Record(
+        index=i, prompt=prompt, start=end - 0.5, first=end - 0.4, end=end, status=200,
+        text=text, finish_reason="length",
+    )  # fmt: skip
+
+
+def test_recovery_is_the_first_window_back_at_90_percent_of_baseline():
+    # 10 req/s until t=10, nothing until t=15, then 10 req/s again.
+    ends = [i / 10 for i in range(100)] + [15 + i / 10 for i in range(100)]
+    records = [_done(i, e) for i, e in enumerate(ends)]
+    assert harness.recovery_time(records, since=10.0, now=30.0, base=10.0) == 15.0
+    assert harness.recovery_time(records, since=10.0, now=16.0, base=10.0) is None  # not seen yet
+    # A fault with no effect recovers at once.
+    assert harness.recovery_time(records, since=2.0, now=30.0, base=10.0) == 2.0
+
+
+def test_thresholds_per_scenario_override_the_defaults():
+    cfg = _cfg(scenarios={"kill-router": {"min_success_rate": 0.9}})
+    assert harness.thresholds_for(cfg, "kill-router").min_success_rate == 0.9
+    assert harness.thresholds_for(cfg, "kill-router").max_hung == 0
+    assert harness.thresholds_for(cfg, "kill-decode-node").min_success_rate == 0.995
+
+
+@pytest.mark.parametrize(
+    "chaos, path",
+    [
+        ({"scenarios": {"kill-everything": {}}}, "chaos.scenarios.kill-everything"),
+        ({"scenarios": {"kill-router": {"max_typos": 1}}}, "chaos.scenarios.kill-router.max_typos"),
+        ({"concurrency": 0}, "chaos.concurrency"),
+        ({"thresholds": {"min_success_rate": 2}}, "chaos.thresholds.min_success_rate"),
+    ],
+)
+def test_bad_chaos_config_names_the_key(chaos, path):
+    with pytest.raises(ConfigError, match=path):
+        _cfg(**chaos)
+
+
+def test_missed_thresholds_are_each_named():
+    cfg = _cfg()
+    res = harness.Result("x", "about", sent=100, succeeded=97, failed=1, hung=1, corrupted=1)
+    res.recover_s, res.leaked = 25.0, {"decode_blocks_used": 3}
+    harness.Harness._check(None, res, harness.thresholds_for(cfg, "x"))
+    text = "; ".join(res.failures)
+    for part in ("success 97.00%", "1 hung", "1 corrupted", "recovery 25.0s", "leaked"):
+        assert part in text
+    assert not res.passed
+
+
+def test_report_table_has_one_row_per_scenario(tmp_path):
+    cfg = _cfg()
+    base = harness.Baseline({0: "t"}, goodput=10.0, requests=50, nondeterministic=0)
+    ok = harness.Result("kill-decode-worker", "a", sent=10, succeeded=10, recover_s=1.0)
+    ok.records = [_done(i, 100 + i / 5) for i in range(10)]
+    ok.load_start, ok.fault_start, ok.fault_end = 99.0, 100.0, 100.0
+    ok.timeline = report.timeline(ok, base, str(tmp_path))
+    skipped = harness.Result("kill-tp-rank", "b", skipped="tp is 1")
+    rep = report.write(str(tmp_path), cfg, base, [ok, skipped], seed=3)
+    assert rep["passed"] and json.loads((tmp_path / "report.json").read_text())["seed"] == 3
+    md = (tmp_path / "report.md").read_text()
+    assert "| kill-decode-worker | 10 | 10 | 0 | 0 | 0 | 100.0% |" in md
+    assert "skipped: tp is 1" in md
+    assert (tmp_path / "kill-decode-worker.png").stat().st_size > 10_000
+
+
+def test_soak_growth_is_a_slope_per_process_and_restarts_start_a_new_series():
+    samples = []
+    for k in range(20):
+        pid = 1 if k < 12 else 2  # decode-0 restarted at sample 12
+        samples.append(
+            {
+                "requests": k * 1000,
+                "procs": {
+                    "router": (9, (100 + k) * 2**20, 40),  # +1 MB per 1000 requests
+                    "decode-0": (pid, 300 * 2**20, 50),
+                },
+            }
+        )
+    g = soak._growth(samples)
+    assert g["router (pid 9)"]["rss_mb_per_10k"] == pytest.approx(10.0)
+    assert g["decode-0 (pid 1)"]["rss_mb_per_10k"] == 0.0
+    assert g["decode-0 (pid 2)"]["rss_mb_per_10k"] == 0.0
+
+
+def test_percentile_and_prompts():
+    assert percentile([], 50) is None
+    assert percentile(list(range(1, 101)), 99) == 99
+    assert percentile([3.0], 50) == 3.0
+    assert make_prompts(5, seed=1) == make_prompts(5, seed=1) != make_prompts(5, seed=2)
+    assert len(set(make_prompts(50))) == 50
+
+
+# ---- the load generator against a real (small) HTTP server --------------------------
+
+
+class _Endpoint(BaseHTTPRequestHandler):
+    """/v1/completions answering by the prompt's first word: ok, error (a mid-stream
+    error event), cut (the connection ends mid-stream), 429, or slow (never ends)."""
+
+    def log_message(self, *a):
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        kind = body["prompt"].split()[0]
+        if kind == "429":
+            data = json.dumps({"error": {"message": "full", "type": "x", "code": 429}}).encode()
+            self.send_response(429)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+
+        def event(obj):
+            self.wfile.write(f"data: {json.dumps(obj)}\n\n".encode())
+            self.wfile.flush()
+
+        event({"choices": [{"index": 0, "text": "he", "finish_reason": None}]})
+        if kind == "slow":
+            threading.Event().wait(3)
+            return
+        if kind == "cut":
+            return
+        if kind == "error":
+            event({"error": {"message": "decode lost", "code": 503}})
+        else:
+            event({"choices": [{"index": 0, "text": "llo", "finish_reason": "length"}]})
+            event({"choices": [], "usage": {"completion_tokens": 2}})
+        self.wfile.write(b"data: [DONE]\n\n")
+
+
+@pytest.fixture
+def endpoint():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Endpoint)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_load_records_every_way_a_request_ends(endpoint):
+    shape = LoadShape(
+        prompts=["ok a", "error b", "cut c", "429 d", "slow e"],
+        max_tokens=2,
+        model="m",
+        concurrency=5,
+        hung_after_s=1.0,
+    )
+    load = Load(endpoint, shape).start()
+    while len({r.prompt for r in load.records if r.end}) < 5:
+        threading.Event().wait(0.05)
+    by = {}
+    for r in load.stop():
+        by.setdefault(r.prompt, r)
+    ok, err, cut, full, slow = (by[i] for i in range(5))
+    assert ok.completed and ok.text == "hello" and ok.tokens == 2 and ok.ttft is not None
+    assert not err.completed and err.error == "stream error 503: decode lost" and err.text == "he"
+    assert not cut.completed and cut.error == "stream cut off"
+    assert full.status == 429 and full.error == "429 429: full"
+    assert slow.hung and not slow.completed

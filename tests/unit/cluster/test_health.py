@@ -1,0 +1,110 @@
+"""The router's view of worker health (cluster/health.py), with stand-in actor
+handles whose stats() answer or go silent on cue."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from cluster import health
+from cluster.metrics import RouterMetrics
+from workers.api import DecodeStats, EngineStats, TransferStats
+
+
+def _stats(free_blocks: int, steps: int = 0) -> DecodeStats:
+    engine = EngineStats(
+        steps=steps,
+        running=0,
+        waiting=0,
+        waiting_for_blocks=0,
+        queued_tokens=0,
+        blocked=False,
+        used_blocks=128 - free_blocks,
+        free_blocks=free_blocks,
+    )
+    xfer = TransferStats(count=0, bytes=0, seconds=0.0, timeouts=0, failures=0, buckets=[])
+    return DecodeStats(
+        role="decode",
+        replica=0,
+        engine=engine,
+        omp_threads=None,
+        streams=0,
+        channels=0,
+        transfers_pending=0,
+        transfers=xfer,
+    )
+
+
+class Replica:
+    """Answers stats() with `free_blocks`, or never once `frozen` (a SIGSTOPped worker)."""
+
+    def __init__(self, free_blocks: int):
+        self.free_blocks, self.frozen = free_blocks, False
+        self.stats = self
+
+    def remote(self):
+        async def answer():
+            while self.frozen:
+                await asyncio.sleep(0.05)
+            return _stats(self.free_blocks)
+
+        return answer()
+
+
+async def _poll_forever(pool, period: float = 0.25):
+    """The router's health loop."""
+    while True:
+        await pool.poll()
+        await asyncio.sleep(period)
+
+
+@pytest.fixture
+def killed(monkeypatch):
+    out = []
+    monkeypatch.setattr(health.ray, "kill", lambda h, no_restart: out.append(h))
+    return out
+
+
+def test_a_silent_replica_gets_no_new_work_while_another_answers(killed):
+    """A frozen decode's last stats show many free blocks; it must not attract every
+    new stream until the watchdog fires (it did: chaos stall-decode-node sent all
+    clients to the frozen replica and goodput fell to zero)."""
+
+    async def run():
+        frozen, busy = Replica(free_blocks=100), Replica(free_blocks=10)
+        pool = health.WorkerPool("decode", [frozen, busy], 5.0, RouterMetrics(), 0.25)
+        await pool.poll()
+        assert pool.pick() == 0  # most free blocks
+        poller = asyncio.create_task(_poll_forever(pool))
+        frozen.frozen = True
+        await asyncio.sleep(pool.suspect_after_s + 0.3)
+        assert pool.healthy == [True, True]  # not yet the watchdog's call
+        assert pool.pick() == 1
+        frozen.frozen = False  # its queued call answers (SIGCONT): picked again
+        await asyncio.sleep(0.5)
+        poller.cancel()
+        assert pool.pick() == 0
+
+    asyncio.run(run())
+    assert killed == []
+
+
+def test_a_silent_replica_is_found_at_watchdog_s_not_a_wait_later(killed):
+    async def run():
+        r = Replica(free_blocks=100)
+        pool = health.WorkerPool("decode", [r, Replica(50)], 1.0, RouterMetrics(), 0.25)
+        await pool.poll()
+        r.frozen = True
+        t0 = time.monotonic()
+        poller = asyncio.create_task(_poll_forever(pool))
+        while pool.healthy[0]:
+            await asyncio.sleep(0.02)
+            assert time.monotonic() - t0 < 5
+        poller.cancel()
+        return time.monotonic() - t0
+
+    took = asyncio.run(run())
+    assert 1.0 <= took < 1.6, took  # the old poll waited a full timeout past the deadline
+    assert len(killed) == 1
