@@ -36,6 +36,7 @@ ZERO_KEYS = (
     "decode_blocks_used",
 )
 WINDOW_S = 3.0  # goodput is judged over windows this long, sliding by 0.5 s
+RAMP_S = 1.0  # the load's first second (clients starting) is not part of the reference
 RECOVERED = 0.9  # of baseline goodput
 HUNG_MARGIN_S = 10.0  # past router.request_timeout_s, a request with no end is hung
 
@@ -149,16 +150,21 @@ class Target:
             local.remove_node(dead, allow_graceful=False)
         add_local_node(rc, local, rc.local_nodes.pop(node_id))
 
-    def set_faults(self, faults) -> None:
+    def set_faults(self, faults, roles=("prefill", "decode")) -> None:
+        """Transfer fault hooks on every replica of `roles` (None: off). A replica that
+        is restarting is skipped: it comes back with the config's `transfer.faults`."""
         refs = []
-        for role in ("prefill", "decode"):
+        for role in roles:
             for i in range(self.replicas(role)):
-                refs.append(self.rank_handle(role, i).set_faults.remote(faults))
+                try:
+                    refs.append(self.rank_handle(role, i).set_faults.remote(faults))
+                except ValueError:  # no such actor right now (restarting)
+                    pass
         for ref in refs:
             try:
                 self.get(ref, timeout=30)
-            except ray.exceptions.RayError:
-                pass  # restarting: it comes back with the config's faults
+            except (ray.exceptions.RayError, TimeoutError):
+                pass
 
     def wait_settled(self, timeout: float) -> tuple[bool, dict | None, str]:
         """Until /health is ok with every replica healthy and every count is zero."""
@@ -216,6 +222,29 @@ class HealthMonitor:
         while not self._stop.wait(0.25):
             self.samples.append((time.time(), self.target.health()))
 
+    def between(self, start: float, end: float) -> list:
+        return [
+            [round(t, 2), h["prefill_healthy"], h["decode_healthy"]] if h else [round(t, 2), -1, -1]
+            for t, h in list(self.samples)
+            if start <= t <= end
+        ]
+
+    def all_healthy(self, h: dict | None) -> bool:
+        t = self.target
+        return (
+            h is not None
+            and h.get("status") == "ok"
+            and h["prefill_healthy"] >= t.replicas("prefill")
+            and h["decode_healthy"] >= t.replicas("decode")
+        )
+
+    def healthy_since(self, since: float) -> float | None:
+        """The first sample at or after `since` with every replica healthy."""
+        for t, h in list(self.samples):
+            if t >= since and self.all_healthy(h):
+                return t
+        return None
+
     def detected(self, role: str | None, since: float) -> float | None:
         """First time at or after `since` a worker of `role` (any role when None) was
         reported unhealthy."""
@@ -253,9 +282,11 @@ class Result:
     detect_s: float | None = None
     recover_s: float | None = None
     recovered_at: float | None = None  # time.time() of the recovery window's start
+    healthy_again_s: float | None = None  # fault to every replica healthy on /health again
     latency_p50_s: float | None = None
     latency_p99_s: float | None = None
     ttft_p99_s: float | None = None
+    pre_fault_goodput: float | None = None  # req/s from RAMP_S after load start to the fault
     goodput_kept: float | None = None
     leaked: dict = field(default_factory=dict)
     settled: bool = True
@@ -267,6 +298,8 @@ class Result:
     load_start: float = 0.0
     load_end: float = 0.0
     timeline: str = ""  # PNG file name
+    # /health over the load: [time, prefill healthy, decode healthy] (-1: no answer)
+    health: list = field(default_factory=list)
     records: list = field(default_factory=list, repr=False)  # not in report.json
 
     @property
@@ -387,8 +420,9 @@ class Harness:
 
         fault = threading.Thread(target=apply, daemon=True)
         c = self.cfg.chaos
-        base = self.baseline.goodput
+        base: list[float] = []  # goodput just before the fault: recovery's reference
         recovered: list[float] = []
+        healthy_again: list[float] = []
 
         def until(load: Load, el: float) -> bool:
             if el < c.warmup_s:
@@ -400,13 +434,25 @@ class Harness:
             if not window or el < self.min_duration:
                 return False
             w, now = window[0], time.time()
+            if not base:
+                base.append(goodput(load.records, load.started_at + RAMP_S, w.start))
             if not recovered:
-                at = recovery_time(load.records, w.end, now, base)
+                good = [r for r in load.records if self._good(r)]
+                at = recovery_time(good, w.end, now, base[0])
                 if at is not None:
                     recovered.append(at)
-            if recovered:
-                return now >= recovered[0] + WINDOW_S + 2
-            return now >= w.end + th.max_recovery_s + WINDOW_S + 2
+            # The load goes on until every replica is healthy again (a killed one back,
+            # a killed node replaced), so that its return is served under load too.
+            # A worker fault is first seen (or given up on) before that is judged.
+            det = monitor.detected(sc.role, w.start) if sc.role else w.end
+            if det is None and now < w.start + 2 * self.cfg.router.watchdog_s + 5:
+                return False
+            back = monitor.healthy_since(max(w.end, det or w.end))
+            if back is not None and not healthy_again:
+                healthy_again.append(back)
+            if recovered and healthy_again:
+                return now >= max(recovered[0] + WINDOW_S + 2, healthy_again[0] + WINDOW_S)
+            return now >= w.end + max(th.max_recovery_s, c.settle_s)
 
         self.say(f"[{sc.name}] {sc.about}")
         load = self._run_load(sc.name, until)
@@ -422,6 +468,10 @@ class Harness:
         res.target, res.fault_start, res.fault_end = w.target, w.start, w.end
         res.load_start, res.load_end = load.started_at, load.stopped_at
         res.records = load.records
+        res.health = monitor.between(load.started_at, load.stopped_at)
+        res.pre_fault_goodput = round(base[0], 3) if base else None
+        if healthy_again:
+            res.healthy_again_s = round(healthy_again[0] - w.start, 2)
         self._judge(res, load.records, w, recovered[0] if recovered else None, monitor, sc)
         ok, state, why = self.t.wait_settled(c.settle_s)
         res.settled, res.unsettled_reason = ok, why
@@ -437,6 +487,10 @@ class Harness:
         return res
 
     # ---- judging -----------------------------------------------------------
+
+    def _good(self, r: Record) -> bool:
+        """A 200 that ran to its end with the fault-free text."""
+        return r.completed and r.text == self.baseline.texts[r.prompt]
 
     def _judge(self, res: Result, records: list[Record], w: Window, rec_at, monitor, sc) -> None:
         texts = self.baseline.texts
@@ -469,7 +523,8 @@ class Harness:
             if r.completed and w.start <= r.end <= until and r.text == texts[r.prompt]
         )
         span = max(until - w.start, WINDOW_S)
-        res.goodput_kept = round(good / (self.baseline.goodput * span), 3)
+        ref = res.pre_fault_goodput or self.baseline.goodput
+        res.goodput_kept = round(good / (ref * span), 3)
 
     def _check(self, res: Result, th: Thresholds) -> None:
         f = res.failures
@@ -485,6 +540,12 @@ class Harness:
             f.append(f"did not settle: {res.unsettled_reason}")
         if sum(res.leaked.values()) > th.max_leaked:
             f.append(f"leaked {res.leaked}")
+
+
+def goodput(records: list[Record], start: float, end: float) -> float:
+    """Completed requests per second that ended in [start, end)."""
+    n = sum(1 for r in records if r.end is not None and r.completed and start <= r.end < end)
+    return n / max(end - start, 1e-9)
 
 
 def recovery_time(records: list[Record], since: float, now: float, base: float) -> float | None:

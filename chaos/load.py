@@ -183,8 +183,10 @@ class Load:
         except TimeoutError:
             rec.hung = True
             rec.error = f"hung: no end after {s.hung_after_s:.0f}s"
-        except httpx.HTTPError as e:
+        except (httpx.HTTPError, httpx.StreamError) as e:
             rec.error = f"connection: {type(e).__name__}"
+        except Exception as e:  # noqa: BLE001 - a malformed answer fails this request alone
+            rec.error = f"bad response: {type(e).__name__}: {e}"[:300]
         finally:
             rec.end = time.time()
 

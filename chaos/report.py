@@ -62,18 +62,19 @@ def markdown(rep: dict) -> str:
         f"Baseline: {b['goodput_rps']} req/s over {b['requests']} fault-free requests.",
         "",
         "| scenario | sent | ok | failed | hung | corrupt | success | detect | recover "
-        "| p50 / p99 latency | goodput kept | leaked | result |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| all healthy | p50 / p99 latency | goodput kept | leaked | result |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in rep["scenarios"]:
         if s["skipped"]:
-            lines.append(f"| {s['name']} | | | | | | | | | | | | skipped: {s['skipped']} |")
+            lines.append(f"| {s['name']} | | | | | | | | | | | | | skipped: {s['skipped']} |")
             continue
         leaked = sum(s["leaked"].values()) if s["leaked"] else 0
         lines.append(
             f"| {s['name']} | {s['sent']} | {s['succeeded']} | {s['failed']} | {s['hung']} "
             f"| {s['corrupted']} | {s['success_rate']:.1%} | {_f(s['detect_s'], '{:.1f}s')} "
-            f"| {_f(s['recover_s'], '{:.1f}s')} | {_f(s['latency_p50_s'], '{:.2f}')} / "
+            f"| {_f(s['recover_s'], '{:.1f}s')} | {_f(s['healthy_again_s'], '{:.1f}s')} "
+            f"| {_f(s['latency_p50_s'], '{:.2f}')} / "
             f"{_f(s['latency_p99_s'], '{:.2f}')} s | {_f(s['goodput_kept'], '{:.0%}')} "
             f"| {leaked} | {'pass' if s['passed'] else 'FAIL'} |"
         )
@@ -82,6 +83,8 @@ def markdown(rep: dict) -> str:
         if s["skipped"]:
             continue
         lines.append(f"- **{s['name']}** ({s['about']}): {s['target']}.")
+        if s["pre_fault_goodput"] is not None:
+            lines.append(f"  Goodput before the fault: {s['pre_fault_goodput']} req/s.")
         if s["errors"]:
             errs = "; ".join(f"{n} x `{m}`" for m, n in s["errors"].items())
             lines.append(f"  Failed requests: {errs}.")
@@ -120,12 +123,21 @@ def timeline(res, baseline, out_dir: str) -> str:
             corrupt.append(r.end - t0)
         else:
             bad.append(r.end - t0)
-    fig, ax = plt.subplots(figsize=(9, 3.6), dpi=100)
+    fig, (ax, hx) = plt.subplots(
+        2, 1, figsize=(9, 4.6), dpi=100, sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
     xs = list(range(span))
     ax.bar(xs, ok_per_s, width=1.0, align="edge", color="#4c8bd6", label="completed / s")
     ax.axhline(baseline.goodput, color="#4c8bd6", ls=":", lw=1, label="baseline")
-    ax.set_xlabel("seconds since load start")
     ax.set_ylabel("completed requests / s")
+    if res.health:
+        ts = [h[0] - t0 for h in res.health]
+        hx.step(ts, [h[1] for h in res.health], where="post", color="#6aa84f", label="prefill")
+        hx.step(ts, [h[2] for h in res.health], where="post", color="#8e7cc3", label="decode")
+        hx.legend(loc="lower left", fontsize=7, ncol=2)
+    hx.set_ylabel("healthy", fontsize=8)
+    hx.set_ylim(-1.2, max([2] + [max(h[1], h[2]) for h in res.health]) + 0.5)
+    hx.set_xlabel("seconds since load start (healthy -1: /health did not answer)")
     ax.axvspan(
         res.fault_start - t0,
         max(res.fault_end - t0, res.fault_start - t0 + 0.3),

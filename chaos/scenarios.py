@@ -57,19 +57,35 @@ class Skip(Exception):
     """The scenario cannot run against this cluster; the message says why."""
 
 
+class Missed(Exception):
+    """The fault reached nothing (its process was already gone): not applied."""
+
+
+def _hit(n: int, what: str) -> None:
+    if n == 0:
+        raise Missed(f"{what}: no such process any more")
+
+
+# Fault times are this harness's clock, taken around the call to the node agent, so
+# they compare with the request records even when the node's clock differs.
+
+
 def kill_worker(t: Target, sc: Scenario, rng: random.Random) -> Window:
     i = rng.randrange(t.replicas(sc.role))
     info = t.info(sc.role, i, sc.params.get("rank", 0))
-    at = t.agent(info["node_id"]).kill.remote([info["pid"]])
-    start = t.get(at)
+    agent = t.agent(info["node_id"])
+    start = time.time()
+    _hit(t.get(agent.kill.remote([info["pid"]])), f"{sc.role}-{i}")
     return Window(start, start, f"{sc.role}-{i} rank {info['rank']} (pid {info['pid']})")
 
 
 def stall_worker(t: Target, sc: Scenario, rng: random.Random) -> Window:
     i = rng.randrange(t.replicas(sc.role))
     info = t.info(sc.role, i)
-    start, end = t.get(t.agent(info["node_id"]).stall.remote([info["pid"]], t.chaos.stall_s))
-    return Window(start, end, f"{sc.role}-{i} (pid {info['pid']})")
+    agent = t.agent(info["node_id"])
+    start = time.time()
+    _hit(t.get(agent.stall.remote([info["pid"]], t.chaos.stall_s)), f"{sc.role}-{i}")
+    return Window(start, time.time(), f"{sc.role}-{i} (pid {info['pid']})")
 
 
 def kill_node(t: Target, sc: Scenario, rng: random.Random) -> Window:
@@ -83,23 +99,40 @@ def stall_node(t: Target, sc: Scenario, rng: random.Random) -> Window:
     i = _replica(t, sc.role, rng)
     node = t.info(sc.role, i)["node_id"]
     agent = t.agent(node)
-    seen = ""
-    if sc.params.get("during_transfer"):
-        # Seed failure 5 (decode waiting forever for KV): stop the node while a pull
-        # from it is in flight.
-        seen = " (no transfer seen in flight)"
+    start = time.time()
+    _hit(t.get(agent.stall_node.remote(t.chaos.stall_s)), f"node {node[:8]}")
+    return Window(start, time.time(), f"node {node[:8]} of {sc.role}-{i}")
+
+
+def stall_mid_transfer(t: Target, sc: Scenario, rng: random.Random) -> Window:
+    """Seed failure 5, decode waiting forever for KV: stop a prefill node while decode
+    pulls from it. Pulls on the tiny model last milliseconds, so decode's pulls are
+    first held open (a 1 s delay before each READ) until one is seen in flight."""
+    from transfer.faults import FaultConfig
+
+    i = _replica(t, sc.role, rng)
+    node = t.info(sc.role, i)["node_id"]
+    agent = t.agent(node)
+    try:
+        t.set_faults(FaultConfig(delay_rate=1.0, delay_s=1.0), roles=("decode",))
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if t.state()["transfer_pending"] > 0:
-                seen = " (a transfer in flight)"
-                break
-    start, end = t.get(agent.stall_node.remote(t.chaos.stall_s))
-    return Window(start, end, f"node {node[:8]} of {sc.role}-{i}{seen}")
+        while t.state()["transfer_pending"] == 0:
+            if time.monotonic() > deadline:
+                raise Missed("no KV pull was seen in flight within 10 s")
+            time.sleep(0.05)
+        start = time.time()
+        stall = agent.stall_node.remote(t.chaos.stall_s)
+    finally:
+        t.set_faults(None, roles=("decode",))
+    _hit(t.get(stall), f"node {node[:8]}")
+    return Window(start, time.time(), f"node {node[:8]} of {sc.role}-{i}, with a pull in flight")
 
 
 def kill_router(t: Target, sc: Scenario, rng: random.Random) -> Window:
     state = t.state()
-    start = t.get(t.agent(state["router_node_id"]).kill.remote([state["router_pid"]]))
+    agent = t.agent(state["router_node_id"])
+    start = time.time()
+    _hit(t.get(agent.kill.remote([state["router_pid"]])), "router")
     return Window(start, start, f"router (pid {state['router_pid']})")
 
 
@@ -108,8 +141,8 @@ def transfer_faults(t: Target, sc: Scenario, rng: random.Random) -> Window:
 
     faults = FaultConfig(**sc.params, seed=rng.randrange(1 << 30))
     start = time.time()
-    t.set_faults(faults)
     try:
+        t.set_faults(faults)
         time.sleep(t.chaos.transfer_fault_s)
     finally:
         t.set_faults(None)
@@ -135,6 +168,7 @@ def mixed(t: Target, sc: Scenario, rng: random.Random) -> Window:
         if k:
             time.sleep(rng.uniform(1.0, 3.0))
         pick = SCENARIOS[rng.choice(MIXED_POOL)]
+        t.forget()  # the last fault may have restarted the replica this one picks
         windows.append((pick.name, pick.fault(t, pick, rng)))
     return Window(
         windows[0][1].start,
@@ -176,9 +210,8 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             "stall-prefill-mid-transfer",
             "SIGSTOP a prefill node while decode pulls KV from it",
-            stall_node,
+            stall_mid_transfer,
             "prefill",
-            {"during_transfer": True},
         ),
         Scenario(
             "kill-tp-rank",

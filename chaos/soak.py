@@ -41,20 +41,25 @@ def _sample(target: Target, load: Load) -> dict | None:
         "tables": {
             **{k: s[k] for k in ("requests_in_flight", "prefill_leases", "transfer_pending")},
             "decode_streams": s["decode_streams"],
-            "router_channels": s["router_channels"],
+            "router_channel_queues": s["router_channel_queues"],
             "decode_channels_max": max(channels, default=0),
         },
     }
 
 
 def _bounds(cfg) -> dict:
-    p, d = cfg.prefill.replicas, cfg.decode.replicas
+    """What each table may hold under this load. Every per-request table is bounded by
+    the clients (one request each) with room for entries on their way out; a table
+    that leaks passes it within minutes. The config's own limits (max_queued,
+    max_pending) are far above and would only be reached by a leak much later."""
+    c = 2 * cfg.chaos.concurrency
     return {
-        "requests_in_flight": cfg.router.max_queued,
-        "prefill_leases": cfg.transfer.max_pending * p,
-        "transfer_pending": cfg.transfer.max_pending * d,
-        "decode_streams": cfg.decode.max_running * d + cfg.router.max_queued,
-        "router_channels": d,
+        "requests_in_flight": c,
+        # Leases of attempts that failed (injected faults) wait out lease_ttl_s.
+        "prefill_leases": 2 * c,
+        "transfer_pending": c,
+        "decode_streams": c,
+        "router_channel_queues": c,
         "decode_channels_max": 2,  # one per router replica, and one while a router is replaced
     }
 

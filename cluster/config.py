@@ -119,7 +119,7 @@ class ChaosConfig(_Strict):
     max_tokens: int = 32  # per request, greedy, ignore_eos
     prompts: int = 32  # distinct prompts, cycled; each one's text known from the baseline
     baseline_s: float = 15.0  # fault-free load first: the texts and the baseline goodput
-    warmup_s: float = 4.0  # load before each fault
+    warmup_s: float = 5.0  # load before each fault (its goodput is the recovery reference)
     stall_s: float = 6.0  # SIGSTOP length of a stall
     node_down_s: float = 5.0  # a killed local node is replaced after this long
     transfer_fault_s: float = 10.0  # how long injected transfer faults stay on

@@ -26,6 +26,11 @@ SILENT_POLL_S = 2.0  # poll period of a replica silent for longer than the watch
 GONE_POLL_S = 10.0  # and of one taken to be gone for good
 
 
+def _log_failure(task: asyncio.Future) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("health poll failed", exc_info=task.exception())
+
+
 class WorkerStalled(Exception):
     """The worker serving this call was marked unhealthy while we waited."""
 
@@ -37,12 +42,13 @@ class WorkerPool:
         self.role = role
         self.handles = handles
         self.watchdog_s = watchdog_s
-        # Silent this long (several polls unanswered, before the watchdog decides):
-        # suspect. Its last stats are stale (a frozen decode still shows the free blocks
-        # it had), so new work goes to replicas that answer while any do.
-        self.suspect_after_s = min(watchdog_s, max(1.0, 4 * health_period_s))
+        # A stats() call unanswered this long (several polls, before the watchdog
+        # decides): suspect. Its last stats are stale (a frozen decode still shows the
+        # free blocks it had), so new work goes to replicas that answer while any do.
+        self.suspect_after_s = min(watchdog_s / 2, max(2.0, 4 * health_period_s))
         self.health_period_s = health_period_s
         self._polling: list[asyncio.Future | None] = [None] * len(handles)
+        self._sent_at = [0.0] * len(handles)  # when the stats() call in flight was sent
         self.metrics = metrics
         n = len(handles)
         self.healthy = [True] * n
@@ -66,8 +72,11 @@ class WorkerPool:
 
     # ---- routing ----------------------------------------------------------
 
-    def pick(self, exclude: set[int] | frozenset = frozenset()) -> int | None:
-        """Least-loaded healthy replica not in `exclude` (None when there is none).
+    def pick(
+        self, exclude: set[int] | frozenset = frozenset(), avoid: set[int] | frozenset = frozenset()
+    ) -> int | None:
+        """Least-loaded healthy replica not in `exclude` (None when there is none),
+        preferring replicas that answer their polls and are not in `avoid`.
 
         Prefill: fewest queued prompt tokens (the worker's last report plus what
         this router sent since it answered). Decode: most free KV blocks (last
@@ -75,12 +84,16 @@ class WorkerPool:
         ok = [i for i in range(len(self.handles)) if self.healthy[i] and i not in exclude]
         if not ok:
             return None
-        now = time.monotonic()
-        answering = [i for i in ok if now - self._last_answer[i] <= self.suspect_after_s]
-        ok = answering or ok
+        answering = [i for i in ok if not self.suspect(i)]
+        ok = [i for i in answering if i not in avoid] or answering or ok
         if self.role == "prefill":
             return min(ok, key=lambda i: (self.load[i] + self._engine(i, "queued_tokens"), i))
         return min(ok, key=lambda i: (-self._engine(i, "free_blocks"), self.load[i], i))
+
+    def suspect(self, i: int) -> bool:
+        """Replica i has left a stats() call unanswered for suspect_after_s."""
+        sent = self._sent_at[i]
+        return self._inflight[i] is not None and time.monotonic() - sent > self.suspect_after_s
 
     def _engine(self, i: int, key: str) -> int:
         s = self.stats[i]
@@ -145,6 +158,7 @@ class WorkerPool:
                 return await self.handles[i].stats.remote()
 
             fut = self._inflight[i] = asyncio.ensure_future(call())
+            self._sent_at[i] = time.monotonic()
             fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # always retrieved
             self.polls[i] += 1
         return fut
@@ -183,6 +197,7 @@ class WorkerPool:
             self.stats[i] = None
             self._back_off(i, now)
             return
+        now = time.monotonic()  # when the answer came (the wait may have been long)
         self._next_poll[i] = 0.0
         self.stats[i] = s
         self._last_answer[i] = now
@@ -217,7 +232,8 @@ class WorkerPool:
         holding up the others'."""
         for i, task in enumerate(self._polling):
             if task is None or task.done():
-                self._polling[i] = asyncio.ensure_future(self._poll_one(i))
+                task = self._polling[i] = asyncio.ensure_future(self._poll_one(i))
+                task.add_done_callback(_log_failure)
         await asyncio.wait(self._polling, timeout=self.health_period_s)
 
     async def fresh_stats(self) -> list[WorkerStats | None]:

@@ -188,8 +188,11 @@ class Placement:
     targets: list[str]
 
 
-def plan_placement(role: str, resource: str, replicas: int, nodes: list[dict]) -> Placement:
-    """Anti-affinity for the replicas of one role, from `ray.nodes()`."""
+def plan_placement(
+    role: str, resource: str, replicas: int, nodes: list[dict], demand: int | None = None
+) -> Placement:
+    """Anti-affinity for the replicas of one role, from `ray.nodes()`. `demand` is how
+    many replicas of every role use `resource` (two roles may share one)."""
     have = sorted(
         (n["NodeID"] for n in nodes if n["Alive"] and n["Resources"].get(resource, 0) > 0),
     )
@@ -203,7 +206,7 @@ def plan_placement(role: str, resource: str, replicas: int, nodes: list[dict]) -
             len(have),
             resource,
         )
-    share = 1.0 if units >= replicas else 0.001
+    share = 1.0 if units >= (demand or replicas) else 0.001
     return Placement(share, [have[i % len(have)] for i in range(replicas)] if have else [])
 
 
@@ -261,7 +264,10 @@ def start(cfg: Config, log_to_driver: bool = True) -> RunningCluster:
         nodes = ray.nodes()
         for role in ("prefill", "decode"):
             g = getattr(cfg, role)
-            place = plan_placement(role, g.node_resource, g.replicas, nodes)
+            demand = sum(
+                x.replicas for x in (cfg.prefill, cfg.decode) if x.node_resource == g.node_resource
+            )
+            place = plan_placement(role, g.node_resource, g.replicas, nodes, demand)
             groups = [_start_group(cfg, role, i, model_dir, place) for i in range(g.replicas)]
             setattr(rc, role, groups)
         ready = [a.ready.remote() for g in rc.prefill + rc.decode for a in g.ranks]

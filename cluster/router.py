@@ -258,6 +258,7 @@ class Router:
             "router_pid": os.getpid(),
             "router_node_id": ray.get_runtime_context().get_node_id(),
             "router_channels": len(self._channels),
+            "router_channel_queues": sum(len(c) for c in self._channels.values()),
             **{f"router_{k}": v for k, v in process_usage().items()},
             "requests_in_flight": len(self.requests),
             "prefill_pending": sum(s.pending for s in p),
@@ -532,6 +533,7 @@ class Router:
         a prefill worker, continue on another decode worker)."""
         produced: list[int] = []
         re_prefills = migrations = 0
+        avoid: set[int] = set()  # prefill replicas whose KV transfer failed
         while True:
             ids = prompt_ids + produced
             sp = _continue_params(params, len(produced))
@@ -539,7 +541,7 @@ class Router:
             wid = f"{state.request_id}-{state.attempts}"
             state.attempts += 1
             try:
-                res, p = await self._prefill(state, wid, ids, sp)
+                res, p = await self._prefill(state, wid, ids, sp, avoid)
             except NoPrefillWorker:
                 res = p = None  # decode-only fallback: the decode worker prefills itself
                 self.metrics.retries.labels("decode_local").inc()
@@ -559,7 +561,7 @@ class Router:
                         return
                 raise WorkerError("decode stream ended without a finish reason")
             except TransferError as e:
-                if got_tokens or re_prefills >= self.cfg.router.max_retries:
+                if got_tokens or re_prefills >= max(1, self.cfg.router.max_retries):
                     log.warning(
                         "request %s: KV transfer failed %d times: %r",
                         state.request_id,
@@ -568,6 +570,8 @@ class Router:
                     )
                     raise Unavailable(f"KV transfer failed {re_prefills + 1} times") from None
                 re_prefills += 1
+                if p is not None:
+                    avoid.add(p)  # re-prefill elsewhere while another replica is healthy
                 self.metrics.retries.labels("transfer").inc()
                 log.warning("request %s: transfer failed (%r); re-prefilling", state.request_id, e)
             except _WORKER_LOST as e:
@@ -588,12 +592,15 @@ class Router:
                     e,
                 )
 
-    async def _prefill(self, state: RequestState, wid: str, ids: list[int], sp: SamplingParams):
-        """Prefill on the least-loaded healthy replica, retrying others on failure."""
+    async def _prefill(
+        self, state: RequestState, wid: str, ids: list[int], sp: SamplingParams, avoid: set[int]
+    ):
+        """Prefill on the least-loaded healthy replica (other than those in `avoid`
+        while there are others), retrying others on failure."""
         tried: set[int] = set()
         last: BaseException | None = None
         for attempt in range(self.cfg.router.max_retries + 1):
-            i = self.prefill_pool.pick(exclude=tried)
+            i = self.prefill_pool.pick(exclude=tried, avoid=avoid)
             if i is None:
                 if not any(self.prefill_pool.healthy):
                     raise NoPrefillWorker()

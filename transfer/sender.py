@@ -59,7 +59,8 @@ class KVSender:
         """Pin `blocks` (the caller's no longer) under a fresh lease; the handle for decode.
         A lease left under the same id by an earlier attempt is released first."""
         self.release(request_id)
-        ttl = self.leases.ttl_s if self.faults is None else self.faults.lease_ttl(self.leases.ttl_s)
+        faults = self.faults  # read once: set_faults may swap it meanwhile
+        ttl = self.leases.ttl_s if faults is None else faults.lease_ttl(self.leases.ttl_s)
         try:
             lease = self.leases.register(request_id, blocks, ttl)
         except TransferBackpressure:

@@ -34,6 +34,10 @@ class OutputChannel:
     def alive(self) -> bool:
         return self.error is None
 
+    def __len__(self) -> int:
+        """Requests with a queue open on this channel."""
+        return len(self._queues)
+
     def open(self, request_id: str) -> asyncio.Queue:
         """Items: (tokens, finish_reason) in order, or an exception when the channel fails."""
         q = self._queues[request_id] = asyncio.Queue()

@@ -318,9 +318,11 @@ class DecodeWorker(GroupLeader):
             tp = self.spec.tp_size
             notif = f"{rid}:{handle.epoch}".encode() if tp == 1 else b""
 
+            faults = self.faults  # read once: set_faults may swap it meanwhile
+
             def pull() -> int:  # transfer thread
-                if self.faults is not None:
-                    self.faults.before_pull(left())
+                if faults is not None:
+                    faults.before_pull(left())
                 if left() <= 0:
                     raise TransferTimeout(f"pull of {rid}: nothing left of its {timeout}s")
                 return backend.pull(src, blocks, timeout_s=left(), notif=notif)

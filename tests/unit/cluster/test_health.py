@@ -40,12 +40,13 @@ def _stats(free_blocks: int, steps: int = 0) -> DecodeStats:
 class Replica:
     """Answers stats() with `free_blocks`, or never once `frozen` (a SIGSTOPped worker)."""
 
-    def __init__(self, free_blocks: int):
-        self.free_blocks, self.frozen = free_blocks, False
+    def __init__(self, free_blocks: int, delay: float = 0.0):
+        self.free_blocks, self.frozen, self.delay = free_blocks, False, delay
         self.stats = self
 
     def remote(self):
         async def answer():
+            await asyncio.sleep(self.delay)
             while self.frozen:
                 await asyncio.sleep(0.05)
             return _stats(self.free_blocks)
@@ -108,3 +109,24 @@ def test_a_silent_replica_is_found_at_watchdog_s_not_a_wait_later(killed):
     took = asyncio.run(run())
     assert 1.0 <= took < 1.6, took  # the old poll waited a full timeout past the deadline
     assert len(killed) == 1
+
+
+def test_a_slow_but_answering_replica_is_neither_suspect_nor_killed(killed):
+    """Stats that take 1.2 s each (a loaded worker on a busy machine): the replica keeps
+    getting work and the watchdog (3 s) leaves it alone, whose silence is counted from
+    each answer's arrival, not from when the poll that got it began."""
+
+    async def run():
+        slow = Replica(free_blocks=100, delay=1.2)
+        pool = health.WorkerPool("decode", [slow, Replica(10)], 3.0, RouterMetrics(), 0.25)
+        poller = asyncio.create_task(_poll_forever(pool))
+        picks = []
+        for _ in range(40):
+            await asyncio.sleep(0.2)
+            picks.append(pool.pick())
+        poller.cancel()
+        return pool, picks
+
+    pool, picks = asyncio.run(run())
+    assert killed == [] and pool.healthy == [True, True]
+    assert picks[-30:] == [0] * 30  # most free blocks, never passed over
