@@ -84,7 +84,10 @@ def markdown(rep: dict) -> str:
             continue
         lines.append(f"- **{s['name']}** ({s['about']}): {s['target']}.")
         if s["pre_fault_goodput"] is not None:
-            lines.append(f"  Goodput before the fault: {s['pre_fault_goodput']} req/s.")
+            lines.append(
+                f"  Goodput before the fault: {s['pre_fault_goodput']} req/s; recovery "
+                f"reference {s['reference_goodput']} req/s."
+            )
         if s["errors"]:
             errs = "; ".join(f"{n} x `{m}`" for m, n in s["errors"].items())
             lines.append(f"  Failed requests: {errs}.")
