@@ -120,8 +120,10 @@ def soak(target: Target, duration: float, out_dir: str, *, seed: int = 0, progre
         records = load.stop()
         ok, state, why = target.wait_settled(cfg.chaos.settle_s)
     texts = h.baseline.texts
-    outcome = Counter()
+    outcome, errors = Counter(), Counter()
     for r in records:
+        if not r.completed or r.hung:
+            errors[r.error or "unknown"] += 1
         outcome[
             "hung"
             if r.hung
@@ -159,6 +161,7 @@ def soak(target: Target, duration: float, out_dir: str, *, seed: int = 0, progre
         "model": cfg.served_model_name,
         "duration_s": duration,
         "requests": dict(outcome),
+        "errors": dict(errors.most_common(10)),
         "faults": faults,
         "peaks": peaks,
         "bounds": bounds,
@@ -210,12 +213,18 @@ def _markdown(rep: dict) -> str:
         f"{rep['model']}, {rep['duration_s']:.0f} s, {rep['cpu']}, {rep['created']}.",
         f"Requests: {rep['requests']}; faults applied: {len(rep['faults'])} "
         f"({', '.join(sorted({f['name'] for f in rep['faults']}))}).",
+        *(
+            [f"Failed requests: {'; '.join(f'{n} x `{m}`' for m, n in rep['errors'].items())}."]
+            if rep["errors"]
+            else []
+        ),
         "",
         "| table | peak | bound |",
         "|---|---|---|",
         *[f"| {k} | {rep['peaks'][k]} | {b} |" for k, b in rep["bounds"].items()],
         "",
-        "| process | requests | RSS MB first -> last | MB per 10k requests | fds growth |",
+        "| process | cluster requests meanwhile | RSS MB first -> last | MB per 10k requests "
+        "| fds growth |",
         "|---|---|---|---|---|",
         *[
             f"| {k} | {g['requests']} | {g['rss_mb_first']} -> {g['rss_mb_last']} "

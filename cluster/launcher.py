@@ -35,6 +35,7 @@ NAMESPACE = "pdcluster"
 # Small object stores: KV moves over NIXL, not through Ray's object store.
 _OBJECT_STORE_BYTES = 256 * 1024**2
 _READY_TIMEOUT_S = 300
+_MODEL_TIMEOUT_S = 3600  # workers that resolve the model on their own node (download + convert)
 
 
 @dataclass
@@ -54,7 +55,7 @@ class WorkerGroup:
 @dataclass
 class RunningCluster:
     config: Config
-    model_dir: str
+    model_dir: str  # "" when each node resolved its own copy
     prefill: list[WorkerGroup] = field(default_factory=list)
     decode: list[WorkerGroup] = field(default_factory=list)
     local: object | None = None  # ray.cluster_utils.Cluster when address is local
@@ -63,6 +64,9 @@ class RunningCluster:
     local_nodes: dict[str, NodeConfig] = field(default_factory=dict)
     reaper: subprocess.Popen | None = None  # cluster/reaper.py, when address is local
     url: str = ""
+    # Serve was already running (a RayService's, or another app's): stopping pdcluster
+    # deletes its own application only and leaves Serve up.
+    serve_was_running: bool = False
 
     def shutdown(self) -> None:
         """Stop Serve, the workers and (when local) every Ray node we started."""
@@ -70,7 +74,10 @@ class RunningCluster:
 
         try:
             if ray.is_initialized():
-                serve.shutdown()
+                if self.serve_was_running:
+                    serve.delete("pdcluster")
+                else:
+                    serve.shutdown()
                 for g in self.prefill + self.decode:
                     for a in g.ranks:
                         ray.kill(a, no_restart=True)
@@ -157,6 +164,8 @@ def _spec(cfg: Config, role: str, replica: int, model_dir: str, rank: int) -> Wo
         role=role,
         replica=replica,
         model_dir=model_dir,
+        model_source=cfg.model.source,
+        cache_dir=cfg.model.cache_dir,
         max_model_len=cfg.model.max_model_len,
         kv_blocks=g.kv_blocks,
         block_size=g.block_size,
@@ -247,6 +256,16 @@ def _start_group(
     return WorkerGroup(role, replica, ranks, pg)
 
 
+def _serve_running() -> bool:
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return True
+    except ValueError:
+        return False
+
+
 def start(cfg: Config, log_to_driver: bool = True) -> RunningCluster:
     """Bring the whole system up; returns once HTTP is being served. Without
     `log_to_driver`, the workers' and router's logs stay in Ray's log files."""
@@ -255,11 +274,18 @@ def start(cfg: Config, log_to_driver: bool = True) -> RunningCluster:
     from cluster.router import build_app
 
     t0 = time.monotonic()
-    model_dir = str(resolve_model(cfg.model.source))
-    log.info("model ready at %s (%.1fs)", model_dir, time.monotonic() - t0)
+    # A local cluster shares this machine's files: the model is resolved once, here.
+    # On any other cluster each worker and the router resolve it on their own node
+    # (model_dir ""), into that node's cache or `model.cache_dir`.
+    model_dir = ""
+    if cfg.cluster.address == "local":
+        model_dir = str(resolve_model(cfg.model.source, cfg.model.cache_dir))
+        log.info("model ready at %s (%.1fs)", model_dir, time.monotonic() - t0)
     rc = RunningCluster(cfg, model_dir)
     try:
         rc.local = _start_ray(cfg, rc, log_to_driver)
+        # Before anything can fail: a stop must not shut down a Serve that others run.
+        rc.serve_was_running = _serve_running()
         log.info("ray up (%.1fs)", time.monotonic() - t0)
         nodes = ray.nodes()
         for role in ("prefill", "decode"):
@@ -271,7 +297,9 @@ def start(cfg: Config, log_to_driver: bool = True) -> RunningCluster:
             groups = [_start_group(cfg, role, i, model_dir, place) for i in range(g.replicas)]
             setattr(rc, role, groups)
         ready = [a.ready.remote() for g in rc.prefill + rc.decode for a in g.ranks]
-        for info in ray.get(ready, timeout=_READY_TIMEOUT_S):
+        # Off a local cluster, each worker first fetches and converts the model on its node.
+        wait_s = _READY_TIMEOUT_S if cfg.cluster.address == "local" else _MODEL_TIMEOUT_S
+        for info in ray.get(ready, timeout=wait_s):
             log.info("worker ready: %s", info)
         serve.start(
             http_options={"host": cfg.router.host, "port": cfg.router.port},

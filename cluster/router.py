@@ -10,6 +10,8 @@ request holds on the workers and in the router's table.
 import asyncio
 import logging
 import os
+import subprocess
+import sys
 import time
 import uuid
 import weakref
@@ -125,6 +127,8 @@ class Router:
         from transformers import PreTrainedTokenizerFast
 
         self.cfg = msgspec.json.decode(cfg_json, type=Config)
+        if not model_dir:  # not a local cluster: this node's copy of the model
+            model_dir = _resolve_model_here(self.cfg)
         if self.cfg.cluster.address == "local":
             _serve_grpc_on_loopback()
         self.tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
@@ -668,6 +672,19 @@ class Router:
         for i, wid in state.decodes:
             if not (state.worker_done and wid == last):
                 self.decode_pool.handles[i].abort.remote(wid)
+
+
+def _resolve_model_here(cfg: Config) -> str:
+    """The model's directory on this node, fetched and converted into its cache if
+    needed, by a child process: converting imports torch, which this process never
+    loads."""
+    cmd = [sys.executable, "-m", "cluster.cli", "fetch-model", cfg.model.source, "--print-path"]
+    if cfg.model.cache_dir:
+        cmd += ["--cache-dir", cfg.model.cache_dir]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        raise RuntimeError(f"could not resolve {cfg.model.source}: {out.stderr[-2000:]}")
+    return out.stdout.strip().splitlines()[-1]
 
 
 def build_app(cfg: Config, model_dir: str, prefill: list, decode: list, pin_to_head: bool):

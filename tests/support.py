@@ -145,3 +145,13 @@ def greedy_completion(ids: list[int], n: int, **extra) -> dict:
         "skip_special_tokens": False,
         **extra,
     }
+
+
+def dashboard_metrics() -> set[str]:
+    """Every pdcluster metric name a panel of deploy/grafana/pdcluster.json queries."""
+    import json
+    import re
+
+    dash = json.loads((ROOT / "deploy" / "grafana" / "pdcluster.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", []) if t.get("expr")]
+    return {m for e in exprs for m in re.findall(r"pdcluster_[a-z_]+", e)}

@@ -47,10 +47,12 @@ class WorkerSpec(msgspec.Struct, frozen=True):
 
     role: str  # "prefill" | "decode"
     replica: int
-    model_dir: str
+    model_dir: str  # "": resolve model_source on this worker's own node
     max_model_len: int
     kv_blocks: int
     block_size: int
+    model_source: str = ""
+    cache_dir: str | None = None
     dtype: str = "float32"
     device: str = "cpu"
     max_batched_tokens: int = 2048
@@ -125,6 +127,7 @@ class WorkerStats(msgspec.Struct, frozen=True, kw_only=True):
     pid: int = 0
     rss_bytes: int = 0
     open_fds: int = 0
+    node_id: str = ""
 
     @property
     def busy(self) -> bool:

@@ -221,6 +221,7 @@ class DecodeWorker(GroupLeader):
             role="decode",
             replica=self.spec.replica,
             **process_usage(),
+            node_id=self.node_id,
             engine=self.snapshot,
             omp_threads=self.thread.omp_threads,
             streams=len(self._streams),

@@ -167,9 +167,14 @@ def make_backend(spec: WorkerSpec, pool: torch.Tensor) -> TransferBackend:
 def load_runner(spec: WorkerSpec) -> ModelRunner:
     # Loads on one thread: the model thread alone takes `num_threads` (see
     # model_thread_start), so the process has one OpenMP team.
+    model_dir = spec.model_dir
+    if not model_dir:  # on a cluster of many machines: this node's own copy
+        from workers.loader import resolve_model
+
+        model_dir = str(resolve_model(spec.model_source, spec.cache_dir))
     torch.set_num_threads(1)
     return ModelRunner(
-        spec.model_dir,
+        model_dir,
         max_model_len=spec.max_model_len,
         num_blocks=spec.kv_blocks,
         block_size=spec.block_size,

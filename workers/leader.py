@@ -55,6 +55,7 @@ class GroupLeader:
 
         exit_when_orphaned()
         self.spec = spec
+        self.node_id = ray.get_runtime_context().get_node_id()
         self.runner = load_runner(spec)
         self.blocks = BlockManager(spec.kv_blocks, spec.block_size)
         self.engine = Engine(

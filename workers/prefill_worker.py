@@ -98,6 +98,7 @@ class PrefillWorker(GroupLeader):
             role="prefill",
             replica=self.spec.replica,
             **process_usage(),
+            node_id=self.node_id,
             engine=self.snapshot,
             omp_threads=self.thread.omp_threads,
             pending=len(self._futures),

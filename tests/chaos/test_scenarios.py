@@ -38,6 +38,16 @@ def chaos():
             target.close()
 
 
+def test_replicas_of_a_role_run_on_distinct_nodes(chaos):
+    """Each replica takes one unit of its role's node resource, and every node here has
+    one: a node's failure takes down one replica of a role, never both."""
+    h, _ = chaos
+    for role in ("prefill", "decode"):
+        nodes = [h.t.info(role, i)["node_id"] for i in range(2)]
+        assert len(set(nodes)) == 2, (role, nodes)
+    h.t.forget()
+
+
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_scenario_meets_its_thresholds(chaos, name):
     h, monitor = chaos

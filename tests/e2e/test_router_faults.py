@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import signal
 import time
 
@@ -13,7 +14,13 @@ import httpx
 import pytest
 import ray
 
-from tests.support import assert_idle, load_test_config, running_cluster, sse_events
+from tests.support import (
+    assert_idle,
+    dashboard_metrics,
+    load_test_config,
+    running_cluster,
+    sse_events,
+)
 
 WATCHDOG_S = 3.0
 
@@ -392,6 +399,43 @@ def test_metrics_endpoint_has_the_design_names(cluster):
         assert name in text, name
     assert 'pdcluster_requests_total{outcome="ok"}' in text
     assert _metric(cluster.url, "pdcluster_kv_transfer_bytes_total") > 0
+
+
+def test_every_metric_the_grafana_dashboard_queries_exists(cluster):
+    """deploy/grafana/pdcluster.json against this live /metrics: each name a panel
+    queries is a sample here, or a sample of a family declared here (a labelled
+    counter shows only its # TYPE until it first counts)."""
+    text = httpx.get(f"{cluster.url}/metrics", timeout=10).text
+    samples = {ln.split("{")[0].split(" ")[0] for ln in text.splitlines() if ln[:1] != "#"}
+    families = {  # prometheus_client declares a counter as `<name>_total`, or not
+        (f.removesuffix("_total") if kind == "counter" else f): kind
+        for f, kind in re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M)
+    }
+    suffix = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+
+    def declared(name: str) -> bool:
+        return any(name == fam + s for fam, kind in families.items() for s in suffix.get(kind, ()))
+
+    missing = [m for m in sorted(dashboard_metrics()) if m not in samples and not declared(m)]
+    assert not missing, missing
+
+
+def test_status_summarizes_the_cluster(cluster):
+    from cluster.cli import main
+    from cluster.status import render
+
+    text = render(cluster.url)
+    assert text.splitlines()[0].endswith(": ok (prefill 2 healthy, decode 2 healthy)"), text
+    nodes = {
+        i["node_id"][:8]
+        for g in cluster.prefill + cluster.decode
+        for i in [ray.get(g.leader.ready.remote(), timeout=30)]
+    }
+    for name in ("prefill-0", "prefill-1", "decode-0", "decode-1"):
+        (line,) = [ln for ln in text.splitlines() if ln.strip().startswith(name + " ")]
+        assert "healthy" in line and "KV " in line and line.split("node ")[1][:8] in nodes
+    assert "requests in flight" in text and "restarts" in text
+    assert main(["status", cluster.url]) == 0
 
 
 def _metric(url: str, name: str) -> float:
