@@ -154,4 +154,4 @@ def dashboard_metrics() -> set[str]:
 
     dash = json.loads((ROOT / "deploy" / "grafana" / "pdcluster.json").read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", []) if t.get("expr")]
-    return {m for e in exprs for m in re.findall(r"pdcluster_[a-z_]+", e)}
+    return {m for e in exprs for m in re.findall(r"pdcluster_[a-z0-9_]+", e)}
