@@ -54,6 +54,19 @@ def _serve_grpc_on_loopback() -> None:
     replica.add_port_to_grpc_server = on_loopback
 
 
+def _resolve_model_here(cfg: Config) -> str:
+    """The model's directory on this node, fetched and converted into its cache if
+    needed, by a child process: converting imports torch, which this process never
+    loads."""
+    cmd = [sys.executable, "-m", "cluster.cli", "fetch-model", cfg.model.source, "--print-path"]
+    if cfg.model.cache_dir:
+        cmd += ["--cache-dir", cfg.model.cache_dir]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        raise RuntimeError(f"could not resolve {cfg.model.source}: {out.stderr[-2000:]}")
+    return out.stdout.strip().splitlines()[-1]
+
+
 # Note: Serve's ingress pickles the Router class when it is decorated, so every
 # module-level name its methods use must be defined above the class.
 app = FastAPI(title="pdcluster", docs_url=None, redoc_url=None)
@@ -672,19 +685,6 @@ class Router:
         for i, wid in state.decodes:
             if not (state.worker_done and wid == last):
                 self.decode_pool.handles[i].abort.remote(wid)
-
-
-def _resolve_model_here(cfg: Config) -> str:
-    """The model's directory on this node, fetched and converted into its cache if
-    needed, by a child process: converting imports torch, which this process never
-    loads."""
-    cmd = [sys.executable, "-m", "cluster.cli", "fetch-model", cfg.model.source, "--print-path"]
-    if cfg.model.cache_dir:
-        cmd += ["--cache-dir", cfg.model.cache_dir]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    if out.returncode != 0:
-        raise RuntimeError(f"could not resolve {cfg.model.source}: {out.stderr[-2000:]}")
-    return out.stdout.strip().splitlines()[-1]
 
 
 def build_app(cfg: Config, model_dir: str, prefill: list, decode: list, pin_to_head: bool):

@@ -25,13 +25,6 @@ from tests.support import greedy_completion, hf_greedy, load_test_config, runnin
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
-# Not run yet: on this machine, a node started with `ray start --address` is refused by
-# the head's GCS ("InvalidAuthToken: Authentication token is missing or incorrect",
-# with RAY_AUTH_MODE disabled), with or without per-node temp dirs. Until that is
-# understood the test cannot start its cluster; it is kept, and skipped, so that the
-# next session starts from it.
-pytestmark = pytest.mark.skip(reason="ray start --address is refused by the head's GCS here")
-
 # Another tenant's Serve app on the external cluster (argv: GCS address, HTTP port).
 OTHER_APP = """
 import sys
@@ -55,29 +48,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cluster_pids(base: Path) -> list[int]:
+def _cluster_pids(base: Path, client_port: int) -> list[int]:
     """Every process of the external cluster: the daemons name a path under `base` (their
-    temp, log or session dir) on their command line; workers are their descendants."""
-    from cluster.reaper import _ray_descendants
+    temp, log or session dir) on their command line, or the head's Ray Client port (that
+    server is started detached, outside any daemon's tree); workers are their descendants."""
+    import psutil
 
+    mine = (str(base), f"--port={client_port} ")
     daemons = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or []) + " "
+        if any(k in cmd for k in mine):
+            daemons.append(p)
+    pids = set()
+    for d in daemons:
         try:
-            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if str(base) in cmd:
-            daemons.append(int(p.name))
-    return sorted({*daemons, *(d for pid in daemons for d in _ray_descendants(pid))})
+            pids.update(c.pid for c in d.children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+        pids.add(d.pid)
+    return sorted(pids)
 
 
 @pytest.fixture(scope="module")
 def external():
     # A short path: Ray's Unix sockets live under the temp dir (107-byte limit).
     base = Path(tempfile.mkdtemp(prefix="pdx-", dir="/tmp"))
-    port = _free_port()
+    port, client_port = _free_port(), _free_port()
     gcs = f"127.0.0.1:{port}"
     env = {
         **os.environ,
@@ -87,7 +84,16 @@ def external():
     }
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
     nodes = [
-        ("head", ["--head", f"--port={port}", "--include-dashboard=false"], "pdcluster_head"),
+        (
+            "head",
+            [
+                "--head",
+                f"--port={port}",
+                f"--ray-client-server-port={client_port}",
+                "--include-dashboard=false",
+            ],
+            "pdcluster_head",
+        ),
         ("prefill", [f"--address={gcs}"], "prefill_node"),
         ("decode", [f"--address={gcs}"], "decode_node"),
     ]
@@ -109,7 +115,7 @@ def external():
             )
         yield gcs, base
     finally:
-        pids = _cluster_pids(base)
+        pids = _cluster_pids(base, client_port)
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
