@@ -26,7 +26,11 @@ def _sample(target: Target, load: Load) -> dict | None:
         s = target.state()
     except Exception:  # noqa: BLE001 - router restarting: no sample this time
         return None
-    procs = {"router": (s["router_pid"], s["router_rss_bytes"], s["router_open_fds"])}
+    # Every router replica (router.replicas), by its Serve replica id.
+    procs = {
+        f"router-{r['router_id']}": (r["router_pid"], r["router_rss_bytes"], r["router_open_fds"])
+        for r in s["routers"]
+    }
     for w in s["workers"]:
         st = w["stats"]
         if st:

@@ -83,7 +83,8 @@ class TransferConfig(_Strict):
 class RouterConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = 8000
-    max_queued: int = 256
+    replicas: int = 1  # Serve replicas of the router behind Serve's proxy
+    max_queued: int = 256  # per router replica
     max_body_bytes: int = 4 * 1024 * 1024  # larger request bodies: 413, cut off while read
     body_timeout_s: float = 30.0  # a body not received by then: 408 (a slow client holds a slot)
     admission_threads: int = 2  # parse, template and tokenize off the router's event loop
@@ -210,6 +211,7 @@ def _check(cfg: Config) -> None:
     need(cfg.router.max_retries >= 0, "router.max_retries", "an int >= 0")
     need(cfg.router.max_migrations >= 0, "router.max_migrations", "an int >= 0")
     need(cfg.router.max_queued >= 1, "router.max_queued", "an int >= 1")
+    need(cfg.router.replicas >= 1, "router.replicas", "an int >= 1")
     _check_chaos(cfg.chaos, need)
     if cfg.cluster.address == "local":
         names = [n.name for n in cfg.cluster.nodes]

@@ -37,9 +37,19 @@ class WorkerStalled(Exception):
 
 class WorkerPool:
     def __init__(
-        self, role: str, handles: list, watchdog_s: float, metrics, health_period_s: float = 0.5
+        self,
+        role: str,
+        handles: list,
+        watchdog_s: float,
+        metrics,
+        health_period_s: float = 0.5,
+        restart=None,
     ) -> None:
         self.role = role
+        # async (worker name, handle, incarnation) -> bool: kills a stalled worker once
+        # across router replicas (cluster/peers.py); False when another already did.
+        # None: this router kills it itself.
+        self.restart_hook = restart
         self.handles = handles
         self.watchdog_s = watchdog_s
         # A stats() call unanswered this long (several polls, before the watchdog
@@ -136,8 +146,26 @@ class WorkerPool:
             log.warning("%s-%d unhealthy: %s", self.role, i, reason)
         self.metrics.healthy.labels(self.role).set(sum(self.healthy))
 
-    def _restart(self, i: int, reason: str) -> None:
+    def incarnation(self, i: int) -> str | None:
+        """Which process replica i was when it last answered (a restart changes it);
+        None when it has not answered this router."""
+        s = self.stats[i]
+        return f"{s.node_id}:{s.pid}" if s is not None else None
+
+    async def _restart(self, i: int, reason: str) -> None:
+        """Unhealthy at once (its calls fail over), then killed so Ray restarts it,
+        unless another router replica already killed this incarnation."""
         self._mark(i, False, reason)
+        name = f"{self.role}-{i}"
+        if self.restart_hook is not None:
+            try:
+                if not await self.restart_hook(name, self.handles[i], self.incarnation(i)):
+                    log.warning("%s: already restarted by another router replica", name)
+                    return
+                self.metrics.restarts.labels(self.role).inc()
+                return
+            except Exception:  # noqa: BLE001 - a doubled kill beats none
+                log.exception("could not have %s restarted through the router peers", name)
         self.metrics.restarts.labels(self.role).inc()
         # SIGKILL works on a SIGSTOPped process too; Ray then restarts the actor.
         ray.kill(self.handles[i], no_restart=False)
@@ -188,7 +216,7 @@ class WorkerPool:
         except (asyncio.TimeoutError, TimeoutError):
             now = time.monotonic()  # the wait itself took time
             if self.healthy[i] and now - self._last_answer[i] > self.watchdog_s:
-                self._restart(i, f"no answer for {now - self._last_answer[i]:.1f}s")
+                await self._restart(i, f"no answer for {now - self._last_answer[i]:.1f}s")
             self._back_off(i, now)
             return
         except Exception as e:  # noqa: BLE001 - dead or restarting: unhealthy until it answers
@@ -208,7 +236,7 @@ class WorkerPool:
             self._last_progress[i] = now
         self._steps[i] = steps
         if self.healthy[i] and now - self._last_progress[i] > self.watchdog_s:
-            self._restart(i, f"busy without a step for {now - self._last_progress[i]:.1f}s")
+            await self._restart(i, f"busy without a step for {now - self._last_progress[i]:.1f}s")
         elif not self.healthy[i] and now - self._last_progress[i] <= self.watchdog_s:
             self._mark(i, True)
 

@@ -20,6 +20,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import HEAD_RESOURCE, Config, NodeConfig
+from cluster.peers import RouterPeers
 from workers.api import WorkerSpec
 from workers.decode_worker import DecodeWorker
 from workers.loader import resolve_model
@@ -67,6 +68,7 @@ class RunningCluster:
     # Serve was already running (a RayService's, or another app's): stopping pdcluster
     # deletes its own application only and leaves Serve up.
     serve_was_running: bool = False
+    peers: object | None = None  # cluster/peers.py: what the router replicas share
 
     def shutdown(self) -> None:
         """Stop Serve, the workers and (when local) every Ray node we started."""
@@ -82,6 +84,8 @@ class RunningCluster:
                     for a in g.ranks:
                         ray.kill(a, no_restart=True)
                     remove_placement_group(g.pg)
+                if self.peers is not None:
+                    ray.kill(self.peers, no_restart=True)
         except Exception:  # noqa: BLE001 - shutting down; report and go on
             log.exception("error while stopping workers")
         finally:
@@ -305,13 +309,18 @@ def start(cfg: Config, log_to_driver: bool = True) -> RunningCluster:
             http_options={"host": cfg.router.host, "port": cfg.router.port},
             proxy_location="HeadOnly",
         )
+        on_head = HEAD_RESOURCE in ray.cluster_resources()
+        rc.peers = RouterPeers.options(resources={HEAD_RESOURCE: 0.001} if on_head else {}).remote(
+            cfg.router.watchdog_s, cfg.router.health_period_s
+        )
         serve.run(
             build_app(
                 cfg,
                 model_dir,
                 [g.leader for g in rc.prefill],
                 [g.leader for g in rc.decode],
-                pin_to_head=HEAD_RESOURCE in ray.cluster_resources(),
+                rc.peers,
+                pin_to_head=on_head,
             ),
             name="pdcluster",
             route_prefix="/",

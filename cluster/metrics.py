@@ -1,9 +1,12 @@
-"""Router-side Prometheus metrics (prefix `pdcluster_`), one registry per router.
+"""Router-side Prometheus metrics (prefix `pdcluster_`).
 
-Request metrics are observed in the router as requests pass; worker-side counts
-(KV blocks, transfers, leases) are read from the workers' `stats()` by the
-health poller and published here as gauges, so one scrape of the router's
-`/metrics` sees the whole cluster.
+Request metrics are observed in each router replica as requests pass, and carry a
+`router` label (the replica's id): a scrape of any replica shows every live
+replica's series (cluster/peers.py carries them), so counters stay monotonic per
+series whichever replica Serve's proxy picks. Worker-side counts (KV blocks,
+transfers, leases, health) are read from the workers' `stats()` by the health
+poller and published as gauges without that label, so one scrape of `/metrics`
+sees the whole cluster.
 """
 
 from __future__ import annotations
@@ -11,14 +14,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
 class RouterMetrics:
     def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
+        # This replica's request metrics; the workers' counts are in `workers`.
+        r = self.own = CollectorRegistry()
         self.ttft = Histogram(
             "pdcluster_time_to_first_token_seconds",
             "Arrival to first token",
@@ -55,6 +59,7 @@ class RouterMetrics:
         self.in_flight = Gauge(
             "pdcluster_requests_in_flight", "Requests by stage", ["stage"], registry=r
         )
+        r = self.workers = CollectorRegistry()
         self.blocks_used = Gauge(
             "pdcluster_kv_blocks_used", "KV blocks in use", ["role", "replica"], registry=r
         )
@@ -69,10 +74,36 @@ class RouterMetrics:
     ) -> None:
         """Publish the workers' own transfer/lease counters (from their last
         `stats()`), one series per replica so a restart is a counter reset."""
-        self.registry.register(_WorkerCounters(prefill, decode, buckets))
+        self.workers.register(_WorkerCounters(prefill, decode, buckets))
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def own_families(self) -> list[Metric]:
+        """This replica's request metrics, as sent to the other replicas."""
+        return list(self.own.collect())
+
+    def render(self, routers: dict[str, tuple[float | None, list[Metric]]]) -> bytes:
+        """The exposition: every replica's request metrics (by replica id, this
+        one's included; with the time they were read, or None for now), then the
+        workers' counts."""
+        merged: dict[str, Metric] = {}
+        for rid, (at, families) in routers.items():
+            for f in families:
+                m = merged.get(f.name)
+                if m is None:
+                    m = merged[f.name] = Metric(f.name, f.documentation, f.type, f.unit)
+                m.samples += [
+                    s._replace(labels={**s.labels, "router": rid}, timestamp=at) for s in f.samples
+                ]
+        return generate_latest(_Families(merged.values())) + generate_latest(self.workers)
+
+
+class _Families:
+    """Metric families already built, for `generate_latest`."""
+
+    def __init__(self, families) -> None:
+        self.families = list(families)
+
+    def collect(self):
+        return self.families
 
 
 class _WorkerCounters:

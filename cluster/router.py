@@ -31,6 +31,7 @@ from cluster.config import HEAD_RESOURCE, Config
 from cluster.detokenizer import IncrementalDetokenizer, StopChecker
 from cluster.health import WorkerPool, WorkerStalled
 from cluster.metrics import RouterMetrics
+from cluster.peers import report_ttl
 from transfer.handle import TransferError
 from workers.api import XFER_BUCKETS, SequenceFailed, WorkerError, process_usage
 from workers.channel import OutputChannel
@@ -73,6 +74,8 @@ app = FastAPI(title="pdcluster", docs_url=None, redoc_url=None)
 
 
 CHANNEL_RETRY_S = 0.1  # how often a request looks for, and the router reopens, a dead channel
+ROUTER_HEADER = "pdcluster-router"  # on every completion response: the replica that served it
+PEER_TIMEOUT_S = 2.0  # a call to the router replicas' shared actor (cluster/peers.py)
 
 
 class Unavailable(Exception):
@@ -133,7 +136,7 @@ def _error(
 )
 @serve.ingress(app)
 class Router:
-    def __init__(self, cfg_json: bytes, model_dir: str, prefill: list, decode: list):
+    def __init__(self, cfg_json: bytes, model_dir: str, prefill: list, decode: list, peers):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         # The fast tokenizer class by name: AutoTokenizer imports torch, and the
         # router process loads neither torch nor nixl.
@@ -153,12 +156,18 @@ class Router:
         )
         self._admitting = 0  # requests being read and admitted (they count as queued)
         self.metrics = RouterMetrics()
+        # This replica (of router.replicas), and what the others last reported.
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.peers = peers
+        self._peer_reports: dict[str, tuple[dict, list]] = {}
+        self._peer_ttl_s = report_ttl(self.cfg.router.health_period_s)
+        self._peers_failing = False
         r = self.cfg.router
         self.prefill_pool = WorkerPool(
-            "prefill", prefill, r.watchdog_s, self.metrics, r.health_period_s
+            "prefill", prefill, r.watchdog_s, self.metrics, r.health_period_s, self._restart
         )
         self.decode_pool = WorkerPool(
-            "decode", decode, r.watchdog_s, self.metrics, r.health_period_s
+            "decode", decode, r.watchdog_s, self.metrics, r.health_period_s, self._restart
         )
         self.metrics.watch_workers(
             lambda: self.prefill_pool.stats, lambda: self.decode_pool.stats, XFER_BUCKETS
@@ -171,6 +180,7 @@ class Router:
         self._health_task = loop.create_task(self._poll_health())
         self._channels_wanted = asyncio.Event()
         self._channels_task = loop.create_task(self._keep_channels())
+        self._report_task = loop.create_task(self._keep_reporting())
 
     async def _keep_channels(self) -> None:
         """Open every decode replica's output channel, and reopen one that failed (its
@@ -206,6 +216,57 @@ class Router:
                 return chan
             self._channels_wanted.set()
             await asyncio.sleep(CHANNEL_RETRY_S)
+
+    async def _restart(self, worker: str, handle, incarnation: str | None) -> bool:
+        """Have a stalled worker killed once across the router replicas."""
+        return await asyncio.wait_for(
+            self.peers.restart.remote(worker, handle, incarnation), PEER_TIMEOUT_S
+        )
+
+    def _own_counts(self) -> dict:
+        return {
+            "router_id": self.replica_id,
+            "router_pid": os.getpid(),
+            "router_node_id": ray.get_runtime_context().get_node_id(),
+            "router_requests_in_flight": len(self.requests),
+            "router_admitting": self._admitting,
+            "router_channels": len(self._channels),
+            "router_channel_queues": sum(len(c) for c in self._channels.values()),
+            **{f"router_{k}": v for k, v in process_usage().items()},
+            "reported_at": time.time(),
+        }
+
+    def _peers(self) -> dict[str, tuple[dict, list]]:
+        """The other replicas' last reports, while recent (this replica may have failed
+        to refresh them)."""
+        now = time.time()
+        return {
+            rid: rep
+            for rid, rep in self._peer_reports.items()
+            if now - rep[0]["reported_at"] <= self._peer_ttl_s
+        }
+
+    async def _keep_reporting(self) -> None:
+        """Every health period: this replica's counts and request metrics to the other
+        router replicas (through cluster/peers.py), and theirs back."""
+        while True:
+            for stage in ("admitted", "prefill", "decode"):
+                self.metrics.in_flight.labels(stage).set(
+                    sum(1 for r in self.requests.values() if r.stage == stage)
+                )
+            try:
+                self._peer_reports = await asyncio.wait_for(
+                    self.peers.report.remote(
+                        self.replica_id, self._own_counts(), self.metrics.own_families()
+                    ),
+                    PEER_TIMEOUT_S,
+                )
+                self._peers_failing = False
+            except Exception:  # noqa: BLE001 - reported again next period
+                if not self._peers_failing:  # once per outage, not every period
+                    log.exception("router peers unreachable")
+                self._peers_failing = True
+            await asyncio.sleep(self.cfg.router.health_period_s)
 
     async def _poll_health(self) -> None:
         """Watchdog loop: stats from every worker, bounded by a timeout each."""
@@ -244,7 +305,11 @@ class Router:
             self.metrics.in_flight.labels(stage).set(
                 sum(1 for r in self.requests.values() if r.stage == stage)
             )
-        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+        # The others' series carry the time of their report: a scrape that reaches a
+        # replica with an older report cannot move a counter back in Prometheus.
+        routers = {rid: (st["reported_at"], m) for rid, (st, m) in self._peers().items()}
+        routers[self.replica_id] = (None, self.metrics.own_families())
+        return Response(self.metrics.render(routers), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models(self) -> Response:
@@ -271,13 +336,13 @@ class Router:
         pools = (self.prefill_pool, self.decode_pool)
         stats = await asyncio.gather(*[p.fresh_stats() for p in pools])
         p, d = ([s for s in ss if s] for ss in stats)
+        own = self._own_counts()
+        routers = [own, *(s for s, _ in self._peers().values())]
         return {
-            "router_pid": os.getpid(),
-            "router_node_id": ray.get_runtime_context().get_node_id(),
-            "router_channels": len(self._channels),
-            "router_channel_queues": sum(len(c) for c in self._channels.values()),
-            **{f"router_{k}": v for k, v in process_usage().items()},
-            "requests_in_flight": len(self.requests),
+            # The replica that answered (router_*), and every live replica (routers).
+            **own,
+            "routers": sorted(routers, key=lambda r: r["router_id"]),
+            "requests_in_flight": sum(r["router_requests_in_flight"] for r in routers),
             "prefill_pending": sum(s.pending for s in p),
             "prefill_leases": sum(s.engine.leases for s in p),
             "prefill_pinned_blocks": sum(s.pinned_blocks for s in p),
@@ -302,7 +367,7 @@ class Router:
                 f"{r.max_queued}; retry later",
                 "rate_limit_error",
                 "queue_full",
-                headers={"Retry-After": "1"},
+                headers={"Retry-After": "1", ROUTER_HEADER: self.replica_id},
             )
         self._admitting += 1  # holds a slot while it is read and admitted
         try:
@@ -336,6 +401,7 @@ class Router:
             return StreamingResponse(
                 self._stream(rid, events, chat, len(prompt_ids), include_usage),
                 media_type="text/event-stream",
+                headers={"pdcluster-request-id": rid, ROUTER_HEADER: self.replica_id},
             )
         text, reason, n_out = "", None, 0
         try:
@@ -350,7 +416,8 @@ class Router:
         }
         build = P.chat_completion if chat else P.text_completion
         return _json(
-            build(f"{'chatcmpl' if chat else 'cmpl'}-{rid}", self.model_name, text, reason, usage)
+            build(f"{'chatcmpl' if chat else 'cmpl'}-{rid}", self.model_name, text, reason, usage),
+            headers={"pdcluster-request-id": rid, ROUTER_HEADER: self.replica_id},
         )
 
     async def _read_body(self, request: Request) -> bytes:
@@ -446,7 +513,9 @@ class Router:
         else:
             log.error("request %s failed", rid, exc_info=e)
             status, msg, code = 500, "internal error; see the router log", "internal_error"
-        headers = {"pdcluster-request-id": rid} | ({"Retry-After": "1"} if status == 503 else {})
+        headers = {"pdcluster-request-id": rid, ROUTER_HEADER: self.replica_id}
+        if status == 503:
+            headers["Retry-After"] = "1"
         return _error(status, f"{msg} (request {rid})", P.error_type_for(status), code, headers)
 
     async def _stream(
@@ -687,14 +756,14 @@ class Router:
                 self.decode_pool.handles[i].abort.remote(wid)
 
 
-def build_app(cfg: Config, model_dir: str, prefill: list, decode: list, pin_to_head: bool):
-    """The Serve application for `serve.run`."""
-    router = Router
+def build_app(cfg: Config, model_dir: str, prefill: list, decode: list, peers, pin_to_head: bool):
+    """The Serve application for `serve.run`: `router.replicas` replicas of the router."""
+    options = {"num_replicas": cfg.router.replicas}
     if pin_to_head:
-        router = Router.options(
-            ray_actor_options={"num_cpus": 0, "resources": {HEAD_RESOURCE: 0.001}}
-        )
-    return router.bind(msgspec.json.encode(cfg), model_dir, prefill, decode)
+        options["ray_actor_options"] = {"num_cpus": 0, "resources": {HEAD_RESOURCE: 0.001}}
+    return Router.options(**options).bind(
+        msgspec.json.encode(cfg), model_dir, prefill, decode, peers
+    )
 
 
 __all__ = ["Router", "build_app"]

@@ -3,18 +3,19 @@
 
 from __future__ import annotations
 
-import re
-
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 
-def _metric_sums(text: str, name: str) -> dict[str, float]:
-    """`name`'s samples summed by their first label's value ('' when unlabelled)."""
+def _metric_sums(text: str, name: str, by: str = "") -> dict[str, float]:
+    """`name`'s samples summed by the value of their label `by` ('' when it has none),
+    over every router replica's series."""
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        m = re.match(rf"^{name}(?:\{{[a-z_]+=\"([^\"]*)\"[^}}]*\}})? ([0-9.e+-]+)$", line)
-        if m:
-            out[m.group(1) or ""] = out.get(m.group(1) or "", 0.0) + float(m.group(2))
+    for f in text_string_to_metric_families(text):
+        for s in f.samples:
+            if s.name == name:
+                key = s.labels.get(by, "")
+                out[key] = out.get(key, 0.0) + s.value
     return out
 
 
@@ -32,16 +33,21 @@ def render(url: str, timeout: float = 10) -> str:
         + (f"; lost: {', '.join(health['lost'])}" if health.get("lost") else "")
         + ")"
     ]
-    inflight = _metric_sums(metrics, "pdcluster_requests_in_flight")
-    restarts = _metric_sums(metrics, "pdcluster_worker_restarts_total")
+    inflight = _metric_sums(metrics, "pdcluster_requests_in_flight", "stage")
+    restarts = _metric_sums(metrics, "pdcluster_worker_restarts_total", "role")
     if state is None:
         lines.append("  (router.debug_state is off: per-replica detail unavailable)")
     else:
+        routers = state.get("routers") or [state]
         lines.append(
-            f"router: pid {state['router_pid']} on node {state['router_node_id'][:8]}, "
-            f"{state['requests_in_flight']} requests in flight "
+            f"routers: {len(routers)}, {state['requests_in_flight']} requests in flight "
             f"({', '.join(f'{k} {int(v)}' for k, v in sorted(inflight.items())) or 'none'})"
         )
+        for r in routers:
+            lines.append(
+                f"  router {r.get('router_id', '')} pid {r['router_pid']} on node "
+                f"{r['router_node_id'][:8]}: {r['router_requests_in_flight']} in flight"
+            )
         for role in ("prefill", "decode"):
             for w in (w for w in state["workers"] if w["role"] == role):
                 lines.append("  " + _worker_line(w))

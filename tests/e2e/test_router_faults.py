@@ -37,6 +37,7 @@ def cluster():
             "health_period_s": 0.25,
             "request_timeout_s": 30,
             "max_queued": 256,
+            "replicas": 2,
         },
     )
     with running_cluster(cfg) as rc:
@@ -397,7 +398,9 @@ def test_metrics_endpoint_has_the_design_names(cluster):
         "pdcluster_kv_blocks_used",
     ):
         assert name in text, name
-    assert 'pdcluster_requests_total{outcome="ok"}' in text
+    # One scrape, whichever replica answers, shows every router replica's own series.
+    ok = re.findall(r'^pdcluster_requests_total\{outcome="ok",router="([^"]+)"\} ', text, re.M)
+    assert sorted(ok) == sorted(_router_replicas(cluster.url)), ok
     assert _metric(cluster.url, "pdcluster_kv_transfer_bytes_total") > 0
 
 
@@ -424,6 +427,7 @@ def test_status_summarizes_the_cluster(cluster):
     from cluster.cli import main
     from cluster.status import render
 
+    routers = _router_replicas(cluster.url)
     text = render(cluster.url)
     assert text.splitlines()[0].endswith(": ok (prefill 2 healthy, decode 2 healthy)"), text
     nodes = {
@@ -435,18 +439,100 @@ def test_status_summarizes_the_cluster(cluster):
         (line,) = [ln for ln in text.splitlines() if ln.strip().startswith(name + " ")]
         assert "healthy" in line and "KV " in line and line.split("node ")[1][:8] in nodes
     assert "requests in flight" in text and "restarts" in text
+    assert "routers: 2," in text
+    stages = re.search(r"requests in flight \((.*)\)", text).group(1)
+    assert {kv.split()[0] for kv in stages.split(", ")} <= {"admitted", "prefill", "decode"}, text
+    for rid in routers:
+        assert f"router {rid} pid " in text, text
     assert main(["status", cluster.url]) == 0
 
 
 def _metric(url: str, name: str) -> float:
+    """The sum of every sample of `name` (optionally `name{k="v",...}`) whose labels
+    include the given ones: over router replicas, worker replicas and the rest."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    base, _, sel = name.partition("{")
+    want = dict(re.findall(r'(\w+)="([^"]*)"', sel))
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            if key == name or key.startswith(name + "{") or name.endswith("}"):
-                total += float(value)
-    return total
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == base and want.items() <= s.labels.items()
+    )
+
+
+def _router_replicas(url: str, want: int = 2, gone: str = "", timeout: float = 120) -> dict:
+    """router id -> pid of every live router replica, once `want` of them report and
+    `gone` is not among them (a killed replica's last report lasts a few seconds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = httpx.get(f"{url}/debug/state", timeout=10)
+        if r.status_code == 200:  # not a proxy still sending to a dead replica
+            routers = {x["router_id"]: x["router_pid"] for x in r.json()["routers"]}
+            if len(routers) == want and gone not in routers:
+                return routers
+        assert time.monotonic() < deadline, r.text
+        time.sleep(0.5)
+
+
+def test_one_router_replica_killed_under_load_fails_only_its_streams(cluster):
+    """router.replicas: 2. SIGKILL one replica while 12 streams run on the two: the
+    streams on the survivor all finish; those on the killed one end at once, without
+    [DONE]; requests sent right after the kill are served; Serve replaces the
+    replica, and nothing leaks on the workers or the routers."""
+    routers = _router_replicas(cluster.url)
+    victim, victim_pid = sorted(routers.items())[0]
+    n = 12
+    started = 0
+
+    async def one(i: int, client: httpx.AsyncClient):
+        nonlocal started
+        body = chat(f"router {i}", max_tokens=300, temperature=0, stream=True, ignore_eos=True)
+        router, tokens, done = None, 0, False
+        try:
+            async with client.stream("POST", f"{cluster.url}/v1/chat/completions", json=body) as r:
+                router = r.headers["pdcluster-router"]
+                started += 1
+                async for ev in sse_events(r):
+                    ch = ev["choices"][0] if ev.get("choices") else {}
+                    tokens += bool(ch.get("delta", {}).get("content"))
+                    done = done or ch.get("finish_reason") == "length"
+            return router, tokens, done, None, time.monotonic()
+        except httpx.HTTPError as e:
+            return router, tokens, done, type(e).__name__, time.monotonic()
+
+    async def run():
+        async with httpx.AsyncClient(timeout=60) as client:
+            tasks = [asyncio.create_task(one(i, client)) for i in range(n)]
+            while started < n:
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)
+            os.kill(victim_pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            after = []
+            for i in range(10):  # new requests, at once
+                r = await client.post(
+                    f"{cluster.url}/v1/chat/completions",
+                    json=chat(f"after {i}", max_tokens=4, temperature=0),
+                )
+                after.append((r.status_code, time.monotonic() - killed_at))
+            return await asyncio.gather(*tasks), killed_at, after
+
+    results, killed_at, after = asyncio.run(run())
+    on_victim = [x for x in results if x[0] == victim]
+    on_survivor = [x for x in results if x[0] != victim]
+    assert on_victim and on_survivor, [x[0] for x in results]  # both replicas had streams
+    for router, tokens, done, error, ended in on_survivor:
+        assert done and tokens > 0 and error is None, (router, tokens, done, error)
+    for router, tokens, done, error, ended in on_victim:
+        assert not done and ended - killed_at < 10, (tokens, done, error, ended - killed_at)
+    assert all(status == 200 for status, _ in after), after
+    assert after[0][1] < 5, after
+    # Serve starts a new replica; the killed one's report is dropped; nothing leaks.
+    _router_replicas(cluster.url, gone=victim)
+    assert_idle(cluster.url)
 
 
 def test_a_replica_gone_for_good_is_reported_lost_and_polled_rarely(cluster):

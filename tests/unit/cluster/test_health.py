@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import time
 
+import msgspec
 import pytest
 
 from cluster import health
 from cluster.metrics import RouterMetrics
+from cluster.peers import Peers
 from workers.api import DecodeStats, EngineStats, TransferStats
 
 
@@ -40,8 +42,8 @@ def _stats(free_blocks: int, steps: int = 0) -> DecodeStats:
 class Replica:
     """Answers stats() with `free_blocks`, or never once `frozen` (a SIGSTOPped worker)."""
 
-    def __init__(self, free_blocks: int, delay: float = 0.0):
-        self.free_blocks, self.frozen, self.delay = free_blocks, False, delay
+    def __init__(self, free_blocks: int, delay: float = 0.0, pid: int = 100):
+        self.free_blocks, self.frozen, self.delay, self.pid = free_blocks, False, delay, pid
         self.stats = self
 
     def remote(self):
@@ -49,7 +51,7 @@ class Replica:
             await asyncio.sleep(self.delay)
             while self.frozen:
                 await asyncio.sleep(0.05)
-            return _stats(self.free_blocks)
+            return msgspec.structs.replace(_stats(self.free_blocks), pid=self.pid)
 
         return answer()
 
@@ -130,3 +132,67 @@ def test_a_slow_but_answering_replica_is_neither_suspect_nor_killed(killed):
     pool, picks = asyncio.run(run())
     assert killed == [] and pool.healthy == [True, True]
     assert picks[-30:] == [0] * 30  # most free blocks, never passed over
+
+
+def test_router_replicas_restart_a_stalled_worker_once_per_incarnation(killed):
+    """Three router replicas watch the same workers. A frozen worker is killed once,
+    not three times (a second kill would hit the fresh process Ray just started);
+    the fresh incarnation, frozen in turn, is killed once again."""
+    peers = Peers(watchdog_s=1.0, health_period_s=0.25)
+
+    async def restart(worker, handle, incarnation):
+        await asyncio.sleep(0)  # an actor call
+        return peers.restart(worker, handle, incarnation)
+
+    async def run():
+        r = Replica(free_blocks=100, pid=100)
+        pools = [
+            health.WorkerPool("decode", [r], 1.0, RouterMetrics(), 0.25, restart) for _ in range(3)
+        ]
+        for pool in pools:
+            await pool.poll()
+        pollers = [asyncio.create_task(_poll_forever(pool)) for pool in pools]
+        r.frozen = True
+        await asyncio.sleep(2.0)
+        assert [p.healthy for p in pools] == [[False]] * 3
+        assert len(killed) == 1
+        r.pid, r.frozen = 101, False  # Ray restarted it (polled every SILENT_POLL_S)
+        await asyncio.sleep(health.SILENT_POLL_S + 0.5)
+        assert [p.healthy for p in pools] == [[True]] * 3
+        r.frozen = True
+        await asyncio.sleep(2.0)
+        for t in pollers:
+            t.cancel()
+        return [p.metrics.restarts.labels("decode")._value.get() for p in pools]
+
+    restarts = asyncio.run(run())
+    assert len(killed) == 2
+    assert sum(restarts) == 2  # counted by the replica that killed
+
+
+def test_peers_kill_each_incarnation_once_and_a_never_heard_one_after_a_grace(killed, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr("cluster.peers.time.monotonic", lambda: clock[0])
+    peers = Peers(watchdog_s=3.0, health_period_s=0.5)
+    assert peers.restart("decode-0", "h", "n:100")
+    clock[0] += 0.5
+    # Another replica, with the same stale stats, or with none (it never heard from the
+    # worker: a replica Serve just started): the fresh process is left alone.
+    assert not peers.restart("decode-0", "h", "n:100")
+    assert not peers.restart("decode-0", "h", None)
+    clock[0] += 10
+    assert not peers.restart("decode-0", "h", "n:100")  # that process is gone already
+    assert peers.restart("decode-0", "h", "n:101")  # the new one stalled in turn
+    assert peers.restart("prefill-0", "p", None)  # never killed: no grace to wait
+    clock[0] += peers.unknown_grace_s
+    assert peers.restart("decode-0", "h", None)
+    assert killed == ["h", "h", "p", "h"]
+
+
+def test_router_peers_report_each_other_and_drop_a_silent_one():
+    peers = Peers(watchdog_s=3.0, health_period_s=0.01)
+    peers.ttl_s = 0.2
+    assert peers.report("a", {"n": 1}, []) == {}
+    assert peers.report("b", {"n": 2}, []) == {"a": ({"n": 1}, [])}
+    time.sleep(0.3)
+    assert peers.report("b", {"n": 3}, []) == {}  # a stopped reporting: dropped
