@@ -4,7 +4,7 @@ Closed loop (`concurrency` clients, each with one request at a time) or open loo
 (Poisson arrivals at `rate` per second). Every request is kept as a `Record`: when it
 started, its first token, each chunk and its end, its HTTP status, any error message,
 and its text. `pdcluster chaos` runs its faults under this load, and `pdcluster bench`
-measures with it, so both see requests the same way.
+(bench/) measures with it, so both see requests the same way.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class Record:
     error: str | None = None  # status and message, or how the connection ended
     text: str = ""
     tokens: int = 0
+    prompt_tokens: int = 0  # from the endpoint's usage chunk
     finish_reason: str | None = None
     chunk_times: list[float] = field(default_factory=list)
     hung: bool = False  # no end by LoadShape.hung_after_s
@@ -61,6 +62,9 @@ class LoadShape:
     # Greedy and exactly max_tokens long, so every prompt's text is known in advance.
     body: dict = field(default_factory=lambda: {"temperature": 0, "ignore_eos": True})
     seed: int = 0
+    # max_tokens per prompt (same index), for output lengths drawn from a distribution;
+    # empty: max_tokens for every request.
+    lengths: tuple[int, ...] = ()
 
 
 def make_prompts(n: int, seed: int = 0, min_words: int = 4, max_words: int = 40) -> list[str]:
@@ -168,7 +172,7 @@ class Load:
         prompt = s.prompts[rec.prompt]
         body = {
             "model": s.model,
-            "max_tokens": s.max_tokens,
+            "max_tokens": s.lengths[rec.prompt] if s.lengths else s.max_tokens,
             "stream": True,
             "stream_options": {"include_usage": True},
             **s.body,
@@ -217,6 +221,7 @@ class Load:
                         return
                     if msg.get("usage"):
                         rec.tokens = msg["usage"].get("completion_tokens", rec.tokens)
+                        rec.prompt_tokens = msg["usage"].get("prompt_tokens", 0)
                     for ch in msg.get("choices") or []:
                         piece = (ch.get("delta") or {}).get("content") if chat else ch.get("text")
                         now = time.time()

@@ -1,4 +1,4 @@
-"""`pdcluster` command line: `up CONFIG`, `chaos CONFIG`, `status URL`,
+"""`pdcluster` command line: `up CONFIG`, `chaos CONFIG`, `bench URL`, `status URL`,
 `fetch-model [SOURCE]`, `check-config CONFIG`."""
 
 from __future__ import annotations
@@ -87,6 +87,12 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from bench.main import bench_main
+
+    return bench_main(args)
+
+
 def _fetch(args: argparse.Namespace) -> int:
     from workers.loader import resolve_model
 
@@ -142,6 +148,33 @@ def main(argv: list[str] | None = None) -> int:
     )
     st.add_argument("url", nargs="?", default="http://127.0.0.1:8000")
     st.set_defaults(fn=_status)
+    be = sub.add_parser(
+        "bench",
+        help="throughput, latency and goodput of an OpenAI-compatible endpoint",
+        description="Streaming load against URL (pdcluster or any OpenAI-compatible server) "
+        "at each --rates point (Poisson) or at --concurrency clients; writes bench.json, "
+        "goodput.png and latency.png. --compare URL2 measures a second endpoint at every "
+        "point, alternating which goes first, and gives the ratios.",
+    )
+    be.add_argument("url")
+    be.add_argument("--compare", metavar="URL2", help="a second endpoint, measured alike")
+    be.add_argument("--model", required=True, help="the model name sent in each request")
+    be.add_argument("--rates", help="comma-separated request rates (req/s, Poisson arrivals)")
+    be.add_argument(
+        "--concurrency", type=int, default=32, help="clients (closed loop), or the in-flight cap"
+    )
+    be.add_argument("--duration", type=float, default=30.0, help="seconds of load per point")
+    be.add_argument("--prompt-tokens", default="64", help="N or LOW-HIGH (about one word each)")
+    be.add_argument("--max-tokens", default="64", help="output tokens: N or LOW-HIGH")
+    be.add_argument(
+        "--system-prompt-tokens", type=int, default=0, help="a system prompt shared by all"
+    )
+    be.add_argument("--slo", help="targets for goodput, e.g. ttft=0.5,tpot=0.1 (seconds)")
+    be.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
+    be.add_argument("--seed", type=int, default=0)
+    be.add_argument("--out", default="bench-report", help="report directory")
+    be.add_argument("--fail-on-error", action="store_true", help="exit 1 if any request failed")
+    be.set_defaults(fn=_bench)
     fm = sub.add_parser("fetch-model", help="fetch and convert a model source into the cache")
     fm.add_argument("source", nargs="?")
     fm.add_argument("--config", default="configs/local.yaml")
