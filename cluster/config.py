@@ -61,6 +61,9 @@ class _GroupConfig(_Strict):
 class PrefillConfig(_GroupConfig):
     node_resource: str = "prefill_node"
     max_batched_tokens: int = 2048
+    # Automatic prefix caching: a prompt reuses the KV blocks of its longest prefix
+    # computed before (full blocks, LRU-evicted when the pool needs them).
+    prefix_caching: bool = True
 
 
 class DecodeConfig(_GroupConfig):

@@ -56,6 +56,7 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     dtype: str = "float32"
     device: str = "cpu"
     max_batched_tokens: int = 2048
+    prefix_caching: bool = False
     max_running: int = 32
     transfer_timeout_s: float = 10.0
     lease_ttl_s: float = 30.0
@@ -91,6 +92,11 @@ class EngineStats(msgspec.Struct, frozen=True, kw_only=True):
     blocked: bool  # work is queued but no block is free for it: waiting, not stalled
     used_blocks: int
     free_blocks: int
+    # Prefix caching: blocks no request holds that keep reusable KV (free for new work,
+    # not counted in used_blocks), and prompt tokens asked for / found cached, ever.
+    cached_blocks: int = 0
+    prefix_queried_tokens: int = 0
+    prefix_hit_tokens: int = 0
     leases: int = 0  # prefill: leases held
     leases_expired: int = 0  # prefill: swept unclaimed or abandoned, ever
 

@@ -65,12 +65,26 @@ class Engine:
         self.steps = 0  # progress counter a watchdog can read
         self.blocked = False  # the last step found work but no blocks for it
         self._finished_unscheduled: list[StepOutput] = []
+        # Automatic prefix caching (when the block manager caches): prompt tokens asked
+        # for, and how many of them were found cached.
+        self.prefix_queried_tokens = 0
+        self.prefix_hit_tokens = 0
 
     # ---- admission -------------------------------------------------------
 
     def add(self, seq: Sequence) -> None:
-        """Queue a sequence; its uncached tokens get computed in prefill steps."""
+        """Queue a sequence; its uncached tokens get computed in prefill steps. With
+        prefix caching, it starts from the cached blocks of its longest cached prefix
+        (never the block of its last token: that token is computed for its logits)."""
         self._register(seq)
+        if self.blocks.caching:
+            seq.block_hashes = self.blocks.prefix_hashes(
+                seq.token_ids, (seq.num_tokens - 1) // self.blocks.block_size
+            )
+            seq.block_table = self.blocks.match(seq.block_hashes)
+            seq.num_cached = len(seq.block_table) * self.blocks.block_size
+            self.prefix_queried_tokens += seq.num_tokens
+            self.prefix_hit_tokens += seq.num_cached
         self._enqueue(seq)
 
     def add_pulled(self, seq: Sequence) -> None:
@@ -269,6 +283,12 @@ class Engine:
         self.steps += 1
         for s, n in zip(seqs, num_new):
             s.num_cached += n
+            if is_prefill and s.block_hashes:  # its prompt blocks this step completed
+                bs = self.blocks.block_size
+                for j in range(
+                    (s.num_cached - n) // bs, min(len(s.block_hashes), s.num_cached // bs)
+                ):
+                    self.blocks.register(s.block_table[j], s.block_hashes[j])
         # Only sequences whose whole context is now cached produce a token;
         # a partial chunk of a long prompt waits for its next chunk.
         done = [i for i, s in enumerate(seqs) if s.num_cached == s.num_tokens]

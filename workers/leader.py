@@ -57,7 +57,7 @@ class GroupLeader:
         self.spec = spec
         self.node_id = ray.get_runtime_context().get_node_id()
         self.runner = load_runner(spec)
-        self.blocks = BlockManager(spec.kv_blocks, spec.block_size)
+        self.blocks = BlockManager(spec.kv_blocks, spec.block_size, spec.prefix_caching)
         self.engine = Engine(
             self.runner,
             self.blocks,
@@ -146,6 +146,9 @@ class GroupLeader:
             blocked=e.blocked,
             used_blocks=self.blocks.num_used,
             free_blocks=self.blocks.num_free,
+            cached_blocks=self.blocks.num_cached,
+            prefix_queried_tokens=e.prefix_queried_tokens,
+            prefix_hit_tokens=e.prefix_hit_tokens,
             **role,
         )
 

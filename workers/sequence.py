@@ -35,6 +35,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.aborted = False  # aborted while PULLING: freed once the transfer has ended
         self.generator = None  # torch.Generator of a seeded request, made by the sampler
+        self.block_hashes: list[bytes] = []  # prefix caching: its full prompt blocks' hashes
 
     @property
     def num_tokens(self) -> int:

@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 import ray
+import torch
 
 from tests.support import (
     assert_idle,
@@ -237,6 +238,34 @@ def test_queue_full_is_429_with_retry_after(cluster):
     assert all(r[1] == "1" and r[2]["error"]["code"] == "queue_full" for r in refused)
     assert all('"request_timeout"' in r[2] and r[2].endswith("data: [DONE]\n\n") for r in admitted)
     assert_idle(cluster.url)
+
+
+def test_prefix_caching_reuses_a_shared_prefix_with_the_same_greedy_text(cluster, hf):
+    """Two prompts sharing a 200-token prefix: the second prefill finds the first's
+    full blocks cached (prefix_hit_tokens), and both texts equal HF's. Afterwards the
+    cached blocks are reported apart (prefill_cached_blocks), not as held."""
+    _, tok = hf
+    g = torch.Generator().manual_seed(21)
+    prefix = torch.randint(3, 250, (200,), generator=g).tolist()
+    prompts = [prefix + torch.randint(3, 250, (9,), generator=g).tolist() for _ in range(2)]
+
+    def hits() -> int:
+        state = httpx.get(f"{cluster.url}/debug/state", timeout=10).json()
+        return sum(
+            w["stats"]["engine"]["prefix_hit_tokens"]
+            for w in state["workers"]
+            if w["role"] == "prefill"
+        )
+
+    before = hits()
+    for ids in prompts:
+        r = httpx.post(f"{cluster.url}/v1/completions", timeout=60, json=greedy_completion(ids, 8))
+        assert r.status_code == 200, r.text
+        want = tok.decode(hf_greedy(hf, ids, 8), skip_special_tokens=False)
+        assert r.json()["choices"][0]["text"] == want
+    assert hits() - before >= 192  # 12 full blocks of the shared prefix
+    state = assert_idle(cluster.url)
+    assert state["prefill_cached_blocks"] >= 12
 
 
 def test_bench_measures_the_endpoint_against_itself(cluster, tmp_path):

@@ -271,3 +271,128 @@ def test_a_pull_waits_for_a_place_in_the_batch(tiny_model_dir):
     while engine.has_work:
         engine.step()
     assert engine.blocks.num_used == 0 and not engine.seqs
+
+
+# ---- automatic prefix caching ------------------------------------------------
+
+
+def test_block_manager_prefix_cache_counts_evicts_lru_and_never_makes_work_wait():
+    bm = BlockManager(6, 4, caching=True)
+    toks = list(range(100, 112))  # 3 full blocks
+    hashes = bm.prefix_hashes(toks, 3)
+    assert bm.prefix_hashes(toks, 3) == hashes and len(set(hashes)) == 3
+    assert bm.prefix_hashes([9, *toks[1:]], 3)[1] != hashes[1]  # chained: a prefix changes all
+    a = bm.allocate(3)
+    for i, h in zip(a, hashes):
+        bm.register(i, h)
+    assert bm.match(hashes) == a  # a second request shares them
+    assert bm.num_used == 3
+    bm.free(a)
+    assert bm.num_used == 3  # still held by the second
+    bm.free(a)
+    assert (bm.num_used, bm.num_cached, bm.num_free) == (0, 3, 6)  # cached, yet free
+    assert bm.match(hashes[:2]) == a[:2]
+    bm.free(a[:2])  # a[2] is now the least recently used cached block, then a[0], a[1]
+    got = bm.allocate(4)  # 3 never-used blocks, then the LRU cached one
+    assert a[2] in got and bm.num_cached == 2
+    assert bm.match(hashes) == a[:2]  # the chain stops at its evicted third block
+    bm.free(a[:2])
+    bm.allocate(2)  # evicts the rest: nothing waits while cached blocks exist
+    assert bm.num_cached == 0 and bm.num_free == 0
+    with pytest.raises(NoFreeBlocks):
+        bm.allocate(1)
+
+
+def _shared_prefix_prompts(prefix_len: int, suffixes: int, seed: int = 11):
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(3, 250, (prefix_len,), generator=g).tolist()
+    return [
+        prefix + torch.randint(3, 250, (5 + 7 * i,), generator=g).tolist() for i in range(suffixes)
+    ]
+
+
+def caching_engine(model_dir, num_blocks=64, max_model_len=512, **kw):
+    runner = ModelRunner(
+        model_dir, max_model_len=max_model_len, num_blocks=num_blocks, block_size=16
+    )
+    return Engine(
+        runner,
+        BlockManager(num_blocks, 16, caching=True),
+        max_batched_tokens=512,
+        max_running=8,
+        **kw,
+    )
+
+
+def test_prefix_caching_keeps_greedy_output_identical(tiny_model_dir, hf):
+    """Prompts sharing a 100-token prefix, one after another (each finds the last one's
+    blocks cached) and then all at once: every output equals HF's, as without caching."""
+    prompts = _shared_prefix_prompts(100, 4)
+    refs = [hf_greedy(hf, p, N) for p in prompts]
+    engine = caching_engine(tiny_model_dir)
+    one_by_one = [run_all(engine, [p])[0].output_ids for p in prompts]
+    assert one_by_one == refs
+    assert engine.prefix_hit_tokens == 3 * 96  # 6 full blocks, from the second prompt on
+    assert [s.output_ids for s in run_all(engine, prompts)] == refs
+    assert engine.blocks.num_used == 0 and engine.blocks.num_cached > 0
+
+
+def test_a_shared_1000_token_prefix_prefills_only_the_suffix(tiny_model_dir, monkeypatch):
+    engine = caching_engine(tiny_model_dir, num_blocks=160, max_model_len=1200, prefill_only=True)
+    computed = []
+    forward = engine.runner.forward
+    monkeypatch.setattr(
+        engine.runner, "forward", lambda seqs, n: computed.append(sum(n)) or forward(seqs, n)
+    )
+    first, second = _shared_prefix_prompts(1000, 2)
+    sp = SamplingParams(max_tokens=1, temperature=0.0)
+    per_prompt = []
+    for i, p in enumerate((first, second)):
+        seq = Sequence(str(i), p, sp)
+        engine.add(seq)
+        while engine.has_work:
+            engine.step()
+        per_prompt.append(sum(computed))
+        computed.clear()
+        engine.blocks.free(seq.block_table)  # what the prefill worker's lease release does
+    # 62 full blocks (992 tokens) of the shared prefix are reused; the rest is computed.
+    assert per_prompt == [len(first), len(second) - 992] and per_prompt[1] == 20
+    assert engine.blocks.num_used == 0
+
+
+def test_prefix_caching_greedy_through_a_prefill_only_engine_matches_hf(tiny_model_dir, hf):
+    """The prefill worker's engine: the first token of a prompt whose prefix was cached
+    equals HF's, and its KV blocks (cached and new) equal those of an uncached run."""
+    a, b = _shared_prefix_prompts(64, 2, seed=5)
+    sp = SamplingParams(max_tokens=1, temperature=0.0)
+    kvs = []
+    for caching in (True, False):
+        engine = caching_engine(tiny_model_dir, prefill_only=True)
+        engine.blocks.caching = caching
+        for i, p in enumerate((a, b)):
+            seq = Sequence(str(i), p, sp)
+            engine.add(seq)
+            while engine.has_work:
+                engine.step()
+            assert seq.output_ids == hf_greedy(hf, p, 1)
+        kvs.append(engine.runner.kv_pool[seq.block_table].clone())
+    torch.testing.assert_close(kvs[0], kvs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_cached_blocks_are_evicted_before_a_request_waits(tiny_model_dir):
+    """A 10-block pool left holding 8 cached blocks: a new 140-token prompt (9 blocks)
+    runs at once, evicting them, never `blocked`."""
+    engine = caching_engine(tiny_model_dir, num_blocks=10, prefill_only=True)
+    sp = SamplingParams(max_tokens=1, temperature=0.0)
+    g = torch.Generator().manual_seed(3)
+    for i, n in enumerate((130, 140)):
+        seq = Sequence(str(i), torch.randint(3, 250, (n,), generator=g).tolist(), sp)
+        engine.add(seq)
+        engine.step()
+        assert not engine.blocked and not engine.has_work and seq.num_output == 1
+        engine.blocks.free(seq.block_table)
+        if i == 0:
+            assert (engine.blocks.num_cached, engine.blocks.num_used) == (8, 0)
+    # It took the 2 never-used blocks and evicted 7 of the first prompt's 8 (LRU); its
+    # own 8 full blocks are cached now, beside the first prompt's last one.
+    assert engine.blocks.num_cached == 9
