@@ -21,8 +21,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from chaos.harness import cpu_model
 from chaos.load import Load, LoadShape, Record, percentile
+from workers.api import cpu_model
 
 QUANTILES = (50, 90, 99)
 # Common English words, each one token (with its leading space) in the BPE vocabularies

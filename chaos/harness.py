@@ -30,6 +30,7 @@ ZERO_KEYS = (
     "prefill_pending",
     "prefill_leases",
     "prefill_pinned_blocks",
+    "prefill_blocks_used",
     "transfer_pending",
     "decode_waiting_for_blocks",
     "decode_streams",
@@ -39,16 +40,6 @@ WINDOW_S = 3.0  # goodput is judged over windows this long, sliding by 0.5 s
 RAMP_S = 1.0  # the load's first second (clients starting) is not part of the reference
 RECOVERED = 0.9  # of baseline goodput
 HUNG_MARGIN_S = 10.0  # past router.request_timeout_s, a request with no end is hung
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"unknown ({os.cpu_count()} cores)"
 
 
 class Target:

@@ -16,9 +16,10 @@ import threading
 import time
 from collections import Counter, defaultdict
 
-from chaos.harness import ZERO_KEYS, Harness, HealthMonitor, Target, cpu_model
+from chaos.harness import ZERO_KEYS, Harness, HealthMonitor, Target
 from chaos.load import Load
 from chaos.scenarios import MIXED_POOL, SCENARIOS, Skip
+from workers.api import cpu_model
 
 
 def _sample(target: Target, load: Load) -> dict | None:

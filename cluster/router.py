@@ -346,6 +346,8 @@ class Router:
             "prefill_pending": sum(s.pending for s in p),
             "prefill_leases": sum(s.engine.leases for s in p),
             "prefill_pinned_blocks": sum(s.pinned_blocks for s in p),
+            # Held by requests and leases (a block shared by two leases counts once).
+            "prefill_blocks_used": sum(s.engine.used_blocks for s in p),
             # Prefix cache: blocks no request holds (free for new work; not a leak).
             "prefill_cached_blocks": sum(s.engine.cached_blocks for s in p),
             "transfer_pending": sum(s.transfers_pending for s in d),

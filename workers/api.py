@@ -112,6 +112,20 @@ class TransferStats(msgspec.Struct, frozen=True, kw_only=True):
     buckets: list[int]  # per XFER_BUCKETS bound, then +Inf
 
 
+def cpu_model() -> str:
+    """This machine's CPU model and core count, as benchmark and chaos reports and the
+    GEMM plan cache record them."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    import platform
+
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
 def process_usage() -> dict:
     """This process's resident memory and open file descriptors (chaos soak tracks both)."""
     try:
@@ -130,6 +144,8 @@ class WorkerStats(msgspec.Struct, frozen=True, kw_only=True):
     replica: int
     engine: EngineStats
     omp_threads: int | None  # OpenMP's thread count on the model thread
+    # GEMM path per weight shape and row bucket (1, 2-127, 128+), measured on this CPU
+    gemm: dict[str, list[str]] | None = None
     pid: int = 0
     rss_bytes: int = 0
     open_fds: int = 0

@@ -224,6 +224,7 @@ class DecodeWorker(GroupLeader):
             node_id=self.node_id,
             engine=self.snapshot,
             omp_threads=self.thread.omp_threads,
+            gemm=self.runner.gemm_plan,
             streams=len(self._streams),
             channels=len(self._channels),
             transfers_pending=self.transfers_pending,

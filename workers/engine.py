@@ -74,17 +74,13 @@ class Engine:
 
     def add(self, seq: Sequence) -> None:
         """Queue a sequence; its uncached tokens get computed in prefill steps. With
-        prefix caching, it starts from the cached blocks of its longest cached prefix
-        (never the block of its last token: that token is computed for its logits)."""
+        prefix caching it is hashed here, and reuses cached blocks when scheduled."""
         self._register(seq)
         if self.blocks.caching:
+            # Every full block but the one of its last token (computed for its logits).
             seq.block_hashes = self.blocks.prefix_hashes(
                 seq.token_ids, (seq.num_tokens - 1) // self.blocks.block_size
             )
-            seq.block_table = self.blocks.match(seq.block_hashes)
-            seq.num_cached = len(seq.block_table) * self.blocks.block_size
-            self.prefix_queried_tokens += seq.num_tokens
-            self.prefix_hit_tokens += seq.num_cached
         self._enqueue(seq)
 
     def add_pulled(self, seq: Sequence) -> None:
@@ -230,8 +226,17 @@ class Engine:
         seqs, num_new, budget = [], [], self.max_batched_tokens
         while self.waiting and budget > 0 and len(self.running) + len(seqs) < self.max_running:
             seq = self.waiting[0]
+            # Prefix caching: only a sequence about to run takes references on cached
+            # blocks (queued ones hold none, so they never pin what the head needs).
+            hit = self.blocks.caching and not seq.block_table and seq.num_cached == 0
+            if hit:
+                seq.block_table = self.blocks.match(seq.block_hashes)
+                seq.num_cached = len(seq.block_table) * self.blocks.block_size
             n = min(seq.num_tokens - seq.num_cached, budget)
             if not self._grow(seq, seq.num_cached + n):
+                if hit and seq.block_table:  # give the references back while it waits
+                    self.blocks.free(seq.block_table)
+                    seq.block_table, seq.num_cached = [], 0
                 if not self.running and not seqs and not self.blocks.num_used:
                     # Cannot fit even alone in an empty pool: end it instead of waiting forever.
                     seq.finish_reason = "length"
@@ -239,6 +244,9 @@ class Engine:
                     self._finished_unscheduled.append(StepOutput(seq, -1, "length"))
                     continue
                 break
+            if hit:
+                self.prefix_queried_tokens += seq.num_tokens
+                self.prefix_hit_tokens += seq.num_cached
             self.waiting.popleft()
             seqs.append(seq)
             num_new.append(n)

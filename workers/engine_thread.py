@@ -116,9 +116,11 @@ class EngineThread:
 
     def _loop(self) -> None:
         owner, engine = self.owner, self.owner.engine
-        self.omp_threads = model_thread_start(engine.runner, self.num_threads)
+        # The TP group forms first: the followers wait for it, not for this rank's
+        # GEMM measurements (model_thread_start).
         if self._setup is not None:
             self._setup()  # ends the process itself when the group cannot form
+        self.omp_threads = model_thread_start(engine.runner, self.num_threads)
         while not self._stop.is_set():
             try:
                 self._drain(block=not engine.has_work or engine.blocked)
@@ -173,7 +175,7 @@ def load_runner(spec: WorkerSpec) -> ModelRunner:
 
         model_dir = str(resolve_model(spec.model_source, spec.cache_dir))
     torch.set_num_threads(1)
-    return ModelRunner(
+    runner = ModelRunner(
         model_dir,
         max_model_len=spec.max_model_len,
         num_blocks=spec.kv_blocks,
@@ -183,6 +185,8 @@ def load_runner(spec: WorkerSpec) -> ModelRunner:
         tp_rank=spec.tp_rank,
         tp_size=spec.tp_size,
     )
+    runner.gemm_cache_dir = spec.cache_dir  # the GEMM plan cache beside the models
+    return runner
 
 
 def ready_info(spec: WorkerSpec, agent: TransferBackend) -> dict:

@@ -95,7 +95,9 @@ class BlockManager:
             bad = [i for i in ids if i not in self._refs]
             if bad:
                 raise ValueError(f"freeing KV blocks that are not allocated: {bad[:8]}")
-            for i in ids:
+            # Last block first: of a freed prompt, its tail is evicted before its head
+            # (a chain is matched from its start, so the head is worth the most).
+            for i in reversed(ids):
                 self._refs[i] -= 1
                 if self._refs[i] == 0:
                     del self._refs[i]

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
+from workers import gemm
+
 
 @dataclass(frozen=True)
 class ModelArgs:
@@ -103,29 +105,33 @@ def _tp_all_reduce(x: torch.Tensor, tp_size: int) -> torch.Tensor:
     return x
 
 
-def _packable(w: torch.Tensor) -> bool:
-    return w.device.type == "cpu" and w.dtype == torch.float32 and torch._C.has_mkl
-
-
 class _PackedLinear(nn.Module):
-    """A linear layer whose float32 CPU weight can also be repacked once into
-    MKL's GEMM layout. For decode-sized inputs (2..127 rows) that is 15-40%
-    faster than `F.linear` (the packed layout serves any row count); one row
-    (matrix-vector, what Hugging Face runs at batch 1) and prefill-sized inputs
-    are as fast or faster on `F.linear`. Costs a second copy of the weights."""
+    """A linear layer whose GEMM path is chosen per row bucket by measuring on this
+    CPU (workers/gemm.py): `F.linear`, MKL's packed layout or oneDNN's. A path other
+    than `F.linear` keeps a second copy of the weight in its layout."""
 
     weight: nn.Parameter
-    packed: torch.Tensor | None = None
+    route: tuple[str, str, str] = ("linear", "linear", "linear")
+    prepared: dict | None = None
 
-    def pack(self) -> None:
-        if _packable(self.weight):
-            self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight.detach(), 32)
+    def set_route(self, route) -> None:
+        """Use `route` (a path per row bucket); a path this torch cannot prepare for this
+        weight (a plan cached for another build) falls back to `F.linear`."""
+        w = self.weight.detach()
+        self.prepared = {}
+        for p in set(route) - {"linear"}:
+            try:
+                self.prepared[p] = gemm.prepare(p, w)
+            except Exception as e:  # noqa: BLE001
+                gemm.log.warning("GEMM path %s unavailable for %s: %r", p, gemm.shape_key(w), e)
+                route = ["linear" if r == p else r for r in route]
+        self.route = tuple(route)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if self.packed is not None and 1 < rows < 128:
-            return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, None, rows)
-        return F.linear(x, self.weight)
+        path = self.route[gemm.bucket(x.numel() // x.shape[-1])]
+        if path == "linear":
+            return F.linear(x, self.weight)
+        return gemm.run(path, x, self.weight, self.prepared[path])
 
 
 class ColumnParallelLinear(_PackedLinear):
@@ -373,11 +379,23 @@ class LlamaModel(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.logits(hidden)
 
-    def pack_weights(self) -> None:
-        """Repack float32 CPU linear weights for MKL's packed GEMM (after loading)."""
-        for m in self.modules():
-            if isinstance(m, _PackedLinear):
-                m.pack()
+    def linears(self) -> list[_PackedLinear]:
+        """Every layer that multiplies (an untied input embedding only looks up rows)."""
+        return [
+            m
+            for m in self.modules()
+            if isinstance(m, _PackedLinear)
+            and (not isinstance(m, VocabParallelEmbedding) or m is self.lm_head)
+        ]
+
+    def choose_gemm(self, cache_file) -> dict[str, list[str]]:
+        """Measure (or read from `cache_file`) the fastest GEMM path per weight shape
+        and row bucket on this CPU, and set every linear layer's route."""
+        layers = self.linears()
+        plan = gemm.choose([m.weight.detach() for m in layers], cache_file)
+        for m in layers:
+            m.set_route(plan[gemm.shape_key(m.weight)])
+        return plan
 
     def load_hf_weights(self, path: str | Path) -> None:
         """Read a Hugging Face safetensors checkpoint into this rank's shards."""

@@ -101,6 +101,7 @@ class PrefillWorker(GroupLeader):
             node_id=self.node_id,
             engine=self.snapshot,
             omp_threads=self.thread.omp_threads,
+            gemm=self.runner.gemm_plan,
             pending=len(self._futures),
         )
 

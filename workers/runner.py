@@ -65,7 +65,8 @@ class ModelRunner:
             self.model = LlamaModel(self.args, max_model_len, tp_rank, tp_size).to(torch_dtype)
         self.model.load_hf_weights(model_dir)
         self.model.eval()
-        self._packed = False
+        self.gemm_plan: dict[str, list[str]] | None = None  # weight shape -> path per bucket
+        self.gemm_cache_dir: str | None = None  # where GEMM plans are cached (model cache)
         self.kv_pool = allocate_pool(
             num_blocks,
             self.args.num_layers,
@@ -156,13 +157,16 @@ class ModelRunner:
         return self.run(plan)
 
     def pack_weights(self) -> None:
-        """Repack the linear weights for MKL, once, on the thread that runs the
-        model and with its thread count: MKL lays packed weights out for the
-        packing thread's count (packed on 1 thread and used on 2, a batch-32
-        GEMM took 775 us instead of 390). `run` does it on first use."""
-        if not self._packed:
-            self.model.pack_weights()
-            self._packed = True
+        """Choose each linear layer's GEMM path by measuring on this CPU (workers/gemm.py;
+        cached per CPU model in the model cache), once, on the thread that runs the
+        model and with its thread count: both the timings and MKL's packed layout
+        depend on it (packed on 1 thread and used on 2, a batch-32 GEMM took 775 us
+        instead of 390). `run` does it on first use."""
+        if self.gemm_plan is None:
+            from workers.loader import cache_dir
+
+            cache = Path(self.gemm_cache_dir) if self.gemm_cache_dir else cache_dir()
+            self.gemm_plan = self.model.choose_gemm(cache / "gemm-plans.json")
 
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> torch.Tensor:

@@ -144,7 +144,7 @@ def test_chaos_kill_tp_rank_under_load(cluster):
     streaming load: no request hangs or differs from the fault-free text, nothing is
     left held, and goodput recovers. With one decode group and no spare, requests fail
     (cleanly, 503) while the group restarts, and clients retrying at once make many of
-    them: instead of a success rate, every failure must have started in that window."""
+    them: instead of a success rate, every failure must have been in flight in that window."""
     import msgspec
 
     from chaos import harness
@@ -174,8 +174,12 @@ def test_chaos_kill_tp_rank_under_load(cluster):
     assert res.detect_s is not None and res.healthy_again_s is not None
     back = res.fault_start + res.healthy_again_s + 2
     failed = [r for r in res.records if not r.completed]
-    assert all(res.fault_start - 1 <= r.start <= back for r in failed), [
-        (round(r.start - res.fault_start, 1), r.error) for r in failed if r.start > back
+    # Every failure was in flight at the fault or started before the group was back
+    # (a request in flight at the kill may have started well before it on 2 cores).
+    outside = [r for r in failed if r.end < res.fault_start or r.start > back]
+    assert not outside, [
+        (round(r.start - res.fault_start, 1), round(r.end - res.fault_start, 1), r.error)
+        for r in outside
     ][:5]
     assert all("worker_unavailable" in r.error or "503" in r.error for r in failed), {
         r.error for r in failed

@@ -396,3 +396,33 @@ def test_cached_blocks_are_evicted_before_a_request_waits(tiny_model_dir):
     # It took the 2 never-used blocks and evicted 7 of the first prompt's 8 (LRU); its
     # own 8 full blocks are cached now, beside the first prompt's last one.
     assert engine.blocks.num_cached == 9
+
+
+def test_a_queued_request_pins_no_cached_blocks_the_head_needs(tiny_model_dir):
+    """16 blocks; a 240-token prompt P leaves 14 cached blocks. W1 (100 tokens) then P
+    again queue behind it: P must not take references on its cached blocks while it
+    waits (before, it did at `add`, and W1 could never get its 7 blocks: both waited
+    for good). W1 runs at once, P after W1's lease is released, reusing its head."""
+    engine = caching_engine(tiny_model_dir, num_blocks=16, prefill_only=True)
+    sp = SamplingParams(max_tokens=1, temperature=0.0)
+    g = torch.Generator().manual_seed(9)
+    p_ids = torch.randint(3, 250, (240,), generator=g).tolist()
+    first = Sequence("p", p_ids, sp)
+    engine.add(first)
+    engine.step()
+    engine.blocks.free(first.block_table)
+    assert (engine.blocks.num_cached, engine.blocks.num_used) == (14, 0)
+    w1 = Sequence("w1", torch.randint(3, 250, (100,), generator=g).tolist(), sp)
+    w2 = Sequence("w2", p_ids, sp)
+    engine.add(w1)
+    engine.add(w2)
+    done = []
+    for _ in range(6):
+        for out in engine.step():
+            done.append(out.seq.request_id)
+            engine.blocks.free(out.seq.block_table)  # the lease is released
+        if not engine.has_work:
+            break
+    assert done == ["w1", "w2"] and not engine.has_work
+    assert engine.prefix_hit_tokens == 9 * 16  # P's head survived the tail's eviction
+    assert w2.output_ids == first.output_ids and engine.blocks.num_used == 0
