@@ -157,18 +157,19 @@ class WorkerPool:
         unless another router replica already killed this incarnation."""
         self._mark(i, False, reason)
         name = f"{self.role}-{i}"
+        killed = None  # None: not through the peers, this router kills it itself
         if self.restart_hook is not None:
             try:
-                if not await self.restart_hook(name, self.handles[i], self.incarnation(i)):
-                    log.warning("%s: already restarted by another router replica", name)
-                    return
-                self.metrics.restarts.labels(self.role).inc()
-                return
+                killed = await self.restart_hook(name, self.handles[i], self.incarnation(i))
             except Exception:  # noqa: BLE001 - a doubled kill beats none
                 log.exception("could not have %s restarted through the router peers", name)
+        if killed is False:
+            log.warning("%s: already restarted by another router replica", name)
+            return
         self.metrics.restarts.labels(self.role).inc()
-        # SIGKILL works on a SIGSTOPped process too; Ray then restarts the actor.
-        ray.kill(self.handles[i], no_restart=False)
+        if killed is None:
+            # SIGKILL works on a SIGSTOPped process too; Ray then restarts the actor.
+            ray.kill(self.handles[i], no_restart=False)
 
     def gone(self, i: int) -> bool:
         return time.monotonic() - self._last_answer[i] > self.gone_after_s

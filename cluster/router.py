@@ -246,14 +246,18 @@ class Router:
             if now - rep[0]["reported_at"] <= self._peer_ttl_s
         }
 
+    def _count_stages(self) -> None:
+        """pdcluster_requests_in_flight{stage} from this replica's request table."""
+        for stage in ("admitted", "prefill", "decode"):
+            self.metrics.in_flight.labels(stage).set(
+                sum(1 for r in self.requests.values() if r.stage == stage)
+            )
+
     async def _keep_reporting(self) -> None:
         """Every health period: this replica's counts and request metrics to the other
         router replicas (through cluster/peers.py), and theirs back."""
         while True:
-            for stage in ("admitted", "prefill", "decode"):
-                self.metrics.in_flight.labels(stage).set(
-                    sum(1 for r in self.requests.values() if r.stage == stage)
-                )
+            self._count_stages()
             try:
                 self._peer_reports = await asyncio.wait_for(
                     self.peers.report.remote(
@@ -301,10 +305,7 @@ class Router:
 
     @app.get("/metrics")
     async def metrics_endpoint(self) -> Response:
-        for stage in ("admitted", "prefill", "decode"):
-            self.metrics.in_flight.labels(stage).set(
-                sum(1 for r in self.requests.values() if r.stage == stage)
-            )
+        self._count_stages()
         # The others' series carry the time of their report: a scrape that reaches a
         # replica with an older report cannot move a counter back in Prometheus.
         routers = {rid: (st["reported_at"], m) for rid, (st, m) in self._peers().items()}
