@@ -39,6 +39,7 @@ ZERO_KEYS = (
 WINDOW_S = 3.0  # goodput is judged over windows this long, sliding by 0.5 s
 RAMP_S = 1.0  # the load's first second (clients starting) is not part of the reference
 RECOVERED = 0.9  # of baseline goodput
+IN_FLIGHT_GRACE_S = 1.0  # a request sent this soon after a fault ended counts as in flight at it
 HUNG_MARGIN_S = 10.0  # past router.request_timeout_s, a request with no end is hung
 
 
@@ -269,6 +270,8 @@ class Result:
     failed: int = 0
     hung: int = 0
     corrupted: int = 0
+    failed_in_flight: int = 0  # of `failed`: in flight at the fault (see excuse_in_flight)
+    excused: int = 0  # failures the success rate leaves out (excuse_in_flight)
     errors: dict = field(default_factory=dict)  # message -> count
     detect_s: float | None = None
     recover_s: float | None = None
@@ -300,7 +303,8 @@ class Result:
 
     @property
     def success_rate(self) -> float:
-        return self.succeeded / self.sent if self.sent else 0.0
+        judged = self.sent - self.excused
+        return self.succeeded / judged if judged else 0.0
 
 
 def thresholds_for(cfg: Config, name: str) -> Thresholds:
@@ -493,19 +497,7 @@ class Harness:
 
     def _judge(self, res: Result, records: list[Record], w: Window, rec_at, monitor, sc) -> None:
         texts = self.baseline.texts
-        errors = Counter()
-        for r in records:
-            res.sent += 1
-            if r.hung:
-                res.hung += 1
-            elif r.completed and r.text == texts[r.prompt]:
-                res.succeeded += 1
-            elif r.completed:
-                res.corrupted += 1
-            else:
-                res.failed += 1
-                errors[r.error or "unknown"] += 1
-        res.errors = dict(errors.most_common(8))
+        tally(res, records, texts, w)
         det = monitor.detected(sc.role, w.start)
         res.detect_s = None if det is None else round(det - w.start, 2)
         res.recovered_at = rec_at
@@ -527,6 +519,7 @@ class Harness:
 
     def _check(self, res: Result, th: Thresholds) -> None:
         f = res.failures
+        res.excused = res.failed_in_flight if th.excuse_in_flight else 0
         if res.success_rate < th.min_success_rate:
             f.append(f"success {res.success_rate:.2%} < {th.min_success_rate:.2%}")
         if res.hung > th.max_hung:
@@ -539,6 +532,26 @@ class Harness:
             f.append(f"did not settle: {res.unsettled_reason}")
         if sum(res.leaked.values()) > th.max_leaked:
             f.append(f"leaked {res.leaked}")
+
+
+def tally(res: Result, records: list[Record], texts: dict, w: Window) -> None:
+    """Count each request into `res` once: succeeded, hung, corrupted or failed, and of
+    the failures, those in flight at the fault."""
+    errors = Counter()
+    for r in records:
+        res.sent += 1
+        if r.hung:
+            res.hung += 1
+        elif r.completed and r.text == texts[r.prompt]:
+            res.succeeded += 1
+        elif r.completed:
+            res.corrupted += 1
+        else:
+            res.failed += 1
+            errors[r.error or "unknown"] += 1
+            if r.start <= w.end + IN_FLIGHT_GRACE_S and r.end >= w.start:
+                res.failed_in_flight += 1
+    res.errors = dict(errors.most_common(8))
 
 
 def goodput(records: list[Record], start: float, end: float) -> float:

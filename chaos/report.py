@@ -70,8 +70,9 @@ def markdown(rep: dict) -> str:
             lines.append(f"| {s['name']} | | | | | | | | | | | | | skipped: {s['skipped']} |")
             continue
         leaked = sum(s["leaked"].values()) if s["leaked"] else 0
+        failed = f"{s['failed']} ({s['excused']} in flight)" if s.get("excused") else s["failed"]
         lines.append(
-            f"| {s['name']} | {s['sent']} | {s['succeeded']} | {s['failed']} | {s['hung']} "
+            f"| {s['name']} | {s['sent']} | {s['succeeded']} | {failed} | {s['hung']} "
             f"| {s['corrupted']} | {s['success_rate']:.1%} | {_f(s['detect_s'], '{:.1f}s')} "
             f"| {_f(s['recover_s'], '{:.1f}s')} | {_f(s['healthy_again_s'], '{:.1f}s')} "
             f"| {_f(s['latency_p50_s'], '{:.2f}')} / "

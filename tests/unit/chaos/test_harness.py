@@ -47,6 +47,8 @@ def test_thresholds_per_scenario_override_the_defaults():
     [
         ({"scenarios": {"kill-everything": {}}}, "chaos.scenarios.kill-everything"),
         ({"scenarios": {"kill-router": {"max_typos": 1}}}, "chaos.scenarios.kill-router.max_typos"),
+        ({"scenarios": {"kill-router": {"excuse_in_flight": 1}}}, "excuse_in_flight"),
+        ({"scenarios": {"kill-router": {"max_hung": True}}}, "kill-router.max_hung"),
         ({"concurrency": 0}, "chaos.concurrency"),
         ({"thresholds": {"min_success_rate": 2}}, "chaos.thresholds.min_success_rate"),
     ],
@@ -65,6 +67,29 @@ def test_missed_thresholds_are_each_named():
     for part in ("success 97.00%", "1 hung", "1 corrupted", "recovery 25.0s", "leaked"):
         assert part in text
     assert not res.passed
+
+
+def test_excuse_in_flight_leaves_out_only_failures_in_flight_at_the_fault():
+    from chaos.scenarios import Window
+
+    def cut(i, start, end):
+        return Record(index=i, prompt=0, start=start, end=end, status=200, error="cut")
+
+    records = [_done(i, 90 + i) for i in range(8)]  # ended before the fault at t=100
+    records += [cut(8, 99.0, 100.2), cut(9, 95.0, 100.1), cut(10, 100.5, 100.6)]
+    records += [cut(11, 103.0, 104.0)]  # sent well after the fault: never excused
+    res = harness.Result("kill-router", "x")
+    harness.tally(res, records, {0: "t"}, Window(100.0, 100.0, "router"))
+    assert (res.sent, res.succeeded, res.failed, res.failed_in_flight) == (12, 8, 4, 3)
+    th = harness.thresholds_for(
+        _cfg(scenarios={"kill-router": {"excuse_in_flight": True}}), "kill-router"
+    )
+    harness.Harness._check(None, res, th)
+    assert res.excused == 3 and res.success_rate == 8 / 9
+    assert "success 88.89%" in "; ".join(res.failures)
+    res.failures = []
+    harness.Harness._check(None, res, harness.thresholds_for(_cfg(), "kill-router"))
+    assert res.excused == 0 and res.success_rate == 8 / 12
 
 
 def test_report_table_has_one_row_per_scenario(tmp_path):
