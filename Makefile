@@ -30,7 +30,7 @@ lint: setup
 
 # `make test PYTEST_ARGS="-m unit"` runs a subset (markers: unit, integration, e2e, chaos).
 test: lint model
-	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests --durations=40 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

@@ -129,6 +129,11 @@ class _WorkerCounters:
             "KV pulls that failed (peer gone, lease expired, error)",
             labels=["replica"],
         )
+        renewals = CounterMetricFamily(
+            "pdcluster_kv_lease_renewals",
+            "Prefill leases renewed by decode while waiting for free KV blocks",
+            labels=["replica"],
+        )
         expired = CounterMetricFamily(
             "pdcluster_kv_leases_expired",
             "Prefill leases expired unclaimed or abandoned",
@@ -146,7 +151,8 @@ class _WorkerCounters:
             nbytes.add_metric([r], x.bytes)
             timeouts.add_metric([r], x.timeouts)
             failures.add_metric([r], x.failures)
+            renewals.add_metric([r], x.renewals)
         for i, s in enumerate(self.prefill()):
             if s is not None:
                 expired.add_metric([str(i)], s.engine.leases_expired)
-        yield from (secs, nbytes, timeouts, failures, expired)
+        yield from (secs, nbytes, timeouts, failures, renewals, expired)

@@ -4,9 +4,12 @@ Every finished prefill registers its blocks under a lease with a fresh epoch
 and a TTL. Decode must **claim** (request id, epoch) before it reads: a claim
 checks the epoch and that the lease is live, and extends the lease to cover
 the read (`claim_s`), so the blocks cannot be freed and reused while a READ
-may still be in flight. After the read, decode **releases** (request id,
-epoch) and the blocks are freed. A lease nobody claims, or whose claim ran
-out, is expired by `sweep` and its blocks freed.
+may still be in flight. A decode worker that has the handle but no free blocks
+yet **renews** the lease (a full TTL from now) while it waits, so a queue in
+decode does not turn into expired leases and re-prefills. After the read,
+decode **releases** (request id, epoch) and the blocks are freed. A lease nobody
+claims or renews, or whose claim ran out, is expired by `sweep` and its blocks
+freed.
 
 Why this designs out reading another request's bytes (vLLM #21570): blocks
 are only ever freed by release, drop or sweep, each of which removes the lease
@@ -77,6 +80,22 @@ class LeaseRegistry:
     def claim(self, request_id: str, epoch: int, now: float | None = None) -> list[int]:
         """Check (id, epoch) names a live lease and hold it for one read."""
         now = time.monotonic() if now is None else now
+        lease = self._live(request_id, epoch, now)
+        lease.claimed = True
+        lease.expires = max(lease.expires, now + self.claim_s)
+        return list(lease.blocks)
+
+    def renew(self, request_id: str, epoch: int, now: float | None = None) -> float:
+        """Decode still wants (id, epoch) and waits for room to pull it: push its
+        expiry to a full TTL from now. Returns the seconds it has left; raises
+        LeaseExpired as `claim` does. Only a live waiter renews, so a lease whose
+        decode side died still expires one TTL after its last renewal."""
+        now = time.monotonic() if now is None else now
+        lease = self._live(request_id, epoch, now)
+        lease.expires = max(lease.expires, now + self.ttl_s)
+        return lease.expires - now
+
+    def _live(self, request_id: str, epoch: int, now: float) -> Lease:
         lease = self._leases.get(request_id)
         if lease is None or lease.epoch != epoch:
             raise LeaseExpired(
@@ -89,9 +108,7 @@ class LeaseRegistry:
             )
         if lease.claimed:
             raise LeaseExpired(f"lease for {request_id} epoch {epoch} is already claimed")
-        lease.claimed = True
-        lease.expires = max(lease.expires, now + self.claim_s)
-        return list(lease.blocks)
+        return lease
 
     def release(self, request_id: str, epoch: int | None = None) -> list[int] | None:
         """Remove the lease (when the epoch matches, if given); return its blocks to free."""

@@ -79,6 +79,10 @@ class KVSender:
         """Decode asks before it reads; raises LeaseExpired unless (id, epoch) is live."""
         return self.leases.claim(request_id, epoch)
 
+    def renew(self, request_id: str, epoch: int) -> float:
+        """Decode waits for room to pull: a full TTL from now; the seconds left."""
+        return self.leases.renew(request_id, epoch)
+
     def release(self, request_id: str, epoch: int | None = None) -> bool:
         """Drop the lease (that epoch's, if given) and free its blocks; idempotent."""
         blocks = self.leases.release(request_id, epoch)

@@ -110,6 +110,7 @@ class TransferStats(msgspec.Struct, frozen=True, kw_only=True):
     timeouts: int
     failures: int
     buckets: list[int]  # per XFER_BUCKETS bound, then +Inf
+    renewals: int = 0  # prefill leases renewed while waiting here for free blocks
 
 
 def cpu_model() -> str:

@@ -71,6 +71,7 @@ class DecodeWorker(GroupLeader):
             "seconds": 0.0,
             "timeouts": 0,
             "failures": 0,
+            "renewals": 0,
             "buckets": [0] * (len(XFER_BUCKETS) + 1),
         }
         self.faults = self.fault_injector(spec.faults)
@@ -154,18 +155,14 @@ class DecodeWorker(GroupLeader):
 
         async def pull_then_decode(done: asyncio.Future) -> str:
             # A full pool is a queue, not an error: wait (in order) for the engine to
-            # give blocks, bounded by the deadline and by the prefill lease.
-            until = min(deadline, handle.expires_at or deadline)
+            # give blocks, bounded by the deadline; the prefill lease is renewed meanwhile.
             blocks = None
             try:
-                blocks = await asyncio.wait_for(asyncio.shield(got), max(0.0, until - time.time()))
-            except (asyncio.TimeoutError, TimeoutError):
-                _left(deadline, request_id)
+                blocks = await self._await_blocks(got, handle, prefill, deadline)
+            except TransferError:
                 if prefill is not None:
                     prefill.release.remote(handle.request_id)
-                raise LeaseExpired(
-                    f"the prefill lease of {request_id} expired before KV blocks were free here"
-                ) from None
+                raise
             finally:
                 self._allocs.pop(request_id, None)
                 if blocks is None:  # no pull will start
@@ -190,6 +187,43 @@ class DecodeWorker(GroupLeader):
             return await asyncio.wait_for(asyncio.shield(done), _left(deadline, request_id))
 
         return await self._run(seq, q, pull_then_decode, pulled=True)
+
+    async def _await_blocks(
+        self, got: asyncio.Future, handle: KVHandle, prefill, deadline: float
+    ) -> list[int]:
+        """The blocks the engine gives this pulled request (`got`), awaited until the
+        request's deadline. Meanwhile the prefill lease is renewed each time half of
+        what it has left has passed, so a queue here never expires it; without a
+        prefill actor to renew with, the lease's expiry bounds the wait too. Raises
+        TimeoutError at the deadline, LeaseExpired when the lease ran out or was
+        refused renewal, TransferTimeout when prefill did not answer a renewal."""
+        rid = handle.request_id
+        expires = handle.expires_at or deadline  # wall clock, as the deadline
+        timeout = self.spec.transfer_timeout_s
+        while True:
+            now = time.time()
+            _left(deadline, rid)
+            if prefill is None:
+                wake = min(deadline, expires)
+            else:
+                wake = min(deadline, now + max(0.0, expires - now) / 2)
+            try:
+                return await asyncio.wait_for(asyncio.shield(got), max(0.0, wake - now))
+            except (asyncio.TimeoutError, TimeoutError):
+                pass
+            _left(deadline, rid)
+            if prefill is None:
+                raise LeaseExpired(
+                    f"the prefill lease of {rid} expired before KV blocks were free here"
+                )
+            try:
+                left = await asyncio.wait_for(prefill.renew.remote(rid, handle.epoch), timeout)
+            except (asyncio.TimeoutError, TimeoutError):
+                raise TransferTimeout(
+                    f"renewal of {rid}'s lease not answered in {timeout}s"
+                ) from None
+            self.xfer["renewals"] += 1
+            expires = time.time() + left
 
     async def generate_local(
         self,

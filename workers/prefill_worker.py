@@ -90,6 +90,11 @@ class PrefillWorker(GroupLeader):
         lease for one read; raises LeaseExpired otherwise."""
         return await self.on_thread(lambda: self.sender.claim(request_id, epoch))
 
+    async def renew(self, request_id: str, epoch: int) -> float:
+        """Decode holds the handle but waits for free blocks: keep the lease a full
+        TTL from now. Returns the seconds it has left; raises LeaseExpired."""
+        return await self.on_thread(lambda: self.sender.renew(request_id, epoch))
+
     def _set_faults(self, injector) -> None:
         self.sender.faults = injector
 

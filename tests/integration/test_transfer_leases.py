@@ -31,10 +31,12 @@ def _pair(
     max_pending=64,
     backend="nixl",
     kv_blocks=64,
+    max_model_len=256,
+    decode_max_running=32,
 ):
     spec = dict(
         model_dir=str(model_dir),
-        max_model_len=256,
+        max_model_len=max_model_len,
         kv_blocks=kv_blocks,
         block_size=16,
         transfer_timeout_s=TIMEOUT_S,
@@ -47,7 +49,7 @@ def _pair(
         name=f"p-{name}", max_restarts=-1, num_cpus=0, resources={"prefill_node": 0.01}
     ).remote(WorkerSpec(role="prefill", replica=0, **spec))
     d = DecodeWorker.options(name=f"d-{name}", num_cpus=0, resources={"decode_node": 0.01}).remote(
-        WorkerSpec(role="decode", replica=0, **spec)
+        WorkerSpec(role="decode", replica=0, max_running=decode_max_running, **spec)
     )
     ray.get([p.ready.remote(), d.ready.remote()], timeout=120)
     return p, d
@@ -115,6 +117,34 @@ def test_lease_expiry_frees_blocks_and_late_claim_fails_typed(ray_nodes, tiny_mo
     assert ray.get(p.stats.remote()).engine.leases_expired == 1
     # The same pair still serves a prompt pulled in time.
     assert len(asyncio.run(_transfer(p, d, "on-time", list(range(3, 40))))) == 2
+
+
+def test_a_request_queued_in_decode_keeps_its_lease_past_the_ttl(ray_nodes, tiny_model_dir):
+    """Decode runs one sequence at a time; the second request's KV waits there for
+    blocks for far longer than the lease's TTL (the first decodes 900 tokens). Its
+    lease is renewed while it waits, so it is pulled and served, not expired into
+    a LeaseExpired (which, through the router, meant re-prefills and a 503)."""
+    p, d = _pair(
+        tiny_model_dir, "queued", lease_ttl_s=0.5, max_model_len=1024, decode_max_running=1
+    )
+    long_sp = SamplingParams(max_tokens=900, temperature=0.0, ignore_eos=True)
+    prompt = list(range(3, 40))
+
+    async def both():
+        first = asyncio.ensure_future(_transfer(p, d, "long", prompt, sp=long_sp))
+        while not (await d.stats.remote()).engine.running:  # "long" holds the one place
+            await asyncio.sleep(0.02)
+        t0 = time.monotonic()
+        second = await _transfer(p, d, "queued", prompt, sp=SP)
+        return await first, second, time.monotonic() - t0
+
+    long_out, queued_out, waited = asyncio.run(both())
+    assert len(long_out) == 900 and len(queued_out) == 2
+    assert waited > 1.0, waited  # it did wait in decode's queue for more than 2 TTLs
+    ds = ray.get(d.stats.remote())
+    assert ds.transfers.renewals >= 2 and ds.transfers.failures == 0
+    assert ray.get(p.stats.remote()).engine.leases_expired == 0
+    assert _wait_empty(p, d) == dict.fromkeys(_tables(p, d), 0)
 
 
 def test_pull_that_never_completes_ends_at_timeout_and_frees_both_sides(ray_nodes, tiny_model_dir):

@@ -59,6 +59,28 @@ def test_claim_holds_lease_for_the_read_and_only_once():
     assert len(reg.sweep(now=ttl_end + 10)) == 1  # the claim window is bounded too
 
 
+def test_renewal_keeps_a_waited_for_lease_and_only_while_it_is_renewed():
+    reg = LeaseRegistry(max_leases=4, ttl_s=1.0, claim_s=5)
+    lease = reg.register("r1", [5])
+    t = lease.expires - 1.0  # registration time
+    assert reg.renew("r1", lease.epoch, now=t + 0.6) == pytest.approx(1.0)
+    assert reg.sweep(now=t + 1.5) == []  # past the first TTL: renewed at 0.6
+    assert reg.renew("r1", lease.epoch, now=t + 1.5) == pytest.approx(1.0)
+    assert reg.claim("r1", lease.epoch, now=t + 2.4) == [5]
+    with pytest.raises(LeaseExpired, match="already claimed"):
+        reg.renew("r1", lease.epoch, now=t + 2.5)  # a claimed lease is the read's now
+    # Not renewed any more (its decode side died): it expires one TTL after the last.
+    other = reg.register("r2", [6])
+    u = other.expires - 1.0
+    reg.renew("r2", other.epoch, now=u + 0.5)
+    assert [x.request_id for x in reg.sweep(now=u + 1.6)] == ["r2"]
+    with pytest.raises(LeaseExpired):
+        reg.renew("r2", other.epoch, now=u + 1.7)
+    stale = reg.register("r2", [6])
+    with pytest.raises(LeaseExpired):
+        reg.renew("r2", other.epoch, now=stale.expires - 0.5)  # an old epoch renews nothing
+
+
 def test_10000_unclaimed_leases_stay_bounded_and_memory_flat():
     reg = LeaseRegistry(max_leases=64, ttl_s=0.0, claim_s=1)
     refused = 0
