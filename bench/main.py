@@ -137,21 +137,32 @@ class Workload:
 def _progress(label: str, load: Load, t0: float, duration: float) -> None:
     elapsed = time.time() - t0
     width = 30
-    filled = min(width, int(width * elapsed / duration)) if duration else width
+    if load.shape.total:  # a request count: the bar counts requests ended
+        filled = min(width, width * load.done // load.shape.total)
+        where = f"{load.done}/{load.shape.total} requests"
+    else:
+        filled = min(width, int(width * elapsed / duration)) if duration else width
+        where = f"{elapsed:5.1f}/{duration:.0f}s"
     sys.stderr.write(
-        f"\r{label:28s} [{'#' * filled}{'.' * (width - filled)}] {elapsed:5.1f}/{duration:.0f}s"
+        f"\r{label:28s} [{'#' * filled}{'.' * (width - filled)}] {where}"
         f"  {load.done} done, {load.failed} failed "
     )
     sys.stderr.flush()
 
 
 def run_point(url: str, shape: LoadShape, duration_s: float, label: str) -> tuple[list, float]:
-    """`duration_s` of load, then every request sent is waited for."""
+    """`duration_s` of load (or, with `shape.total`, until that many requests have
+    ended), then every request sent is waited for. Returns the records and the wall
+    time from the first request to the last end."""
     load = Load(url, shape).start()
     t0 = load.started_at
-    while time.time() - t0 < duration_s:
+
+    def running() -> bool:
+        return not load.finished if shape.total else time.time() - t0 < duration_s
+
+    while running():
         _progress(label, load, t0, duration_s)
-        time.sleep(0.5)
+        time.sleep(0.2 if shape.total else 0.5)
     records = load.stop()
     _progress(label, load, t0, duration_s)
     sys.stderr.write("\n")
@@ -169,6 +180,7 @@ def bench(
     duration_s: float,
     endpoint: str = "/v1/completions",
     warmup: int = 4,
+    requests: int = 0,
 ) -> dict:
     """Measure every endpoint at every point; the report as a dict."""
     prompts, lengths = workload.prompts()
@@ -189,7 +201,7 @@ def bench(
         load.stop()
     points = []
     for k, x in enumerate(rates or [None]):
-        shape = LoadShape(**{**base.__dict__, "rate": x})
+        shape = LoadShape(**{**base.__dict__, "rate": x, "total": requests})
         order = list(enumerate(urls))
         if k % 2:
             order.reverse()  # alternate which endpoint goes first
@@ -215,6 +227,7 @@ def bench(
         "workload": asdict(workload),
         "slo": asdict(slo),
         "duration_s": duration_s,
+        "requests": requests,
         "points": points,
     }
 
@@ -293,13 +306,23 @@ def bench_main(args) -> int:
         rates = [float(r) for r in args.rates.split(",")] if args.rates else None
         if rates and any(r <= 0 for r in rates):
             raise ValueError("--rates must be > 0")
+        if args.requests < 0:
+            raise ValueError("--requests must be >= 0")
     except ValueError as e:
         print(f"pdcluster bench: {e}", file=sys.stderr)
         return 2
     urls = [args.url.rstrip("/")] + ([args.compare.rstrip("/")] if args.compare else [])
     endpoint = "/v1/chat/completions" if args.endpoint == "chat" else "/v1/completions"
     report = bench(
-        urls, args.model, workload, slo, rates, args.concurrency, args.duration, endpoint
+        urls,
+        args.model,
+        workload,
+        slo,
+        rates,
+        args.concurrency,
+        args.duration,
+        endpoint,
+        requests=args.requests,
     )
     report["command"] = " ".join(["pdcluster", "bench", *sys.argv[2:]])
     out = Path(args.out)

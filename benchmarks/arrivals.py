@@ -1,8 +1,11 @@
 """The shipped cluster under two arrival patterns, for choosing thread counts.
 
   burst:      32 streams at once (as throughput.py's row (d)), 2 bursts
-  staggered:  48 streaming chat requests, one every 150 ms, 64 tokens each:
-              tokens/s over the whole run, median time to first token and end to end
+  staggered:  48 streaming chat requests arriving as a Poisson process at 6.7/s (one every
+              150 ms on average), 64 tokens each: tokens/s over the whole run, median
+              time to first token and end to end
+
+Both loads are `pdcluster bench`'s load generator (bench.main.run_point).
 
 Each --set is a JSON override of configs/local.yaml, measured on a cluster of its own:
 
@@ -15,36 +18,37 @@ Writes benchmarks/results/arrivals.json.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import httpx  # noqa: E402
-from throughput import QUESTIONS, http_rate, stream_chat  # noqa: E402
+from throughput import QUESTIONS, http_rate  # noqa: E402
 
 
-async def staggered(url: str, n: int = 64, count: int = 48, gap_s: float = 0.15) -> dict:
-    async def one(client, q, delay):
-        await asyncio.sleep(delay)
-        first, total, used = await stream_chat(client, url, q, n)
-        assert used == n, used
-        return first, total
+def staggered(url: str, n: int = 64, count: int = 48, rate: float = 1 / 0.15) -> dict:
+    """`count` streaming chat requests of `n` tokens arriving as a Poisson process at
+    `rate` per second (`pdcluster bench --rates`'s load)."""
+    from bench.main import Slo, run_point, summarize
+    from chaos.load import LoadShape
 
-    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=128)) as c:
-        t = time.perf_counter()
-        res = await asyncio.gather(
-            *[one(c, QUESTIONS[i % len(QUESTIONS)], i * gap_s) for i in range(count)]
-        )
-        dt = time.perf_counter() - t
+    shape = LoadShape(
+        prompts=QUESTIONS,
+        max_tokens=n,
+        model="SmolLM2-135M-Instruct",
+        concurrency=count,
+        rate=rate,
+        endpoint="/v1/chat/completions",
+        total=count,
+    )
+    records, wall = run_point(url, shape, 0, f"staggered {url}"[:28])
+    assert all(r.completed and r.tokens == n for r in records), [r.error for r in records]
+    got = summarize(records, wall, Slo())
     return {
-        "tok_per_s": count * n / dt,
-        "median_ttft_s": statistics.median(r[0] for r in res),
-        "median_e2e_s": statistics.median(r[1] for r in res),
+        "tok_per_s": got["output_tok_s"],
+        "median_ttft_s": got["ttft_s"]["p50"],
+        "median_e2e_s": got["e2e_s"]["p50"],
     }
 
 
@@ -59,8 +63,8 @@ def main() -> None:
     for over in args.set or ["{}"]:
         cfg = load_test_config("local.yaml", router={"port": 8014}, **json.loads(over))
         with running_cluster(cfg) as rc:
-            burst = asyncio.run(http_rate(rc.url, 64, 32, reps=2))
-            stag = asyncio.run(staggered(rc.url))
+            burst = http_rate(rc.url, 64, 32, reps=2)
+            stag = staggered(rc.url)
         results.append({"override": json.loads(over), "burst_tok_per_s": burst, "staggered": stag})
         print(
             f"{over:40s} burst {', '.join(f'{b:.1f}' for b in burst)} tok/s | staggered "

@@ -176,7 +176,7 @@ def main() -> None:
             res.setdefault(ROWS[2], []).append(
                 asyncio.run(via_actors(p, d, ids, n, True, f"c{rep}"))
             )
-            res.setdefault(ROWS[3], []).extend(asyncio.run(http_rate(rc.url, n, len(ids))))
+            res.setdefault(ROWS[3], []).extend(http_rate(rc.url, n, len(ids)))
         left = wait_idle(rc.url)
         leaked = {
             k: left[k]

@@ -4,10 +4,11 @@
   (b) Hugging Face generate, padded batch 32
   (c) the pdcluster engine in-process at batch 1, 8, 32
   (d) the full cluster over HTTP (router -> prefill -> NIXL -> decode), 32 concurrent streams,
-      with decode.stream_interval 1 (as shipped) and 8; each is the median of 3 bursts
+      with decode.stream_interval 1 (as shipped) and 8; each is the median of 3 bursts of
+      `pdcluster bench`'s load (`--requests 32 --concurrency 32 --endpoint chat`)
   (e) optionally, vLLM's CPU build offline at batch 1 and 32 (benchmarks/vllm_cpu_rate.py
-      run by another venv's python: --vllm-python), both cores, tcmalloc/iomp5 preloaded
-      when present, as vLLM's CPU docs advise
+      run by another venv's python: --vllm-python), and its OpenAI server under row (d)'s
+      load; both cores, tcmalloc/iomp5 preloaded when present, as vLLM's CPU docs advise
 
 Every row: 64 output tokens per sequence, greedy, EOS ignored; tokens/s counts
 output tokens over wall time including prefill. Ratios are against (a) and (b)
@@ -21,7 +22,6 @@ Writes benchmarks/results/throughput.json.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -91,60 +91,38 @@ def engine_rate(model_dir: str, ids: list[list[int]], n: int) -> float:
     return len(ids) * n / dt
 
 
-async def stream_chat(
-    client, url: str, q: str, n: int, model: str = "SmolLM2-135M-Instruct"
-) -> tuple[float | None, float, int]:
-    """One streaming chat request of `n` tokens (EOS ignored, greedy): seconds to
-    the first text, seconds to the end, completion tokens from the usage chunk.
-    Only the lines it needs are parsed: the client shares the cores it measures."""
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": q}],
-        "max_tokens": n,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    t, first, used = time.perf_counter(), None, 0
-    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
-        async for line in r.aiter_lines():
-            if '"usage"' in line and '"completion_tokens"' in line:
-                used = json.loads(line[6:])["usage"]["completion_tokens"]
-            elif first is None and line.startswith("data: {"):
-                choices = json.loads(line[6:])["choices"]
-                if choices and choices[0]["delta"].get("content"):  # text, not the role chunk
-                    first = time.perf_counter() - t
-    return first, time.perf_counter() - t, used
-
-
-async def http_rate(
+def http_rate(
     url: str, n: int, streams: int, reps: int = 1, model: str = "SmolLM2-135M-Instruct"
 ) -> list[float]:
-    """`reps` bursts of `streams` concurrent streaming chat requests (after one
-    warm-up request); output tokens / wall time of each burst."""
-    import httpx
+    """`reps` bursts of `streams` concurrent streaming chat requests, each exactly `n`
+    tokens (greedy, EOS ignored), after one warm-up request: output tokens / wall time
+    of each burst. The load is `pdcluster bench`'s (`--requests streams --concurrency
+    streams --endpoint chat`), so any OpenAI-compatible server is measured alike."""
+    from bench.main import Slo, run_point, summarize
+    from chaos.load import LoadShape
 
-    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=64)) as c:
-        await stream_chat(c, url, "warm up", n, model)
-        rates = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            got = [
-                r[2]
-                for r in await asyncio.gather(
-                    *[stream_chat(c, url, QUESTIONS[i % 32], n, model) for i in range(streams)]
-                )
-            ]
-            dt = time.perf_counter() - t
-            assert all(g == n for g in got), got
-            rates.append(sum(got) / dt)
+    shape = LoadShape(
+        prompts=QUESTIONS,
+        max_tokens=n,
+        model=model,
+        concurrency=streams,
+        endpoint="/v1/chat/completions",
+        total=streams,
+    )
+    warm = LoadShape(**{**shape.__dict__, "concurrency": 1, "total": 1})
+    run_point(url, warm, 0, "warm-up")
+    rates = []
+    for k in range(reps):
+        records, wall = run_point(url, shape, 0, f"burst {k + 1}/{reps} {url}"[:28])
+        got = [r.tokens for r in records]
+        assert all(r.completed for r in records) and got == [n] * streams, (got, records[:1])
+        rates.append(summarize(records, wall, Slo())["output_tok_s"])
     return rates
 
 
 def vllm_rates(python: str, model_dir: str, n: int) -> dict:
-    """vLLM CPU offline at batch 1 and 32, then its OpenAI server with 32 streams,
-    in its own venv, both cores."""
+    """vLLM CPU offline at batch 1 and 32 (benchmarks/vllm_cpu_rate.py), then its
+    OpenAI server measured by `http_rate` as row (d), in its own venv, both cores."""
     env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=f"0-{(os.cpu_count() or 1) - 1}")
     preload = [
         p
@@ -156,37 +134,53 @@ def vllm_rates(python: str, model_dir: str, n: int) -> dict:
     ]
     if preload:
         env["LD_PRELOAD"] = ":".join(preload)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     script = str(Path(__file__).parent / "vllm_cpu_rate.py")
     res: dict = {"ld_preload": preload, "tok_per_s": {}}
     with tempfile.TemporaryDirectory() as d:
-        for mode in ([], ["--serve"]):
-            out = Path(d) / "vllm.json"
-            subprocess.run(
-                [
-                    python,
-                    script,
-                    "--model",
-                    model_dir,
-                    "--tokens",
-                    str(n),
-                    "--batches",
-                    "1,32",
-                    "--omp-bind",
-                    env["VLLM_CPU_OMP_THREADS_BIND"],
-                    "--json",
-                    str(out),
-                    *mode,
-                ],
-                env=env,
-                check=True,
-                stdout=subprocess.DEVNULL,
-            )
-            got = json.loads(out.read_text())
-            res["tok_per_s"].update(got["tok_per_s"])
-            res["vllm_version"] = got["vllm_version"]
-            if mode:
-                res["http_bursts"] = got["bursts"]
+        out = Path(d) / "vllm.json"
+        subprocess.run(
+            [python, script, "--model", model_dir, "--tokens", str(n), "--batches", "1,32",
+             "--omp-bind", env["VLLM_CPU_OMP_THREADS_BIND"], "--json", str(out)],
+            env=env, check=True, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        got = json.loads(out.read_text())
+    res["tok_per_s"].update(got["tok_per_s"])
+    res["vllm_version"] = got["vllm_version"]
+    port = 8031
+    server = subprocess.Popen(
+        [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+         "--served-model-name", "m", "--dtype", "float32", "--max-model-len", "2048",
+         "--port", str(port), "--no-enable-prefix-caching", "--seed", "0"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, server)
+        res["http_bursts"] = http_rate(url, n, len(QUESTIONS), reps=3, model="m")
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    res["tok_per_s"]["http 32 streams"] = statistics.median(res["http_bursts"])
     return res
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 600) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not come up")
+        time.sleep(1)
 
 
 def main() -> None:
@@ -235,7 +229,7 @@ def main() -> None:
             )
             with running_cluster(cfg) as rc:
                 key = f"(d) cluster over HTTP, 32 streams, stream_interval {interval}"
-                bursts[key] = asyncio.run(http_rate(rc.url, n, 32, reps=3))
+                bursts[key] = http_rate(rc.url, n, 32, reps=3)
                 rows[key] = statistics.median(bursts[key])
 
     a, b = rows["(a) HF generate, batch 1"], rows["(b) HF generate, padded batch 32"]

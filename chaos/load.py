@@ -65,6 +65,7 @@ class LoadShape:
     # max_tokens per prompt (same index), for output lengths drawn from a distribution;
     # empty: max_tokens for every request.
     lengths: tuple[int, ...] = ()
+    total: int = 0  # send this many requests, then nothing more (0: until stop())
 
 
 def make_prompts(n: int, seed: int = 0, min_words: int = 4, max_words: int = 40) -> list[str]:
@@ -139,16 +140,29 @@ class Load:
             else:
                 await self._arrivals(client)
 
+    def _more(self) -> bool:
+        return not self._stopping.is_set() and not (
+            self.shape.total and self._next >= self.shape.total
+        )
+
+    @property
+    def finished(self) -> bool:
+        """Every request it will send has been sent and has ended (`total` reached)."""
+        return self._thread is not None and not self._thread.is_alive()
+
     async def _client(self, client: httpx.AsyncClient) -> None:
-        while not self._stopping.is_set():
+        while self._more():
             await self._one(client)
 
     async def _arrivals(self, client: httpx.AsyncClient) -> None:
         sem = asyncio.Semaphore(self.shape.concurrency)
         tasks = set()
-        while not self._stopping.is_set():
+        while self._more():
             await asyncio.sleep(self._rng.expovariate(self.shape.rate))
             await sem.acquire()  # at the in-flight cap, the arrival waits for a slot
+            if not self._more():
+                sem.release()
+                break
 
             async def run():
                 try:

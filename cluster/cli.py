@@ -164,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         "--concurrency", type=int, default=32, help="clients (closed loop), or the in-flight cap"
     )
     be.add_argument("--duration", type=float, default=30.0, help="seconds of load per point")
+    be.add_argument(
+        "--requests", type=int, default=0, help="send exactly N requests per point instead"
+    )
     be.add_argument("--prompt-tokens", default="64", help="N or LOW-HIGH (about one word each)")
     be.add_argument("--max-tokens", default="64", help="output tokens: N or LOW-HIGH")
     be.add_argument(

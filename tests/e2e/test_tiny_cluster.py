@@ -269,14 +269,15 @@ def test_prefix_caching_reuses_a_shared_prefix_with_the_same_greedy_text(cluster
 
 
 def test_bench_measures_the_endpoint_against_itself(cluster, tmp_path):
-    """`pdcluster bench URL --compare URL`: the same Poisson schedule at two rates against
-    two endpoints (here the same one), alternating which goes first; bench.json has every
-    figure per point and endpoint, the ratios, the CPU, and both plots are drawn."""
+    """`pdcluster bench URL --compare URL --requests 8`: the same Poisson schedule of 8
+    requests at two rates against two endpoints (here the same one), alternating which
+    goes first; bench.json has every figure per point and endpoint, the ratios, the CPU,
+    and both plots are drawn."""
     from cluster.cli import main
 
     other = cluster.url.replace("127.0.0.1", "localhost")  # the same server, another name
     argv = ["bench", cluster.url, "--compare", other, "--model", "tiny-llama"]
-    argv += ["--rates", "2,4", "--duration", "3", "--prompt-tokens", "4-12"]
+    argv += ["--rates", "2,4", "--requests", "8", "--prompt-tokens", "4-12"]
     argv += ["--max-tokens", "8", "--slo", "ttft=5,tpot=1", "--system-prompt-tokens", "20"]
     assert main([*argv, "--out", str(tmp_path), "--fail-on-error"]) == 0
     report = json.loads((tmp_path / "bench.json").read_text())
@@ -284,7 +285,7 @@ def test_bench_measures_the_endpoint_against_itself(cluster, tmp_path):
     for point in report["points"]:
         assert set(point["results"]) == {cluster.url, other}
         for r in point["results"].values():
-            assert r["completed"] >= 4 and r["failed"] == 0, r
+            assert r["requests"] == r["completed"] == 8 and r["failed"] == 0, r
             assert r["goodput"] > 0 and r["output_tok_s"] > 0
             assert r["prompt_tokens_mean"] > 20 and r["ttft_s"]["p99"] is not None
         assert 0.3 < point["ratio"]["goodput"] < 3, point["ratio"]

@@ -205,3 +205,16 @@ def test_load_records_every_way_a_request_ends(endpoint):
     assert not cut.completed and cut.error == "stream cut off"
     assert full.status == 429 and full.error == "429 429: full"
     assert slow.hung and not slow.completed
+
+
+@pytest.mark.parametrize("rate", [None, 50.0])
+def test_load_with_a_total_sends_exactly_that_many_then_finishes(endpoint, rate):
+    """`pdcluster bench --requests N`: N requests, closed loop or Poisson, then the
+    load ends by itself."""
+    from bench.main import run_point
+
+    shape = LoadShape(prompts=["ok"], max_tokens=2, model="m", concurrency=4, rate=rate, total=7)
+    records, wall = run_point(endpoint, shape, 0, "test")
+    assert len(records) == 7 and all(r.completed for r in records)
+    assert sorted(r.index for r in records) == list(range(7))
+    assert wall >= max(r.end for r in records) - min(r.start for r in records) > 0
