@@ -159,13 +159,11 @@ class DecodeWorker(GroupLeader):
             blocks = None
             try:
                 blocks = await self._await_blocks(got, handle, prefill, deadline)
-            except TransferError:
-                if prefill is not None:
-                    prefill.release.remote(handle.request_id)
-                raise
             finally:
                 self._allocs.pop(request_id, None)
                 if blocks is None:  # no pull will start
+                    if prefill is not None:  # whatever ended the wait: unpin prefill now
+                        prefill.release.remote(handle.request_id, handle.epoch)
                     if not got.done():
                         got.cancel()  # blocks given from now on go straight back
                     elif not got.cancelled() and got.exception() is None:
@@ -193,13 +191,14 @@ class DecodeWorker(GroupLeader):
     ) -> list[int]:
         """The blocks the engine gives this pulled request (`got`), awaited until the
         request's deadline. Meanwhile the prefill lease is renewed each time half of
-        what it has left has passed, so a queue here never expires it; without a
-        prefill actor to renew with, the lease's expiry bounds the wait too. Raises
-        TimeoutError at the deadline, LeaseExpired when the lease ran out or was
-        refused renewal, TransferTimeout when prefill did not answer a renewal."""
+        what it has left has passed, so a queue here never expires it; a renewal may
+        take until the lease's known expiry to be answered (prefill answers between
+        steps), and blocks given meanwhile are taken at once. Without a prefill actor
+        to renew with, the lease's expiry bounds the wait. Raises TimeoutError at the
+        deadline, LeaseExpired when the lease ran out or was refused renewal,
+        TransferTimeout / TransferFailed when prefill did not answer or is gone."""
         rid = handle.request_id
         expires = handle.expires_at or deadline  # wall clock, as the deadline
-        timeout = self.spec.transfer_timeout_s
         while True:
             now = time.time()
             _left(deadline, rid)
@@ -207,23 +206,49 @@ class DecodeWorker(GroupLeader):
                 wake = min(deadline, expires)
             else:
                 wake = min(deadline, now + max(0.0, expires - now) / 2)
-            try:
-                return await asyncio.wait_for(asyncio.shield(got), max(0.0, wake - now))
-            except (asyncio.TimeoutError, TimeoutError):
-                pass
+            await asyncio.wait([got], timeout=max(0.0, wake - now))
+            if got.done():
+                return got.result()
             _left(deadline, rid)
             if prefill is None:
                 raise LeaseExpired(
                     f"the prefill lease of {rid} expired before KV blocks were free here"
                 )
+            renewal = asyncio.ensure_future(
+                self._ask_prefill(prefill.renew.remote(rid, handle.epoch), "renewal of", rid)
+            )
+            renewal.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved
             try:
-                left = await asyncio.wait_for(prefill.renew.remote(rid, handle.epoch), timeout)
-            except (asyncio.TimeoutError, TimeoutError):
-                raise TransferTimeout(
-                    f"renewal of {rid}'s lease not answered in {timeout}s"
-                ) from None
-            self.xfer["renewals"] += 1
-            expires = time.time() + left
+                await asyncio.wait(
+                    [got, renewal],
+                    timeout=max(0.0, min(deadline, expires) - time.time()),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if got.done():
+                    return got.result()
+                _left(deadline, rid)
+                if not renewal.done():
+                    raise TransferTimeout(
+                        f"renewal of {rid}'s lease not answered before it expired"
+                    )
+                expires = time.time() + renewal.result()  # raises what the renewal raised
+                self.xfer["renewals"] += 1
+            finally:
+                renewal.cancel()  # nothing once it is done
+
+    async def _ask_prefill(self, ref, what: str, rid: str, timeout: float | None = None):
+        """Await a call to the prefill actor holding `rid`'s lease: its own transfer
+        errors pass through; no answer within `timeout` is TransferTimeout; the actor
+        gone or failing is TransferFailed (the router re-prefills elsewhere, as for
+        any transfer failure, rather than taking it for a lost decode)."""
+        try:
+            return await asyncio.wait_for(ref, timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            raise TransferTimeout(f"{what} {rid} not answered in {timeout}s") from None
+        except TransferError:
+            raise
+        except ray.exceptions.RayError as e:
+            raise TransferFailed(f"{what} {rid}: prefill failed ({type(e).__name__})") from None
 
     async def generate_local(
         self,
@@ -337,12 +362,9 @@ class DecodeWorker(GroupLeader):
         self.transfers_pending += 1
         try:
             if prefill is not None:
-                try:
-                    claimed = await asyncio.wait_for(
-                        prefill.claim.remote(rid, handle.epoch), timeout
-                    )
-                except (asyncio.TimeoutError, TimeoutError):
-                    raise TransferTimeout(f"claim of {rid} not answered in {timeout}s") from None
+                claimed = await self._ask_prefill(
+                    prefill.claim.remote(rid, handle.epoch), "claim of", rid, timeout
+                )
                 if claimed != src.block_ids:
                     raise TransferFailed(
                         f"lease of {rid} epoch {handle.epoch} names other "

@@ -12,7 +12,7 @@ import time
 import pytest
 import ray
 
-from transfer import FaultConfig, LeaseExpired, TransferError, TransferTimeout
+from transfer import FaultConfig, LeaseExpired, TransferError, TransferFailed, TransferTimeout
 from workers.api import WorkerSpec
 from workers.channel import OutputChannel
 from workers.decode_worker import DecodeWorker
@@ -145,6 +145,34 @@ def test_a_request_queued_in_decode_keeps_its_lease_past_the_ttl(ray_nodes, tiny
     assert ds.transfers.renewals >= 2 and ds.transfers.failures == 0
     assert ray.get(p.stats.remote()).engine.leases_expired == 0
     assert _wait_empty(p, d) == dict.fromkeys(_tables(p, d), 0)
+
+
+def test_prefill_gone_while_a_request_waits_in_decode_is_a_transfer_failure(
+    ray_nodes, tiny_model_dir
+):
+    """The prefill actor holding a queued request's lease dies: the renewal fails as a
+    TransferFailed (the router re-prefills elsewhere), not as an actor error the
+    router would take for a lost decode; decode ends with nothing held."""
+    p, d = _pair(tiny_model_dir, "gone", lease_ttl_s=0.5, max_model_len=1024, decode_max_running=1)
+    long_sp = SamplingParams(max_tokens=600, temperature=0.0, ignore_eos=True)
+    prompt = list(range(3, 40))
+
+    async def both():
+        first = asyncio.ensure_future(_transfer(p, d, "long", prompt, sp=long_sp))
+        while not (await d.stats.remote()).engine.running:
+            await asyncio.sleep(0.02)
+        try:
+            await _transfer(p, d, "orphan", prompt, after_prefill=lambda: ray.kill(p))
+        except Exception as e:  # noqa: BLE001 - the type is the point
+            return await first, e
+        return await first, None
+
+    long_out, err = asyncio.run(both())
+    assert len(long_out) == 600
+    assert isinstance(err, TransferFailed), repr(err)
+    assert not isinstance(err, ray.exceptions.RayActorError), repr(err)
+    ds = ray.get(d.stats.remote())
+    assert (ds.engine.used_blocks, ds.transfers_pending, ds.streams) == (0, 0, 0)
 
 
 def test_pull_that_never_completes_ends_at_timeout_and_frees_both_sides(ray_nodes, tiny_model_dir):
