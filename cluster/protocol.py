@@ -465,9 +465,16 @@ def _check_messages(req: ChatCompletionRequest) -> None:
                     )
 
 
+# Built once, here, at import: a Decoder resolves its type's schema when constructed,
+# so the admission threads only ever run decodes (thread-safe in msgspec), never a
+# first-use schema build. (A router replica was seen to SIGSEGV inside msgspec's struct
+# decoding under a burst of concurrent first requests; not reproduced standalone.)
+_DECODERS = {t: msgspec.json.Decoder(t) for t in (ChatCompletionRequest, CompletionRequest)}
+
+
 def _decode(body: bytes, typ: type) -> Any:
     try:
-        return msgspec.json.decode(body, type=typ)
+        return _DECODERS[typ].decode(body)
     except (msgspec.ValidationError, msgspec.DecodeError) as e:
         raise _msgspec_error(e) from None
 

@@ -625,6 +625,7 @@ class Router:
         produced: list[int] = []
         re_prefills = migrations = 0
         avoid: set[int] = set()  # prefill replicas whose KV transfer failed
+        lost: set[int] = set()  # decode replicas this request was lost on
         while True:
             ids = prompt_ids + produced
             sp = _continue_params(params, len(produced))
@@ -644,7 +645,7 @@ class Router:
             state.stage = "decode"
             got_tokens = False
             try:
-                async for tokens, reason in self._decode(state, wid, ids, res, p, sp):
+                async for tokens, reason in self._decode(state, wid, ids, res, p, sp, lost):
                     got_tokens = True
                     produced.extend(tokens)
                     yield tokens, reason
@@ -716,9 +717,20 @@ class Router:
         raise Unavailable("no prefill worker could take the request")
 
     async def _decode(
-        self, state: RequestState, wid: str, ids: list[int], res, p: int | None, sp: SamplingParams
+        self,
+        state: RequestState,
+        wid: str,
+        ids: list[int],
+        res,
+        p: int | None,
+        sp: SamplingParams,
+        lost: set[int],
     ) -> AsyncIterator[tuple[list[int], str | None]]:
-        i = self.decode_pool.pick()
+        """Decode on the healthy replica with the most free blocks, other than those
+        this request was lost on (`lost`, added to here) while another is healthy: a
+        migration must not land on the replica that just failed it, which this
+        router's health poller may not have marked yet."""
+        i = self.decode_pool.pick(avoid=lost)
         if i is None:
             raise Unavailable("no healthy decode worker")
         state.decodes.add((i, wid))
@@ -728,7 +740,11 @@ class Router:
             left = self._remaining(state)  # before fn(): it may raise
             return self.decode_pool.call(i, fn(), left)
 
-        chan = await wait(lambda: self._channel(i))
+        try:
+            chan = await wait(lambda: self._channel(i))
+        except _WORKER_LOST:
+            lost.add(i)
+            raise
         self.decode_pool.load[i] += 1  # given back by the finally below
 
         def submit():
@@ -748,6 +764,9 @@ class Router:
         try:
             async for item in chan.stream(wid, submit, wait):
                 yield item
+        except _WORKER_LOST:
+            lost.add(i)
+            raise
         finally:
             self.decode_pool.load[i] -= 1
 
