@@ -162,7 +162,7 @@ def run_point(url: str, shape: LoadShape, duration_s: float, label: str) -> tupl
 
     while running():
         _progress(label, load, t0, duration_s)
-        time.sleep(0.2 if shape.total else 0.5)
+        time.sleep(0.2)
     records = load.stop()
     _progress(label, load, t0, duration_s)
     sys.stderr.write("\n")

@@ -24,27 +24,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from throughput import QUESTIONS, http_rate  # noqa: E402
+from throughput import chat_load, http_rate  # noqa: E402
 
 
 def staggered(url: str, n: int = 64, count: int = 48, rate: float = 1 / 0.15) -> dict:
     """`count` streaming chat requests of `n` tokens arriving as a Poisson process at
     `rate` per second (`pdcluster bench --rates`'s load)."""
-    from bench.main import Slo, run_point, summarize
-    from chaos.load import LoadShape
-
-    shape = LoadShape(
-        prompts=QUESTIONS,
-        max_tokens=n,
-        model="SmolLM2-135M-Instruct",
-        concurrency=count,
-        rate=rate,
-        endpoint="/v1/chat/completions",
-        total=count,
-    )
-    records, wall = run_point(url, shape, 0, f"staggered {url}"[:28])
-    assert all(r.completed and r.tokens == n for r in records), [r.error for r in records]
-    got = summarize(records, wall, Slo())
+    got = chat_load(url, n, count, "staggered", rate=rate)
     return {
         "tok_per_s": got["output_tok_s"],
         "median_ttft_s": got["ttft_s"]["p50"],

@@ -91,13 +91,19 @@ def engine_rate(model_dir: str, ids: list[list[int]], n: int) -> float:
     return len(ids) * n / dt
 
 
-def http_rate(
-    url: str, n: int, streams: int, reps: int = 1, model: str = "SmolLM2-135M-Instruct"
-) -> list[float]:
-    """`reps` bursts of `streams` concurrent streaming chat requests, each exactly `n`
-    tokens (greedy, EOS ignored), after one warm-up request: output tokens / wall time
-    of each burst. The load is `pdcluster bench`'s (`--requests streams --concurrency
-    streams --endpoint chat`), so any OpenAI-compatible server is measured alike."""
+def chat_load(
+    url: str,
+    n: int,
+    count: int,
+    label: str,
+    rate: float | None = None,
+    model: str = "SmolLM2-135M-Instruct",
+) -> dict:
+    """`count` streaming chat requests over QUESTIONS, each exactly `n` tokens (greedy,
+    EOS ignored), all at once or as Poisson arrivals at `rate`: `pdcluster bench`'s load
+    (`--requests count --concurrency count --endpoint chat [--rates rate]`), so any
+    OpenAI-compatible server is measured alike. Every request must complete; bench's
+    summary of them."""
     from bench.main import Slo, run_point, summarize
     from chaos.load import LoadShape
 
@@ -105,19 +111,27 @@ def http_rate(
         prompts=QUESTIONS,
         max_tokens=n,
         model=model,
-        concurrency=streams,
+        concurrency=count,
+        rate=rate,
         endpoint="/v1/chat/completions",
-        total=streams,
+        total=count,
     )
-    warm = LoadShape(**{**shape.__dict__, "concurrency": 1, "total": 1})
-    run_point(url, warm, 0, "warm-up")
-    rates = []
-    for k in range(reps):
-        records, wall = run_point(url, shape, 0, f"burst {k + 1}/{reps} {url}"[:28])
-        got = [r.tokens for r in records]
-        assert all(r.completed for r in records) and got == [n] * streams, (got, records[:1])
-        rates.append(summarize(records, wall, Slo())["output_tok_s"])
-    return rates
+    records, wall = run_point(url, shape, 0, f"{label} {url}"[:28])
+    got = [r.tokens for r in records]
+    assert all(r.completed for r in records) and got == [n] * count, (got, records[:1])
+    return summarize(records, wall, Slo())
+
+
+def http_rate(
+    url: str, n: int, streams: int, reps: int = 1, model: str = "SmolLM2-135M-Instruct"
+) -> list[float]:
+    """`reps` bursts of `streams` concurrent streaming chat requests of `n` tokens,
+    after one warm-up request: output tokens / wall time of each burst."""
+    chat_load(url, 4, 1, "warm-up", model=model)
+    return [
+        chat_load(url, n, streams, f"burst {k + 1}/{reps}", model=model)["output_tok_s"]
+        for k in range(reps)
+    ]
 
 
 def vllm_rates(python: str, model_dir: str, n: int) -> dict:

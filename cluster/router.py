@@ -740,13 +740,6 @@ class Router:
             left = self._remaining(state)  # before fn(): it may raise
             return self.decode_pool.call(i, fn(), left)
 
-        try:
-            chan = await wait(lambda: self._channel(i))
-        except _WORKER_LOST:
-            lost.add(i)
-            raise
-        self.decode_pool.load[i] += 1  # given back by the finally below
-
         def submit():
             if res is None:
                 return h.generate_local.remote(wid, chan.id, ids, sp, state.deadline)
@@ -761,7 +754,9 @@ class Router:
                 self.prefill_pool.handles[p],
             )
 
+        self.decode_pool.load[i] += 1  # given back by the finally below
         try:
+            chan = await wait(lambda: self._channel(i))
             async for item in chan.stream(wid, submit, wait):
                 yield item
         except _WORKER_LOST:

@@ -236,7 +236,8 @@ class DecodeWorker(GroupLeader):
             finally:
                 renewal.cancel()  # nothing once it is done
 
-    async def _ask_prefill(self, ref, what: str, rid: str, timeout: float | None = None):
+    @staticmethod
+    async def _ask_prefill(ref, what: str, rid: str, timeout: float | None = None):
         """Await a call to the prefill actor holding `rid`'s lease: its own transfer
         errors pass through; no answer within `timeout` is TransferTimeout; the actor
         gone or failing is TransferFailed (the router re-prefills elsewhere, as for
