@@ -45,13 +45,19 @@ def cluster():
 
 
 def wait_healthy(url: str, timeout: float = 60) -> None:
+    """Every live router replica sees 2 + 2 healthy workers: each replica polls the
+    workers on its own, so one replica's view says nothing of the others'."""
     deadline = time.monotonic() + timeout
+    views: dict[str, bool] = {}  # router replica id -> all healthy in its last answer
     while time.monotonic() < deadline:
-        r = httpx.get(f"{url}/health", timeout=5).json()
-        if r["prefill_healthy"] == 2 and r["decode_healthy"] == 2:
+        st = httpx.get(f"{url}/debug/state", timeout=10).json()
+        healthy = [w for w in st["workers"] if w["healthy"]]
+        views[st["router_id"]] = len(healthy) == 4
+        live = {r["router_id"] for r in st["routers"]}
+        if live <= set(views) and all(views[r] for r in live):
             return
         time.sleep(0.25)
-    raise AssertionError(f"cluster not healthy again: {r}")
+    raise AssertionError(f"cluster not healthy again in every router replica: {views}")
 
 
 def chat(content: str, **kw) -> dict:
