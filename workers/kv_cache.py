@@ -23,13 +23,16 @@ def allocate_pool(
     dtype: torch.dtype,
     device: str | torch.device,
 ) -> torch.Tensor:
-    """Block-major pool [blocks, layers, 2 (k/v), block_size, kv_heads, head_dim].
+    """Block-major pool [blocks, layers, 2 (k/v), kv_heads, block_size, head_dim].
 
     Block-major so that a request's block is one contiguous region: a transfer
-    moves one descriptor per block, and adjacent blocks merge into one.
+    moves one descriptor per block, and adjacent blocks merge into one. Inside a
+    block, head-major: one head's K (or V) of one layer is one contiguous
+    [block_size, head_dim] run, so attention gathers a sequence's keys straight
+    into the [kv_heads, tokens, head_dim] layout it reads (workers/model.py).
     """
     return torch.zeros(
-        num_blocks, num_layers, 2, block_size, kv_heads, head_dim, dtype=dtype, device=device
+        num_blocks, num_layers, 2, kv_heads, block_size, head_dim, dtype=dtype, device=device
     )
 
 

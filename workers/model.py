@@ -75,25 +75,30 @@ class ModelArgs:
 class AttnContext:
     """Where one step's tokens live in the paged KV pool.
 
-    The pool [blocks, layers, 2, block_size, kv_heads, head_dim] is seen two
-    ways: `rows` [-1, kv_heads * head_dim], one token's K or V of one layer,
-    and `chunks` [-1, block_size * kv_heads * head_dim], one block's K or V of
+    The pool [blocks, layers, 2, kv_heads, block_size, head_dim] is seen two
+    ways: `rows` [-1, head_dim], one token's K or V of one head of one layer,
+    and `chunks` [-1, block_size * head_dim], one block's K or V of one head of
     one layer. The step's T new tokens are flattened over B sequences; per
-    layer, `write_rows[layer]` [T, 2] names the K and V rows each new token
-    writes, and `gather_chunks[layer]` [B * 2 * L / block_size] the K then V
-    chunks of each sequence's first `L / block_size` blocks (padded with any
-    valid block), read under the additive `mask` [B, 1, Tq, L] (0 or -inf),
-    which also hides the padding. When every sequence has the same number of
-    new tokens (decode, or equal prompts) the flat tokens are already a
-    [B, Tq] grid and the two index maps are None; otherwise `q_index` [B, Tq]
-    maps padded query slots to flat token indices and `out_index` [T] maps
-    flat tokens back into the padded [B*Tq] layout.
+    layer, `write_rows[layer]` [T, 2, kv_heads] names the K and V rows each new
+    token writes, and `gather_chunks[layer]` [B * 2 * kv_heads * L / block_size]
+    the chunks of each sequence's first `L / block_size` blocks (padded with any
+    valid block), ordered so that the gathered copy is K [B, kv_heads, L, hd]
+    then V, the layout attention reads. The copy goes into `gather_out`, one
+    buffer reused by every layer and step (a fresh multi-MB tensor per layer
+    costs page faults: at 13 sequences of 608 tokens it made the gather and
+    attention 2-3x slower). Keys are read under the additive `mask` [B, 1, Tq, L]
+    (0 or -inf), which also hides the padding. When every sequence has the
+    same number of new tokens (decode, or equal prompts) the flat tokens are
+    already a [B, Tq] grid and the two index maps are None; otherwise `q_index`
+    [B, Tq] maps padded query slots to flat token indices and `out_index` [T]
+    maps flat tokens back into the padded [B*Tq] layout.
     """
 
     rows: torch.Tensor
     chunks: torch.Tensor
     write_rows: list[torch.Tensor]
     gather_chunks: list[torch.Tensor]
+    gather_out: torch.Tensor
     mask: torch.Tensor
     q_index: torch.Tensor | None = None
     out_index: torch.Tensor | None = None
@@ -273,11 +278,13 @@ class Attention(nn.Module):
         # bit for bit Hugging Face's q * cos + rotate_half(q) * sin.
         half = hd // 2
         qkv = qkv * cos + torch.cat((qkv[..., half:], qkv[..., :half]), dim=-1) * sin
-        ctx.rows.index_put_((ctx.write_rows[self.layer],), qkv[:, nh:].view(T, 2, nkv * hd))
+        ctx.rows.index_put_((ctx.write_rows[self.layer],), qkv[:, nh:].view(T, 2, nkv, hd))
         B, _, Tq, L = ctx.mask.shape
         # Whole blocks are gathered, K and V in one copy; the mask hides what is not context.
-        kv = ctx.chunks.index_select(0, ctx.gather_chunks[self.layer]).view(B, 2, L, nkv, hd)
-        q, keys, values = qkv[:, :nh], kv[:, 0].transpose(1, 2), kv[:, 1].transpose(1, 2)
+        idx = ctx.gather_chunks[self.layer]
+        out = ctx.gather_out[: idx.numel() * ctx.chunks.shape[1]].view(idx.numel(), -1)
+        kv = torch.index_select(ctx.chunks, 0, idx, out=out).view(B, 2, nkv, L, hd)
+        q, keys, values = qkv[:, :nh], kv[:, 0], kv[:, 1]
         if Tq == 1:
             # Decode: the nh / nkv query heads that share a KV head are that head's query
             # rows (GQA exactly; at batch 32 a third faster than enable_gqa).

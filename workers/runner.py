@@ -76,6 +76,7 @@ class ModelRunner:
             torch_dtype,
             self.device,
         )
+        self._gather_out = torch.empty(0, dtype=torch_dtype, device=self.device)  # see AttnContext
 
     def plan(self, seqs: list[Sequence], num_new: list[int]) -> StepPlan:
         """The step as plain lists: what rank 0 broadcasts to the other ranks."""
@@ -109,16 +110,26 @@ class ModelRunner:
         cu = torch.zeros(B + 1, dtype=torch.long)
         torch.cumsum(n_t, 0, out=cu[1:])
         # Pool rows and chunks (see AttnContext), for every layer at once.
-        nl = self.args.num_layers
-        write_base = tables[seq_of * nblk + positions // bs] * (nl * 2 * bs) + positions % bs
-        write_rows = (
-            write_base[None, :, None]  # nl,T,2
-            + torch.arange(0, nl * 2 * bs, 2 * bs)[:, None, None]
-            + torch.tensor([0, bs])
+        nl, nkv = self.args.num_layers, self.model.kv_heads_local
+        heads = torch.arange(nkv)
+        write_base = (
+            tables[seq_of * nblk + positions // bs] * (nl * 2 * nkv * bs) + positions % bs
         )
-        gather = (tables.view(B, 1, nblk) * (nl * 2) + torch.tensor([[0], [1]]))[
-            None
-        ] + torch.arange(0, nl * 2, 2)[:, None, None, None]  # nl,B,2,nblk
+        write_rows = (  # nl,T,2,nkv
+            write_base[None, :, None, None]
+            + torch.arange(0, nl * 2 * nkv * bs, 2 * nkv * bs)[:, None, None, None]
+            + torch.tensor([0, nkv * bs])[:, None]
+            + heads * bs
+        )
+        gather = (  # nl,B,2,nkv,nblk
+            tables.view(1, B, 1, 1, nblk) * (nl * 2 * nkv)
+            + torch.arange(0, nl * 2 * nkv, 2 * nkv)[:, None, None, None, None]
+            + torch.tensor([0, nkv])[:, None, None]
+            + heads[:, None]
+        )
+        need = B * 2 * nkv * L * self.args.head_dim
+        if self._gather_out.numel() < need:
+            self._gather_out = torch.empty(need, dtype=self.kv_pool.dtype, device=dev)
         # Query slot j of sequence b sits at position starts[b] + j and sees keys up to
         # there; padded slots (j >= num_new[b]) see key 0 only, so no row is all -inf.
         j = torch.arange(Tq)
@@ -136,10 +147,11 @@ class ModelRunner:
             q_index = q_index.to(dev)
         pool = self.kv_pool
         ctx = AttnContext(
-            rows=pool.view(-1, pool[0, 0, 0, 0].numel()),
-            chunks=pool.view(-1, pool[0, 0, 0].numel()),
+            rows=pool.view(-1, pool.shape[-1]),
+            chunks=pool.view(-1, pool[0, 0, 0, 0].numel()),
             write_rows=write_rows.to(dev).unbind(0),
             gather_chunks=gather.view(nl, -1).to(dev).unbind(0),
+            gather_out=self._gather_out,
             mask=mask.to(dev),
             q_index=q_index,
             out_index=out_index,
