@@ -16,7 +16,7 @@ import logging
 
 import torch
 
-from transfer.handle import RankKV, TransferFailed, TransferTimeout
+from transfer.handle import RankKV, TransferFailed, TransferTimeout, check_blocks_match
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class RayObjectBackend(TransferBackend):
         self.name = f"{name_prefix}-ray"
         self._pool = pool
         self.block_bytes = pool[0].numel() * pool.element_size()
+        self.block_shape = list(pool.shape[1:])
 
     def rank_kv(self, block_ids: list[int]) -> RankKV:
         import ray
@@ -72,6 +73,7 @@ class RayObjectBackend(TransferBackend):
             mem_type="RAY",
             block_ids=list(block_ids),
             object_ref=ref,
+            block_shape=self.block_shape,
         )
 
     def pull(
@@ -80,10 +82,7 @@ class RayObjectBackend(TransferBackend):
         import ray
         from ray.exceptions import GetTimeoutError
 
-        if len(local_block_ids) != len(src.block_ids):
-            raise ValueError(
-                f"{len(local_block_ids)} local blocks for {len(src.block_ids)} remote blocks"
-            )
+        check_blocks_match(src, local_block_ids, self.block_bytes, self.block_shape)
         if src.object_ref is None:
             raise TransferFailed(f"handle from {src.agent_name} carries no object ref")
         if timeout_s <= 0:

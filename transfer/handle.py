@@ -42,6 +42,25 @@ class RankKV(msgspec.Struct, frozen=True):
     mem_type: str  # "DRAM" or "VRAM"
     block_ids: list[int]  # the request's blocks in that pool, in sequence order
     object_ref: object = None  # Ray object store backend: the blocks' bytes (ObjectRef)
+    # One block's tensor shape (the pool's dims after the first): blocks of equal size but
+    # another layout (another pdcluster version) must not be copied as if they matched.
+    block_shape: list[int] = []
+
+
+def check_blocks_match(
+    src: RankKV, local_block_ids: list[int], block_bytes: int, block_shape: list[int]
+) -> None:
+    """Refuse (ValueError) a pull whose blocks do not fit ours one for one."""
+    if len(local_block_ids) != len(src.block_ids):
+        raise ValueError(
+            f"{len(local_block_ids)} local blocks for {len(src.block_ids)} remote blocks"
+        )
+    if src.block_bytes != block_bytes or src.block_shape != block_shape:
+        raise ValueError(
+            f"remote block is {src.block_shape} ({src.block_bytes} bytes), "
+            f"ours {block_shape} ({block_bytes} bytes): prefill and decode must run "
+            "the same model, dtype, tensor parallelism and pdcluster version"
+        )
 
 
 class KVHandle(msgspec.Struct, frozen=True):

@@ -21,7 +21,13 @@ import torch
 from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
 
 from transfer.backend import TransferBackend
-from transfer.handle import RankKV, TransferError, TransferFailed, TransferTimeout
+from transfer.handle import (
+    RankKV,
+    TransferError,
+    TransferFailed,
+    TransferTimeout,
+    check_blocks_match,
+)
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +116,7 @@ class NixlTransferAgent(TransferBackend):
         self.name = f"{name_prefix}-{uuid.uuid4().hex}"
         self.num_blocks = pool.shape[0]
         self.block_bytes = pool[0].numel() * pool.element_size()
+        self.block_shape = list(pool.shape[1:])
         self.mem_type = "VRAM" if pool.is_cuda else "DRAM"
         self.device_id = pool.get_device() if pool.is_cuda else 0
         self.base_addr = pool.data_ptr()
@@ -144,6 +151,7 @@ class NixlTransferAgent(TransferBackend):
             device_id=self.device_id,
             mem_type=self.mem_type,
             block_ids=list(block_ids),
+            block_shape=self.block_shape,
         )
 
     def poll_notifs(self) -> list[bytes]:
@@ -163,12 +171,7 @@ class NixlTransferAgent(TransferBackend):
         unreachable peer or bad metadata raise TransferFailed. `notif` is
         delivered to the remote agent when the READ completes. Returns bytes moved.
         """
-        if len(local_block_ids) != len(src.block_ids):
-            raise ValueError(
-                f"{len(local_block_ids)} local blocks for {len(src.block_ids)} remote blocks"
-            )
-        if src.block_bytes != self.block_bytes:
-            raise ValueError(f"remote block is {src.block_bytes} bytes, ours {self.block_bytes}")
+        check_blocks_match(src, local_block_ids, self.block_bytes, self.block_shape)
         _check_ids(local_block_ids, self.num_blocks, "local")
         _check_ids(src.block_ids, src.num_blocks, "remote")
         if timeout_s <= 0:

@@ -112,9 +112,7 @@ class ModelRunner:
         # Pool rows and chunks (see AttnContext), for every layer at once.
         nl, nkv = self.args.num_layers, self.model.kv_heads_local
         heads = torch.arange(nkv)
-        write_base = (
-            tables[seq_of * nblk + positions // bs] * (nl * 2 * nkv * bs) + positions % bs
-        )
+        write_base = tables[seq_of * nblk + positions // bs] * (nl * 2 * nkv * bs) + positions % bs
         write_rows = (  # nl,T,2,nkv
             write_base[None, :, None, None]
             + torch.arange(0, nl * 2 * nkv * bs, 2 * nkv * bs)[:, None, None, None]

@@ -21,8 +21,8 @@ from transfer.nixl_backend import NixlTransferAgent
 # Ray workers cannot import this test module by name; ship its actor classes by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-# Shaped like a KV pool: [blocks, layers, k/v, block_size, kv_heads, head_dim] (4 KiB blocks).
-POOL_SHAPE = (32, 2, 2, 16, 2, 8)
+# Shaped like a KV pool: [blocks, layers, k/v, kv_heads, block_size, head_dim] (4 KiB blocks).
+POOL_SHAPE = (32, 2, 2, 2, 16, 8)
 TIMEOUT_S = 5.0
 
 

@@ -15,6 +15,7 @@ from transfer import (
     TransferFailed,
     TransferTimeout,
 )
+from transfer.handle import check_blocks_match
 
 
 def _handle() -> KVHandle:
@@ -27,6 +28,7 @@ def _handle() -> KVHandle:
         device_id=0,
         mem_type="DRAM",
         block_ids=[7, 3, 9],
+        block_shape=[2, 2, 2, 16, 8],
     )
     return KVHandle(request_id="r1", backend="nixl", num_tokens=40, ranks=[rank])
 
@@ -47,3 +49,17 @@ def test_handle_is_frozen():
 def test_errors_pickle_with_their_message(cls):
     e = pickle.loads(pickle.dumps(cls("peer gone")))
     assert type(e) is cls and str(e) == "peer gone" and isinstance(e, TransferError)
+
+
+def test_blocks_of_another_layout_are_refused_even_at_equal_size():
+    """A peer whose blocks have our byte size but another layout (the KV pool was
+    [layers, 2, block_size, kv_heads, head_dim] per block before it went head-major),
+    or that names no layout (an older peer), is refused before any byte moves."""
+    src = _handle().ranks[0]
+    check_blocks_match(src, [0, 1, 2], 4096, [2, 2, 2, 16, 8])  # same: no error
+    for shape in ([2, 2, 16, 2, 8], []):
+        peer = msgspec.structs.replace(src, block_shape=shape)
+        with pytest.raises(ValueError, match="layout|pdcluster version"):
+            check_blocks_match(peer, [0, 1, 2], 4096, [2, 2, 2, 16, 8])
+    with pytest.raises(ValueError, match="2 local blocks for 3"):
+        check_blocks_match(src, [0, 1], 4096, [2, 2, 2, 16, 8])
