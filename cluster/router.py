@@ -8,6 +8,7 @@ request holds on the workers and in the router's table.
 """
 
 import asyncio
+import faulthandler
 import logging
 import os
 import subprocess
@@ -138,6 +139,13 @@ def _error(
 class Router:
     def __init__(self, cfg_json: bytes, model_dir: str, prefill: list, decode: list, peers):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        # A fatal signal dumps every thread's stack to the replica's log, not only the
+        # crashing one (Ray enables the crashing thread's only): admission decodes in a
+        # thread pool, and a crash there is read against what the others were doing.
+        try:
+            faulthandler.enable(all_threads=True)
+        except (OSError, AttributeError):  # stderr without a file descriptor
+            pass
         # The fast tokenizer class by name: AutoTokenizer imports torch, and the
         # router process loads neither torch nor nixl.
         from transformers import PreTrainedTokenizerFast
