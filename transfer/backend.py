@@ -56,7 +56,7 @@ class RayObjectBackend(TransferBackend):
         self.name = f"{name_prefix}-ray"
         self._pool = pool
         self.block_bytes = pool[0].numel() * pool.element_size()
-        self.block_shape = list(pool.shape[1:])
+        self.block_shape = tuple(pool.shape[1:])
 
     def rank_kv(self, block_ids: list[int]) -> RankKV:
         import ray
@@ -73,7 +73,7 @@ class RayObjectBackend(TransferBackend):
             mem_type="RAY",
             block_ids=list(block_ids),
             object_ref=ref,
-            block_shape=self.block_shape,
+            block_shape=list(self.block_shape),
         )
 
     def pull(

@@ -48,17 +48,20 @@ class RankKV(msgspec.Struct, frozen=True):
 
 
 def check_blocks_match(
-    src: RankKV, local_block_ids: list[int], block_bytes: int, block_shape: list[int]
+    src: RankKV, local_block_ids: list[int], block_bytes: int, block_shape: tuple[int, ...]
 ) -> None:
-    """Refuse (ValueError) a pull whose blocks do not fit ours one for one."""
+    """Refuse a pull whose blocks do not fit ours one for one: a count that differs is
+    a caller's bug (ValueError); blocks of another size or layout, a peer that cannot be
+    pulled from (TransferFailed: the router re-prefills on another replica, which in a
+    mixed-version roll-out may run ours)."""
     if len(local_block_ids) != len(src.block_ids):
         raise ValueError(
             f"{len(local_block_ids)} local blocks for {len(src.block_ids)} remote blocks"
         )
-    if src.block_bytes != block_bytes or src.block_shape != block_shape:
-        raise ValueError(
-            f"remote block is {src.block_shape} ({src.block_bytes} bytes), "
-            f"ours {block_shape} ({block_bytes} bytes): prefill and decode must run "
+    if src.block_bytes != block_bytes or list(src.block_shape) != list(block_shape):
+        raise TransferFailed(
+            f"{src.agent_name}'s block is {list(src.block_shape)} ({src.block_bytes} bytes), "
+            f"ours {list(block_shape)} ({block_bytes} bytes): prefill and decode must run "
             "the same model, dtype, tensor parallelism and pdcluster version"
         )
 

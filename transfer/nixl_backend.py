@@ -116,7 +116,7 @@ class NixlTransferAgent(TransferBackend):
         self.name = f"{name_prefix}-{uuid.uuid4().hex}"
         self.num_blocks = pool.shape[0]
         self.block_bytes = pool[0].numel() * pool.element_size()
-        self.block_shape = list(pool.shape[1:])
+        self.block_shape = tuple(pool.shape[1:])
         self.mem_type = "VRAM" if pool.is_cuda else "DRAM"
         self.device_id = pool.get_device() if pool.is_cuda else 0
         self.base_addr = pool.data_ptr()
@@ -151,7 +151,7 @@ class NixlTransferAgent(TransferBackend):
             device_id=self.device_id,
             mem_type=self.mem_type,
             block_ids=list(block_ids),
-            block_shape=self.block_shape,
+            block_shape=list(self.block_shape),
         )
 
     def poll_notifs(self) -> list[bytes]:

@@ -126,8 +126,9 @@ class ModelRunner:
             + heads[:, None]
         )
         need = B * 2 * nkv * L * self.args.head_dim
-        if self._gather_out.numel() < need:
-            self._gather_out = torch.empty(need, dtype=self.kv_pool.dtype, device=dev)
+        if self._gather_out.numel() < need:  # grown by a quarter more: not at every block
+            self._gather_out = None  # the old buffer goes before the new one is made
+            self._gather_out = torch.empty(need + need // 4, dtype=self.kv_pool.dtype, device=dev)
         # Query slot j of sequence b sits at position starts[b] + j and sees keys up to
         # there; padded slots (j >= num_new[b]) see key 0 only, so no row is all -inf.
         j = torch.arange(Tq)

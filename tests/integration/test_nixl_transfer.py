@@ -181,7 +181,7 @@ def test_peer_cache_is_bounded_and_evicted_peers_reconnect():
             a.close()
 
 
-def test_mismatched_block_counts_are_rejected_locally():
+def test_mismatched_block_counts_and_layouts_are_rejected_locally():
     pool = torch.zeros(4, 8)
     agent = NixlTransferAgent("local-test", pool)
     try:
@@ -189,6 +189,11 @@ def test_mismatched_block_counts_are_rejected_locally():
             agent.pull(agent.rank_kv([0, 1]), [2], timeout_s=1.0)
         with pytest.raises(ValueError):
             agent.rank_kv([4])
+        # Blocks of our size but another layout (or none named: an older peer).
+        for shape in ([2, 4], []):
+            src = msgspec.structs.replace(agent.rank_kv([0]), block_shape=shape)
+            with pytest.raises(TransferFailed, match="pdcluster version"):
+                agent.pull(src, [2], timeout_s=1.0)
     finally:
         agent.close()
         agent.close()  # idempotent

@@ -54,12 +54,16 @@ def test_errors_pickle_with_their_message(cls):
 def test_blocks_of_another_layout_are_refused_even_at_equal_size():
     """A peer whose blocks have our byte size but another layout (the KV pool was
     [layers, 2, block_size, kv_heads, head_dim] per block before it went head-major),
-    or that names no layout (an older peer), is refused before any byte moves."""
+    or that names no layout (an older peer), is refused before any byte moves, as a
+    transfer failure (the router re-prefills elsewhere)."""
     src = _handle().ranks[0]
-    check_blocks_match(src, [0, 1, 2], 4096, [2, 2, 2, 16, 8])  # same: no error
+    ours = (2, 2, 2, 16, 8)
+    check_blocks_match(src, [0, 1, 2], 4096, ours)  # same: no error
     for shape in ([2, 2, 16, 2, 8], []):
         peer = msgspec.structs.replace(src, block_shape=shape)
-        with pytest.raises(ValueError, match="layout|pdcluster version"):
-            check_blocks_match(peer, [0, 1, 2], 4096, [2, 2, 2, 16, 8])
+        with pytest.raises(TransferFailed, match="pdcluster version"):
+            check_blocks_match(peer, [0, 1, 2], 4096, ours)
+    with pytest.raises(TransferFailed):
+        check_blocks_match(src, [0, 1, 2], 8192, ours)
     with pytest.raises(ValueError, match="2 local blocks for 3"):
-        check_blocks_match(src, [0, 1], 4096, [2, 2, 2, 16, 8])
+        check_blocks_match(src, [0, 1], 4096, ours)
