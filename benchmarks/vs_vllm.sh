@@ -17,21 +17,12 @@ NAME=SmolLM2-135M-Instruct
 MODEL_DIR=$(.venv/bin/pdcluster fetch-model --config configs/local.yaml --print-path | tail -1)
 mkdir -p "$OUT"
 
-VLLM_CPU_KVCACHE_SPACE=1 "$VLLM_PY" -m vllm.entrypoints.openai.api_server --model "$MODEL_DIR" \
-  --served-model-name "$NAME" --dtype float32 --max-model-len 2048 --port 8031 --seed 0 \
-  >"$OUT/vllm.log" 2>&1 &
-VLLM_PID=$!
+source benchmarks/servers.sh
+start_vllm
 .venv/bin/pdcluster up configs/local.yaml >"$OUT/pdcluster.log" 2>&1 &
 PDX_PID=$!
 trap 'kill -TERM $PDX_PID $VLLM_PID 2>/dev/null; wait $PDX_PID $VLLM_PID 2>/dev/null || true' EXIT
-
-for url in http://127.0.0.1:8000 http://127.0.0.1:8031; do
-  for _ in $(seq 600); do
-    curl -sf "$url/health" >/dev/null 2>&1 && break
-    sleep 1
-  done
-  curl -sf "$url/health" >/dev/null || { echo "$url did not come up" >&2; exit 1; }
-done
+wait_up http://127.0.0.1:8000 http://127.0.0.1:8031
 
 .venv/bin/pdcluster bench http://127.0.0.1:8000 --compare http://127.0.0.1:8031 --model "$NAME" \
   --concurrency 32 --prompt-tokens 16-48 --max-tokens 64 --duration "$DURATION" \

@@ -56,14 +56,16 @@ class _GroupConfig(_Strict):
     kv_blocks: int = 512
     block_size: int = 16
     num_threads: int = 1  # torch/OpenMP threads of each rank's model thread
+    # Automatic prefix caching: a prompt reuses the KV blocks of its longest prefix
+    # computed before (full blocks, LRU-evicted when the pool needs them). On decode it
+    # serves the prompts decode computes itself (router.max_local_prefill_tokens, the
+    # no-prefill fallback, recomputation after preemption); pulled KV is not cached.
+    prefix_caching: bool = True
 
 
 class PrefillConfig(_GroupConfig):
     node_resource: str = "prefill_node"
     max_batched_tokens: int = 2048
-    # Automatic prefix caching: a prompt reuses the KV blocks of its longest prefix
-    # computed before (full blocks, LRU-evicted when the pool needs them).
-    prefix_caching: bool = True
 
 
 class DecodeConfig(_GroupConfig):
@@ -96,6 +98,9 @@ class RouterConfig(_Strict):
     strict_max_tokens: bool = False
     max_retries: int = 2
     max_migrations: int = 2
+    # Prompts of at most this many tokens are prefilled by the decode worker itself, with
+    # no prefill worker and no KV transfer (Dynamo's conditional disaggregation). 0: off.
+    max_local_prefill_tokens: int = 0
     debug_state: bool = False
     watchdog_s: float = 10.0  # busy without a step (or silent) this long: restarted
     health_period_s: float = 0.5  # how often the router polls every worker's stats
@@ -216,6 +221,7 @@ def _check(cfg: Config) -> None:
     need(cfg.router.health_period_s > 0, "router.health_period_s", "a number > 0")
     need(cfg.router.max_retries >= 0, "router.max_retries", "an int >= 0")
     need(cfg.router.max_migrations >= 0, "router.max_migrations", "an int >= 0")
+    need(cfg.router.max_local_prefill_tokens >= 0, "router.max_local_prefill_tokens", "an int >= 0")
     need(cfg.router.max_queued >= 1, "router.max_queued", "an int >= 1")
     need(cfg.router.replicas >= 1, "router.replicas", "an int >= 1")
     _check_chaos(cfg.chaos, need)

@@ -179,7 +179,7 @@ def _spec(cfg: Config, role: str, replica: int, model_dir: str, rank: int) -> Wo
             cfg.prefill.max_batched_tokens if role == "prefill" else cfg.model.max_model_len
         ),
         max_running=cfg.decode.max_running if role == "decode" else 1024,
-        prefix_caching=role == "prefill" and cfg.prefill.prefix_caching,
+        prefix_caching=g.prefix_caching,
         stream_interval=cfg.decode.stream_interval,
         transfer_timeout_s=cfg.transfer.timeout_s,
         lease_ttl_s=cfg.transfer.lease_ttl_s,

@@ -47,6 +47,11 @@ class RouterMetrics:
         self.retries = Counter(
             "pdcluster_retries", "Prefill retries and re-prefills", ["reason"], registry=r
         )
+        self.local_prefills = Counter(
+            "pdcluster_local_prefills",
+            "Prompts within router.max_local_prefill_tokens, prefilled on decode",
+            registry=r,
+        )
         self.migrations = Counter(
             "pdcluster_migrations", "Streams moved to another decode", registry=r
         )

@@ -363,6 +363,7 @@ class Router:
             "decode_waiting_for_blocks": sum(s.engine.waiting_for_blocks for s in d),
             "decode_streams": sum(s.streams for s in d),
             "decode_blocks_used": sum(s.engine.used_blocks for s in d),
+            "decode_cached_blocks": sum(s.engine.cached_blocks for s in d),
             "workers": [
                 pool.describe(i, st) for pool, ss in zip(pools, stats) for i, st in enumerate(ss)
             ],
@@ -640,11 +641,14 @@ class Router:
             state.stage = "prefill"
             wid = f"{state.request_id}-{state.attempts}"
             state.attempts += 1
-            try:
-                res, p = await self._prefill(state, wid, ids, sp, avoid)
-            except NoPrefillWorker:
-                res = p = None  # decode-only fallback: the decode worker prefills itself
-                self.metrics.retries.labels("decode_local").inc()
+            res = p = None  # None: the decode worker prefills itself
+            if len(ids) <= self.cfg.router.max_local_prefill_tokens:
+                self.metrics.local_prefills.inc()  # short: no transfer is worth its cost
+            else:
+                try:
+                    res, p = await self._prefill(state, wid, ids, sp, avoid)
+                except NoPrefillWorker:  # decode-only fallback
+                    self.metrics.retries.labels("decode_local").inc()
             if res is not None:
                 produced.append(res.first_token)
                 yield [res.first_token], res.finish_reason

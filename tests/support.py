@@ -155,3 +155,30 @@ def dashboard_metrics() -> set[str]:
     dash = json.loads((ROOT / "deploy" / "grafana" / "pdcluster.json").read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", []) if t.get("expr")]
     return {m for e in exprs for m in re.findall(r"pdcluster_[a-z0-9_]+", e)}
+
+
+def metric_above(url: str, name: str, floor: float, note=None, timeout_s: float = 10) -> None:
+    """`metric` passes `floor` within `timeout_s`: a router replica's counters reach
+    the others' /metrics with its next report (every health period)."""
+    deadline = time.monotonic() + timeout_s
+    while (value := metric(url, name)) <= floor:
+        assert time.monotonic() < deadline, (name, value, floor, note)
+        time.sleep(0.2)
+
+
+def metric(url: str, name: str) -> float:
+    """The sum of every sample of `name` (optionally `name{k="v",...}`) whose labels
+    include the given ones: over router replicas, worker replicas and the rest."""
+    import re
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    base, _, sel = name.partition("{")
+    want = dict(re.findall(r'(\w+)="([^"]*)"', sel))
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == base and want.items() <= s.labels.items()
+    )

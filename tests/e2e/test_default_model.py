@@ -3,11 +3,20 @@ wheel) through the whole cluster: it answers, and greedy matches HF generate."""
 
 from __future__ import annotations
 
+import httpx
 import openai
 import pytest
 import torch
 
-from tests.support import assert_idle, hf_greedy, load_test_config, running_cluster
+from tests.support import (
+    assert_idle,
+    greedy_completion,
+    hf_greedy,
+    load_test_config,
+    metric,
+    metric_above,
+    running_cluster,
+)
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -20,6 +29,14 @@ def cluster():
         yield rc
 
 
+@pytest.fixture(scope="module")
+def hf(cluster):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(cluster.model_dir, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(cluster.model_dir)
+
+
 def test_capital_of_france_is_paris(cluster):
     client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0)
     r = client.chat.completions.create(
@@ -28,16 +45,13 @@ def test_capital_of_france_is_paris(cluster):
     assert "Paris" in r.choices[0].message.content
 
 
-def test_greedy_equals_hf_generate(cluster):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    hf = AutoModelForCausalLM.from_pretrained(cluster.model_dir, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(cluster.model_dir)
+def test_greedy_equals_hf_generate(cluster, hf):
+    model, tok = hf
     ids = tok.apply_chat_template(
         QUESTION, add_generation_prompt=True, tokenize=True, return_dict=False
     )
     n = 32
-    want = tok.decode(hf_greedy((hf, tok), ids, n), skip_special_tokens=False)
+    want = tok.decode(hf_greedy(hf, ids, n), skip_special_tokens=False)
     client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0)
     got = client.chat.completions.create(
         model="SmolLM2-135M-Instruct",
@@ -48,6 +62,42 @@ def test_greedy_equals_hf_generate(cluster):
     )
     assert got.choices[0].message.content == want
     assert got.usage.completion_tokens == n
+    assert_idle(cluster.url)
+
+
+def test_short_prompts_prefill_on_decode_and_longer_ones_through_a_transfer(cluster, hf):
+    """configs/local.yaml ships router.max_local_prefill_tokens on: a prompt within it is
+    prefilled by the decode worker itself (no prefill worker, no transfer), a longer one by
+    the prefill worker with its KV pulled over NIXL. Both give HF's greedy tokens."""
+    limit = cluster.config.router.max_local_prefill_tokens
+    assert limit > 0
+    _, tok = hf
+    short = tok.apply_chat_template(
+        QUESTION, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    longer = [{"role": "user", "content": "Name the capital of each country in Europe. " * 8}]
+    long = tok.apply_chat_template(
+        longer, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    assert len(short) <= limit < len(long)
+    n = 24
+
+    def ask(ids):
+        body = greedy_completion(ids, n, model="SmolLM2-135M-Instruct")
+        r = httpx.post(f"{cluster.url}/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        want = tok.decode(hf_greedy(hf, ids, n), skip_special_tokens=False)
+        assert r.json()["choices"][0]["text"] == want
+
+    local0 = metric(cluster.url, "pdcluster_local_prefills_total")
+    pulls0 = metric(cluster.url, "pdcluster_kv_transfer_seconds_count")
+    ask(short)
+    assert metric(cluster.url, "pdcluster_local_prefills_total") == local0 + 1
+    ask(long)
+    # Workers' transfer counts reach /metrics with the router's next poll of them.
+    metric_above(cluster.url, "pdcluster_kv_transfer_seconds_count", pulls0)
+    assert metric(cluster.url, "pdcluster_kv_transfer_seconds_count") == pulls0 + 1
+    assert metric(cluster.url, "pdcluster_local_prefills_total") == local0 + 1
     assert_idle(cluster.url)
 
 

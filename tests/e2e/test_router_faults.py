@@ -18,6 +18,8 @@ from tests.support import (
     assert_idle,
     dashboard_metrics,
     load_test_config,
+    metric,
+    metric_above,
     running_cluster,
     sse_events,
 )
@@ -121,7 +123,7 @@ def test_2000_requests_a_third_bad(cluster):
     types, over-long prompts, out-of-vocabulary stop ids, huge stop lists, a
     whole-vocabulary ban): every invalid one is a 4xx before any worker sees it,
     every valid one a 200, no worker restarts, and nothing is left held."""
-    restarts = _metric(cluster.url, "pdcluster_worker_restarts_total")
+    restarts = metric(cluster.url, "pdcluster_worker_restarts_total")
     results = asyncio.run(_run_mixed(cluster.url, 2000, 32))
     for bad, status, body in results:
         if bad:
@@ -130,7 +132,7 @@ def test_2000_requests_a_third_bad(cluster):
         else:
             assert status == 200, body
             assert body["usage"]["completion_tokens"] >= 1
-    assert _metric(cluster.url, "pdcluster_worker_restarts_total") == restarts
+    assert metric(cluster.url, "pdcluster_worker_restarts_total") == restarts
     assert_idle(cluster.url)
 
 
@@ -215,7 +217,7 @@ def _decoding_replica(cluster, steps: int = 5):
 
 def test_decode_killed_mid_stream_streams_complete_with_same_text(cluster):
     want = asyncio.run(_streams(cluster.url, PROMPTS, 300))
-    before = _metric(cluster.url, "pdcluster_migrations_total")
+    before = metric(cluster.url, "pdcluster_migrations_total")
     killed = []
 
     def kill():
@@ -225,7 +227,7 @@ def test_decode_killed_mid_stream_streams_complete_with_same_text(cluster):
 
     got = asyncio.run(_streams(cluster.url, PROMPTS, 300, on_progress=kill))
     assert killed and got == want
-    _metric_above(cluster.url, "pdcluster_migrations_total", before)
+    metric_above(cluster.url, "pdcluster_migrations_total", before)
     wait_healthy(cluster.url)
     assert_idle(cluster.url)
 
@@ -250,7 +252,7 @@ def test_the_first_client_on_a_replica_cannot_end_the_others_streams(cluster):
             time.sleep(0.5)
     time.sleep(2)  # the health poller sees them answer again
     wait_healthy(cluster.url)
-    migrations = _metric(cluster.url, "pdcluster_migrations_total")
+    migrations = metric(cluster.url, "pdcluster_migrations_total")
 
     async def run():
         async with httpx.AsyncClient(timeout=60) as client:
@@ -268,7 +270,7 @@ def test_the_first_client_on_a_replica_cannot_end_the_others_streams(cluster):
             return await others
 
     assert asyncio.run(run()) == want
-    assert _metric(cluster.url, "pdcluster_migrations_total") == migrations
+    assert metric(cluster.url, "pdcluster_migrations_total") == migrations
     assert_idle(cluster.url)
 
 
@@ -348,7 +350,7 @@ def test_frozen_decode_is_detected_and_its_streams_migrate(cluster):
     # Detected and failed over well within the request deadline (30s).
     assert time.monotonic() - t0 < WATCHDOG_S + 15
     state = httpx.get(f"{cluster.url}/debug/state", timeout=10).json()
-    _metric_above(cluster.url, 'pdcluster_worker_restarts_total{role="decode"}', 0, state)
+    metric_above(cluster.url, 'pdcluster_worker_restarts_total{role="decode"}', 0, state)
     wait_healthy(cluster.url)
     assert_idle(cluster.url)
 
@@ -359,7 +361,7 @@ def test_no_healthy_prefill_falls_back_to_decode_local_prefill(cluster):
     )
     want = httpx.post(f"{cluster.url}/v1/chat/completions", timeout=30, json=body).json()
     pids = [ray.get(g.leader.ready.remote(), timeout=30)["pid"] for g in cluster.prefill]
-    before = _metric(cluster.url, 'pdcluster_retries_total{reason="decode_local"}')
+    before = metric(cluster.url, 'pdcluster_retries_total{reason="decode_local"}')
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
     try:
@@ -378,7 +380,7 @@ def test_no_healthy_prefill_falls_back_to_decode_local_prefill(cluster):
     assert (
         got.json()["choices"][0]["message"]["content"] == want["choices"][0]["message"]["content"]
     )
-    _metric_above(cluster.url, 'pdcluster_retries_total{reason="decode_local"}', before)
+    metric_above(cluster.url, 'pdcluster_retries_total{reason="decode_local"}', before)
     wait_healthy(cluster.url)
     assert_idle(cluster.url)
 
@@ -406,7 +408,7 @@ def test_metrics_endpoint_has_the_design_names(cluster):
     # One scrape, whichever replica answers, shows every router replica's own series.
     ok = re.findall(r'^pdcluster_requests_total\{outcome="ok",router="([^"]+)"\} ', text, re.M)
     assert sorted(ok) == sorted(_router_replicas(cluster.url)), ok
-    assert _metric(cluster.url, "pdcluster_kv_transfer_bytes_total") > 0
+    assert metric(cluster.url, "pdcluster_kv_transfer_bytes_total") > 0
 
 
 def test_every_metric_the_grafana_dashboard_queries_exists(cluster):
@@ -450,31 +452,6 @@ def test_status_summarizes_the_cluster(cluster):
     for rid in routers:
         assert f"router {rid} pid " in text, text
     assert main(["status", cluster.url]) == 0
-
-
-def _metric_above(url: str, name: str, floor: float, note=None, timeout_s: float = 10) -> None:
-    """`_metric` passes `floor` within `timeout_s`: a router replica's counters reach
-    the others' /metrics with its next report (every health period)."""
-    deadline = time.monotonic() + timeout_s
-    while (value := _metric(url, name)) <= floor:
-        assert time.monotonic() < deadline, (name, value, floor, note)
-        time.sleep(0.2)
-
-
-def _metric(url: str, name: str) -> float:
-    """The sum of every sample of `name` (optionally `name{k="v",...}`) whose labels
-    include the given ones: over router replicas, worker replicas and the rest."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    base, _, sel = name.partition("{")
-    want = dict(re.findall(r'(\w+)="([^"]*)"', sel))
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    return sum(
-        s.value
-        for f in text_string_to_metric_families(text)
-        for s in f.samples
-        if s.name == base and want.items() <= s.labels.items()
-    )
 
 
 def _router_replicas(url: str, want: int = 2, gone: str = "", timeout: float = 120) -> dict:

@@ -53,6 +53,10 @@ BAD = {
     "unknown key": (_set("decode.kv_blokcs", 10), r"kv_blokcs.*`decode`|`decode`.*kv_blokcs"),
     "unknown top-level key": (_set("routr", {}), "routr"),
     "wrong type": (_set("router.port", "eight thousand"), r"Expected `int`.*`router\.port`"),
+    "negative local prefill limit": (
+        _set("router.max_local_prefill_tokens", -1),
+        r"`router\.max_local_prefill_tokens`",
+    ),
     "missing key": (lambda d: d["cluster"]["nodes"][1].pop("name"), r"name.*`cluster\.nodes\[1\]`"),
     "resource no node has": (
         _set("decode.node_resource", "gpu_node"),

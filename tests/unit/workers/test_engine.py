@@ -426,3 +426,27 @@ def test_a_queued_request_pins_no_cached_blocks_the_head_needs(tiny_model_dir):
     assert done == ["w1", "w2"] and not engine.has_work
     assert engine.prefix_hit_tokens == 9 * 16  # P's head survived the tail's eviction
     assert w2.output_ids == first.output_ids and engine.blocks.num_used == 0
+
+
+def test_a_decode_engine_caches_only_what_it_computes(tiny_model_dir, hf):
+    """Decode with prefix caching (router.max_local_prefill_tokens sends it short prompts):
+    prompts it prefills itself reuse each other's prefix blocks, greedy still equal to
+    HF's; a pulled request takes blocks by evicting cached ones, and its pulled KV is
+    never entered in the cache."""
+    prompts = _shared_prefix_prompts(100, 2)
+    engine = caching_engine(tiny_model_dir, num_blocks=12)
+    assert [run_all(engine, [p])[0].output_ids for p in prompts] == [
+        hf_greedy(hf, p, N) for p in prompts
+    ]
+    assert engine.prefix_hit_tokens == 96  # the second prompt found 6 full blocks
+    assert engine.blocks.num_used == 0 and engine.blocks.num_cached >= 6
+    sp = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    pulled = Sequence("p", list(range(3, 3 + 150)), sp, output_ids=[7])  # 10 blocks
+    engine.add_pulled(pulled)
+    assert [s.request_id for s in engine.admit_pulls()] == ["p"]
+    assert engine.blocks.num_cached == 2  # 12 blocks, 10 now held: the rest evicted
+    engine.pull_done("p", ok=True)
+    while engine.has_work:
+        engine.step()
+    assert pulled.num_output == 4
+    assert (engine.blocks.num_used, engine.blocks.num_cached) == (0, 2)
