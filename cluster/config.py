@@ -58,8 +58,8 @@ class _GroupConfig(_Strict):
     num_threads: int = 1  # torch/OpenMP threads of each rank's model thread
     # Automatic prefix caching: a prompt reuses the KV blocks of its longest prefix
     # computed before (full blocks, LRU-evicted when the pool needs them). On decode it
-    # serves the prompts decode computes itself (router.max_local_prefill_tokens, the
-    # no-prefill fallback, recomputation after preemption); pulled KV is not cached.
+    # serves the prompts decode prefills itself (router.max_local_prefill_tokens, the
+    # no-prefill fallback) and their recomputation after preemption; pulled KV is not cached.
     prefix_caching: bool = True
 
 

@@ -58,6 +58,7 @@ class Engine:
         self.eos_ids = runner.args.eos_token_ids
         self.max_model_len = runner.max_model_len
         self.seqs: dict[str, Sequence] = {}
+        self._arrivals = 0  # the next sequence's `arrival`
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.kv_waiting: deque[Sequence] = deque()
@@ -100,9 +101,12 @@ class Engine:
         must call `pull_done` once the transfer has ended, whatever the outcome."""
         admitted = []
         # Older work first: a sequence waiting to be (re)computed here (preempted, or
-        # pulled but not yet in the batch) gets free blocks before any newer pull.
-        while self.kv_waiting and not self.waiting:
+        # pulled but not yet in the batch) gets free blocks before any newer pull, and
+        # a pull before any newer prompt decode prefills itself (router.max_local_prefill_tokens).
+        while self.kv_waiting:
             seq = self.kv_waiting[0]
+            if any(w.arrival < seq.arrival for w in self.waiting):
+                break
             n = self.blocks.blocks_for(seq.num_prompt_tokens)
             if (
                 self.blocks.num_free < n + len(self.running)
@@ -134,6 +138,7 @@ class Engine:
         if seq.request_id in self.seqs:
             raise ValueError(f"request {seq.request_id} is already in this engine")
         self.seqs[seq.request_id] = seq
+        seq.arrival, self._arrivals = self._arrivals, self._arrivals + 1
 
     def _enqueue(self, seq: Sequence) -> None:
         """A sequence whose KV is cached except the last token (pulled from a
@@ -224,7 +229,13 @@ class Engine:
 
     def _schedule_prefill(self) -> tuple[list[Sequence], list[int]]:
         seqs, num_new, budget = [], [], self.max_batched_tokens
-        while self.waiting and budget > 0 and len(self.running) + len(seqs) < self.max_running:
+        # A place in the batch is kept for each pull in flight (`admit_pulls`): taking it,
+        # a prompt would leave the pulled request parked in `waiting` holding its blocks.
+        while (
+            self.waiting
+            and budget > 0
+            and len(self.running) + self.num_pulling + len(seqs) < self.max_running
+        ):
             seq = self.waiting[0]
             # Prefix caching: only a sequence about to run takes references on cached
             # blocks (queued ones hold none, so they never pin what the head needs).

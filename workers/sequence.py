@@ -36,6 +36,7 @@ class Sequence:
         self.aborted = False  # aborted while PULLING: freed once the transfer has ended
         self.generator = None  # torch.Generator of a seeded request, made by the sampler
         self.block_hashes: list[bytes] = []  # prefix caching: its full prompt blocks' hashes
+        self.arrival = 0  # order of arrival in its engine (set when added)
 
     @property
     def num_tokens(self) -> int:

@@ -3,6 +3,8 @@ wheel) through the whole cluster: it answers, and greedy matches HF generate."""
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -96,6 +98,7 @@ def test_short_prompts_prefill_on_decode_and_longer_ones_through_a_transfer(clus
     ask(long)
     # Workers' transfer counts reach /metrics with the router's next poll of them.
     metric_above(cluster.url, "pdcluster_kv_transfer_seconds_count", pulls0)
+    time.sleep(4 * cluster.config.router.health_period_s)  # a later poll: no second pull
     assert metric(cluster.url, "pdcluster_kv_transfer_seconds_count") == pulls0 + 1
     assert metric(cluster.url, "pdcluster_local_prefills_total") == local0 + 1
     assert_idle(cluster.url)

@@ -450,3 +450,47 @@ def test_a_decode_engine_caches_only_what_it_computes(tiny_model_dir, hf):
         engine.step()
     assert pulled.num_output == 4
     assert (engine.blocks.num_used, engine.blocks.num_cached) == (0, 2)
+
+
+def test_a_prompt_decode_prefills_cannot_take_the_place_a_pull_holds(tiny_model_dir):
+    """max_running 2, one request running and a pull admitted (its place held): a prompt
+    decode is to prefill itself, arriving meanwhile, waits; the pulled request joins the
+    batch when its KV is in, instead of parking in `waiting` with its blocks (where a
+    preempted request needing them could wait forever, with the watchdog reading `blocked`)."""
+    engine = make_engine(tiny_model_dir, num_blocks=40, max_running=2)
+    sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    engine.add(Sequence("a", list(range(3, 22)), sp))
+    engine.step()
+    engine.add_pulled(Sequence("p", list(range(100, 180)), sp, output_ids=[7]))
+    assert [s.request_id for s in engine.admit_pulls()] == ["p"]
+    engine.add(Sequence("local", list(range(3, 32)), sp))
+    engine.step()
+    assert [s.request_id for s in engine.running] == ["a"]
+    engine.pull_done("p", ok=True)
+    assert [s.request_id for s in engine.running] == ["a", "p"]
+    while engine.has_work:
+        engine.step()
+    assert engine.blocks.num_used == 0 and not engine.seqs
+
+
+def test_a_pull_is_not_overtaken_by_a_newer_prompt_decode_prefills_itself(tiny_model_dir):
+    """max_running 1: a pull waiting for a place gets it before a prompt that arrived
+    after it (a steady flow of short prompts would otherwise hold pulls back until their
+    deadline, their prefill leases renewed all the while)."""
+    engine = make_engine(tiny_model_dir, num_blocks=40, max_running=1)
+    sp = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    engine.add(Sequence("a", list(range(3, 22)), sp))
+    engine.step()
+    engine.add_pulled(Sequence("p", list(range(100, 180)), sp, output_ids=[7]))
+    assert engine.admit_pulls() == []  # the batch is full
+    engine.add(Sequence("local", list(range(3, 32)), sp))
+    while engine.running:
+        engine.step()
+    assert [s.request_id for s in engine.admit_pulls()] == ["p"]
+    engine.step()  # nothing runs: "local" waits for the place "p" holds
+    assert not engine.running and engine.num_pulling == 1
+    engine.pull_done("p", ok=True)
+    assert [s.request_id for s in engine.running] == ["p"]
+    while engine.has_work:
+        engine.step()
+    assert engine.blocks.num_used == 0 and not engine.seqs
