@@ -47,6 +47,23 @@ def _cmd(pid: int) -> str:
         return "?"
 
 
+def _signals(pid: int) -> str:
+    """The process's blocked, ignored and caught signal masks (for a failure message)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except FileNotFoundError:
+        return "?"
+    keep = ("SigBlk", "SigIgn", "SigCgt")
+    return " ".join(ln.replace("\t", "") for ln in lines if ln[:6] in keep)
+
+
+def _terminal_job() -> None:
+    """A terminal's foreground job gets Ctrl-C with SIGINT at its default and unblocked,
+    whatever this test process inherited (a job started with `&` ignores it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
@@ -68,6 +85,7 @@ def test_a_stop_signal_stops_everything_it_started(tmp_path, target):
         up,
         cwd=ROOT,
         start_new_session=True,  # its own process group, as a terminal would give it
+        preexec_fn=_terminal_job if target == "terminal" else None,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -122,7 +140,8 @@ def test_a_stop_signal_stops_everything_it_started(tmp_path, target):
             time.sleep(0.2)
         left = sorted((p, _cmd(p)) for p in started if _alive(p))
         assert proc.poll() is not None and not left, (
-            f"after {STOP_S}s: up {'running' if proc.poll() is None else 'gone'}, left {left}"
+            f"after {STOP_S}s: up {'running' if proc.poll() is None else 'gone'}, left {left}; "
+            f"signal masks: {[(p, _signals(p)) for p in started if 'cluster.cli' in _cmd(p)]}"
         )
     finally:
         for s in locals().get("streams", []):
