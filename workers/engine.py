@@ -21,6 +21,8 @@ are never freed, even when the request is aborted meanwhile.
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -58,7 +60,7 @@ class Engine:
         self.eos_ids = runner.args.eos_token_ids
         self.max_model_len = runner.max_model_len
         self.seqs: dict[str, Sequence] = {}
-        self._arrivals = 0  # the next sequence's `arrival`
+        self._arrivals = itertools.count()  # each sequence's `arrival`, in order
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.kv_waiting: deque[Sequence] = deque()
@@ -103,10 +105,9 @@ class Engine:
         # Older work first: a sequence waiting to be (re)computed here (preempted, or
         # pulled but not yet in the batch) gets free blocks before any newer pull, and
         # a pull before any newer prompt decode prefills itself (router.max_local_prefill_tokens).
-        while self.kv_waiting:
+        oldest_waiting = min((w.arrival for w in self.waiting), default=math.inf)
+        while self.kv_waiting and self.kv_waiting[0].arrival < oldest_waiting:
             seq = self.kv_waiting[0]
-            if any(w.arrival < seq.arrival for w in self.waiting):
-                break
             n = self.blocks.blocks_for(seq.num_prompt_tokens)
             if (
                 self.blocks.num_free < n + len(self.running)
@@ -138,7 +139,7 @@ class Engine:
         if seq.request_id in self.seqs:
             raise ValueError(f"request {seq.request_id} is already in this engine")
         self.seqs[seq.request_id] = seq
-        seq.arrival, self._arrivals = self._arrivals, self._arrivals + 1
+        seq.arrival = next(self._arrivals)
 
     def _enqueue(self, seq: Sequence) -> None:
         """A sequence whose KV is cached except the last token (pulled from a

@@ -48,7 +48,7 @@ def test_capital_of_france_is_paris(cluster):
 
 
 def test_greedy_equals_hf_generate(cluster, hf):
-    model, tok = hf
+    _, tok = hf
     ids = tok.apply_chat_template(
         QUESTION, add_generation_prompt=True, tokenize=True, return_dict=False
     )
