@@ -236,9 +236,15 @@ class WorkerPool:
         if steps != self._steps[i] or not s.busy:
             self._last_progress[i] = now
         self._steps[i] = steps
-        if self.healthy[i] and now - self._last_progress[i] > self.watchdog_s:
+        if self.healthy[i] and s.engine.fault:  # the worker itself says it cannot serve
+            await self._restart(i, s.engine.fault)
+        elif self.healthy[i] and now - self._last_progress[i] > self.watchdog_s:
             await self._restart(i, f"busy without a step for {now - self._last_progress[i]:.1f}s")
-        elif not self.healthy[i] and now - self._last_progress[i] <= self.watchdog_s:
+        elif (
+            not self.healthy[i]
+            and not s.engine.fault
+            and now - self._last_progress[i] <= self.watchdog_s
+        ):
             self._mark(i, True)
 
     def _publish(self) -> None:

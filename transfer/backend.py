@@ -42,6 +42,11 @@ class TransferBackend(abc.ABC):
     def poll_notifs(self) -> list[bytes]:
         return []
 
+    def release_stuck(self) -> list[int]:
+        """Retry releasing READs that raised `ReadStuck`; the tokens of those released
+        now (their blocks are safe to reuse)."""
+        return []
+
     def close(self) -> None:
         pass
 

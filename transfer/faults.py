@@ -1,8 +1,9 @@
 """Fault hooks for chaos: exist only when `transfer.faults` is set in the config.
 
 Each pull rolls once: delay it, make it never complete (it waits out its own
-deadline and ends as `TransferTimeout`, exactly as a stalled peer would), or
-fail it; each lease rolls once to be registered already expiring.
+deadline and ends as `TransferTimeout`, exactly as a stalled peer would), hang it
+past its deadline (as a blocked handshake would), or fail it; each lease rolls
+once to be registered already expiring.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ class FaultConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     stall_rate: float = 0.0  # pull never completes: ends at transfer.timeout_s
     fail_rate: float = 0.0
     expire_rate: float = 0.0  # lease expires at once, before decode can claim it
+    # The pull's thread ignores its deadline for hang_s more (a handshake blocked on a
+    # peer that drops packets): decode gives up on it and holds its blocks until it ends.
+    hang_rate: float = 0.0
+    hang_s: float = 5.0
     seed: int = 0
 
 
@@ -28,7 +33,7 @@ class FaultInjector:
     def __init__(self, cfg: FaultConfig, salt: str = ""):
         self.cfg = cfg
         self._rng = random.Random(f"{cfg.seed}:{salt}")
-        self.injected = {"delay": 0, "stall": 0, "fail": 0, "expire": 0}
+        self.injected = {"delay": 0, "stall": 0, "fail": 0, "expire": 0, "hang": 0}
 
     def before_pull(self, timeout_s: float) -> None:
         """Called by the puller before its READ, on the transfer thread, with what
@@ -36,6 +41,11 @@ class FaultInjector:
         r = self._rng.random()
         c = self.cfg
         left = max(0.0, timeout_s)
+        if r < c.hang_rate:
+            self.injected["hang"] += 1
+            time.sleep(left + c.hang_s)
+            raise TransferTimeout(f"injected fault: pull hung {c.hang_s}s past its deadline")
+        r -= c.hang_rate
         if r < c.stall_rate:
             self.injected["stall"] += 1
             time.sleep(left)

@@ -22,6 +22,19 @@ class TransferFailed(TransferError):
     """A pull ended in an error: peer gone, bad metadata, NIXL/UCX error."""
 
 
+class ReadStuck(TransferFailed):
+    """A READ that ended badly could not be released: NIXL may still write the local
+    blocks it targeted. They must stay out of use until `release_stuck()` names
+    `token` (or the process ends)."""
+
+    def __init__(self, message: str, token: int = -1):
+        super().__init__(message)
+        self.token = token
+
+    def __reduce__(self):  # pickles across Ray with its token
+        return (ReadStuck, (str(self), self.token))
+
+
 class LeaseExpired(TransferError):
     """The prefill side's lease on the blocks ran out before decode pulled them."""
 

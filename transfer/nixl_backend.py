@@ -9,6 +9,7 @@ Every wait is bounded by a deadline, and the peer cache is bounded (LESSONS 4-5)
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -23,6 +24,7 @@ from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
 from transfer.backend import TransferBackend
 from transfer.handle import (
     RankKV,
+    ReadStuck,
     TransferError,
     TransferFailed,
     TransferTimeout,
@@ -72,14 +74,18 @@ def _new_agent(name: str) -> nixl_agent:
 
 
 class _Peer:
-    """A remote agent we have handshaken with and its prepared block dlist."""
+    """A remote agent: handshaken once (outside the agent's lock), then its prepared
+    block dlist is reused by every pull from it."""
 
-    __slots__ = ("name", "layout", "dlist", "users", "gone")
+    __slots__ = ("name", "layout", "dlist", "users", "gone", "doomed", "ready", "error")
 
-    def __init__(self, name: str, layout: tuple, dlist):
-        self.name, self.layout, self.dlist = name, layout, dlist
+    def __init__(self, name: str, layout: tuple):
+        self.name, self.layout, self.dlist = name, layout, None
         self.users = 0  # pulls in flight against this peer
-        self.gone = False  # torn down (evicted, failed or closed)
+        self.gone = False  # torn down (evicted, failed or closed): no new pull uses it
+        self.doomed = False  # its NIXL disconnect is queued (`_finish_teardowns`)
+        self.ready = threading.Event()  # set when the handshake has ended, either way
+        self.error: str | None = None  # why the handshake failed
 
 
 def _block_dlist(base_addr: int, num_blocks: int, block_bytes: int, device_id: int) -> np.ndarray:
@@ -122,9 +128,15 @@ class NixlTransferAgent(TransferBackend):
         self.base_addr = pool.data_ptr()
         self.max_peers = max_peers
         self._pool = pool  # keep the registered memory alive as long as we are
+        # Guards the peer table only: no NIXL call that may wait on the network (a
+        # handshake, a disconnect) runs under it, so one unreachable peer cannot hold
+        # up pulls from the others.
         self._lock = threading.Lock()
         self._peers: OrderedDict[str, _Peer] = OrderedDict()  # LRU: oldest first
-        self._stuck: list = []  # xfer handles NIXL refused to release; retried in close()
+        self._doomed: list[_Peer] = []  # torn down under the lock; NIXL calls after it
+        # READs NIXL refused to release (ReadStuck): token -> xfer, retried by release_stuck.
+        self._stuck: dict[int, object] = {}
+        self._tokens = itertools.count(1)
         self._closed = False
 
         self._agent = _new_agent(self.name)
@@ -167,9 +179,12 @@ class NixlTransferAgent(TransferBackend):
     ) -> int:
         """READ `src.block_ids` of the remote pool into `local_block_ids` of ours.
 
-        Bounded by `timeout_s` (TransferTimeout); any NIXL/UCX error, an
-        unreachable peer or bad metadata raise TransferFailed. `notif` is
-        delivered to the remote agent when the READ completes. Returns bytes moved.
+        Bounded by `timeout_s` (TransferTimeout), the handshake with a new peer
+        included: no READ starts after the deadline, even when the handshake itself
+        returned late. Any NIXL/UCX error, an unreachable peer or bad metadata raise
+        TransferFailed; a READ that cannot be released raises ReadStuck (its blocks
+        stay unsafe until `release_stuck`). `notif` is delivered to the remote agent
+        when the READ completes. Returns bytes moved.
         """
         check_blocks_match(src, local_block_ids, self.block_bytes, self.block_shape)
         _check_ids(local_block_ids, self.num_blocks, "local")
@@ -178,9 +193,13 @@ class NixlTransferAgent(TransferBackend):
             raise TransferTimeout(f"no time left to READ from {src.agent_name}")
         deadline = time.monotonic() + timeout_s
 
-        peer = self._checkout(src)
+        peer = self._checkout(src, deadline, timeout_s)
         failed = True
         try:
+            if time.monotonic() >= deadline:
+                raise TransferTimeout(
+                    f"handshake with {src.agent_name} outlasted the pull's {timeout_s}s"
+                )
             if not src.block_ids:
                 # Nothing to move, but the peer still learns the request is done.
                 if notif:
@@ -240,7 +259,8 @@ class NixlTransferAgent(TransferBackend):
         )
 
     def _abort(self, xfer, peer: _Peer) -> None:
-        """Release an unfinished or failed xfer so nothing keeps writing our blocks."""
+        """Release an unfinished or failed xfer so nothing keeps writing our blocks;
+        ReadStuck when NIXL will not let it go."""
         try:
             xfer.release()
             return
@@ -249,19 +269,49 @@ class NixlTransferAgent(TransferBackend):
         # NIXL could not cancel it; dropping the peer's endpoint makes UCX fail
         # its outstanding requests, after which release succeeds.
         with self._lock:
-            self._teardown(peer)
+            self._teardown(peer, now=True)
+        self._finish_teardowns()
         try:
             xfer.release()
+            return
         except Exception as e:
-            log.error("cannot release NIXL xfer to %s after disconnect: %r", peer.name, e)
-            # Kept (bounded) for one last try in close(); never retried in a loop.
-            if len(self._stuck) < self.max_peers:
-                self._stuck.append(xfer)
+            error = e
+        token = next(self._tokens)
+        with self._lock:
+            self._stuck[token] = xfer
+        log.error("cannot release NIXL xfer to %s after disconnect: %r", peer.name, error)
+        raise ReadStuck(
+            f"READ from {peer.name} could not be released ({error!r}): its blocks stay "
+            "out of use until NIXL lets it go",
+            token,
+        )
+
+    def release_stuck(self) -> list[int]:
+        """Retry releasing every stuck READ; the tokens of those NIXL let go now."""
+        with self._lock:
+            stuck = list(self._stuck.items())
+        released = []
+        for token, xfer in stuck:
+            try:
+                xfer.release()
+            except Exception:  # noqa: BLE001 - still stuck: tried again next time
+                continue
+            released.append(token)
+        with self._lock:
+            for token in released:
+                self._stuck.pop(token, None)
+        return released
+
+    @property
+    def stuck_reads(self) -> int:
+        return len(self._stuck)
 
     # ---- peer cache ---------------------------------------------------------
 
-    def _checkout(self, src: RankKV) -> _Peer:
-        """The cached peer for `src`, handshaking on first use; marks it in use."""
+    def _checkout(self, src: RankKV, deadline: float, timeout_s: float) -> _Peer:
+        """The peer for `src`, marked in use. A new peer is handshaken by the first
+        pull that needs it, outside the lock; pulls from the same peer meanwhile wait
+        for that handshake until their own deadline, pulls from others go on."""
         layout = (src.base_addr, src.num_blocks, src.block_bytes, src.device_id, src.mem_type)
         with self._lock:
             if self._closed:
@@ -271,36 +321,56 @@ class NixlTransferAgent(TransferBackend):
                 # Same agent, different pool: our prepared dlist is stale.
                 self._teardown(peer)
                 peer = None
-            if peer is None:
-                peer = self._handshake(src, layout)
-                self._peers[peer.name] = peer
+            first = peer is None
+            if first:
+                peer = self._peers[src.agent_name] = _Peer(src.agent_name, layout)
             self._peers.move_to_end(peer.name)
             peer.users += 1
             self._evict()
-            return peer
+        self._finish_teardowns()
+        try:
+            if first:
+                self._handshake(peer, src)
+            elif not peer.ready.wait(max(0.0, deadline - time.monotonic())):
+                raise TransferTimeout(
+                    f"handshake with {src.agent_name} did not end within the pull's {timeout_s}s"
+                )
+            if peer.error is not None:
+                raise TransferFailed(peer.error)
+        except BaseException:
+            self._checkin(peer, failed=True)
+            raise
+        return peer
 
-    def _handshake(self, src: RankKV, layout: tuple) -> _Peer:
+    def _handshake(self, peer: _Peer, src: RankKV) -> None:
+        """Connect to `src`'s agent and prepare its blocks (no lock held: it may wait
+        on the network). Sets `peer.error` on failure; always sets `peer.ready`."""
         try:
-            name = self._agent.add_remote_agent(src.agent_metadata)
-        except Exception as e:
-            # NIXL connects here: a dead peer fails now, as does garbage metadata.
-            raise TransferFailed(
-                f"handshake with {src.agent_name} failed (peer unreachable or bad metadata): {e!r}"
-            ) from None
-        name = name.decode() if isinstance(name, bytes) else name  # the binding returns bytes
-        if name != src.agent_name:
-            self._forget(name)
-            raise TransferFailed(f"metadata names agent {name!r}, handle says {src.agent_name!r}")
-        try:
-            dlist = self._agent.prep_xfer_dlist(
-                name,
-                _block_dlist(src.base_addr, src.num_blocks, src.block_bytes, src.device_id),
-                src.mem_type,
-            )
-        except Exception as e:
-            self._forget(name)
-            raise TransferFailed(f"cannot prepare blocks of {name}: {e!r}") from None
-        return _Peer(name, layout, dlist)
+            try:
+                name = self._agent.add_remote_agent(src.agent_metadata)
+            except Exception as e:
+                # NIXL connects here: a dead peer fails now, as does garbage metadata.
+                peer.error = (
+                    f"handshake with {src.agent_name} failed (peer unreachable or bad "
+                    f"metadata): {e!r}"
+                )
+                return
+            name = name.decode() if isinstance(name, bytes) else name  # the binding: bytes
+            if name != src.agent_name:
+                self._forget(name)
+                peer.error = f"metadata names agent {name!r}, handle says {src.agent_name!r}"
+                return
+            try:
+                peer.dlist = self._agent.prep_xfer_dlist(
+                    name,
+                    _block_dlist(src.base_addr, src.num_blocks, src.block_bytes, src.device_id),
+                    src.mem_type,
+                )
+            except Exception as e:
+                self._forget(name)
+                peer.error = f"cannot prepare blocks of {name}: {e!r}"
+        finally:
+            peer.ready.set()
 
     def _forget(self, name: str) -> None:
         try:
@@ -314,7 +384,10 @@ class NixlTransferAgent(TransferBackend):
             # A failed peer is likely dead or broken; the next pull re-handshakes.
             if failed and not peer.gone and peer.users == 0:
                 self._teardown(peer)
+            elif peer.gone and peer.users == 0 and not peer.doomed:
+                self._doom(peer)  # torn down while in use: disconnected now it is not
             self._evict()
+        self._finish_teardowns()
 
     def _evict(self) -> None:
         """Drop least recently used idle peers beyond max_peers (caller holds the lock)."""
@@ -322,18 +395,34 @@ class NixlTransferAgent(TransferBackend):
         for peer in [p for p in self._peers.values() if p.users == 0][: max(excess, 0)]:
             self._teardown(peer)
 
-    def _teardown(self, peer: _Peer) -> None:
-        """Forget a peer: release its dlist and disconnect (caller holds the lock)."""
-        if peer.gone:
-            return
-        peer.gone = True
-        if self._peers.get(peer.name) is peer:
-            del self._peers[peer.name]
-        try:
-            peer.dlist.release()
-        except Exception as e:
-            log.warning("releasing dlist of NIXL peer %s: %r", peer.name, e)
-        self._forget(peer.name)  # a dead peer may refuse a clean goodbye: logged, not raised
+    def _teardown(self, peer: _Peer, now: bool = False) -> None:
+        """Forget a peer (caller holds the lock). Its NIXL disconnect runs in
+        `_finish_teardowns`, after the lock is released, once no pull uses it (at
+        once with `now`: to make UCX fail a READ that will not end)."""
+        if not peer.gone:
+            peer.gone = True
+            if self._peers.get(peer.name) is peer:
+                del self._peers[peer.name]
+        if (now or peer.users == 0) and not peer.doomed:
+            self._doom(peer)
+
+    def _doom(self, peer: _Peer) -> None:
+        peer.doomed = True
+        self._doomed.append(peer)
+
+    def _finish_teardowns(self) -> None:
+        """Release the dlists of torn-down peers and disconnect them (no lock held: a
+        dead peer may take its time to refuse a clean goodbye; logged, not raised)."""
+        with self._lock:
+            doomed, self._doomed = self._doomed, []
+        for peer in doomed:
+            if peer.error is not None or peer.dlist is None:
+                continue  # the handshake failed (and forgot the agent) or never ran
+            try:
+                peer.dlist.release()
+            except Exception as e:
+                log.warning("releasing dlist of NIXL peer %s: %r", peer.name, e)
+            self._forget(peer.name)
 
     # ---- lifecycle ----------------------------------------------------------
 
@@ -349,16 +438,20 @@ class NixlTransferAgent(TransferBackend):
             self._closed = True
             for peer in list(self._peers.values()):
                 self._teardown(peer)
-            for xfer in self._stuck:
-                try:
-                    xfer.release()
-                except Exception as e:
-                    log.error("leaving NIXL xfer unreleased at close: %r", e)
-            self._stuck.clear()
-            try:
-                self._local.release()
-                self._agent.deregister_memory(self._reg)
-            except Exception as e:
-                log.warning("NIXL deregistration failed: %r", e)
-            self._agent = None  # destroys the agent and its progress thread
-            self._pool = None
+        self._finish_teardowns()
+        for xfer in self.release_stuck_all():
+            log.error("leaving NIXL xfer unreleased at close: %r", xfer)
+        try:
+            self._local.release()
+            self._agent.deregister_memory(self._reg)
+        except Exception as e:
+            log.warning("NIXL deregistration failed: %r", e)
+        self._agent = None  # destroys the agent and its progress thread
+        self._pool = None
+
+    def release_stuck_all(self) -> list:
+        """One last try for every stuck READ; those NIXL still refuses."""
+        self.release_stuck()
+        with self._lock:
+            left, self._stuck = list(self._stuck.values()), {}
+        return left

@@ -98,6 +98,12 @@ class EngineStats(msgspec.Struct, frozen=True, kw_only=True):
     prefix_queried_tokens: int = 0
     prefix_hit_tokens: int = 0
     leases: int = 0  # prefill: leases held
+    # Decode: blocks of failed pulls held out of the pool while a READ may still write
+    # them (counted in used_blocks too).
+    held_blocks: int = 0
+    # Why the worker cannot serve and must be restarted ("" when none): the watchdog
+    # restarts a worker that says so (stalled for good, a READ NIXL never releases).
+    fault: str = ""
     leases_expired: int = 0  # prefill: swept unclaimed or abandoned, ever
 
 

@@ -21,6 +21,7 @@ from transfer.handle import (
     KVHandle,
     LeaseExpired,
     RankKV,
+    ReadStuck,
     TransferError,
     TransferFailed,
     TransferTimeout,
@@ -39,6 +40,11 @@ from workers.sequence import Sequence
 
 if TYPE_CHECKING:
     from workers.engine import StepOutput
+
+
+# How long past its deadline a pull waits for its READs to end before giving up on
+# them (their blocks then stay held until they do end).
+PULL_GRACE_S = 2.0
 
 
 def _left(deadline: float, rid: str) -> float:
@@ -77,7 +83,12 @@ class DecodeWorker(GroupLeader):
         self.faults = self.fault_injector(spec.faults)
         # Pulls poll NIXL and must not block the event loop; several threads so
         # one stalled peer (bounded by its timeout) does not hold up the others.
-        self._xfer = ThreadPoolExecutor(4, thread_name_prefix="kv-pull")
+        self._xfer = ThreadPoolExecutor(8, thread_name_prefix="kv-pull")
+        # A pull that gave up while something may still write its blocks: request id ->
+        # how many (read by `pulled`); READs NIXL would not release: token -> request
+        # id (engine thread: `on_tick` frees their blocks once NIXL lets them go).
+        self._writers: dict[str, int] = {}
+        self._stuck_reads: dict[int, str] = {}
         # Handles say which backend holds their bytes; the object store needs no setup.
         self._ray_backend = RayObjectBackend(f"decode-{spec.replica}", self.runner.kv_pool)
 
@@ -172,11 +183,12 @@ class DecodeWorker(GroupLeader):
             if done.done():  # ended (aborted, channel closed) as its blocks came: no pull
                 self.thread.call(lambda: self.engine.pull_done(request_id, False))
                 return await done
-            pull = asyncio.ensure_future(self._pull(handle, blocks, prefill))
+            pull = asyncio.ensure_future(self._pull(request_id, handle, blocks, prefill))
 
             def pulled(t: asyncio.Future) -> None:
                 ok = not t.cancelled() and t.exception() is None
-                self.thread.call(lambda: self.engine.pull_done(request_id, ok))
+                writers = self._writers.pop(request_id, 0)
+                self.thread.call(lambda: self.engine.pull_done(request_id, ok, writers))
 
             # Runs to its end even if this request is cancelled meanwhile: the blocks
             # are freed only once nothing can write them (`pull_done`).
@@ -346,9 +358,9 @@ class DecodeWorker(GroupLeader):
             else:  # its caller left before the blocks came: no pull will start
                 self.thread.call(lambda r=rid: self.engine.pull_done(r, False))
 
-    async def _pull(self, handle: KVHandle, blocks: list[int], prefill) -> None:
-        """Claim the lease (bounded), READ the blocks on every rank (bounded), count
-        it. The claim's answer must name exactly the handle's blocks: the epoch
+    async def _pull(self, request_id: str, handle: KVHandle, blocks: list[int], prefill) -> None:
+        """Claim the lease (bounded), READ the blocks of `request_id` on every rank
+        (bounded), count it. The claim's answer must name exactly the handle's blocks: the epoch
         check on both sides means a stale handle fails here, before any read.
         Claim and READs share one `transfer_timeout_s` deadline; every wait takes
         what is left of it and fails as TransferTimeout when nothing is."""
@@ -386,12 +398,24 @@ class DecodeWorker(GroupLeader):
                     raise TransferTimeout(f"pull of {rid}: nothing left of its {timeout}s")
                 return backend.pull(src, blocks, timeout_s=left(), notif=notif)
 
-            pulls = [self.loop.run_in_executor(self._xfer, pull)] + [
-                self._pull_rank(f, shard, blocks, left())
+            jobs = [self.loop.run_in_executor(self._xfer, pull)] + [
+                asyncio.ensure_future(self._pull_rank(f, shard, blocks, left()))
                 for f, shard in zip(self.followers(), handle.ranks[1:])
             ]
-            # Wait for every rank (each bounded) before anything may free the blocks.
-            results = await asyncio.gather(*pulls, return_exceptions=True)
+            # Every rank's READ must have ended before anything may free the blocks. Each
+            # bounds itself by the deadline; one that has not ended a grace period after
+            # it (a handshake blocked on a peer that drops packets) is given up on here,
+            # and the blocks stay held until it ends (`_hold_blocks`).
+            _, late = await asyncio.wait(jobs, timeout=max(0.0, left()) + PULL_GRACE_S)
+            results = [j.exception() or j.result() for j in jobs if j.done()]
+            stuck = [r for r in results if isinstance(r, ReadStuck)]
+            if late or stuck:
+                self._hold_blocks(request_id, late, stuck)
+                if late:
+                    raise TransferTimeout(
+                        f"pull of {rid}: {len(late)} READ(s) still running "
+                        f"{PULL_GRACE_S}s past the {timeout}s deadline"
+                    )
             for r in results:
                 if isinstance(r, BaseException):
                     raise r
@@ -410,6 +434,24 @@ class DecodeWorker(GroupLeader):
         self.xfer["bytes"] += nbytes
         self.xfer["seconds"] += dt
         self.xfer["buckets"][bisect.bisect_left(XFER_BUCKETS, dt)] += 1
+
+    def _hold_blocks(self, rid: str, late: set[asyncio.Future], stuck: list[ReadStuck]) -> None:
+        """A pull of `rid` ends while its blocks may still be written: by READs NIXL
+        would not release (`stuck`, freed once `release_stuck` names them) and by
+        jobs still running (`late`, freed as each ends, unless it ends stuck)."""
+        self._writers[rid] = len(late) + len(stuck)
+        for e in stuck:
+            self.thread.call(lambda t=e.token: self._stuck_reads.__setitem__(t, rid))
+
+        def ended(job: asyncio.Future) -> None:
+            e = None if job.cancelled() else job.exception()
+            if isinstance(e, ReadStuck):
+                self.thread.call(lambda: self._stuck_reads.__setitem__(e.token, rid))
+            else:
+                self.thread.call(lambda: self.engine.writer_done(rid))
+
+        for job in late:
+            job.add_done_callback(ended)
 
     @staticmethod
     async def _pull_rank(follower, shard: RankKV, blocks: list[int], timeout: float) -> int:
@@ -445,6 +487,11 @@ class DecodeWorker(GroupLeader):
 
     def on_tick(self) -> None:
         self.before_step()  # blocks this step freed go to the next pull at once
+        if self._stuck_reads:
+            for token in self.agent.release_stuck():  # NIXL let a stuck READ go at last
+                rid = self._stuck_reads.pop(token, None)
+                if rid is not None:
+                    self.engine.writer_done(rid)
         super().on_tick()
 
     def on_outputs(self, outputs: list[StepOutput]) -> None:

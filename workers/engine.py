@@ -23,13 +23,24 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from workers.kv_cache import BlockManager, NoFreeBlocks
 from workers.runner import ModelRunner
 from workers.sampler import SampleError, sample
 from workers.sequence import SeqStatus, Sequence, finish_reason
+
+
+@dataclass
+class _Held:
+    """Blocks of a failed pull that something may still write: out of the pool."""
+
+    blocks: list[int]
+    writers: int
+    since: float
 
 
 @dataclass
@@ -49,6 +60,8 @@ class Engine:
         max_batched_tokens: int,
         max_running: int,
         prefill_only: bool = False,
+        stall_after_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.runner = runner
         self.blocks = blocks
@@ -65,8 +78,13 @@ class Engine:
         self.running: list[Sequence] = []
         self.kv_waiting: deque[Sequence] = deque()
         self.num_pulling = 0  # PULLING sequences: each has a place in the batch kept for it
+        self.held: dict[str, _Held] = {}  # request id -> blocks a failed pull may still write
         self.steps = 0  # progress counter a watchdog can read
         self.blocked = False  # the last step found work but no blocks for it
+        # Blocked with nothing running for longer than this: stalled (see `stalled`).
+        self.stall_after_s = stall_after_s
+        self._clock = clock
+        self._idle_blocked_since: float | None = None
         self._finished_unscheduled: list[StepOutput] = []
         # Automatic prefix caching (when the block manager caches): prompt tokens asked
         # for, and how many of them were found cached.
@@ -121,19 +139,55 @@ class Engine:
             admitted.append(seq)
         return admitted
 
-    def pull_done(self, request_id: str, ok: bool) -> None:
-        """The transfer into a PULLING sequence's blocks has ended (completed or
-        aborted: nothing writes them any more). On success the sequence joins the
-        batch; otherwise, or if it was aborted meanwhile, its blocks are freed."""
+    def pull_done(self, request_id: str, ok: bool, writers: int = 0) -> None:
+        """The pull into a PULLING sequence's blocks has ended. On success the sequence
+        joins the batch; otherwise, or if it was aborted meanwhile, it ends here and its
+        blocks are freed, unless `writers` (> 0) things may still write them (a READ
+        NIXL could not release, a transfer thread past its deadline): then the blocks
+        are held out of the pool until `writer_done` has been called that many times."""
         seq = self.seqs.get(request_id)
         if seq is None or seq.status is not SeqStatus.PULLING:
             return
         self.num_pulling -= 1
         if seq.aborted or not ok:
+            if writers > 0:
+                self.held[request_id] = _Held(seq.block_table, writers, self._clock())
+                seq.block_table = []
             self._drop(seq)
             return
         seq.num_cached = seq.num_prompt_tokens
         self._enqueue(seq)
+
+    def writer_done(self, request_id: str) -> None:
+        """One of the writers a failed pull left on its blocks has ended; after the
+        last, the blocks go back to the pool."""
+        h = self.held.get(request_id)
+        if h is None:
+            return
+        h.writers -= 1
+        if h.writers <= 0:
+            del self.held[request_id]
+            self.blocks.free(h.blocks)
+
+    @property
+    def held_blocks(self) -> int:
+        return sum(len(h.blocks) for h in self.held.values())
+
+    @property
+    def fault(self) -> str:
+        """Why this engine cannot serve and wants its process restarted ("" if none):
+        `stalled`, or blocks held for a writer that has not ended in `stall_after_s`
+        (NIXL will not release a READ: the memory is not ours to reuse)."""
+        if self.stalled:
+            return f"blocked with nothing running for over {self.stall_after_s:.0f}s"
+        if self.stall_after_s is not None and self.held:
+            oldest = min(h.since for h in self.held.values())
+            if self._clock() - oldest > self.stall_after_s:
+                return (
+                    f"{self.held_blocks} KV blocks held for over {self.stall_after_s:.0f}s "
+                    "under transfers that have not ended"
+                )
+        return ""
 
     def _register(self, seq: Sequence) -> None:
         if seq.request_id in self.seqs:
@@ -187,10 +241,7 @@ class Engine:
             self.kv_waiting.remove(seq)
         if self.seqs.get(seq.request_id) is seq:
             del self.seqs[seq.request_id]
-        if seq.block_table:
-            self.blocks.free(seq.block_table)
-        seq.block_table = []
-        seq.num_cached = 0
+        self._release_blocks(seq)
         seq.status = SeqStatus.FINISHED
 
     def _hand_over(self, seq: Sequence) -> None:
@@ -203,6 +254,21 @@ class Engine:
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    @property
+    def stalled(self) -> bool:
+        """Blocked with nothing running for longer than `stall_after_s`. Every block a
+        queued sequence could give back has been given (`_make_room`), so what still
+        holds them is outside the scheduler's reach (a transfer that never ends, a
+        leak): the worker reports itself stalled rather than waiting, and the
+        watchdog restarts it. Off (None) for prefill, whose blocks wait on leases
+        that expire by themselves."""
+        since = self._idle_blocked_since
+        return (
+            self.stall_after_s is not None
+            and since is not None
+            and self._clock() - since > self.stall_after_s
+        )
 
     @property
     def num_queued_tokens(self) -> int:
@@ -221,12 +287,31 @@ class Engine:
         return True
 
     def _preempt(self, seq: Sequence) -> None:
+        """Take a running sequence's blocks back; it waits at the head to be recomputed."""
         self.running.remove(seq)
-        self.blocks.free(seq.block_table)
-        seq.block_table = []
-        seq.num_cached = 0
+        self._release_blocks(seq)
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
+
+    def _release_blocks(self, seq: Sequence) -> None:
+        if seq.block_table:
+            self.blocks.free(seq.block_table)
+        seq.block_table = []
+        seq.num_cached = 0
+
+    def _make_room(self, head: Sequence, num_tokens: int) -> bool:
+        """Nothing runs, so no step will free a block: sequences queued behind `head`
+        that hold blocks (a chunked prompt part-way, work put back after a failed step)
+        give them back, newest first, until `head` can have `num_tokens`. What holds
+        blocks either makes progress or gives them back: this is what keeps a
+        preempted sequence at the head from waiting for blocks that only the
+        sequences behind it hold (a wedge the watchdog read as waiting)."""
+        for seq in sorted(self.waiting, key=lambda s: s.arrival, reverse=True):
+            if self._grow(head, num_tokens):
+                return True
+            if seq is not head and seq.block_table:
+                self._release_blocks(seq)
+        return self._grow(head, num_tokens)
 
     def _schedule_prefill(self) -> tuple[list[Sequence], list[int]]:
         seqs, num_new, budget = [], [], self.max_batched_tokens
@@ -238,6 +323,18 @@ class Engine:
             and len(self.running) + self.num_pulling + len(seqs) < self.max_running
         ):
             seq = self.waiting[0]
+            # One arrival order across `waiting` and `kv_waiting`: a prompt newer than a
+            # pull still waiting for blocks waits behind it, so a flow of short prompts
+            # cannot keep taking the blocks the pull needs (`admit_pulls`).
+            if self.kv_waiting and self.kv_waiting[0].arrival < seq.arrival:
+                break
+            if self.blocks.blocks_for(seq.num_tokens) > self.blocks.num_blocks:
+                # Cannot fit even alone in the whole pool: end it instead of waiting forever.
+                self.waiting.popleft()
+                seq.finish_reason = "length"
+                self._drop(seq)
+                self._finished_unscheduled.append(StepOutput(seq, -1, "length"))
+                continue
             # Prefix caching: only a sequence about to run takes references on cached
             # blocks (queued ones hold none, so they never pin what the head needs).
             hit = self.blocks.caching and not seq.block_table and seq.num_cached == 0
@@ -245,16 +342,12 @@ class Engine:
                 seq.block_table = self.blocks.match(seq.block_hashes)
                 seq.num_cached = len(seq.block_table) * self.blocks.block_size
             n = min(seq.num_tokens - seq.num_cached, budget)
-            if not self._grow(seq, seq.num_cached + n):
+            fits = self._grow(seq, seq.num_cached + n)
+            if not fits and not self.running and not seqs:
+                fits = self._make_room(seq, seq.num_cached + n)
+            if not fits:
                 if hit and seq.block_table:  # give the references back while it waits
-                    self.blocks.free(seq.block_table)
-                    seq.block_table, seq.num_cached = [], 0
-                if not self.running and not seqs and not self.blocks.num_used:
-                    # Cannot fit even alone in an empty pool: end it instead of waiting forever.
-                    seq.finish_reason = "length"
-                    self._drop(seq)
-                    self._finished_unscheduled.append(StepOutput(seq, -1, "length"))
-                    continue
+                    self._release_blocks(seq)
                 break
             if hit:
                 self.prefix_queried_tokens += seq.num_tokens
@@ -266,12 +359,14 @@ class Engine:
         return seqs, num_new
 
     def _schedule_decode(self) -> list[Sequence]:
+        """One token for every running sequence, oldest first; when blocks run out the
+        newest arrival is preempted (recomputed later), as vLLM's FCFS scheduler does."""
         scheduled = []
-        for seq in list(self.running):
+        for seq in sorted(self.running, key=lambda s: s.arrival):
             if seq not in self.running:
-                continue  # preempted below to make room for an earlier one
+                continue  # preempted below to make room for an older one
             while not self._grow(seq, seq.num_tokens):
-                victim = self.running[-1]
+                victim = max(self.running, key=lambda s: s.arrival)
                 self._preempt(victim)
                 if victim is seq:
                     break
@@ -292,6 +387,10 @@ class Engine:
             num_new = [1] * len(seqs)
         outputs = self._finished_unscheduled
         self.blocked = not seqs and bool(self.waiting)
+        if not (self.blocked and not self.running):
+            self._idle_blocked_since = None
+        elif self._idle_blocked_since is None:
+            self._idle_blocked_since = self._clock()
         if not seqs:
             return outputs
         try:

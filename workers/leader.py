@@ -64,6 +64,10 @@ class GroupLeader:
             max_batched_tokens=spec.max_batched_tokens,
             max_running=spec.max_running,
             prefill_only=spec.role == "prefill",
+            # Decode blocked with nothing running, past the longest a pull (claim + READ)
+            # and its grace can hold blocks: stalled. Prefill's blocks wait on leases,
+            # which expire by themselves.
+            stall_after_s=2 * spec.transfer_timeout_s + 10.0 if spec.role == "decode" else None,
         )
         self.agent = make_backend(spec, self.runner.kv_pool)
         self.loop = asyncio.get_event_loop()
@@ -149,6 +153,8 @@ class GroupLeader:
             cached_blocks=self.blocks.num_cached,
             prefix_queried_tokens=e.prefix_queried_tokens,
             prefix_hit_tokens=e.prefix_hit_tokens,
+            held_blocks=e.held_blocks,
+            fault=e.fault,
             **role,
         )
 

@@ -49,8 +49,16 @@ class RankWorker:
 
     def pull(self, src: RankKV, blocks: list[int], deadline: float) -> int:
         """READ rank r's shard into `blocks` by `deadline` (time.time(), set by the leader
-        on this node): a call that starts after it reads nothing (TransferTimeout)."""
-        return self.agent.pull(src, blocks, timeout_s=deadline - time.time())
+        on this node): a call that starts after it reads nothing (TransferTimeout). A
+        READ NIXL will not release ends this process: the leader frees these block ids
+        on every rank, and only a new process is sure nothing writes them any more."""
+        from transfer.handle import ReadStuck
+        from workers.tp import exit_for_restart
+
+        try:
+            return self.agent.pull(src, blocks, timeout_s=deadline - time.time())
+        except ReadStuck as e:
+            exit_for_restart("a KV READ NIXL would not release", e)
 
     def ready(self) -> dict:
         from workers.engine_thread import ready_info

@@ -15,7 +15,7 @@ import ray
 import torch
 from ray.cluster_utils import Cluster
 
-from transfer import KVHandle, TransferError, TransferFailed
+from transfer import KVHandle, ReadStuck, TransferError, TransferFailed, TransferTimeout
 from transfer.nixl_backend import NixlTransferAgent
 
 # Ray workers cannot import this test module by name; ship its actor classes by value.
@@ -197,3 +197,102 @@ def test_mismatched_block_counts_and_layouts_are_rejected_locally():
     finally:
         agent.close()
         agent.close()  # idempotent
+
+
+def test_a_blocked_handshake_holds_up_only_pulls_from_its_own_peer():
+    """A prefill host that drops packets (here: its handshake blocks until released)
+    must not hold up pulls from other peers: handshakes run outside the lock pulls
+    share. A second pull from the blocked peer ends at its own deadline, and the pull
+    whose handshake returns past its deadline starts no READ."""
+    import threading
+
+    srcs = [NixlTransferAgent(f"src{i}", torch.full((4, 256), float(i + 1))) for i in range(2)]
+    dst = NixlTransferAgent("dst", torch.zeros(4, 256))
+    blocked, entered = threading.Event(), threading.Event()
+    handshake = dst._agent.add_remote_agent
+
+    def add_remote_agent(metadata):
+        if metadata == srcs[0]._metadata:
+            entered.set()
+            blocked.wait(30)
+        return handshake(metadata)
+
+    dst._agent.add_remote_agent = add_remote_agent
+    outcome: dict[str, object] = {}
+
+    def pull(key, i, local, timeout_s):
+        t0 = time.monotonic()
+        try:
+            outcome[key] = dst.pull(srcs[i].rank_kv([1]), [local], timeout_s=timeout_s)
+        except TransferError as e:
+            outcome[key] = e
+        outcome[key + "_s"] = time.monotonic() - t0
+
+    try:
+        first = threading.Thread(target=pull, args=("a", 0, 0, 0.3), daemon=True)
+        first.start()
+        assert entered.wait(5)
+        other = threading.Thread(target=pull, args=("b", 1, 1, 5.0), daemon=True)
+        other.start()
+        other.join(2.0)
+        assert outcome.get("b") == 1024, outcome  # the other peer's pull went on
+        assert bool((dst._pool[1] == 2.0).all())
+        again = threading.Thread(target=pull, args=("a2", 0, 2, 0.5), daemon=True)
+        again.start()
+        again.join(3.0)
+        assert isinstance(outcome.get("a2"), TransferTimeout), outcome
+        assert outcome["a2_s"] < 1.5
+        blocked.set()  # the handshake returns, after the first pull's deadline
+        first.join(10)
+        assert isinstance(outcome.get("a"), TransferTimeout), outcome
+        assert bool((dst._pool[0] == 0).all()) and bool((dst._pool[2] == 0).all())
+        # The peer is usable afterwards.
+        assert dst.pull(srcs[0].rank_kv([2]), [3], timeout_s=TIMEOUT_S) == 1024
+    finally:
+        blocked.set()
+        for a in [dst, *srcs]:
+            a.close()
+
+
+def test_a_read_nixl_will_not_release_is_reported_stuck_until_it_lets_go():
+    """A READ that never finishes and whose release NIXL refuses, before and after the
+    peer is torn down, raises ReadStuck (its blocks must not be reused), and
+    `release_stuck` names it only once NIXL lets it go."""
+    src = NixlTransferAgent("src", torch.full((4, 256), 5.0))
+    dst = NixlTransferAgent("dst", torch.zeros(4, 256))
+    refuse = [True]
+
+    class Refusing:  # the binding, whose release of a transfer request fails on cue
+        def __init__(self, binding):
+            self._binding = binding
+
+        def releaseXferReq(self, handle):
+            if refuse[0]:
+                raise RuntimeError("NIXL_ERR_REPOST_ACTIVE")
+            return self._binding.releaseXferReq(handle)
+
+        def __getattr__(self, name):
+            return getattr(self._binding, name)
+
+    make = dst._agent.make_prepped_xfer
+
+    def make_prepped_xfer(*args, **kw):
+        xfer = make(*args, **kw)
+        xfer._agent = Refusing(xfer._agent)
+        return xfer
+
+    try:
+        assert dst.pull(src.rank_kv([0]), [0], timeout_s=TIMEOUT_S) == 1024  # handshaken
+        dst._agent.make_prepped_xfer = make_prepped_xfer
+        transfer = dst._agent.transfer
+        dst._agent.transfer = lambda xfer, *a: transfer(xfer, *a) and "PROC"  # never finishes
+        dst._agent.check_xfer_state = lambda xfer: "PROC"
+        with pytest.raises(ReadStuck) as stuck:
+            dst.pull(src.rank_kv([1]), [1], timeout_s=0.2)
+        assert dst.stuck_reads == 1 and dst.release_stuck() == []
+        refuse[0] = False
+        assert dst.release_stuck() == [stuck.value.token] and dst.stuck_reads == 0
+    finally:
+        refuse[0] = False
+        for a in [dst, src]:
+            a.close()

@@ -494,3 +494,97 @@ def test_a_pull_is_not_overtaken_by_a_newer_prompt_decode_prefills_itself(tiny_m
     while engine.has_work:
         engine.step()
     assert engine.blocks.num_used == 0 and not engine.seqs
+
+
+def test_a_pull_short_of_blocks_is_not_starved_by_newer_prompts(tiny_model_dir):
+    """Blocks short, batch places free: a running sequence holds blocks, a pull P needs
+    more than are free, and a short prompt decode prefills itself arrives every step.
+    No prompt newer than P is scheduled before P gets its blocks (before, each took the
+    blocks freed meanwhile and P waited until its deadline, its lease renewed all along)."""
+    engine = make_engine(tiny_model_dir, num_blocks=10, max_running=8)
+    sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    engine.add(Sequence("a", list(range(3, 63)), sp))  # 4 blocks, then a 5th as it decodes
+    engine.step()
+    pulled = Sequence("p", list(range(100, 200)), sp, output_ids=[7])  # 7 blocks (+1 headroom)
+    engine.add_pulled(pulled)
+    short = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    newer = []
+    for i in range(200):
+        if engine.admit_pulls():
+            break
+        s = Sequence(f"s{i}", list(range(3, 13)), short)  # 1 block each
+        newer.append(s)
+        engine.add(s)
+        engine.step()
+        started = [x.request_id for x in newer if x.num_cached]
+        assert not started, f"{started} were scheduled while the older pull waited for blocks"
+    assert pulled.status.value == "pulling"
+    engine.pull_done("p", ok=True)
+    while engine.has_work:
+        engine.step()
+    assert engine.blocks.num_used == 0 and not engine.seqs
+
+
+def test_blocked_with_nothing_running_reports_stalled_after_the_bound(tiny_model_dir):
+    """The last line of defence: blocks held where the scheduler cannot take them back
+    (here a transfer that never ends) leave the engine blocked with nothing running;
+    past `stall_after_s` it says it is stalled (the watchdog then restarts the worker)
+    instead of waiting forever; any step that runs clears it."""
+    now = [0.0]
+    runner = ModelRunner(tiny_model_dir, max_model_len=512, num_blocks=8, block_size=16)
+    engine = Engine(
+        runner,
+        BlockManager(8, 16),
+        max_batched_tokens=512,
+        max_running=4,
+        stall_after_s=30.0,
+        clock=lambda: now[0],
+    )
+    sp = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    engine.add_pulled(Sequence("p", list(range(3, 90)), sp, output_ids=[7]))  # 6 blocks
+    assert [s.request_id for s in engine.admit_pulls()] == ["p"]
+    engine.add(Sequence("x", list(range(3, 60)), sp))  # 4 blocks: only 2 are free
+    engine.step()
+    assert engine.blocked and not engine.stalled
+    now[0] = 29.0
+    engine.step()
+    assert engine.blocked and not engine.stalled
+    now[0] = 31.0
+    engine.step()
+    assert engine.stalled
+    engine.pull_done("p", ok=False)  # the transfer ends at last: blocks come back
+    engine.step()
+    assert not engine.blocked and not engine.stalled
+    while engine.has_work:
+        engine.step()
+    assert engine.blocks.num_used == 0 and not engine.seqs
+
+
+def test_blocks_a_failed_pull_may_still_write_stay_held_until_its_writers_end(tiny_model_dir):
+    """A pull that gave up while a READ may still write its blocks (NIXL would not
+    release it, or its thread outlived the deadline) keeps those blocks out of the
+    pool until every writer has ended; held too long, the engine reports a fault (the
+    worker is restarted: nothing else makes that memory safe)."""
+    now = [0.0]
+    runner = ModelRunner(tiny_model_dir, max_model_len=512, num_blocks=8, block_size=16)
+    engine = Engine(
+        runner,
+        BlockManager(8, 16),
+        max_batched_tokens=512,
+        max_running=4,
+        stall_after_s=30.0,
+        clock=lambda: now[0],
+    )
+    sp = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    engine.add_pulled(Sequence("p", list(range(3, 90)), sp, output_ids=[7]))  # 6 blocks
+    engine.admit_pulls()
+    engine.pull_done("p", ok=False, writers=2)
+    assert not engine.seqs and engine.held_blocks == 6 and engine.blocks.num_used == 6
+    engine.writer_done("p")
+    assert engine.blocks.num_used == 6 and not engine.fault
+    now[0] = 31.0
+    assert "held" in engine.fault
+    engine.writer_done("p")
+    assert engine.blocks.num_used == 0 and engine.held_blocks == 0 and not engine.fault
+    engine.writer_done("p")  # a late extra call changes nothing
+    assert engine.blocks.num_free == 8
