@@ -103,19 +103,19 @@ async def via_actors(
 
     async def one(i: int, prompt: list[int]) -> int:
         rid, got = f"{tag}-{i}", 0
-        deadline = time.time() + 300
+        timeout_s = 300.0
         if disaggregated:
             res = await prefill.prefill.remote(rid, prompt, sp)
             got = 1  # the first token came from prefill
 
             def submit():
                 return decode.generate.remote(
-                    rid, chan.id, prompt, res.first_token, sp, res.handle, deadline, prefill
+                    rid, chan.id, prompt, res.first_token, sp, res.handle, timeout_s, prefill
                 )
         else:
 
             def submit():
-                return decode.generate_local.remote(rid, chan.id, prompt, sp, deadline)
+                return decode.generate_local.remote(rid, chan.id, prompt, sp, timeout_s)
 
         async for tokens, _ in chan.stream(rid, submit, lambda fn: fn()):
             got += len(tokens)

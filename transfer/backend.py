@@ -35,17 +35,29 @@ class TransferBackend(abc.ABC):
 
     @abc.abstractmethod
     def pull(
-        self, src: RankKV, local_block_ids: list[int], *, timeout_s: float, notif: bytes = b""
+        self,
+        src: RankKV,
+        local_block_ids: list[int],
+        *,
+        timeout_s: float,
+        notif: bytes = b"",
+        tag: str = "",
     ) -> int:
-        """Decode side: copy `src`'s blocks into ours within `timeout_s`; bytes moved."""
+        """Decode side: copy `src`'s blocks into ours within `timeout_s`; bytes moved.
+        `tag` names the blocks in `release_stuck` if the copy raises ReadStuck."""
 
     def poll_notifs(self) -> list[bytes]:
         return []
 
-    def release_stuck(self) -> list[int]:
-        """Retry releasing READs that raised `ReadStuck`; the tokens of those released
+    def release_stuck(self) -> list[str]:
+        """Retry releasing READs that raised `ReadStuck`; the tags of those released
         now (their blocks are safe to reuse)."""
         return []
+
+    def connecting(self, src: RankKV):
+        """A `threading.Event` set when a connection to `src`'s peer now being made
+        has been made (or has failed); None when a pull can start at once."""
+        return None
 
     def close(self) -> None:
         pass
@@ -82,7 +94,13 @@ class RayObjectBackend(TransferBackend):
         )
 
     def pull(
-        self, src: RankKV, local_block_ids: list[int], *, timeout_s: float, notif: bytes = b""
+        self,
+        src: RankKV,
+        local_block_ids: list[int],
+        *,
+        timeout_s: float,
+        notif: bytes = b"",
+        tag: str = "",
     ) -> int:
         import ray
         from ray.exceptions import GetTimeoutError

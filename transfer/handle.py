@@ -24,15 +24,8 @@ class TransferFailed(TransferError):
 
 class ReadStuck(TransferFailed):
     """A READ that ended badly could not be released: NIXL may still write the local
-    blocks it targeted. They must stay out of use until `release_stuck()` names
-    `token` (or the process ends)."""
-
-    def __init__(self, message: str, token: int = -1):
-        super().__init__(message)
-        self.token = token
-
-    def __reduce__(self):  # pickles across Ray with its token
-        return (ReadStuck, (str(self), self.token))
+    blocks it targeted. They must stay out of use until the backend's
+    `release_stuck()` returns the pull's tag (or the process ends)."""
 
 
 class LeaseExpired(TransferError):
@@ -87,4 +80,7 @@ class KVHandle(msgspec.Struct, frozen=True):
     num_tokens: int  # tokens whose KV is in the blocks
     ranks: list[RankKV]  # index = TP rank
     epoch: int = 0  # lease epoch, checked on both sides (lease issue)
-    expires_at: float = 0.0  # wall-clock lease expiry (time.time()); 0 = none
+    # Seconds the lease had left when the handle was made (0 = none). A duration, not a
+    # time stamp: clocks of different nodes are never compared; each side reads its own
+    # monotonic clock.
+    ttl_s: float = 0.0

@@ -9,7 +9,6 @@ Every wait is bounded by a deadline, and the peer cache is bounded (LESSONS 4-5)
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
@@ -75,15 +74,28 @@ def _new_agent(name: str) -> nixl_agent:
 
 class _Peer:
     """A remote agent: handshaken once (outside the agent's lock), then its prepared
-    block dlist is reused by every pull from it."""
+    block dlist is reused by every pull from it. Torn down in two parts, each once:
+    the agent is forgotten (disconnected) when no pull uses it (or at once, to make
+    UCX fail a READ that will not end), its dlist released only when no pull uses it."""
 
-    __slots__ = ("name", "layout", "dlist", "users", "gone", "doomed", "ready", "error")
+    __slots__ = (
+        "name",
+        "layout",
+        "dlist",
+        "users",
+        "gone",
+        "forgotten",
+        "retired",
+        "ready",
+        "error",
+    )
 
     def __init__(self, name: str, layout: tuple):
         self.name, self.layout, self.dlist = name, layout, None
         self.users = 0  # pulls in flight against this peer
         self.gone = False  # torn down (evicted, failed or closed): no new pull uses it
-        self.doomed = False  # its NIXL disconnect is queued (`_finish_teardowns`)
+        self.forgotten = False  # its disconnect is queued or done
+        self.retired: threading.Event | None = None  # set once gone and disconnected
         self.ready = threading.Event()  # set when the handshake has ended, either way
         self.error: str | None = None  # why the handshake failed
 
@@ -133,10 +145,12 @@ class NixlTransferAgent(TransferBackend):
         # up pulls from the others.
         self._lock = threading.Lock()
         self._peers: OrderedDict[str, _Peer] = OrderedDict()  # LRU: oldest first
-        self._doomed: list[_Peer] = []  # torn down under the lock; NIXL calls after it
-        # READs NIXL refused to release (ReadStuck): token -> xfer, retried by release_stuck.
-        self._stuck: dict[int, object] = {}
-        self._tokens = itertools.count(1)
+        self._pending: list = []  # NIXL calls decided under the lock, made after it
+        # Agents being disconnected: a new handshake with one waits for it to end (an
+        # old disconnect must not remove the new connection).
+        self._forgetting: dict[str, threading.Event] = {}
+        # READs NIXL refused to release (ReadStuck): (xfer, tag), retried by release_stuck.
+        self._stuck: list[tuple[object, str]] = []
         self._closed = False
 
         self._agent = _new_agent(self.name)
@@ -175,16 +189,23 @@ class NixlTransferAgent(TransferBackend):
     # ---- decode side --------------------------------------------------------
 
     def pull(
-        self, src: RankKV, local_block_ids: list[int], *, timeout_s: float, notif: bytes = b""
+        self,
+        src: RankKV,
+        local_block_ids: list[int],
+        *,
+        timeout_s: float,
+        notif: bytes = b"",
+        tag: str = "",
     ) -> int:
         """READ `src.block_ids` of the remote pool into `local_block_ids` of ours.
 
         Bounded by `timeout_s` (TransferTimeout), the handshake with a new peer
         included: no READ starts after the deadline, even when the handshake itself
-        returned late. Any NIXL/UCX error, an unreachable peer or bad metadata raise
-        TransferFailed; a READ that cannot be released raises ReadStuck (its blocks
-        stay unsafe until `release_stuck`). `notif` is delivered to the remote agent
-        when the READ completes. Returns bytes moved.
+        returned late (the connection is kept for the next pull). Any NIXL/UCX error,
+        an unreachable peer or bad metadata raise TransferFailed; a READ that cannot
+        be released raises ReadStuck: its blocks stay unsafe until `release_stuck`
+        returns `tag`. `notif` is delivered to the remote agent when the READ
+        completes. Returns bytes moved.
         """
         check_blocks_match(src, local_block_ids, self.block_bytes, self.block_shape)
         _check_ids(local_block_ids, self.num_blocks, "local")
@@ -197,6 +218,7 @@ class NixlTransferAgent(TransferBackend):
         failed = True
         try:
             if time.monotonic() >= deadline:
+                failed = False  # connected, only late: the connection stays for the next
                 raise TransferTimeout(
                     f"handshake with {src.agent_name} outlasted the pull's {timeout_s}s"
                 )
@@ -206,7 +228,7 @@ class NixlTransferAgent(TransferBackend):
                     self._agent.send_notif(peer.name, notif)
                 failed = False
                 return 0
-            self._read(peer, src, local_block_ids, deadline, timeout_s, notif)
+            self._read(peer, src, local_block_ids, deadline, timeout_s, notif, tag)
             failed = False
             return len(src.block_ids) * self.block_bytes
         except TransferError:
@@ -224,7 +246,10 @@ class NixlTransferAgent(TransferBackend):
         deadline: float,
         timeout_s: float,
         notif: bytes,
+        tag: str,
     ) -> None:
+        if peer.gone:  # torn down by another pull's failure since this one checked it out
+            raise TransferFailed(f"connection to {src.agent_name} was torn down")
         try:
             xfer = self._agent.make_prepped_xfer(
                 "READ", self._local, local_ids, peer.dlist, src.block_ids, notif_msg=notif
@@ -247,7 +272,7 @@ class NixlTransferAgent(TransferBackend):
         if state == "DONE":
             xfer.release()
             return
-        self._abort(xfer, peer)
+        self._abort(xfer, peer, tag)
         n = len(local_ids)
         if state == "PROC":
             raise TransferTimeout(
@@ -258,7 +283,7 @@ class NixlTransferAgent(TransferBackend):
             + (f": {error!r}" if error else " (NIXL state ERR)")
         )
 
-    def _abort(self, xfer, peer: _Peer) -> None:
+    def _abort(self, xfer, peer: _Peer, tag: str) -> None:
         """Release an unfinished or failed xfer so nothing keeps writing our blocks;
         ReadStuck when NIXL will not let it go."""
         try:
@@ -270,36 +295,33 @@ class NixlTransferAgent(TransferBackend):
         # its outstanding requests, after which release succeeds.
         with self._lock:
             self._teardown(peer, now=True)
-        self._finish_teardowns()
+        self._run_pending()
         try:
             xfer.release()
             return
         except Exception as e:
             error = e
-        token = next(self._tokens)
         with self._lock:
-            self._stuck[token] = xfer
+            self._stuck.append((xfer, tag))
         log.error("cannot release NIXL xfer to %s after disconnect: %r", peer.name, error)
         raise ReadStuck(
             f"READ from {peer.name} could not be released ({error!r}): its blocks stay "
-            "out of use until NIXL lets it go",
-            token,
+            "out of use until NIXL lets it go"
         )
 
-    def release_stuck(self) -> list[int]:
-        """Retry releasing every stuck READ; the tokens of those NIXL let go now."""
+    def release_stuck(self) -> list[str]:
+        """Retry releasing every stuck READ; the tags of those NIXL let go now."""
         with self._lock:
-            stuck = list(self._stuck.items())
-        released = []
-        for token, xfer in stuck:
+            stuck, self._stuck = self._stuck, []
+        released, left = [], []
+        for xfer, tag in stuck:
             try:
                 xfer.release()
+                released.append(tag)
             except Exception:  # noqa: BLE001 - still stuck: tried again next time
-                continue
-            released.append(token)
+                left.append((xfer, tag))
         with self._lock:
-            for token in released:
-                self._stuck.pop(token, None)
+            self._stuck = left + self._stuck
         return released
 
     @property
@@ -308,32 +330,53 @@ class NixlTransferAgent(TransferBackend):
 
     # ---- peer cache ---------------------------------------------------------
 
+    def connecting(self, src: RankKV) -> threading.Event | None:
+        """Set when a handshake with `src`'s agent in progress (or its disconnect)
+        ends; None when a pull from it can start now. Callers wait for it off the
+        pull threads, so one unreachable peer does not hold them all."""
+        with self._lock:
+            busy = self._forgetting.get(src.agent_name)
+            if busy is not None:
+                return busy
+            peer = self._peers.get(src.agent_name)
+            return peer.ready if peer is not None and not peer.ready.is_set() else None
+
     def _checkout(self, src: RankKV, deadline: float, timeout_s: float) -> _Peer:
         """The peer for `src`, marked in use. A new peer is handshaken by the first
         pull that needs it, outside the lock; pulls from the same peer meanwhile wait
         for that handshake until their own deadline, pulls from others go on."""
         layout = (src.base_addr, src.num_blocks, src.block_bytes, src.device_id, src.mem_type)
-        with self._lock:
-            if self._closed:
-                raise TransferFailed("transfer agent is closed")
-            peer = self._peers.get(src.agent_name)
-            if peer is not None and peer.layout != layout:
-                # Same agent, different pool: our prepared dlist is stale.
-                self._teardown(peer)
-                peer = None
-            first = peer is None
-            if first:
-                peer = self._peers[src.agent_name] = _Peer(src.agent_name, layout)
-            self._peers.move_to_end(peer.name)
-            peer.users += 1
-            self._evict()
-        self._finish_teardowns()
+        name = src.agent_name
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise TransferFailed("transfer agent is closed")
+                busy = self._forgetting.get(name)
+                if busy is None:
+                    peer = self._peers.get(name)
+                    if peer is not None and peer.layout != layout:
+                        # Same agent, different pool: our prepared dlist is stale.
+                        self._teardown(peer)
+                        peer = None
+                        busy = self._forgetting.get(name)
+                if busy is None:
+                    first = peer is None
+                    if first:
+                        peer = self._peers[name] = _Peer(name, layout)
+                    self._peers.move_to_end(name)
+                    peer.users += 1
+                    self._evict()
+                    break
+            self._run_pending()
+            if not busy.wait(max(0.0, deadline - time.monotonic())):
+                raise TransferTimeout(f"disconnect from {name} did not end within {timeout_s}s")
+        self._run_pending()
         try:
             if first:
                 self._handshake(peer, src)
             elif not peer.ready.wait(max(0.0, deadline - time.monotonic())):
                 raise TransferTimeout(
-                    f"handshake with {src.agent_name} did not end within the pull's {timeout_s}s"
+                    f"handshake with {name} did not end within the pull's {timeout_s}s"
                 )
             if peer.error is not None:
                 raise TransferFailed(peer.error)
@@ -372,22 +415,29 @@ class NixlTransferAgent(TransferBackend):
         finally:
             peer.ready.set()
 
-    def _forget(self, name: str) -> None:
+    def _forget(self, name: str, done: threading.Event | None = None) -> None:
         try:
             self._agent.remove_remote_agent(name)
         except Exception as e:
             log.warning("removing NIXL peer %s: %r", name, e)
+        if done is not None:
+            with self._lock:
+                self._unreserve(name, done)
+
+    def _unreserve(self, name: str, done: threading.Event) -> None:
+        """The retired peer `name` is disconnected (caller holds the lock)."""
+        if self._forgetting.get(name) is done:
+            del self._forgetting[name]
+        done.set()
 
     def _checkin(self, peer: _Peer, failed: bool) -> None:
         with self._lock:
             peer.users -= 1
             # A failed peer is likely dead or broken; the next pull re-handshakes.
-            if failed and not peer.gone and peer.users == 0:
+            if (failed or peer.gone) and peer.users == 0:
                 self._teardown(peer)
-            elif peer.gone and peer.users == 0 and not peer.doomed:
-                self._doom(peer)  # torn down while in use: disconnected now it is not
             self._evict()
-        self._finish_teardowns()
+        self._run_pending()
 
     def _evict(self) -> None:
         """Drop least recently used idle peers beyond max_peers (caller holds the lock)."""
@@ -396,33 +446,42 @@ class NixlTransferAgent(TransferBackend):
             self._teardown(peer)
 
     def _teardown(self, peer: _Peer, now: bool = False) -> None:
-        """Forget a peer (caller holds the lock). Its NIXL disconnect runs in
-        `_finish_teardowns`, after the lock is released, once no pull uses it (at
-        once with `now`: to make UCX fail a READ that will not end)."""
+        """Take a peer out of use (caller holds the lock). Its NIXL calls are queued for
+        `_run_pending`, after the lock: the disconnect once no pull uses it (at once
+        with `now`), the dlist's release once no pull uses it, each once. Until the
+        disconnect has run, the name is reserved: a new handshake waits for it."""
         if not peer.gone:
             peer.gone = True
             if self._peers.get(peer.name) is peer:
                 del self._peers[peer.name]
-        if (now or peer.users == 0) and not peer.doomed:
-            self._doom(peer)
+            # The name is reserved until this peer is disconnected: a new handshake made
+            # meanwhile would be undone by this peer's disconnect.
+            peer.retired = self._forgetting[peer.name] = threading.Event()
+        unused = peer.users == 0
+        if unused and peer.dlist is not None:
+            dlist, peer.dlist = peer.dlist, None
+            self._pending.append(lambda: self._release_dlist(peer.name, dlist))
+        if (now or unused) and not peer.forgotten and peer.ready.is_set():
+            peer.forgotten = True
+            if peer.error is None:
+                self._pending.append(lambda: self._forget(peer.name, peer.retired))
+            else:  # a failed handshake left no agent to disconnect
+                self._unreserve(peer.name, peer.retired)
 
-    def _doom(self, peer: _Peer) -> None:
-        peer.doomed = True
-        self._doomed.append(peer)
-
-    def _finish_teardowns(self) -> None:
-        """Release the dlists of torn-down peers and disconnect them (no lock held: a
-        dead peer may take its time to refuse a clean goodbye; logged, not raised)."""
+    def _run_pending(self) -> None:
+        """The NIXL calls teardowns queued (no lock held: a dead peer may take its time
+        to refuse a clean goodbye; logged, not raised)."""
         with self._lock:
-            doomed, self._doomed = self._doomed, []
-        for peer in doomed:
-            if peer.error is not None or peer.dlist is None:
-                continue  # the handshake failed (and forgot the agent) or never ran
-            try:
-                peer.dlist.release()
-            except Exception as e:
-                log.warning("releasing dlist of NIXL peer %s: %r", peer.name, e)
-            self._forget(peer.name)
+            calls, self._pending = self._pending, []
+        for call in calls:
+            call()
+
+    @staticmethod
+    def _release_dlist(name: str, dlist) -> None:
+        try:
+            dlist.release()
+        except Exception as e:
+            log.warning("releasing dlist of NIXL peer %s: %r", name, e)
 
     # ---- lifecycle ----------------------------------------------------------
 
@@ -437,8 +496,8 @@ class NixlTransferAgent(TransferBackend):
                 return
             self._closed = True
             for peer in list(self._peers.values()):
-                self._teardown(peer)
-        self._finish_teardowns()
+                self._teardown(peer, now=True)
+        self._run_pending()
         for xfer in self.release_stuck_all():
             log.error("leaving NIXL xfer unreleased at close: %r", xfer)
         try:
@@ -453,5 +512,5 @@ class NixlTransferAgent(TransferBackend):
         """One last try for every stuck READ; those NIXL still refuses."""
         self.release_stuck()
         with self._lock:
-            left, self._stuck = list(self._stuck.values()), {}
+            left, self._stuck = [xfer for xfer, _ in self._stuck], []
         return left

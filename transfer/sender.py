@@ -6,7 +6,7 @@ those blocks: it gives them back (through `free`) exactly once, when the lease i
 released (decode's NIXL notification, decode's explicit release, the router's
 backstop), or expired by `tick`'s sweep. Registration, claims, releases,
 notifications and the sweep all run on one thread (the prefill engine thread) and
-use one clock (`time.monotonic`; the handle's wall-clock expiry is derived from it)
+use one clock (`time.monotonic`; the handle carries the lease's time left, a duration)
 and one bound (`max_pending` leases: past it `register` raises
 `TransferBackpressure` and frees the blocks it was given).
 """
@@ -72,7 +72,7 @@ class KVSender:
             num_tokens=num_tokens,
             ranks=self._describe(blocks),
             epoch=lease.epoch,
-            expires_at=time.time() + (lease.expires - time.monotonic()),
+            ttl_s=lease.expires - time.monotonic(),
         )
 
     def claim(self, request_id: str, epoch: int) -> list[int]:

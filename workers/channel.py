@@ -26,6 +26,7 @@ class OutputChannel:
         self.id = f"{name}-{uuid.uuid4().hex}"  # never repeats (id(self) would)
         self.error: BaseException | None = None
         self._queues: dict[str, asyncio.Queue] = {}
+        self.messages = 0  # received so far (the router replaces a channel past a bound)
         self._open = asyncio.Event()  # the worker has the channel (its first, empty message)
         self._gen = actor.outputs.options(num_returns="streaming").remote(self.id)
         self._task = asyncio.get_event_loop().create_task(self._pump())
@@ -117,6 +118,7 @@ class OutputChannel:
         try:
             async for ref in self._gen:
                 items = await ref
+                self.messages += 1
                 self._open.set()
                 for rid, tokens, reason in items:
                     q = self._queues.get(rid)

@@ -79,12 +79,14 @@ class Engine:
         self.kv_waiting: deque[Sequence] = deque()
         self.num_pulling = 0  # PULLING sequences: each has a place in the batch kept for it
         self.held: dict[str, _Held] = {}  # request id -> blocks a failed pull may still write
+        self._ended_early: dict[str, int] = {}  # writers that ended before their pull_done
         self.steps = 0  # progress counter a watchdog can read
         self.blocked = False  # the last step found work but no blocks for it
         # Blocked with nothing running for longer than this: stalled (see `stalled`).
         self.stall_after_s = stall_after_s
         self._clock = clock
         self._idle_blocked_since: float | None = None
+        self._last_step_at = 0.0
         self._finished_unscheduled: list[StepOutput] = []
         # Automatic prefix caching (when the block manager caches): prompt tokens asked
         # for, and how many of them were found cached.
@@ -100,13 +102,15 @@ class Engine:
         if self.blocks.caching:
             # Every full block but the one of its last token (computed for its logits).
             seq.block_hashes = self.blocks.prefix_hashes(
-                seq.token_ids, (seq.num_tokens - 1) // self.blocks.block_size
+                seq.token_ids,
+                (seq.num_tokens - 1) // self.blocks.block_size,
+                seq.params.cache_salt,
             )
         self._enqueue(seq)
 
     def add_pulled(self, seq: Sequence) -> None:
-        """Decode: a request whose prompt KV (`num_prompt_tokens`) is to be pulled
-        from prefill. It waits, in order, for blocks (`admit_pulls`)."""
+        """Decode: a request whose KV (every token but the last, which prefill sampled)
+        is to be pulled from prefill. It waits, in order, for blocks (`admit_pulls`)."""
         self._register(seq)
         seq.status = SeqStatus.WAITING_FOR_BLOCKS
         self.kv_waiting.append(seq)
@@ -126,7 +130,7 @@ class Engine:
         oldest_waiting = min((w.arrival for w in self.waiting), default=math.inf)
         while self.kv_waiting and self.kv_waiting[0].arrival < oldest_waiting:
             seq = self.kv_waiting[0]
-            n = self.blocks.blocks_for(seq.num_prompt_tokens)
+            n = self.blocks.blocks_for(seq.num_tokens - 1)
             if (
                 self.blocks.num_free < n + len(self.running)
                 or len(self.running) + self.num_pulling >= self.max_running
@@ -150,12 +154,13 @@ class Engine:
             return
         self.num_pulling -= 1
         if seq.aborted or not ok:
+            writers -= self._ended_early.pop(request_id, 0)
             if writers > 0:
                 self.held[request_id] = _Held(seq.block_table, writers, self._clock())
                 seq.block_table = []
             self._drop(seq)
             return
-        seq.num_cached = seq.num_prompt_tokens
+        seq.num_cached = seq.num_tokens - 1
         self._enqueue(seq)
 
     def writer_done(self, request_id: str) -> None:
@@ -163,6 +168,10 @@ class Engine:
         last, the blocks go back to the pool."""
         h = self.held.get(request_id)
         if h is None:
+            # Its pull has not ended here yet (the writer's end came first, by another
+            # path): counted against the writers `pull_done` will name.
+            if self.seqs.get(request_id) is not None:
+                self._ended_early[request_id] = self._ended_early.get(request_id, 0) + 1
             return
         h.writers -= 1
         if h.writers <= 0:
@@ -190,7 +199,7 @@ class Engine:
         return ""
 
     def _register(self, seq: Sequence) -> None:
-        if seq.request_id in self.seqs:
+        if seq.request_id in self.seqs or seq.request_id in self.held:
             raise ValueError(f"request {seq.request_id} is already in this engine")
         self.seqs[seq.request_id] = seq
         seq.arrival = next(self._arrivals)
@@ -241,6 +250,7 @@ class Engine:
             self.kv_waiting.remove(seq)
         if self.seqs.get(seq.request_id) is seq:
             del self.seqs[seq.request_id]
+        self._ended_early.pop(seq.request_id, None)
         self._release_blocks(seq)
         seq.status = SeqStatus.FINISHED
 
@@ -255,18 +265,36 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def _watch_for_stall(self) -> None:
+        """When no step can move (blocked, nothing running, no pull in flight: those end
+        by their own deadlines), start the clock `stalled` reads; anything else stops it.
+        Steps run back to back while `waiting` holds work, so a gap between two means the
+        engine was idle (or its process stopped) meanwhile: the clock starts again."""
+        now = self._clock()
+        idle_between = now - self._last_step_at > 1.0
+        self._last_step_at = now
+        if not self._stuck_now():
+            self._idle_blocked_since = None
+        elif self._idle_blocked_since is None or idle_between:
+            self._idle_blocked_since = now
+
+    def _stuck_now(self) -> bool:
+        return self.blocked and bool(self.waiting) and not self.running and not self.num_pulling
+
     @property
     def stalled(self) -> bool:
-        """Blocked with nothing running for longer than `stall_after_s`. Every block a
-        queued sequence could give back has been given (`_make_room`), so what still
-        holds them is outside the scheduler's reach (a transfer that never ends, a
-        leak): the worker reports itself stalled rather than waiting, and the
-        watchdog restarts it. Off (None) for prefill, whose blocks wait on leases
-        that expire by themselves."""
+        """Work waits, blocked, with nothing running and no pull in flight, and has for
+        longer than `stall_after_s`. Every block a queued sequence could give back has
+        been given (`_make_room`) and pulls end by their own deadlines, so what still
+        holds the blocks is outside the scheduler's reach (a leak, a READ that never
+        ends): the worker reports itself stalled rather than waiting, and the watchdog
+        restarts it. Off (None) for prefill, whose blocks wait on leases that expire
+        by themselves."""
         since = self._idle_blocked_since
         return (
             self.stall_after_s is not None
             and since is not None
+            and self._stuck_now()
             and self._clock() - since > self.stall_after_s
         )
 
@@ -387,10 +415,7 @@ class Engine:
             num_new = [1] * len(seqs)
         outputs = self._finished_unscheduled
         self.blocked = not seqs and bool(self.waiting)
-        if not (self.blocked and not self.running):
-            self._idle_blocked_since = None
-        elif self._idle_blocked_since is None:
-            self._idle_blocked_since = self._clock()
+        self._watch_for_stall()
         if not seqs:
             return outputs
         try:

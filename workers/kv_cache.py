@@ -111,9 +111,14 @@ class BlockManager:
 
     # ---- prefix caching ----------------------------------------------------
 
-    def prefix_hashes(self, token_ids: list[int], num_blocks: int) -> list[bytes]:
-        """The chained hashes of the first `num_blocks` full blocks of `token_ids`."""
-        out, prev, bs = [], b"", self.block_size
+    def prefix_hashes(
+        self, token_ids: list[int], num_blocks: int, salt: str | None = None
+    ) -> list[bytes]:
+        """The chained hashes of the first `num_blocks` full blocks of `token_ids`. A
+        salt enters the first block's hash, so it changes every hash of the chain:
+        prompts under different salts never share a cached block."""
+        out, bs = [], self.block_size
+        prev = b"" if salt is None else hashlib.sha256(b"salt:" + salt.encode()).digest()
         for j in range(num_blocks):
             block = array("q", token_ids[j * bs : (j + 1) * bs]).tobytes()
             prev = hashlib.sha256(prev + block).digest()

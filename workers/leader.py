@@ -23,7 +23,7 @@ import ray
 
 from transfer.faults import FaultConfig, FaultInjector
 from transfer.handle import RankKV
-from workers.api import EngineStats, WorkerSpec
+from workers.api import EngineStats, WorkerSpec, process_usage
 from workers.sequence import Sequence
 
 if TYPE_CHECKING:
@@ -138,6 +138,19 @@ class GroupLeader:
 
     def _refused(self, request_id: str, exc: Exception) -> None:  # event loop
         raise NotImplementedError
+
+    def _stats(self, kind: type, **role):
+        """This group's `stats()` answer: what both roles report, then `role`'s own."""
+        return kind(
+            role=self.spec.role,
+            replica=self.spec.replica,
+            **process_usage(),
+            node_id=self.node_id,
+            engine=self.snapshot,
+            omp_threads=self.thread.omp_threads,
+            gemm=self.runner.gemm_plan,
+            **role,
+        )
 
     def _engine_stats(self, **role) -> EngineStats:  # engine thread
         e = self.engine

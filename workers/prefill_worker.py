@@ -17,7 +17,6 @@ from workers.api import (
     RequestReleased,
     SequenceFailed,
     WorkerError,
-    process_usage,
 )
 from workers.leader import GroupLeader
 from workers.sampling_params import SamplingParams
@@ -51,9 +50,14 @@ class PrefillWorker(GroupLeader):
     # ---- API (event loop) -----------------------------------------------------
 
     async def prefill(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        output_ids: list[int] | None = None,
     ) -> PrefillResult:
-        """Compute the prompt and its first token. Raises TransferBackpressure at
+        """Compute the prompt (and `output_ids`, the tokens the request produced before,
+        when it migrates) and sample its next token. Raises TransferBackpressure at
         `max_pending` (calls pending + leases held), RequestReleased when the router
         lets go first, SequenceFailed when this request alone cannot be computed."""
         if len(self._futures) + self.snapshot.leases >= self.spec.max_pending:
@@ -64,7 +68,7 @@ class PrefillWorker(GroupLeader):
         if request_id in self._futures:
             raise WorkerError(f"request {request_id} is already being prefilled here")
         fut = self._futures[request_id] = self.loop.create_future()
-        seq = Sequence(request_id, prompt_ids, params)
+        seq = Sequence(request_id, prompt_ids, params, output_ids)
         self.thread.call(lambda: self._add(seq))
         try:
             return await fut
@@ -99,16 +103,7 @@ class PrefillWorker(GroupLeader):
         self.sender.faults = injector
 
     def stats(self) -> PrefillStats:
-        return PrefillStats(
-            role="prefill",
-            replica=self.spec.replica,
-            **process_usage(),
-            node_id=self.node_id,
-            engine=self.snapshot,
-            omp_threads=self.thread.omp_threads,
-            gemm=self.runner.gemm_plan,
-            pending=len(self._futures),
-        )
+        return self._stats(PrefillStats, pending=len(self._futures))
 
     # ---- event loop ---------------------------------------------------------
 

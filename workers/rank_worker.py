@@ -48,15 +48,16 @@ class RankWorker:
                 self.steps += 1
 
     def pull(self, src: RankKV, blocks: list[int], deadline: float) -> int:
-        """READ rank r's shard into `blocks` by `deadline` (time.time(), set by the leader
-        on this node): a call that starts after it reads nothing (TransferTimeout). A
+        """READ rank r's shard into `blocks` by `deadline` (time.monotonic(), set by the
+        leader on this node: one clock for every process of a node): a call that starts
+        after it reads nothing (TransferTimeout). A
         READ NIXL will not release ends this process: the leader frees these block ids
         on every rank, and only a new process is sure nothing writes them any more."""
         from transfer.handle import ReadStuck
         from workers.tp import exit_for_restart
 
         try:
-            return self.agent.pull(src, blocks, timeout_s=deadline - time.time())
+            return self.agent.pull(src, blocks, timeout_s=deadline - time.monotonic())
         except ReadStuck as e:
             exit_for_restart("a KV READ NIXL would not release", e)
 

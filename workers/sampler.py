@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from workers.sequence import Sequence
@@ -94,6 +96,16 @@ def _sample_row(row: torch.Tensor, s: Sequence) -> int:
         probs = torch.zeros_like(probs).scatter_(0, idx, sorted_p)
     if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0.0:
         raise SampleError("the logits left no finite probability to sample from")
-    if p.seed is not None and s.generator is None:  # one per request, kept across steps
-        s.generator = torch.Generator().manual_seed(p.seed)
-    return int(torch.multinomial(probs, 1, generator=s.generator))
+    generator = None
+    if p.seed is not None:  # the draw for output token k depends on (seed, k) alone
+        generator = torch.Generator().manual_seed(draw_seed(p.seed, s.num_output))
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def draw_seed(seed: int, k: int) -> int:
+    """The seed of a seeded request's draw for its k-th output token (k from 0): a
+    counter-based stream, so the draw never depends on which worker produced the
+    tokens before it, or how many did (prefill samples token 0, decode the rest, a
+    migration continues on another worker): the same seeded request gives the same
+    text on every path."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{k}".encode(), digest_size=8).digest(), "little")

@@ -22,3 +22,6 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     min_tokens: int = 0  # EOS / stop_token_ids banned before this many tokens
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Prefix caching: prompts share cached KV blocks only under the same salt (none
+    # included), so a tenant can keep its prompts from others' cache-timing probes.
+    cache_salt: str | None = None

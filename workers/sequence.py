@@ -16,7 +16,11 @@ class SeqStatus(enum.Enum):
 
 
 class Sequence:
-    """Token ids (prompt + output), block table, and how many tokens have KV cached."""
+    """Token ids (prompt + output), block table, and how many tokens have KV cached.
+
+    `output_ids` are tokens this request produced before this sequence (a migration
+    continues with them; a pulled request arrives with prefill's first token): they
+    count as output (max_tokens, min_tokens, the seeded draw's index), not prompt."""
 
     def __init__(
         self,
@@ -34,7 +38,6 @@ class Sequence:
         self.status = SeqStatus.WAITING
         self.finish_reason: str | None = None
         self.aborted = False  # aborted while PULLING: freed once the transfer has ended
-        self.generator = None  # torch.Generator of a seeded request, made by the sampler
         self.block_hashes: list[bytes] = []  # prefix caching: its full prompt blocks' hashes
         self.arrival = 0  # order of arrival in its engine (set when added)
 

@@ -257,7 +257,7 @@ def test_a_blocked_handshake_holds_up_only_pulls_from_its_own_peer():
 def test_a_read_nixl_will_not_release_is_reported_stuck_until_it_lets_go():
     """A READ that never finishes and whose release NIXL refuses, before and after the
     peer is torn down, raises ReadStuck (its blocks must not be reused), and
-    `release_stuck` names it only once NIXL lets it go."""
+    `release_stuck` returns its tag only once NIXL lets it go."""
     src = NixlTransferAgent("src", torch.full((4, 256), 5.0))
     dst = NixlTransferAgent("dst", torch.zeros(4, 256))
     refuse = [True]
@@ -287,12 +287,53 @@ def test_a_read_nixl_will_not_release_is_reported_stuck_until_it_lets_go():
         transfer = dst._agent.transfer
         dst._agent.transfer = lambda xfer, *a: transfer(xfer, *a) and "PROC"  # never finishes
         dst._agent.check_xfer_state = lambda xfer: "PROC"
-        with pytest.raises(ReadStuck) as stuck:
-            dst.pull(src.rank_kv([1]), [1], timeout_s=0.2)
+        with pytest.raises(ReadStuck):
+            dst.pull(src.rank_kv([1]), [1], timeout_s=0.2, tag="r1")
         assert dst.stuck_reads == 1 and dst.release_stuck() == []
         refuse[0] = False
-        assert dst.release_stuck() == [stuck.value.token] and dst.stuck_reads == 0
+        assert dst.release_stuck() == ["r1"] and dst.stuck_reads == 0
     finally:
         refuse[0] = False
+        for a in [dst, src]:
+            a.close()
+
+
+def test_a_slow_disconnect_does_not_undo_a_new_connection_to_the_same_peer():
+    """A failed pull's teardown disconnects its peer after the agent's lock is released
+    (here slowly). A pull from the same peer meanwhile waits for that disconnect, then
+    connects anew: the old disconnect must not remove the new connection (before the
+    review's fix, every later pull from that peer failed with NIXL_ERR_NOT_FOUND)."""
+    import threading
+
+    src = NixlTransferAgent("src", torch.full((4, 256), 5.0))
+    dst = NixlTransferAgent("dst", torch.zeros(4, 256))
+    agent = dst._agent
+    remove, transfer = agent.remove_remote_agent, agent.transfer
+
+    def slow_remove(name):
+        time.sleep(0.3)
+        return remove(name)
+
+    def failing_transfer(*_):
+        raise RuntimeError("NIXL_ERR_BACKEND (injected)")
+
+    try:
+        assert dst.pull(src.rank_kv([0]), [0], timeout_s=TIMEOUT_S) == 1024
+        agent.remove_remote_agent = slow_remove
+        agent.transfer = failing_transfer
+        failed = threading.Thread(
+            target=lambda: pytest.raises(
+                TransferFailed, dst.pull, src.rank_kv([1]), [1], timeout_s=TIMEOUT_S
+            )
+        )
+        failed.start()
+        time.sleep(0.1)  # its teardown is in flight
+        agent.transfer = transfer
+        assert dst.pull(src.rank_kv([2]), [2], timeout_s=TIMEOUT_S) == 1024
+        failed.join(5)
+        for local in (3, 1):
+            assert dst.pull(src.rank_kv([local]), [local], timeout_s=TIMEOUT_S) == 1024
+        assert bool((dst._pool == 5.0).all())
+    finally:
         for a in [dst, src]:
             a.close()

@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 import time
+import types
 
 import pytest
 import ray
@@ -22,6 +24,28 @@ from workers.sampling_params import SamplingParams
 TIMEOUT_S = 1.0
 SP = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
 
+# Ray workers cannot import this test module by name; ship its actor classes by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class _AheadDecode(DecodeWorker.__ray_actor_class__):
+    """A decode worker on a node whose wall clock runs CLOCK_AHEAD_S ahead of the rest
+    of the cluster's (its `time.time()` only: each node's monotonic clock is its own)."""
+
+    def __init__(self, spec):
+        import time as real
+
+        import workers.decode_worker as dw
+
+        ahead = types.SimpleNamespace(**{k: getattr(real, k) for k in dir(real) if k[0] != "_"})
+        ahead.time = lambda: real.time() + CLOCK_AHEAD_S
+        dw.time = ahead
+        super().__init__(spec)
+
+
+CLOCK_AHEAD_S = 90.0
+AheadDecode = ray.remote(_AheadDecode)
+
 
 def _pair(
     model_dir,
@@ -33,6 +57,7 @@ def _pair(
     kv_blocks=64,
     max_model_len=256,
     decode_max_running=32,
+    decode_cls=DecodeWorker,
 ):
     spec = dict(
         model_dir=str(model_dir),
@@ -48,7 +73,7 @@ def _pair(
     p = PrefillWorker.options(
         name=f"p-{name}", max_restarts=-1, num_cpus=0, resources={"prefill_node": 0.01}
     ).remote(WorkerSpec(role="prefill", replica=0, **spec))
-    d = DecodeWorker.options(name=f"d-{name}", num_cpus=0, resources={"decode_node": 0.01}).remote(
+    d = decode_cls.options(name=f"d-{name}", num_cpus=0, resources={"decode_node": 0.01}).remote(
         WorkerSpec(role="decode", replica=0, max_running=decode_max_running, **spec)
     )
     ray.get([p.ready.remote(), d.ready.remote()], timeout=120)
@@ -63,20 +88,27 @@ async def _transfer(
     deadline_s: float = 30.0,
     after_prefill=None,
     sp: SamplingParams = SP,
+    before: list[int] | None = None,
 ) -> list[int]:
-    res = await p.prefill.remote(rid, prompt, sp)
+    """Prefill on `p`, pull and decode on `d`: the tokens produced. `before`: tokens the
+    request produced earlier (a migration continues after them)."""
+    res = await p.prefill.remote(rid, prompt, sp, before)
     if after_prefill is not None:
         await asyncio.to_thread(after_prefill)
-    out = [res.first_token]
+    return [res.first_token] + await _stream(
+        d,
+        rid,
+        lambda chan: d.generate.remote(
+            rid, chan.id, prompt, res.first_token, sp, res.handle, deadline_s, p, before
+        ),
+    )
+
+
+async def _stream(d, rid: str, submit) -> list[int]:
+    out = []
     chan = OutputChannel(d, f"test-{rid}")
     try:
-        async for tokens, reason in chan.stream(
-            rid,
-            lambda: d.generate.remote(
-                rid, chan.id, prompt, res.first_token, sp, res.handle, time.time() + deadline_s, p
-            ),
-            lambda fn: fn(),
-        ):
+        async for tokens, _ in chan.stream(rid, lambda: submit(chan), lambda fn: fn()):
             out += tokens
     finally:
         chan.shutdown()
@@ -281,7 +313,7 @@ def test_a_pull_that_outlives_its_deadline_is_given_up_and_its_blocks_held(
     drops packets would): decode gives up on it a grace period after the deadline
     (the request fails over, typed), and holds the request's blocks out of its pool,
     counted, until the thread has ended; then every table is back at zero."""
-    from workers.decode_worker import PULL_GRACE_S
+    from workers.pull import PULL_GRACE_S
 
     p, d = _pair(tiny_model_dir, "hang", faults=FaultConfig(hang_rate=1.0, hang_s=6.0))
     t0 = time.monotonic()
@@ -292,3 +324,66 @@ def test_a_pull_that_outlives_its_deadline_is_given_up_and_its_blocks_held(
     assert st.engine.held_blocks == 3 and st.engine.used_blocks == 3, st.engine
     assert _wait_empty(p, d, timeout=20) == dict.fromkeys(_tables(p, d), 0)
     assert ray.get(d.stats.remote()).engine.held_blocks == 0
+
+
+def test_a_decode_clock_ahead_of_the_cluster_changes_nothing(ray_nodes, tiny_model_dir):
+    """Decode's wall clock runs 90 s ahead (more than the lease TTL and the request's
+    deadline). Deadlines and lease expiry cross processes as time left, never as time
+    stamps, so a request queued in decode still has its lease renewed, is pulled and
+    served (it used to fail at once: the deadline and every renewal read as past)."""
+    p, d = _pair(
+        tiny_model_dir,
+        "ahead",
+        lease_ttl_s=0.3,
+        max_model_len=1024,
+        decode_max_running=1,
+        decode_cls=AheadDecode,
+    )
+    long_sp = SamplingParams(max_tokens=600, temperature=0.0, ignore_eos=True)
+    prompt = list(range(3, 40))
+
+    async def both():
+        first = asyncio.ensure_future(_transfer(p, d, "long", prompt, sp=long_sp))
+        while not (await d.stats.remote()).engine.running:
+            if first.done():  # failed before it ran: its error is the test's
+                await first
+            await asyncio.sleep(0.02)
+        second = await _transfer(p, d, "queued", prompt, sp=SP)
+        return await first, second
+
+    long_out, queued_out = asyncio.run(both())
+    assert len(long_out) == 600 and len(queued_out) == 2
+    ds = ray.get(d.stats.remote())
+    assert ds.transfers.renewals >= 1 and ds.transfers.failures == 0
+    assert ray.get(p.stats.remote()).engine.leases_expired == 0
+    assert _wait_empty(p, d) == dict.fromkeys(_tables(p, d), 0)
+
+
+def test_a_seeded_request_gives_the_same_text_on_every_path(ray_nodes, tiny_model_dir):
+    """One seeded, sampled request: prefill + NIXL pull + decode; prefilled on decode
+    itself (local prefill and the decode-only fallback run this path); and continued
+    after 4 tokens as a migration does (prompt + tokens so far re-prefilled, then
+    pulled), by another attempt id: the same tokens each time."""
+    p, d = _pair(tiny_model_dir, "seeded")
+    prompt = list(range(3, 60))
+    sp = SamplingParams(max_tokens=16, temperature=0.8, top_p=0.95, seed=77, ignore_eos=True)
+
+    async def paths():
+        pulled = await _transfer(p, d, "s-pulled", prompt, sp=sp)
+        local = await _stream(
+            d, "s-local", lambda c: d.generate_local.remote("s-local", c.id, prompt, sp, 30.0)
+        )
+        rest = await _transfer(p, d, "s-migrated", prompt, sp=sp, before=pulled[:4])
+        local_rest = await _stream(
+            d,
+            "s-local-migrated",
+            lambda c: d.generate_local.remote(
+                "s-local-migrated", c.id, prompt, sp, 30.0, pulled[:4]
+            ),
+        )
+        return pulled, local, pulled[:4] + rest, pulled[:4] + local_rest
+
+    pulled, local, migrated, local_migrated = asyncio.run(paths())
+    assert len(pulled) == 16 and len(set(pulled)) > 4  # sampled
+    assert local == pulled and migrated == pulled and local_migrated == pulled
+    assert _wait_empty(p, d) == dict.fromkeys(_tables(p, d), 0)

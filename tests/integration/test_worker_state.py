@@ -72,9 +72,7 @@ def test_a_cancelled_pull_keeps_its_blocks_until_the_read_has_ended(ray_nodes, t
         chan = OutputChannel(d, "cancel")
         try:
             await asyncio.wait_for(chan._open.wait(), 30)
-            ref = d.generate.remote(
-                "c", chan.id, prompt, res.first_token, SP, res.handle, time.time() + 30, p
-            )
+            ref = d.generate.remote("c", chan.id, prompt, res.first_token, SP, res.handle, 30.0, p)
             await asyncio.sleep(0.4)
             ray.cancel(ref)
             with pytest.raises((ray.exceptions.TaskCancelledError, asyncio.CancelledError)):

@@ -37,7 +37,7 @@ def test_handle_roundtrips_through_pickle_and_msgpack():
     h = _handle()
     assert pickle.loads(pickle.dumps(h)) == h
     assert msgspec.msgpack.decode(msgspec.msgpack.encode(h), type=KVHandle) == h
-    assert (h.epoch, h.expires_at) == (0, 0.0)
+    assert (h.epoch, h.ttl_s) == (0, 0.0)
 
 
 def test_handle_is_frozen():

@@ -525,14 +525,10 @@ def test_a_pull_short_of_blocks_is_not_starved_by_newer_prompts(tiny_model_dir):
     assert engine.blocks.num_used == 0 and not engine.seqs
 
 
-def test_blocked_with_nothing_running_reports_stalled_after_the_bound(tiny_model_dir):
-    """The last line of defence: blocks held where the scheduler cannot take them back
-    (here a transfer that never ends) leave the engine blocked with nothing running;
-    past `stall_after_s` it says it is stalled (the watchdog then restarts the worker)
-    instead of waiting forever; any step that runs clears it."""
-    now = [0.0]
-    runner = ModelRunner(tiny_model_dir, max_model_len=512, num_blocks=8, block_size=16)
-    engine = Engine(
+def _clocked_engine(model_dir, now: list[float]) -> Engine:
+    """An 8-block decode engine with a 30 s stall bound, on the clock `now[0]`."""
+    runner = ModelRunner(model_dir, max_model_len=512, num_blocks=8, block_size=16)
+    return Engine(
         runner,
         BlockManager(8, 16),
         max_batched_tokens=512,
@@ -540,20 +536,45 @@ def test_blocked_with_nothing_running_reports_stalled_after_the_bound(tiny_model
         stall_after_s=30.0,
         clock=lambda: now[0],
     )
+
+
+def test_blocked_with_nothing_running_reports_stalled_after_the_bound(tiny_model_dir):
+    """The last line of defence: blocks held where the scheduler cannot take them back
+    (here leaked outside it) leave work blocked with nothing running and no pull in
+    flight; past `stall_after_s` the engine says it is stalled (the watchdog then
+    restarts the worker) instead of waiting forever. A pull in flight stops the clock
+    (it ends by its own deadline), and so does an idle spell: an engine whose waiting
+    work was aborted is not stalled however long it then sits idle (the review found a
+    healthy idle worker reporting a stall), and new work starts a fresh clock."""
+    now = [0.0]
+    engine = _clocked_engine(tiny_model_dir, now)
     sp = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
-    engine.add_pulled(Sequence("p", list(range(3, 90)), sp, output_ids=[7]))  # 6 blocks
-    assert [s.request_id for s in engine.admit_pulls()] == ["p"]
+
+    def tick(t: float) -> None:  # the engine thread's passes, every half second
+        while now[0] < t:
+            now[0] += 0.5
+            if engine.has_work:
+                engine.step()
+
+    leaked = engine.blocks.allocate(6)
     engine.add(Sequence("x", list(range(3, 60)), sp))  # 4 blocks: only 2 are free
-    engine.step()
+    tick(29.0)
     assert engine.blocked and not engine.stalled
-    now[0] = 29.0
-    engine.step()
-    assert engine.blocked and not engine.stalled
-    now[0] = 31.0
-    engine.step()
-    assert engine.stalled
-    engine.pull_done("p", ok=False)  # the transfer ends at last: blocks come back
-    engine.step()
+    tick(31.0)
+    assert engine.stalled and "blocked" in engine.fault
+    engine.abort("x")  # its client gives up: nothing waits any more
+    tick(100.0)  # idle: no step runs
+    assert not engine.stalled and not engine.fault
+    engine.add_pulled(Sequence("p", list(range(3, 20)), sp, output_ids=[7]))
+    assert [s.request_id for s in engine.admit_pulls()] == ["p"]  # 2 blocks, in flight
+    engine.add(Sequence("y", list(range(3, 60)), sp))
+    tick(150.0)
+    assert engine.blocked and not engine.stalled  # a pull in flight ends by its deadline
+    engine.pull_done("p", ok=False)
+    tick(170.0)
+    assert engine.blocked and not engine.stalled  # a fresh clock, not the old one
+    engine.blocks.free(leaked)
+    tick(171.0)
     assert not engine.blocked and not engine.stalled
     while engine.has_work:
         engine.step()
@@ -566,15 +587,7 @@ def test_blocks_a_failed_pull_may_still_write_stay_held_until_its_writers_end(ti
     pool until every writer has ended; held too long, the engine reports a fault (the
     worker is restarted: nothing else makes that memory safe)."""
     now = [0.0]
-    runner = ModelRunner(tiny_model_dir, max_model_len=512, num_blocks=8, block_size=16)
-    engine = Engine(
-        runner,
-        BlockManager(8, 16),
-        max_batched_tokens=512,
-        max_running=4,
-        stall_after_s=30.0,
-        clock=lambda: now[0],
-    )
+    engine = _clocked_engine(tiny_model_dir, now)
     sp = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
     engine.add_pulled(Sequence("p", list(range(3, 90)), sp, output_ids=[7]))  # 6 blocks
     engine.admit_pulls()
@@ -588,3 +601,66 @@ def test_blocks_a_failed_pull_may_still_write_stay_held_until_its_writers_end(ti
     assert engine.blocks.num_used == 0 and engine.held_blocks == 0 and not engine.fault
     engine.writer_done("p")  # a late extra call changes nothing
     assert engine.blocks.num_free == 8
+    # A writer's end may reach the engine before its pull's end does (NIXL let a stuck
+    # READ go at once): it counts against the writers pull_done then names.
+    engine.add_pulled(Sequence("q", list(range(3, 90)), sp, output_ids=[7]))
+    engine.admit_pulls()
+    engine.writer_done("q")
+    engine.pull_done("q", ok=False, writers=1)
+    assert engine.blocks.num_used == 0 and not engine.held
+
+
+def _run_to_end(engine: Engine, seq: Sequence) -> list[int]:
+    engine.add(seq)
+    while engine.has_work:
+        engine.step()
+    return seq.output_ids
+
+
+def test_seeded_sampling_gives_the_same_text_on_every_path(tiny_model_dir):
+    """The draw for a seeded request's k-th output token depends on (seed, k) alone:
+    one engine all the way (local prefill, decode-only fallback); prefill's engine
+    for token 1, then decode for the rest (the disaggregated path); and a migration
+    that re-prefills prompt + tokens so far on a fresh engine after 5 tokens, all
+    give the same tokens. (Decode used to seed a new generator from `seed` alone, so
+    token 2 reused token 1's draw.)"""
+    prompt = list(range(3, 40))
+    sp = SamplingParams(max_tokens=12, temperature=1.0, seed=1234, ignore_eos=True)
+    whole = _run_to_end(make_engine(tiny_model_dir), Sequence("a", prompt, sp))
+    assert len(whole) == 12 and len(set(whole)) > 3  # sampled, not one repeated token
+
+    prefill = make_engine(tiny_model_dir)
+    prefill.prefill_only = True
+    first = _run_to_end(prefill, Sequence("b", prompt, sp))
+    decode = make_engine(tiny_model_dir)
+    rest = _run_to_end(decode, Sequence("b", prompt, sp, output_ids=first))
+    assert rest == whole
+
+    migrated = _run_to_end(make_engine(tiny_model_dir), Sequence("c", prompt, sp, whole[:5]))
+    assert migrated == whole
+    other = SamplingParams(max_tokens=12, temperature=1.0, seed=1235, ignore_eos=True)
+    assert _run_to_end(make_engine(tiny_model_dir), Sequence("d", prompt, other)) != whole
+
+
+def test_prompts_under_different_cache_salts_never_share_a_cached_block(tiny_model_dir):
+    """`cache_salt` enters the first block's hash: the same 100-token prompt under salt
+    "a" reuses what "a" computed, and never what "b" or no salt computed (a tenant's
+    cache-timing probe finds nothing of another's). Greedy output is the same."""
+    engine = caching_engine(tiny_model_dir, prefill_only=True)
+    prompt = _shared_prefix_prompts(100, 1)[0]
+
+    def run(rid: str, salt: str | None) -> tuple[list[int], int]:
+        sp = SamplingParams(max_tokens=1, temperature=0.0, cache_salt=salt)
+        seq = Sequence(rid, prompt, sp)
+        hits = engine.prefix_hit_tokens
+        out = _run_to_end(engine, seq)
+        engine.blocks.free(seq.block_table)  # the lease is released
+        return out, engine.prefix_hit_tokens - hits
+
+    first, _ = run("a1", "a")
+    assert run("b1", "b") == (first, 0)
+    assert run("none", None) == (first, 0)
+    assert run("a2", "a") == (first, 96)  # 6 full blocks, computed under "a"
+    bm = engine.blocks
+    assert set(bm.prefix_hashes(prompt, 6, "a")).isdisjoint(bm.prefix_hashes(prompt, 6, "b"))
+    assert set(bm.prefix_hashes(prompt, 6, "a")).isdisjoint(bm.prefix_hashes(prompt, 6))

@@ -1,0 +1,248 @@
+"""One pull's life on decode (`workers/pull.py`), in-process: the real `DecodeWorker`
+methods, engine, engine thread and NIXL agents, against a prefill side made of the
+real prefill-only engine and `KVSender` over its own NIXL agent, answering claim /
+renew / release as coroutines the way Ray's handles are awaited. No Ray: seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import msgspec
+import pytest
+
+from transfer.handle import LeaseExpired, TransferError
+from transfer.nixl_backend import NixlTransferAgent
+from transfer.sender import KVSender
+from workers.api import WorkerError, WorkerSpec
+from workers.decode_worker import DecodeWorker
+from workers.engine import Engine
+from workers.engine_thread import EngineThread
+from workers.kv_cache import BlockManager
+from workers.runner import ModelRunner
+from workers.sampling_params import SamplingParams
+from workers.sequence import Sequence
+
+SP = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+PROMPT = list(range(3, 40))  # 3 blocks of 16
+
+
+def _decode(model_dir, loop, num_blocks=16, timeout_s=2.0) -> DecodeWorker:
+    """The decode worker class without its Ray actor wrapper, built as its __init__ does."""
+    w = object.__new__(DecodeWorker.__ray_metadata__.modified_class)
+    w.spec = WorkerSpec(
+        role="decode",
+        replica=0,
+        model_dir=str(model_dir),
+        max_model_len=256,
+        kv_blocks=num_blocks,
+        block_size=16,
+        max_running=4,
+        transfer_timeout_s=timeout_s,
+    )
+    w.node_id = "local"
+    w.runner = ModelRunner(model_dir, max_model_len=256, num_blocks=num_blocks, block_size=16)
+    w.blocks = BlockManager(num_blocks, 16)
+    w.engine = Engine(w.runner, w.blocks, max_batched_tokens=512, max_running=4, stall_after_s=30.0)
+    w.agent = NixlTransferAgent("decode", w.runner.kv_pool)
+    w.loop = loop
+    w.tp_peers, w._followers = [], None
+    w._init_role()
+    w.snapshot = w._engine_stats()
+    w.thread = EngineThread(w, num_threads=1)
+    return w
+
+
+class _Call:
+    """`actor.method.remote(...)`: an awaitable, and a log line."""
+
+    def __init__(self, fn, log: list, name: str):
+        self.fn, self.log, self.name = fn, log, name
+
+    def remote(self, *args):
+        self.log.append(self.name)
+        return self.fn(*args)
+
+
+class Prefill:
+    """The prefill side: a prefill-only engine and its KV sender (leases), as the prefill
+    worker's engine thread runs them, behind an actor-like face."""
+
+    def __init__(self, model_dir, name="prefill"):
+        self.runner = ModelRunner(model_dir, max_model_len=256, num_blocks=32, block_size=16)
+        self.blocks = BlockManager(32, 16)
+        self.engine = Engine(
+            self.runner, self.blocks, max_batched_tokens=512, max_running=8, prefill_only=True
+        )
+        self.agent = NixlTransferAgent(name, self.runner.kv_pool)
+        self.sender = KVSender(
+            self.agent, self.blocks.free, max_pending=64, lease_ttl_s=30.0, claim_s=7.0
+        )
+        self.lock = threading.Lock()
+        self.calls: list[str] = []
+        self.claim = _Call(self._claim, self.calls, "claim")
+        self.renew = _Call(self._renew, self.calls, "renew")
+        self.release = _Call(self._release, self.calls, "release")
+
+    def prefill(self, rid: str, prompt: list[int]):
+        with self.lock:
+            seq = Sequence(rid, prompt, SP)
+            self.engine.add(seq)
+            while True:
+                for out in self.engine.step():
+                    blocks, seq.block_table = seq.block_table, []
+                    return out.token, self.sender.register(rid, blocks, seq.num_cached)
+
+    async def _claim(self, rid, epoch):
+        with self.lock:
+            return self.sender.claim(rid, epoch)
+
+    async def _renew(self, rid, epoch):
+        with self.lock:
+            return self.sender.renew(rid, epoch)
+
+    def _release(self, rid, epoch=None):
+        with self.lock:
+            self.sender.release(rid, epoch)
+
+    def leases(self) -> int:
+        with self.lock:
+            self.sender.tick()  # NIXL's completion notifications release leases
+            return len(self.sender)
+
+
+async def _channel(w: DecodeWorker, name: str = "ch"):
+    """Open the router's output channel and keep reading it (tokens per request)."""
+    gen = w.outputs(name)
+    assert await gen.__anext__() == []
+    got: dict[str, list[int]] = {}
+
+    async def pump():
+        async for step in gen:
+            for rid, tokens, _ in step:
+                got.setdefault(rid, []).extend(tokens)
+
+    return asyncio.ensure_future(pump()), got
+
+
+async def _settled(w: DecodeWorker, prefill: Prefill) -> tuple[int, int]:
+    for _ in range(50):
+        await asyncio.sleep(0.1)
+        if not w.blocks.num_used and not prefill.leases():
+            break
+    return w.blocks.num_used, prefill.leases()
+
+
+def test_a_pull_is_served_and_frees_everything(tiny_model_dir):
+    async def main():
+        w, p = _decode(tiny_model_dir, asyncio.get_running_loop()), Prefill(tiny_model_dir)
+        pump, got = await _channel(w)
+        tok, handle = p.prefill("r1", PROMPT)
+        assert await w.generate("r1", "ch", PROMPT, tok, SP, handle, 20.0, p) == "length"
+        await asyncio.sleep(0.1)
+        assert len(got["r1"]) == 3 and p.calls == ["claim"]  # NIXL's notification releases
+        assert await _settled(w, p) == (0, 0)
+        pump.cancel()
+        w.thread.stop()
+
+    asyncio.run(main())
+
+
+def test_blocks_and_the_request_end_in_one_turn_still_release_the_lease(tiny_model_dir):
+    """The engine gives the blocks and the request ends (aborted, its channel closed) in
+    the same turn of the event loop: no READ starts, the blocks go back, and the
+    prefill lease is released at once (before the review's fix it stayed pinned until
+    its TTL ran out)."""
+
+    async def main():
+        w, p = _decode(tiny_model_dir, asyncio.get_running_loop()), Prefill(tiny_model_dir)
+        pump, _ = await _channel(w)
+        tok, handle = p.prefill("r1", PROMPT)
+        given = w._blocks_ready
+
+        def given_then_aborted(admitted):
+            given(admitted)
+            for rid, _ in admitted:  # what DecodeWorker.abort does
+                w._end(rid, WorkerError(f"request {rid} aborted"))
+                w.thread.call(lambda r=rid: w.engine.abort(r))
+
+        w._blocks_ready = given_then_aborted
+        with pytest.raises(WorkerError):
+            await w.generate("r1", "ch", PROMPT, tok, SP, handle, 20.0, p)
+        assert await _settled(w, p) == (0, 0)
+        assert "claim" not in p.calls and p.calls.count("release") == 1
+        pump.cancel()
+        w.thread.stop()
+
+    asyncio.run(main())
+
+
+def test_a_lease_dead_in_transit_is_found_out_at_once(tiny_model_dir):
+    """A handle whose lease had no time left when it reached decode (the router counts
+    the hops) while decode's pool is full is renewed at once, and the dead lease is a
+    LeaseExpired in well under a second (before, "0 s left" read as "no lease", and the
+    first renewal came at half the request's time left)."""
+
+    async def main():
+        w = _decode(tiny_model_dir, asyncio.get_running_loop(), num_blocks=4)
+        p = Prefill(tiny_model_dir)
+        pump, _ = await _channel(w)
+        hog = w.engine.blocks.allocate(3)  # the pool is busy
+        tok, handle = p.prefill("r1", PROMPT)
+        with p.lock:
+            p.sender.release("r1")  # the lease is gone
+        handle = msgspec.structs.replace(handle, ttl_s=0.0)
+        t0 = time.monotonic()
+        with pytest.raises(LeaseExpired):
+            await w.generate("r1", "ch", PROMPT, tok, SP, handle, 20.0, p)
+        assert time.monotonic() - t0 < 1.0 and p.calls[0] == "renew"
+        w.thread.call(lambda: w.engine.blocks.free(hog))
+        assert await _settled(w, p) == (0, 0)
+        pump.cancel()
+        w.thread.stop()
+
+    asyncio.run(main())
+
+
+def test_pulls_from_a_peer_still_connecting_leave_the_pull_threads_to_others(tiny_model_dir):
+    """A prefill host that drops packets: its handshake blocks. The many pulls routed to
+    it wait for that handshake on the event loop, not on the decode worker's pull
+    threads, so a pull from a healthy prefill is served at once (the review filled all
+    eight threads with waiters and the healthy pull timed out)."""
+
+    async def main():
+        w = _decode(tiny_model_dir, asyncio.get_running_loop(), num_blocks=64, timeout_s=3.0)
+        bad, good = Prefill(tiny_model_dir, "bad"), Prefill(tiny_model_dir, "good")
+        w.engine.max_running = 32
+        pump, _ = await _channel(w)
+        release = threading.Event()
+        handshake = w.agent._agent.add_remote_agent
+
+        def add_remote_agent(metadata):
+            if metadata == bad.agent._metadata:
+                release.wait(30)
+            return handshake(metadata)
+
+        w.agent._agent.add_remote_agent = add_remote_agent
+        stuck = []
+        for i in range(10):
+            tok, handle = bad.prefill(f"b{i}", PROMPT)
+            stuck.append(
+                asyncio.ensure_future(w.generate(f"b{i}", "ch", PROMPT, tok, SP, handle, 20.0, bad))
+            )
+        await asyncio.sleep(0.3)
+        tok, handle = good.prefill("g", PROMPT)
+        t0 = time.monotonic()
+        assert await w.generate("g", "ch", PROMPT, tok, SP, handle, 20.0, good) == "length"
+        assert time.monotonic() - t0 < 1.5
+        release.set()
+        for result in await asyncio.gather(*stuck, return_exceptions=True):
+            # Each ends: served once the handshake returned, or out of time before it.
+            assert result == "length" or isinstance(result, TransferError), result
+        assert await _settled(w, bad) == (0, 0) and good.leases() == 0
+        pump.cancel()
+        w.thread.stop()
+
+    asyncio.run(main())
