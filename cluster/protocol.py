@@ -283,7 +283,10 @@ def _bad(param: str, why: str) -> AdmissionError:
 
 
 def _unsupported(param: str, value: Any, allowed: str) -> AdmissionError:
-    shown = msgspec.json.encode(value).decode()
+    try:
+        shown = msgspec.json.encode(value).decode()
+    except RecursionError:  # decoded just inside the depth limit, encoded from deeper down
+        shown = "(nested too deeply to show)"
     if len(shown) > 80:
         shown = shown[:77] + "..."
     return AdmissionError(
@@ -372,6 +375,8 @@ def _apply_policy(req: ChatCompletionRequest | CompletionRequest, policy: dict) 
 
 
 def _check_ranges(req: ChatCompletionRequest | CompletionRequest) -> None:
+    if req.cache_salt is not None and not req.cache_salt:
+        raise _bad("cache_salt", "an empty string; give a non-empty salt or leave it out")
     t = req.temperature
     if t is not None and not 0.0 <= t <= 2.0:  # also rejects NaN
         raise _bad("temperature", f"{t} is not in [0, 2]")
@@ -477,10 +482,50 @@ def _decode(body: bytes, typ: type) -> Any:
         return _DECODERS[typ].decode(body)
     except (msgspec.ValidationError, msgspec.DecodeError) as e:
         raise _msgspec_error(e) from None
+    except RecursionError:  # msgspec's depth limit is Python's recursion limit
+        raise AdmissionError(
+            "Request body is not accepted: its JSON is nested too deeply", None, "invalid_json"
+        ) from None
 
 
-def parse_chat(body: bytes) -> ChatCompletionRequest:
-    """Decode and check a /v1/chat/completions body; raises AdmissionError."""
+class _MessageShape(msgspec.Struct):
+    content: str | list[msgspec.Raw] | None = None
+
+
+class _ChatShape(msgspec.Struct):
+    """Just enough of a chat body to count its messages and content parts, every other
+    field skipped: far cheaper than building a struct per message."""
+
+    messages: list[_MessageShape] = []
+
+
+_SHAPE = msgspec.json.Decoder(_ChatShape)
+
+
+def _check_message_count(body: bytes, max_messages: int) -> None:
+    """Refuse more than `max_messages` messages and content parts before the full decode:
+    ~180,000 empty messages fit in 4 MiB, and building, checking and templating each one
+    costs the router seconds of CPU for a request with no content."""
+    try:
+        messages = _SHAPE.decode(body).messages
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+        return  # the full decode names the problem
+    n = len(messages)
+    if n <= max_messages:
+        n += sum(len(m.content) for m in messages if isinstance(m.content, list))
+    if n > max_messages:
+        raise AdmissionError(
+            f"Invalid 'messages': more than {max_messages} messages and content parts "
+            "(router.max_messages)",
+            "messages",
+            "too_many_messages",
+        )
+
+
+def parse_chat(body: bytes, max_messages: int = 1024) -> ChatCompletionRequest:
+    """Decode and check a /v1/chat/completions body of at most `max_messages` messages
+    and content parts; raises AdmissionError."""
+    _check_message_count(body, max_messages)
     req = _decode(body, ChatCompletionRequest)
     _apply_policy(req, _CHAT_POLICY)
     _check_ranges(req)
@@ -599,6 +644,7 @@ def to_sampling_params(
         min_tokens=min(req.min_tokens or 0, max_tokens),
         skip_special_tokens=req.skip_special_tokens is not False,
         include_stop_str_in_output=bool(req.include_stop_str_in_output),
+        cache_salt=req.cache_salt,
     )
 
 

@@ -57,6 +57,13 @@ BAD = {
         _set("router.max_local_prefill_tokens", -1),
         r"`router\.max_local_prefill_tokens`",
     ),
+    "no chat messages allowed": (_set("router.max_messages", 0), r"`router\.max_messages`"),
+    "unread bound below a page": (
+        _set("router.max_unread_bytes", 100),
+        r"`router\.max_unread_bytes`",
+    ),
+    "idle timeout of zero": (_set("router.idle_timeout_s", 0), r"`router\.idle_timeout_s`"),
+    "no connections allowed": (_set("router.max_connections", 0), r"`router\.max_connections`"),
     "missing key": (lambda d: d["cluster"]["nodes"][1].pop("name"), r"name.*`cluster\.nodes\[1\]`"),
     "resource no node has": (
         _set("decode.node_resource", "gpu_node"),

@@ -425,3 +425,67 @@ def test_token_ids_outside_the_vocabulary_are_refused_before_any_worker():
                 vocab_size=8,
             )
         assert ei.value.status == 400 and ei.value.param == "stop_token_ids"
+
+
+# ---- bodies that cost without content --------------------------------------------
+
+
+def test_deep_nesting_is_400_not_recursion_error():
+    """JSON nested 5,000 deep in any field typed `Any` (or where the struct skips it)."""
+    deep = "[" * 5000 + "]" * 5000
+    bodies = [
+        (P.parse_chat, chat_body(response_format="@")),
+        (P.parse_chat, chat_body(tool_choice="@")),
+        (P.parse_chat, chat_body(messages=[{"role": "user", "content": "x", "audio": "@"}])),
+        (P.parse_completion, comp_body(logits_processors="@")),
+        (P.parse_completion, comp_body(guided_json="@")),
+    ]
+    for parse, body in bodies:
+        with pytest.raises(P.AdmissionError) as ei:
+            parse(body.replace(b'"@"', deep.encode()))
+        assert ei.value.status == 400 and "nested" in ei.value.message, ei.value
+    # Just inside what decodes: refused by policy, and the message still shows a value.
+    ok_depth = "[" * 900 + "]" * 900
+    with pytest.raises(P.AdmissionError) as ei:
+        P.parse_chat(chat_body(response_format="@").replace(b'"@"', ok_depth.encode()))
+    assert ei.value.param == "response_format"
+
+
+def test_many_empty_messages_are_refused_before_they_are_built():
+    """A 4 MiB body of ~180,000 empty messages (or content parts) is refused naming
+    router.max_messages, in well under 50 ms of CPU: before msgspec builds a struct
+    per message and before any check loops over them."""
+    import time
+
+    one = [{"role": "user", "content": "hi"}]
+    many = chat_body(messages=one + [{"role": "assistant"}] * 180_000)
+    parts = chat_body(
+        messages=[{"role": "user", "content": [{"type": "text", "text": ""}] * 150_000}]
+    )
+    assert len(many) > 3.5 * 2**20 and len(parts) > 3.5 * 2**20
+    for body in (many, parts):
+        t0 = time.thread_time()
+        with pytest.raises(P.AdmissionError) as ei:
+            P.parse_chat(body, max_messages=1024)
+        cpu = time.thread_time() - t0
+        assert ei.value.param == "messages" and "router.max_messages" in ei.value.message
+        assert ei.value.code == "too_many_messages" and cpu < 0.05, (ei.value, cpu)
+    # At the limit it parses; one more (message or part) is refused.
+    body = chat_body(messages=one + [{"role": "assistant"}] * 1023)
+    assert len(P.parse_chat(body, max_messages=1024).messages) == 1024
+    two_parts = [{"role": "user", "content": [{"type": "text", "text": "a"}] * 2}]
+    with pytest.raises(P.AdmissionError):
+        P.parse_chat(
+            chat_body(messages=two_parts + [{"role": "assistant"}] * 1022), max_messages=1024
+        )
+    # A body whose messages are not a list still gets the decoder's own message.
+    assert "messages" in chat_err(messages={"role": "user"}).message
+
+
+def test_cache_salt_reaches_the_workers_and_an_empty_one_is_refused():
+    assert sp(chat_body(cache_salt="tenant-a")).cache_salt == "tenant-a"
+    assert sp(chat_body()).cache_salt is None
+    assert sp(chat_body(cache_salt="t"), chat=True) != sp(chat_body(cache_salt="u"))
+    with pytest.raises(P.AdmissionError) as e:
+        sp(chat_body(cache_salt=""))
+    assert e.value.param == "cache_salt" and e.value.status == 400
