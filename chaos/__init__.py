@@ -5,4 +5,5 @@
 - `scenarios.py`: the table of scenarios, one small entry each.
 - `harness.py`: runs them, measures, and checks thresholds; `soak.py`: the long run.
 - `report.py`: report.json, report.md and one PNG timeline per scenario.
+- `memtrace.py`: where a running cluster's memory goes, per process (tracemalloc, glibc).
 """

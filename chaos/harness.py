@@ -56,6 +56,7 @@ class Target:
         self._agents: dict[str, object] = {}
         self._info: dict[tuple[str, int, int], dict] = {}
         self._timers: list[threading.Thread] = []
+        self.lost_nodes: list[str] = []  # killed and not replaced (restore_lost brings them back)
 
     def close(self) -> None:
         """Stop the node agents this harness started."""
@@ -117,30 +118,73 @@ class Target:
             self.get(a.node_id.remote())
         return a
 
-    def kill_node(self, node_id: str) -> float:
+    def kill_node(self, node_id: str, replace: bool = True) -> float:
+        """SIGKILL a node; a local one comes back after node_down_s unless `replace` is
+        False (then restore_lost brings it back)."""
         if node_id == ray.get_runtime_context().get_node_id():
             raise Skip("refusing to kill the node this harness runs on")
         agent = self.agent(node_id)
         start = time.time()
         agent.kill_node.remote()  # no answer: the agent dies with its node
         self._agents.pop(node_id)
-        if self.rc is not None and self.rc.local is not None:
-            t = threading.Thread(target=self._replace_node, args=(node_id,), daemon=True)
-            t.start()
-            self._timers.append(t)
+        if not replace:
+            self.lost_nodes.append(node_id)
+        elif self.rc is not None and self.rc.local is not None:
+            self._replace_later([node_id], self.chaos.node_down_s)
         return start
 
-    def _replace_node(self, node_id: str) -> None:
-        """A local node killed by chaos comes back (same config) after node_down_s, the
-        way KubeRay replaces a pod; its replicas' placement groups move onto it."""
+    def wait_dead(self, node_ids: list[str], timeout: float) -> float:
+        """When Ray had marked every one of `node_ids` dead (its GCS takes seconds to
+        notice a killed raylet); the time of giving up after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+            if not alive & set(node_ids):
+                break
+            time.sleep(0.25)
+        return time.time()
+
+    def restore_lost(self) -> None:
+        """Bring back every node lost for good (local clusters), now, one at a time (two
+        local nodes starting at once can pick the same port)."""
+        lost, self.lost_nodes = self.lost_nodes, []
+        self._replace_later(lost, 0.0)
+
+    def _replace_later(self, node_ids: list[str], after_s: float) -> None:
+        t = threading.Thread(target=self._replace_nodes, args=(node_ids, after_s), daemon=True)
+        t.start()
+        self._timers.append(t)
+
+    def _replace_nodes(self, node_ids: list[str], after_s: float) -> None:
+        """Local nodes killed by chaos come back (same config) after `after_s`, the way
+        KubeRay replaces a pod; their replicas are placed on them again."""
         from cluster.launcher import add_local_node
 
-        time.sleep(self.chaos.node_down_s)
+        time.sleep(after_s)
         local, rc = self.rc.local, self.rc
-        dead = next((n for n in local.worker_nodes if n.node_id == node_id), None)
-        if dead is not None:
-            local.remove_node(dead, allow_graceful=False)
-        add_local_node(rc, local, rc.local_nodes.pop(node_id))
+        for node_id in node_ids:
+            dead = next((n for n in local.worker_nodes if n.node_id == node_id), None)
+            if dead is not None:
+                local.remove_node(dead, allow_graceful=False)
+            add_local_node(rc, local, rc.local_nodes.pop(node_id))
+
+    def surviving(self, lost: dict) -> float:
+        """The share of the replicas left to the role that lost the most (1.0: none lost)."""
+        return min([1.0] + [(self.replicas(r) - n) / self.replicas(r) for r, n in lost.items()])
+
+    def head_cpu(self, seconds: float) -> tuple[float, dict[str, float]]:
+        """Cores used over `seconds` by Ray's own processes on the router's node (the
+        head: GCS, raylet, agents, monitors; not the router or other workers), in all
+        and by process name."""
+        agent = self.agent(self.router_node())
+        before, t0 = self.get(agent.ray_cpu_s.remote()), time.monotonic()
+        time.sleep(seconds)
+        after, span = self.get(agent.ray_cpu_s.remote()), time.monotonic() - t0
+        by: dict[str, float] = {}
+        for pid, (name, cpu) in after.items():
+            if pid in before:
+                by[name] = by.get(name, 0.0) + (cpu - before[pid][1]) / span
+        return sum(by.values()), {k: round(v, 3) for k, v in sorted(by.items())}
 
     def set_faults(self, faults, roles=("prefill", "decode")) -> None:
         """Transfer fault hooks on every replica of `roles` (None: off). A replica that
@@ -221,19 +265,22 @@ class HealthMonitor:
             if start <= t <= end
         ]
 
-    def all_healthy(self, h: dict | None) -> bool:
-        t = self.target
-        return (
-            h is not None
-            and h.get("status") == "ok"
-            and h["prefill_healthy"] >= t.replicas("prefill")
-            and h["decode_healthy"] >= t.replicas("decode")
-        )
+    def all_healthy(self, h: dict | None, lost: dict | None = None) -> bool:
+        """Every replica healthy; with replicas `lost` for good (role -> count), every
+        survivor healthy and the lost ones seen as not."""
+        t, lost = self.target, lost or {}
 
-    def healthy_since(self, since: float) -> float | None:
-        """The first sample at or after `since` with every replica healthy."""
+        def ok(role: str) -> bool:
+            n = h[f"{role}_healthy"]
+            return n == t.replicas(role) - lost[role] if role in lost else n >= t.replicas(role)
+
+        return h is not None and h.get("status") == "ok" and ok("prefill") and ok("decode")
+
+    def healthy_since(self, since: float, lost: dict | None = None) -> float | None:
+        """The first sample at or after `since` with every replica (every survivor of
+        `lost`) healthy."""
         for t, h in list(self.samples):
-            if t >= since and self.all_healthy(h):
+            if t >= since and self.all_healthy(h, lost):
                 return t
         return None
 
@@ -283,6 +330,12 @@ class Result:
     pre_fault_goodput: float | None = None  # req/s from RAMP_S after load start to the fault
     reference_goodput: float | None = None  # recovery's: min(pre-fault, baseline)
     goodput_kept: float | None = None
+    # Replicas lost for good (lose-node): role -> count; the survivors' goodput from the
+    # recovery to the end of the load; the head's Ray processes afterwards, idle, in cores.
+    lost: dict = field(default_factory=dict)
+    goodput_after: float | None = None
+    head_cpu: float | None = None
+    head_cpu_by: dict = field(default_factory=dict)
     leaked: dict = field(default_factory=dict)
     settled: bool = True
     unsettled_reason: str = ""
@@ -335,6 +388,8 @@ class Harness:
             concurrency=c.concurrency,
             hung_after_s=self.cfg.router.request_timeout_s + HUNG_MARGIN_S,
             seed=seed,
+            # Half the prompts sampled with a seed: corruption is checked for both kinds.
+            seeded={"temperature": 0.8, "top_p": 0.95},
         )
         self.baseline: Baseline | None = None
 
@@ -435,7 +490,7 @@ class Harness:
                 # The lower of the rate just before the fault and the fault-free pass's:
                 # a few seconds of warm-up on shared cores can read high by a third.
                 pre = goodput(load.records, load.started_at + RAMP_S, w.start)
-                base.append(min(pre, self.baseline.goodput))
+                base.append(min(pre, self.baseline.goodput) * self.t.surviving(w.lost))
                 pre_fault.append(pre)
             if not recovered:
                 good = [r for r in load.records if self._good(r)]
@@ -448,7 +503,7 @@ class Harness:
             det = monitor.detected(sc.role, w.start) if sc.role else w.end
             if det is None and now < w.start + 2 * self.cfg.router.watchdog_s + 5:
                 return False
-            back = monitor.healthy_since(max(w.end, det or w.end))
+            back = monitor.healthy_since(max(w.end, det or w.end), w.lost)
             if back is not None and not healthy_again:
                 healthy_again.append(back)
             if recovered and healthy_again:
@@ -460,6 +515,7 @@ class Harness:
         load = self._run_load(sc.name, until)
         fault.join(c.stall_s + c.transfer_fault_s + 60)
         if error:
+            self.t.restore_lost()  # a fault that failed part-way
             if isinstance(error[0], Skip):
                 res.skipped = str(error[0])
                 self.say(f"[{sc.name}] skipped: {res.skipped}")
@@ -476,6 +532,17 @@ class Harness:
         if healthy_again:
             res.healthy_again_s = round(healthy_again[0] - w.start, 2)
         self._judge(res, load.records, w, recovered[0] if recovered else None, monitor, sc)
+        if w.lost:
+            res.lost = w.lost
+            since = res.recovered_at or w.end + WINDOW_S
+            good = [r for r in res.records if self._good(r)]
+            res.goodput_after = round(goodput(good, since, load.stopped_at), 3)
+            res.thresholds["max_head_cpu"] = sc.params.get("max_head_cpu")
+            try:
+                cores, res.head_cpu_by = self.t.head_cpu(sc.params["head_window_s"])
+                res.head_cpu = round(cores, 3)
+            finally:
+                self.t.restore_lost()  # the next scenario has every node again
         ok, state, why = self.t.wait_settled(c.settle_s)
         res.settled, res.unsettled_reason = ok, why
         res.leaked = {k: state[k] for k in ZERO_KEYS if state and state[k]} if state else {}
@@ -485,6 +552,12 @@ class Harness:
             f"[{sc.name}] {'PASS' if res.passed else 'FAIL'}: {res.succeeded}/{res.sent} ok, "
             f"{res.failed} failed, {res.hung} hung, {res.corrupted} corrupted, detect "
             f"{_s(res.detect_s)}, recover {_s(res.recover_s)}"
+            + (
+                f"; survivors {res.goodput_after} req/s, head {_s(res.head_cpu, '{:.1%}')} "
+                f"of a core"
+                if res.lost
+                else ""
+            )
             + (f"; missed: {'; '.join(res.failures)}" if res.failures else "")
         )
         return res
@@ -532,6 +605,10 @@ class Harness:
             f.append(f"did not settle: {res.unsettled_reason}")
         if sum(res.leaked.values()) > th.max_leaked:
             f.append(f"leaked {res.leaked}")
+        head = res.thresholds.get("max_head_cpu")
+        if head is not None and (res.head_cpu is None or res.head_cpu > head):
+            by = ", ".join(f"{k} {v:.0%}" for k, v in res.head_cpu_by.items() if v >= 0.005)
+            f.append(f"head at {_s(res.head_cpu, '{:.0%}')} of a core > {head:.0%} ({by})")
 
 
 def tally(res: Result, records: list[Record], texts: dict, w: Window) -> None:
@@ -577,8 +654,8 @@ def _round(v):
     return None if v is None else round(v, 3)
 
 
-def _s(v) -> str:
-    return "-" if v is None else f"{v:.1f}s"
+def _s(v, fmt: str = "{:.1f}s") -> str:
+    return "-" if v is None else fmt.format(v)
 
 
 def run(

@@ -35,6 +35,12 @@ class Record:
     finish_reason: str | None = None
     chunk_times: list[float] = field(default_factory=list)
     hung: bool = False  # no end by LoadShape.hung_after_s
+    rejected: bool = False  # sent LoadShape.rejected_prompt, which must be refused
+
+    @property
+    def refused(self) -> bool:
+        """A 400 for a prompt longer than the model's context, as a rejected request expects."""
+        return self.status == 400 and (self.error or "").startswith("400 context_length_exceeded")
 
     @property
     def completed(self) -> bool:
@@ -61,11 +67,19 @@ class LoadShape:
     hung_after_s: float = 130.0
     # Greedy and exactly max_tokens long, so every prompt's text is known in advance.
     body: dict = field(default_factory=lambda: {"temperature": 0, "ignore_eos": True})
+    # Every other prompt (odd index) sampled with a seed of its own instead: a seeded
+    # text must not change with the path or a migration either.
+    seeded: dict | None = None
     seed: int = 0
     # max_tokens per prompt (same index), for output lengths drawn from a distribution;
     # empty: max_tokens for every request.
     lengths: tuple[int, ...] = ()
     total: int = 0  # send this many requests, then nothing more (0: until stop())
+    stream: bool = True  # False: each answer is one JSON body
+    # This share of the requests (evenly spread) send `rejected_prompt` instead, a prompt
+    # over the context that must get a 400: refusals cost admission work and memory too.
+    rejected_share: float = 0.0
+    rejected_prompt: str = ""
 
 
 def make_prompts(n: int, seed: int = 0, min_words: int = 4, max_words: int = 40) -> list[str]:
@@ -80,6 +94,13 @@ def make_prompts(n: int, seed: int = 0, min_words: int = 4, max_words: int = 40)
         + " ".join(rng.choice(words) for _ in range(rng.randint(min_words, max_words)))
         for i in range(n)
     ]
+
+
+def over_long_prompt(max_model_len: int, seed: int = 0) -> str:
+    """More than `max_model_len` tokens in any tokenizer (every space-separated letter is
+    at least one), at about two characters a token: the router tokenizes it, then refuses it."""
+    rng = random.Random(seed)
+    return " ".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(max_model_len + 1))
 
 
 def _message(body: bytes) -> str:
@@ -124,7 +145,12 @@ class Load:
 
     @property
     def failed(self) -> int:
-        return sum(1 for r in self.records if r.end is not None and not r.completed)
+        """Ended without completing, other than the refusals a rejected request expects."""
+        return sum(
+            1
+            for r in self.records
+            if r.end is not None and not r.completed and not (r.rejected and r.refused)
+        )
 
     # ---- the event loop ---------------------------------------------------------
 
@@ -180,24 +206,32 @@ class Load:
         s = self.shape
         i = self._next
         self._next += 1
-        rec = Record(index=i, prompt=i % len(s.prompts), start=time.time())
+        share = s.rejected_share
+        rec = Record(
+            index=i,
+            prompt=i % len(s.prompts),
+            start=time.time(),
+            rejected=int((i + 1) * share) > int(i * share),
+        )
         self.records.append(rec)
         chat = s.endpoint.endswith("/chat/completions")
-        prompt = s.prompts[rec.prompt]
+        prompt = s.rejected_prompt if rec.rejected else s.prompts[rec.prompt]
         body = {
             "model": s.model,
             "max_tokens": s.lengths[rec.prompt] if s.lengths else s.max_tokens,
-            "stream": True,
-            "stream_options": {"include_usage": True},
+            "stream": s.stream,
+            **({"stream_options": {"include_usage": True}} if s.stream else {}),
             **s.body,
         }
+        if s.seeded is not None and rec.prompt % 2:
+            body.update(s.seeded, seed=rec.prompt)
         if chat:
             body["messages"] = [{"role": "user", "content": prompt}]
         else:
             body["prompt"] = prompt
         try:
             async with asyncio.timeout(s.hung_after_s):
-                await self._stream(client, body, rec, chat)
+                await (self._stream if s.stream else self._whole)(client, body, rec, chat)
         except TimeoutError:
             rec.hung = True
             rec.error = f"hung: no end after {s.hung_after_s:.0f}s"
@@ -207,6 +241,22 @@ class Load:
             rec.error = f"bad response: {type(e).__name__}: {e}"[:300]
         finally:
             rec.end = time.time()
+
+    async def _whole(self, client: httpx.AsyncClient, body: dict, rec: Record, chat: bool) -> None:
+        r = await client.post(self.url + self.shape.endpoint, json=body)
+        rec.status = r.status_code
+        if r.status_code != 200:
+            rec.error = f"{r.status_code} {_message(r.content)}"
+            return
+        msg = r.json()
+        choice = msg["choices"][0]
+        rec.text = (choice["message"]["content"] if chat else choice["text"]) or ""
+        rec.finish_reason = choice.get("finish_reason")
+        rec.tokens = msg["usage"]["completion_tokens"]
+        rec.prompt_tokens = msg["usage"]["prompt_tokens"]
+        rec.first = time.time()  # the whole text comes at once
+        if rec.finish_reason is None:
+            rec.error = "answer without a finish reason"
 
     async def _stream(self, client: httpx.AsyncClient, body: dict, rec: Record, chat: bool) -> None:
         async with client.stream("POST", self.url + self.shape.endpoint, json=body) as r:

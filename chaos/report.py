@@ -89,6 +89,14 @@ def markdown(rep: dict) -> str:
                 f"  Goodput before the fault: {s['pre_fault_goodput']} req/s; recovery "
                 f"reference {s['reference_goodput']} req/s."
             )
+        if s.get("lost"):
+            lost = ", ".join(f"{n} {role}" for role, n in s["lost"].items())
+            by = ", ".join(f"{k} {v:.1%}" for k, v in s["head_cpu_by"].items() if v >= 0.001)
+            lines.append(
+                f"  Lost for good: {lost}. Survivors' goodput {_f(s['goodput_after'], '{:.2f}')} "
+                f"req/s; the head's Ray processes afterwards, idle: "
+                f"{_f(s['head_cpu'], '{:.1%}')} of a core ({by})."
+            )
         if s["errors"]:
             errs = "; ".join(f"{n} x `{m}`" for m, n in s["errors"].items())
             lines.append(f"  Failed requests: {errs}.")

@@ -26,6 +26,7 @@ class Window:
     end: float
     target: str = ""  # what was hit, for the report
     last: float | None = None  # several faults: the start of the last one
+    lost: dict[str, int] = field(default_factory=dict)  # role -> replicas lost for good
 
     @property
     def recover_from(self) -> float:
@@ -93,6 +94,34 @@ def kill_node(t: Target, sc: Scenario, rng: random.Random) -> Window:
     node = t.info(sc.role, i)["node_id"]
     start = t.kill_node(node)
     return Window(start, start, f"node {node[:8]} of {sc.role}-{i}")
+
+
+def lose_nodes(t: Target, sc: Scenario, rng: random.Random) -> Window:
+    """SIGKILL a node of each role in `roles`, one after another, and bring none back:
+    there is no spare node to move to, so the survivors serve alone. The fault ends when
+    Ray has marked the nodes dead (what follows is the cluster without them). The harness
+    measures the head's CPU afterwards, then restores the nodes (local clusters only: on
+    a real one, the operator or KubeRay would replace a pod)."""
+    if t.rc is None or t.rc.local is None:
+        raise Skip("needs a local cluster started by the harness, which restores the nodes")
+    picks = []
+    for role in sc.params["roles"]:
+        if t.replicas(role) < 2:
+            raise Skip(f"one {role} replica: losing its node leaves none to serve")
+        i = _replica(t, role, rng)
+        picks.append((role, i, t.info(role, i)["node_id"]))
+    if len({node for _, _, node in picks}) < len(picks):
+        raise Skip("the picked replicas share a node")
+    starts, lost = [], {}
+    for role, i, node in picks:
+        if starts:
+            time.sleep(sc.params["gap_s"])
+        starts.append(t.kill_node(node, replace=False))
+        lost[role] = lost.get(role, 0) + 1
+    end = t.wait_dead([node for _, _, node in picks], t.chaos.settle_s)
+    hit = "; ".join(f"node {node[:8]} of {role}-{i}" for role, i, node in picks)
+    # Recovery counts from there: before it, Ray still took the nodes for alive.
+    return Window(starts[0], end, f"{hit}, not replaced", last=end, lost=lost)
 
 
 def stall_node(t: Target, sc: Scenario, rng: random.Random) -> Window:
@@ -196,6 +225,19 @@ SCENARIOS: dict[str, Scenario] = {
             "prefill",
         ),
         Scenario("kill-decode-node", "SIGKILL a decode node", kill_node, "decode"),
+        Scenario(
+            "lose-node",
+            "lose a decode node, then a prefill node, for good (no spare node)",
+            lose_nodes,
+            "decode",
+            # The head (GCS, raylet, agents) idle afterwards, over head_window_s.
+            {
+                "roles": ("decode", "prefill"),
+                "gap_s": 3.0,
+                "head_window_s": 10.0,
+                "max_head_cpu": 0.10,
+            },
+        ),
         Scenario(
             "stall-prefill-worker",
             "SIGSTOP a prefill worker, then SIGCONT",

@@ -1,14 +1,17 @@
 """`pdcluster chaos --soak SECONDS`: steady load for a long time with a fault from
 the mixed pool every `chaos.soak.fault_every_s`, sampling every process's RSS and
 open file descriptors and every table (leases, transfers, requests, streams,
-channels) every `chaos.soak.sample_s`. It fails when a table passes its bound, when
-any process's RSS grows faster than `max_rss_growth_mb_per_10k` per 10,000 requests,
-when fds grow by more than `max_fds_growth`, or when a request hangs or its text
+channels) every `chaos.soak.sample_s`. A share of the requests
+(`chaos.soak.rejected_share`) send a prompt over the context, which must get a 400.
+It fails when a table passes its bound, when any process's RSS grows faster than
+`max_rss_growth_mb_per_10k` per 10,000 requests after warm-up, when fds grow by more
+than `max_fds_growth`, or when a request hangs, is not refused as expected or its text
 differs from the fault-free pass (seed failures 1 and 4: tables and memory that
 only grow)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -16,10 +19,33 @@ import threading
 import time
 from collections import Counter, defaultdict
 
+import ray
+
 from chaos.harness import ZERO_KEYS, Harness, HealthMonitor, Target
-from chaos.load import Load
+from chaos.load import Load, over_long_prompt
 from chaos.scenarios import MIXED_POOL, SCENARIOS, Skip
-from workers.api import cpu_model
+from workers.api import cpu_model, process_usage
+
+
+def _proxies() -> dict[str, tuple]:
+    """Serve's HTTP proxies (cluster/edge.py runs in them): pid, RSS and fds of each.
+    Asked through Ray's `__ray_call__`, which runs a function in the actor's process."""
+    names = sorted(
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == "serve" and a["name"].startswith("SERVE_PROXY_ACTOR")
+    )
+    out = {}
+    for i, name in enumerate(names):
+        try:
+            proxy = ray.get_actor(name, namespace="serve")
+            # A lambda travels by value; process_usage by reference (workers.api is light).
+            u = ray.get(proxy.__ray_call__.remote(lambda _: process_usage()), timeout=5)
+        except Exception:  # noqa: BLE001 - restarting: no sample this time
+            continue
+        name = "proxy" if len(names) == 1 else f"proxy-{i}"
+        out[name] = (u["pid"], u["rss_bytes"], u["open_fds"])
+    return out
 
 
 def _sample(target: Target, load: Load) -> dict | None:
@@ -36,6 +62,7 @@ def _sample(target: Target, load: Load) -> dict | None:
         st = w["stats"]
         if st:
             procs[f"{w['role']}-{w['replica']}"] = (st["pid"], st["rss_bytes"], st["open_fds"])
+    procs.update(_proxies())
     channels = [
         w["stats"]["channels"] for w in s["workers"] if w["stats"] and w["role"] == "decode"
     ]
@@ -65,7 +92,9 @@ def _bounds(cfg) -> dict:
         "transfer_pending": c,
         "decode_streams": c,
         "router_channel_queues": c,
-        "decode_channels_max": 2,  # one per router replica, and one while a router is replaced
+        # Two per router replica while one replaces the other (router.channel_max_messages),
+        # and one more while a router is replaced.
+        "decode_channels_max": 2 * cfg.router.replicas + 1,
     }
 
 
@@ -88,9 +117,15 @@ def soak(target: Target, duration: float, out_dir: str, *, seed: int = 0, progre
     h = Harness(target, seed=seed, progress=progress)
     rng = random.Random(f"{seed}:soak")
     samples, faults, fault_errors = [], [], []
+    shape = dataclasses.replace(
+        h.shape,
+        stream=sk.stream,
+        rejected_share=sk.rejected_share,
+        rejected_prompt=over_long_prompt(cfg.model.max_model_len, seed),
+    )
     with HealthMonitor(target):
-        h.run_baseline()
-        load = Load(target.url, h.shape).start()
+        h.run_baseline()  # streamed, nothing refused: the texts are the same either way
+        load = Load(target.url, shape).start()
         t0 = time.time()
         next_fault = t0 + sk.fault_every_s
         running: threading.Thread | None = None
@@ -100,7 +135,11 @@ def soak(target: Target, duration: float, out_dir: str, *, seed: int = 0, progre
             if s:
                 samples.append(s)
             now = time.time()
-            if now >= next_fault and (running is None or not running.is_alive()):
+            if (
+                sk.fault_every_s
+                and now >= next_fault
+                and (running is None or not running.is_alive())
+            ):
                 sc = SCENARIOS[rng.choice(MIXED_POOL)]
                 target.forget()
 
@@ -127,24 +166,25 @@ def soak(target: Target, duration: float, out_dir: str, *, seed: int = 0, progre
     texts = h.baseline.texts
     outcome, errors = Counter(), Counter()
     for r in records:
-        if not r.completed or r.hung:
-            errors[r.error or "unknown"] += 1
-        outcome[
-            "hung"
-            if r.hung
-            else "ok"
-            if r.completed and r.text == texts[r.prompt]
-            else "corrupted"
-            if r.completed
-            else "failed"
-        ] += 1
+        if r.hung:
+            kind = "hung"
+        elif r.rejected:
+            kind = "rejected" if r.refused else "failed"
+        elif r.completed:
+            kind = "ok" if r.text == texts[r.prompt] else "corrupted"
+        else:
+            kind = "failed"
+        outcome[kind] += 1
+        if kind in ("hung", "failed"):
+            why = r.error or ("over-long prompt served" if r.completed else "unknown")
+            errors[why] += 1
     failures = [f"fault could not be applied: {e}" for e in fault_errors]
     bounds = _bounds(cfg)
     peaks = {k: max((s["tables"][k] for s in samples), default=0) for k in bounds}
     for k, bound in bounds.items():
         if peaks[k] > bound:
             failures.append(f"{k} reached {peaks[k]} > bound {bound}")
-    growth = _growth(samples)
+    growth = _growth(samples, sk.warmup_requests)
     for name, g in growth.items():
         if g["rss_mb_per_10k"] is not None and g["rss_mb_per_10k"] > sk.max_rss_growth_mb_per_10k:
             failures.append(
@@ -165,6 +205,10 @@ def soak(target: Target, duration: float, out_dir: str, *, seed: int = 0, progre
         "cpu": cpu_model(),
         "model": cfg.served_model_name,
         "duration_s": duration,
+        "stream": sk.stream,
+        "rejected_share": sk.rejected_share,
+        "warmup_requests": sk.warmup_requests,
+        "max_rss_growth_mb_per_10k": sk.max_rss_growth_mb_per_10k,
         "requests": dict(outcome),
         "errors": dict(errors.most_common(10)),
         "faults": faults,
@@ -187,11 +231,17 @@ def soak(target: Target, duration: float, out_dir: str, *, seed: int = 0, progre
     return not failures, rep
 
 
-def _growth(samples: list[dict]) -> dict:
+def _growth(samples: list[dict], warmup_requests: int = 0) -> dict:
     """Per process (one series per pid: a restart starts a new one), RSS slope against
-    requests done, after the first quarter of the run (warm-up: allocator, caches)."""
+    requests done, after warm-up (allocator, caches): `warmup_requests` requests, or the
+    first quarter of the run when that is 0."""
     series = defaultdict(list)
-    for s in samples[len(samples) // 4 :]:
+    after = (
+        [s for s in samples if s["requests"] >= warmup_requests]
+        if warmup_requests
+        else samples[len(samples) // 4 :]
+    )
+    for s in after:
         for name, (pid, rss, fds) in s["procs"].items():
             series[(name, pid)].append((s["requests"], rss / 2**20, fds))
     out = {}
@@ -216,7 +266,9 @@ def _markdown(rep: dict) -> str:
         f"# Chaos soak: {'PASS' if rep['passed'] else 'FAIL'}",
         "",
         f"{rep['model']}, {rep['duration_s']:.0f} s, {rep['cpu']}, {rep['created']}.",
-        f"Requests: {rep['requests']}; faults applied: {len(rep['faults'])} "
+        f"Requests ({'streamed' if rep['stream'] else 'not streamed'}; "
+        f"{rep['rejected_share']:.0%} with a prompt over the context, to be refused): "
+        f"{rep['requests']}; faults applied: {len(rep['faults'])} "
         f"({', '.join(sorted({f['name'] for f in rep['faults']}))}).",
         *(
             [f"Failed requests: {'; '.join(f'{n} x `{m}`' for m, n in rep['errors'].items())}."]
@@ -228,6 +280,14 @@ def _markdown(rep: dict) -> str:
         "|---|---|---|",
         *[f"| {k} | {rep['peaks'][k]} | {b} |" for k, b in rep["bounds"].items()],
         "",
+        "RSS growth after "
+        + (
+            f"{rep['warmup_requests']} requests of warm-up"
+            if rep["warmup_requests"]
+            else "the first quarter (warm-up)"
+        )
+        + f"; bound {rep['max_rss_growth_mb_per_10k']} MB per 10k requests.",
+        "",
         "| process | cluster requests meanwhile | RSS MB first -> last | MB per 10k requests "
         "| fds growth |",
         "|---|---|---|---|---|",
@@ -237,6 +297,7 @@ def _markdown(rep: dict) -> str:
             f"| {g['fds_growth']} |"
             for k, g in rep["growth"].items()
         ],
+        *([] if rep["growth"] else ["", "No process was sampled past the warm-up."]),
         "",
         f"Leaked after the load: {rep['leaked'] or 'nothing'}.",
     ]

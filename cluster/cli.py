@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import signal
@@ -12,41 +13,81 @@ import threading
 import time
 
 import msgspec
+import psutil
 
 from cluster.config import ConfigError, load_config
 
 SHUTDOWN_S = 10.0  # the orderly stop's bound; the reaper does the rest
+_stopping = False
+
+
+def _request_stop(signum, frame) -> None:
+    """SIGTERM or SIGINT: leave whatever runs, start-up included (start() then stops what
+    it had started), and end this process within SHUTDOWN_S whatever happens. A stop
+    already under way ignores further signals: a second Ctrl-C must not cut it short."""
+    global _stopping
+    if _stopping:
+        return
+    _stopping = True
+    threading.Thread(target=_end_within, args=(SHUTDOWN_S,), daemon=True).start()
+    raise KeyboardInterrupt
+
+
+def _end_within(seconds: float) -> None:
+    """End this process (status 0: the stop was asked for) after `seconds`, or as soon as
+    one of the Ray daemons it started (GCS, raylets, log monitor) has ended: the orderly
+    stop got that far, or the signal went to the whole process group, Ray's daemons are
+    going down on their own and an orderly stop could only hang. The reaper
+    (cluster/reaper.py) kills whatever is left."""
+    deadline = time.monotonic() + seconds
+    daemons = [p for p in psutil.Process().children() if not _reaper(p)]
+    while time.monotonic() < deadline and all(_running(p) for p in daemons):
+        time.sleep(0.1)
+    os._exit(0)
+
+
+def _reaper(p: psutil.Process) -> bool:
+    try:
+        return "cluster.reaper" in p.cmdline()
+    except psutil.Error:  # ended already (a zombie has no command line)
+        return False
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _up(args: argparse.Namespace) -> int:
     # Before any import that touches Ray: a bad config starts nothing.
     cfg = load_config(args.config)
-    from cluster.launcher import start
-
-    stop = threading.Event()
-    # SIGTERM behaves like Ctrl-C: leave the serving loop and shut everything down.
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    t0 = time.monotonic()
-    rc = start(cfg)
+    signal.signal(signal.SIGTERM, _request_stop)
+    signal.signal(signal.SIGINT, _request_stop)
+    # Read when Ray is imported: without it the driver's core worker takes SIGTERM first,
+    # prints a stack dump and aborts (status 134). Not passed on to the cluster's processes.
+    # A real crash (SIGSEGV, SIGABRT) of this process still leaves its Python traceback.
+    os.environ["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"] = "1"
+    faulthandler.enable()
+    rc = None
     try:
+        from cluster.launcher import start
+
+        os.environ.pop("RAY_DISABLE_FAILURE_SIGNAL_HANDLER")
+        t0 = time.monotonic()
+        rc = start(cfg)
         print(
             f"pdcluster: serving {cfg.served_model_name} at {rc.url} "
             f"(started in {time.monotonic() - t0:.1f}s); Ctrl-C to stop",
             flush=True,
         )
-        while not stop.wait(0.5):
-            pass
-    except KeyboardInterrupt:
-        pass
-    finally:
-        print("pdcluster: shutting down", flush=True)
-        # Bounded: when the signal went to the whole process group, Ray's own daemons
-        # are dying too and an orderly stop may hang; this process then just ends, and
-        # the reaper (cluster/reaper.py) kills whatever is left.
-        watchdog = threading.Timer(SHUTDOWN_S, lambda: os._exit(1))
-        watchdog.daemon = True
-        watchdog.start()
-        rc.shutdown()
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:  # the stop asked for; during start-up, start() has cleaned up
+        print("pdcluster: stopped" if rc is None else "pdcluster: shutting down", flush=True)
+        if rc is not None:
+            rc.shutdown()
     return 0
 
 

@@ -92,6 +92,13 @@ class RouterConfig(_Strict):
     max_queued: int = 256  # per router replica
     max_body_bytes: int = 4 * 1024 * 1024  # larger request bodies: 413, cut off while read
     body_timeout_s: float = 30.0  # a body not received by then: 408 (a slow client holds a slot)
+    # Chat messages and their content parts per request: more is a 400 before they are built.
+    max_messages: int = 1024
+    # Output a client has left unread on its connection: past it the stream is cut off
+    # (outcome slow_client). Enforced in Serve's proxy by cluster/edge.py.
+    max_unread_bytes: int = 256 * 1024
+    idle_timeout_s: float = 30.0  # a connection with no request in progress is closed then
+    max_connections: int = 4096  # open HTTP connections; past it a request is a 503
     admission_threads: int = 2  # parse, template and tokenize off the router's event loop
     request_timeout_s: float = 120.0
     default_max_tokens: int = 512
@@ -101,6 +108,9 @@ class RouterConfig(_Strict):
     # Prompts of at most this many tokens are prefilled by the decode worker itself, with
     # no prefill worker and no KV transfer (Dynamo's conditional disaggregation). 0: off.
     max_local_prefill_tokens: int = 0
+    # A decode output channel is replaced once it has carried this many messages: Ray keeps
+    # state for every item of a streaming call until the call ends (cluster/router.py).
+    channel_max_messages: int = 10_000
     debug_state: bool = False
     watchdog_s: float = 10.0  # busy without a step (or silent) this long: restarted
     health_period_s: float = 0.5  # how often the router polls every worker's stats
@@ -121,10 +131,15 @@ class Thresholds(_Strict):
 
 
 class SoakConfig(_Strict):
-    fault_every_s: float = 300.0  # one fault from the mixed schedule this often
+    fault_every_s: float = 300.0  # one fault from the mixed schedule this often; 0: none
     sample_s: float = 5.0  # tables, RSS and fds sampled this often
-    max_rss_growth_mb_per_10k: float = 64.0  # per process, per 10,000 requests
+    max_rss_growth_mb_per_10k: float = 64.0  # per process, per 10,000 requests after warm-up
     max_fds_growth: int = 64  # per process, first sample to last
+    # This share of the requests send a prompt over model.max_model_len: each must get a 400.
+    rejected_share: float = 0.2
+    stream: bool = True  # False: plain JSON answers
+    # RSS slopes start after this many requests (0: after the first quarter of the samples).
+    warmup_requests: int = 0
 
 
 class ChaosConfig(_Strict):
@@ -217,11 +232,16 @@ def _check(cfg: Config) -> None:
     need(cfg.router.max_body_bytes >= 1024, "router.max_body_bytes", "an int >= 1024")
     need(cfg.router.body_timeout_s > 0, "router.body_timeout_s", "a number > 0")
     need(cfg.router.admission_threads >= 1, "router.admission_threads", "an int >= 1")
+    need(cfg.router.max_messages >= 1, "router.max_messages", "an int >= 1")
+    need(cfg.router.max_unread_bytes >= 4096, "router.max_unread_bytes", "an int >= 4096")
+    need(cfg.router.idle_timeout_s > 0, "router.idle_timeout_s", "a number > 0")
+    need(cfg.router.max_connections >= 1, "router.max_connections", "an int >= 1")
     need(cfg.router.watchdog_s > 0, "router.watchdog_s", "a number > 0")
     need(cfg.router.health_period_s > 0, "router.health_period_s", "a number > 0")
     need(cfg.router.max_retries >= 0, "router.max_retries", "an int >= 0")
     need(cfg.router.max_migrations >= 0, "router.max_migrations", "an int >= 0")
     need(cfg.router.max_local_prefill_tokens >= 0, "router.max_local_prefill_tokens", "an int >= 0")
+    need(cfg.router.channel_max_messages >= 1, "router.channel_max_messages", "an int >= 1")
     need(cfg.router.max_queued >= 1, "router.max_queued", "an int >= 1")
     need(cfg.router.replicas >= 1, "router.replicas", "an int >= 1")
     _check_chaos(cfg.chaos, need)
@@ -246,6 +266,10 @@ def _check_chaos(c: ChaosConfig, need) -> None:
     for key in ("baseline_s", "warmup_s", "stall_s", "node_down_s", "transfer_fault_s"):
         need(getattr(c, key) > 0, f"chaos.{key}", "a number > 0")
     need(0 <= c.thresholds.min_success_rate <= 1, "chaos.thresholds.min_success_rate", "0..1")
+    need(c.soak.fault_every_s >= 0, "chaos.soak.fault_every_s", "a number >= 0")
+    need(c.soak.sample_s > 0, "chaos.soak.sample_s", "a number > 0")
+    need(0 <= c.soak.rejected_share < 1, "chaos.soak.rejected_share", "a share in [0, 1)")
+    need(c.soak.warmup_requests >= 0, "chaos.soak.warmup_requests", "an int >= 0")
     fields = set(Thresholds.__struct_fields__)
     for name, over in c.scenarios.items():
         need(name in SCENARIOS, f"chaos.scenarios.{name}", f"one of {', '.join(SCENARIOS)}")

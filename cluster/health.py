@@ -17,13 +17,17 @@ import time
 import msgspec
 import ray
 
+from cluster.peers import identify, kill_worker
 from workers.api import DecodeStats, PrefillStats, WorkerStats
 
 log = logging.getLogger("pdcluster.health")
 
 
 SILENT_POLL_S = 2.0  # poll period of a replica silent for longer than the watchdog
+IDENTIFY_TIMEOUT_S = 10.0  # asking a new worker process for its start time
+KILL_WAIT_S = 60.0  # a kill task on the worker's node (its start there, a stalled node)
 GONE_POLL_S = 10.0  # and of one taken to be gone for good
+NAMESPACE = "pdcluster"  # of the workers' named actors, `pdcluster-<role>-<i>-rank<r>`
 
 
 def _log_failure(task: asyncio.Future) -> None:
@@ -68,6 +72,10 @@ class WorkerPool:
         self._last_answer = [time.monotonic()] * n
         self._last_progress = [time.monotonic()] * n
         self._steps = [-1] * n
+        # (node, pid, start time) of the process that last answered, once it has said
+        # when it started (asked once per new process): what a kill of it names.
+        self._ident: list[tuple[str, int, int | None] | None] = [None] * n
+        self._identifying: list[asyncio.Future | None] = [None] * n
         # Set when replica i goes unhealthy; in-flight calls wait on it.
         self._lost = [asyncio.Event() for _ in range(n)]
         # At most one stats() call in flight per replica (a dead node's calls would
@@ -147,29 +155,62 @@ class WorkerPool:
         self.metrics.healthy.labels(self.role).set(sum(self.healthy))
 
     def incarnation(self, i: int) -> str | None:
-        """Which process replica i was when it last answered (a restart changes it);
-        None when it has not answered this router."""
-        s = self.stats[i]
-        return f"{s.node_id}:{s.pid}" if s is not None else None
+        """Which process replica i was when it last answered, `node:pid:start` (a restart
+        changes it); None when it has not answered this router, or not yet said when it
+        started."""
+        s, ident = self.stats[i], self._ident[i]
+        if s is None or ident is None or ident[:2] != (s.node_id, s.pid) or ident[2] is None:
+            return None
+        return f"{s.node_id}:{s.pid}:{ident[2]}"
+
+    def _identify(self, i: int, s: WorkerStats) -> None:
+        """Ask the process that just answered for replica i when it started, once (again
+        only if that failed): a kill names pid and start time, never just the actor."""
+        ident = self._ident[i]
+        asking = self._identifying[i]
+        if ident is not None and ident[:2] == (s.node_id, s.pid):
+            if ident[2] is not None or (asking is not None and not asking.done()):
+                return
+        self._ident[i] = (s.node_id, s.pid, None)
+
+        async def ask():
+            pid, start = await self.handles[i].__ray_call__.remote(identify)
+            if self._ident[i] == (s.node_id, pid, None):  # still the process that answered
+                self._ident[i] = (s.node_id, pid, start)
+
+        task = self._identifying[i] = asyncio.ensure_future(
+            asyncio.wait_for(ask(), IDENTIFY_TIMEOUT_S)
+        )
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def _restart(self, i: int, reason: str) -> None:
         """Unhealthy at once (its calls fail over), then killed so Ray restarts it,
         unless another router replica already killed this incarnation."""
         self._mark(i, False, reason)
-        name = f"{self.role}-{i}"
-        killed = None  # None: not through the peers, this router kills it itself
+        name, incarnation = f"{self.role}-{i}", self.incarnation(i)
+        killed = None  # None: not done through the peers, this router kills it
         if self.restart_hook is not None:
             try:
-                killed = await self.restart_hook(name, self.handles[i], self.incarnation(i))
-            except Exception:  # noqa: BLE001 - a doubled kill beats none
+                killed = await self.restart_hook(name, self.handles[i], incarnation)
+            except (asyncio.TimeoutError, TimeoutError):
+                # Late, not lost: the peers actor will still run the request. A named
+                # process is killed here too (the same kill twice is harmless); an unnamed
+                # one is left to it, or it would kill the fresh process after this one.
+                log.warning("%s: the router peers answer late (%s)", name, incarnation)
+                if incarnation is None:
+                    return
+            except Exception:  # noqa: BLE001 - unreachable: killed here rather than never
                 log.exception("could not have %s restarted through the router peers", name)
         if killed is False:
             log.warning("%s: already restarted by another router replica", name)
             return
         self.metrics.restarts.labels(self.role).inc()
         if killed is None:
-            # SIGKILL works on a SIGSTOPped process too; Ray then restarts the actor.
-            ray.kill(self.handles[i], no_restart=False)
+            kill = kill_worker(self.handles[i], incarnation)
+            if kill is not None:  # read, so that a kill whose node died is not reported
+                asyncio.ensure_future(asyncio.wait_for(kill, KILL_WAIT_S)).add_done_callback(
+                    lambda t: t.cancelled() or t.exception()
+                )
 
     def gone(self, i: int) -> bool:
         return time.monotonic() - self._last_answer[i] > self.gone_after_s
@@ -201,9 +242,24 @@ class WorkerPool:
         elif silent > self.watchdog_s:
             self._next_poll[i] = now + SILENT_POLL_S
 
+    async def _find_again(self, i: int) -> None:
+        """Replica i's actor is dead for good: the launcher started it again under the
+        same name when its node was lost (cluster/launcher.py Keeper). Calls go to the
+        new actor from now on; they wait until it has started."""
+        name = f"pdcluster-{self.role}-{i}-rank0"
+        try:
+            h = await asyncio.wait_for(asyncio.to_thread(ray.get_actor, name, NAMESPACE), 5)
+        except Exception:  # noqa: BLE001 - not started again (yet): looked up at the next poll
+            return
+        if h != self.handles[i]:
+            log.warning("%s-%d: found again under its name (a new actor)", self.role, i)
+            self.handles[i] = h
+            self._next_poll[i] = 0.0
+
     async def _poll_one(self, i: int) -> None:
         now = time.monotonic()
-        if now < self._next_poll[i]:
+        answered = self._inflight[i] is not None and self._inflight[i].done()
+        if now < self._next_poll[i] and not answered:  # an answer that came is read at once
             return
         try:
             call = self._stats_call(i)
@@ -225,11 +281,14 @@ class WorkerPool:
             self._mark(i, False, f"unreachable: {type(e).__name__}")
             self.stats[i] = None
             self._back_off(i, now)
+            if isinstance(e, ray.exceptions.ActorDiedError):
+                await self._find_again(i)
             return
         now = time.monotonic()  # when the answer came (the wait may have been long)
         self._next_poll[i] = 0.0
         self.stats[i] = s
         self._last_answer[i] = now
+        self._identify(i, s)
         self._publish()
         # Busy means work that can run: a worker waiting for KV blocks is not stalled.
         steps = s.engine.steps

@@ -27,6 +27,7 @@ HEALTH = "http://127.0.0.1:8000/health"  # the router, through the head's Serve 
 TAG = {"pdcluster": "up"}  # job metadata that marks the driver
 LIVE = (JobStatus.PENDING, JobStatus.RUNNING)
 MAX_MISSES = 6  # health checks in a row the dashboard may fail to answer
+RETRY_S = 10.0  # start-up: between two tries at the dashboard and the router
 
 
 @serve.deployment(
@@ -37,38 +38,53 @@ MAX_MISSES = 6  # health checks in a row the dashboard may fail to answer
     health_check_timeout_s=60,
 )
 class PdclusterUp:
-    def __init__(self, start_timeout_s: float = 1800.0):
-        self.client = JobSubmissionClient(DASHBOARD)
+    def __init__(self):
+        self.client: JobSubmissionClient | None = None
+        self.job: str | None = None
         self.misses = 0
-        live = [
-            j.submission_id
-            for j in self.client.list_jobs()
-            if (j.metadata or {}).get("pdcluster") == "up" and j.status in LIVE
-        ]
-        if live:
-            self.job = live[0]
-            log.info("pdcluster-up: adopting the running driver, job %s", self.job)
-        else:
-            self._submit()
         # Model fetch and load, worker start-up and the router: until the router
-        # answers, this app (and so the RayService) is not ready. A driver that ends
-        # meanwhile (a bad config being fixed, a node not there yet) is submitted again
-        # here, not by failing the constructor: Serve gives up on a deployment whose
-        # constructor failed three times, and KubeRay does not re-send an unchanged config.
-        deadline = time.monotonic() + start_timeout_s
-        while not self._router_answers():
+        # answers, this app (and so the RayService) is not ready. Nothing here raises:
+        # Serve gives up on a deployment whose constructor failed three times, and
+        # KubeRay does not re-send an unchanged config. So whatever fails meanwhile (the
+        # dashboard not up yet or not answering, a driver that ended: a bad config being
+        # fixed, a node not there yet) is retried, for as long as it takes.
+        while True:
             try:
-                self.check_health()
-            except RuntimeError as e:
-                log.warning("pdcluster-up: %s; submitting again in 10 s", e)
-                time.sleep(10)
-                self._submit()
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"pdcluster up (job {self.job}) not serving after {start_timeout_s:.0f}s"
-                )
-            time.sleep(5)
+                self._keep_driver()
+            except Exception as e:  # noqa: BLE001 - see above: retried, never raised
+                log.warning("pdcluster-up: %s; trying again in %.0f s", e, RETRY_S)
+            else:
+                if self._router_answers():  # with its driver known: check_health reads it
+                    break
+            time.sleep(RETRY_S)
         log.info("pdcluster-up: the router answers %s", HEALTH)
+
+    def _keep_driver(self) -> None:
+        """Adopt the running driver or submit one; submit again once it has ended."""
+        if self.client is None:
+            self.client = JobSubmissionClient(DASHBOARD)
+        if self.job is None:
+            live = [
+                j.submission_id
+                for j in self.client.list_jobs()
+                if (j.metadata or {}).get("pdcluster") == "up" and j.status in LIVE
+            ]
+            if live:
+                self.job = live[0]
+                log.info("pdcluster-up: adopting the running driver, job %s", self.job)
+            else:
+                self._submit()
+            return
+        status = self.client.get_job_status(self.job)
+        if status not in LIVE:
+            job, self.job = self.job, None  # the next round submits a new one
+            raise RuntimeError(f"pdcluster up (Ray job {job}) is {status}:\n{self._tail(job)}")
+
+    def _tail(self, job: str) -> str:
+        try:
+            return self.client.get_job_logs(job)[-4000:]
+        except Exception as e:  # noqa: BLE001 - the logs only explain; the job has ended
+            return f"(its logs could not be read: {e!r})"
 
     def _submit(self) -> None:
         self.job = self.client.submit_job(
@@ -85,6 +101,9 @@ class PdclusterUp:
             return False  # no route yet (404), no healthy decode (503), no proxy yet
 
     def check_health(self) -> None:
+        """Serve's periodic check: fails once the driver has ended (Serve then replaces
+        this replica, whose constructor submits a new one) or after MAX_MISSES checks in
+        a row the dashboard did not answer."""
         try:
             status = self.client.get_job_status(self.job)
         except Exception:  # noqa: BLE001 - the dashboard did not answer this time
@@ -94,8 +113,9 @@ class PdclusterUp:
             return
         self.misses = 0
         if status not in LIVE:
-            tail = self.client.get_job_logs(self.job)[-4000:]
-            raise RuntimeError(f"pdcluster up (Ray job {self.job}) is {status}:\n{tail}")
+            raise RuntimeError(
+                f"pdcluster up (Ray job {self.job}) is {status}:\n{self._tail(self.job)}"
+            )
 
 
 app = PdclusterUp.bind()

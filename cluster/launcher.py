@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import (
+    placement_group,
+    placement_group_table,
+    remove_placement_group,
+)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import HEAD_RESOURCE, Config, NodeConfig
+from cluster.edge import proxy_env
 from cluster.peers import RouterPeers
 from workers.api import WorkerSpec
 from workers.decode_worker import DecodeWorker
@@ -47,6 +54,7 @@ class WorkerGroup:
     replica: int
     ranks: list[ray.actor.ActorHandle]
     pg: object
+    share: float  # of its role's node resource (Placement.share)
 
     @property
     def leader(self) -> ray.actor.ActorHandle:
@@ -69,21 +77,27 @@ class RunningCluster:
     # deletes its own application only and leaves Serve up.
     serve_was_running: bool = False
     peers: object | None = None  # cluster/peers.py: what the router replicas share
+    keeper: Keeper | None = None  # replaces groups whose node is gone (see Keeper)
 
     def shutdown(self) -> None:
         """Stop Serve, the workers and (when local) every Ray node we started."""
         from ray import serve
 
+        if self.keeper is not None:  # no group replaced while they are being stopped
+            self.keeper.stop()
         try:
             if ray.is_initialized():
-                if self.serve_was_running:
-                    serve.delete("pdcluster")
-                else:
-                    serve.shutdown()
+                # Workers first: the router's open streams then end at once, and Serve
+                # stops its replicas without waiting out their graceful period (its
+                # proxy gone meanwhile, each stream would end in a logged traceback).
                 for g in self.prefill + self.decode:
                     for a in g.ranks:
                         ray.kill(a, no_restart=True)
                     remove_placement_group(g.pg)
+                if self.serve_was_running:
+                    serve.delete("pdcluster")
+                else:
+                    serve.shutdown()
                 if self.peers is not None:
                     ray.kill(self.peers, no_restart=True)
         except Exception:  # noqa: BLE001 - shutting down; report and go on
@@ -109,9 +123,31 @@ _LOCAL_ENV = {
 }
 
 
+def _connect(**init_args) -> None:
+    """ray.init, keeping this process's SIGTERM handler: Ray puts in one of its own
+    (sys.exit(15)), which would make a supervisor's stop an error exit that skips
+    `pdcluster up`'s bounded stop. A SIGTERM that Ray's handler took during ray.init
+    (which can wait minutes for an unreachable GCS) goes to ours."""
+    if threading.current_thread() is not threading.main_thread():
+        ray.init(**init_args)
+        return
+    ours = signal.getsignal(signal.SIGTERM)
+    try:
+        ray.init(**init_args)
+    except SystemExit as e:
+        if e.code != signal.SIGTERM or not callable(ours):
+            raise
+        signal.signal(signal.SIGTERM, ours)
+        ours(signal.SIGTERM, None)
+        raise
+    finally:
+        if ours is not None:
+            signal.signal(signal.SIGTERM, ours)
+
+
 def _start_ray(cfg: Config, rc: RunningCluster, log_to_driver: bool):
     if cfg.cluster.address != "local":
-        ray.init(address=cfg.cluster.address, namespace=NAMESPACE, log_to_driver=log_to_driver)
+        _connect(address=cfg.cluster.address, namespace=NAMESPACE, log_to_driver=log_to_driver)
         return None
     from ray._private import ray_constants
     from ray.cluster_utils import Cluster
@@ -141,9 +177,10 @@ def _start_ray(cfg: Config, rc: RunningCluster, log_to_driver: bool):
             "node_ip_address": LOCAL_IP,
         },
     )
+    rc.local = local  # a stop while the nodes below start must find what is already up
     for node in cfg.cluster.nodes:
         add_local_node(rc, local, node)
-    ray.init(address=local.address, namespace=NAMESPACE, log_to_driver=log_to_driver)
+    _connect(address=local.address, namespace=NAMESPACE, log_to_driver=log_to_driver)
     return local
 
 
@@ -258,7 +295,77 @@ def _start_group(
                 ),
             ).remote(spec)
         )
-    return WorkerGroup(role, replica, ranks, pg)
+    return WorkerGroup(role, replica, ranks, pg, place.share)
+
+
+KEEP_S = 0.1  # between the keeper's looks (one GCS call each): bounds the GCS's busy loop
+
+
+class Keeper:
+    """Takes back the demand of a worker group whose node is gone while no node has room.
+
+    Ray's GCS retries a placement group whose node died (RESCHEDULING) with no backoff
+    until it fits somewhere: with no spare node, forever, a core of the head's GCS, and
+    another of its metrics agent replaying each attempt's latency sample. A group seen
+    RESCHEDULING is removed (its actors die with it) and started afresh under the same
+    names: a new group is PENDING, which the GCS retries at most once a second, and is
+    placed, its workers started, when a node with room joins (where there was room all
+    along, at once). The router finds them by name (cluster/health.py)."""
+
+    def __init__(self, rc: RunningCluster):
+        self.rc, self._stopping = rc, threading.Event()
+        self._busy = threading.Lock()  # a replacement ends before a stop goes on
+        threading.Thread(target=self._run, name="pdcluster-keeper", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._busy.acquire(timeout=5):  # bounded: a stop must not hang on the GCS
+            self._busy.release()
+
+    def _run(self) -> None:
+        while not self._stopping.wait(KEEP_S):
+            try:
+                state = {k: v["state"] for k, v in placement_group_table().items()}
+            except Exception:  # noqa: BLE001 - the GCS busy or restarting: next look
+                log.warning("keeper: cannot read the placement groups", exc_info=True)
+                continue
+            for groups in (self.rc.prefill, self.rc.decode):
+                for i, g in enumerate(groups):
+                    # REMOVED: taken back, but starting it again failed: tried again.
+                    if state.get(g.pg.id.hex()) not in ("RESCHEDULING", "REMOVED"):
+                        continue
+                    with self._busy:
+                        if self._stopping.is_set():
+                            return
+                        try:
+                            groups[i] = self._replace(g)
+                        except Exception:  # noqa: BLE001 - tried again at the next look
+                            log.exception("keeper: could not replace %s-%d", g.role, g.replica)
+
+    def _replace(self, g: WorkerGroup) -> WorkerGroup:
+        log.warning(
+            "%s-%d: its node is gone; it starts again where there is room, or when a node "
+            "with room joins",
+            g.role,
+            g.replica,
+        )
+        remove_placement_group(g.pg)  # first: the GCS stops retrying it at once
+        for a in g.ranks:
+            ray.kill(a, no_restart=True)
+        cfg = self.rc.config
+        names = [_spec(cfg, g.role, g.replica, "", r).rank_name(r) for r in range(len(g.ranks))]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(map(_named, names)):
+            time.sleep(0.1)  # until the dead actors' names are free again
+        return _start_group(cfg, g.role, g.replica, self.rc.model_dir, Placement(g.share, []))
+
+
+def _named(name: str) -> bool:
+    try:
+        ray.get_actor(name, namespace=NAMESPACE)
+        return True
+    except ValueError:
+        return False
 
 
 def _serve_running() -> bool:
@@ -306,9 +413,12 @@ def start(cfg: Config, log_to_driver: bool = True) -> RunningCluster:
         wait_s = _READY_TIMEOUT_S if cfg.cluster.address == "local" else _MODEL_TIMEOUT_S
         for info in ray.get(ready, timeout=wait_s):
             log.info("worker ready: %s", info)
+        rc.keeper = Keeper(rc)
         serve.start(
             http_options={"host": cfg.router.host, "port": cfg.router.port},
             proxy_location="HeadOnly",
+            # The proxy inherits the controller's environment: it installs cluster/edge.py.
+            controller_options={"runtime_env": {"env_vars": proxy_env(cfg.router)}},
         )
         on_head = HEAD_RESOURCE in ray.cluster_resources()
         rc.peers = RouterPeers.options(resources={HEAD_RESOURCE: 0.001} if on_head else {}).remote(

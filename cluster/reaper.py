@@ -79,6 +79,8 @@ def main() -> int:
         ready, _, _ = select.select([sys.stdin], [], [], SCAN_S)
         if ready and not os.read(sys.stdin.fileno(), 4096):  # EOF: launcher done or dead
             break
+    # What started since the last scan (a stop during start-up), while the launcher lives.
+    seen.update(_ray_descendants(root))
     if _signal_alive(seen, signal.SIGTERM):
         deadline = time.monotonic() + GRACE_S
         while time.monotonic() < deadline and any(

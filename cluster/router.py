@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import jinja2
 import msgspec
 import ray
 from fastapi import FastAPI, Request
@@ -30,6 +31,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError, TaskCancelledEr
 from cluster import protocol as P
 from cluster.config import HEAD_RESOURCE, Config
 from cluster.detokenizer import IncrementalDetokenizer, StopChecker
+from cluster.edge import SLOW_CLIENT
 from cluster.health import WorkerPool, WorkerStalled
 from cluster.metrics import RouterMetrics
 from cluster.peers import report_ttl
@@ -75,6 +77,7 @@ app = FastAPI(title="pdcluster", docs_url=None, redoc_url=None)
 
 
 CHANNEL_RETRY_S = 0.1  # how often a request looks for, and the router reopens, a dead channel
+RETIRED_GRACE_S = 1.0  # a replaced channel stays open this long at least, for requests given it
 ROUTER_HEADER = "pdcluster-router"  # on every completion response: the replica that served it
 PEER_TIMEOUT_S = 2.0  # a call to the router replicas' shared actor (cluster/peers.py)
 
@@ -97,7 +100,7 @@ class RequestState:
 
     request_id: str
     prompt_len: int
-    deadline: float
+    deadline: float  # this router's time.monotonic()
     stage: str = "admitted"
     # (replica, attempt id) pairs that may hold a lease / a decode sequence. Each
     # prefill attempt has its own id, so a late release can never hit a newer attempt.
@@ -107,17 +110,25 @@ class RequestState:
     worker_done: bool = False  # the decode worker finished (and freed) the last attempt
     created: float = field(default_factory=time.time)
     first_token_at: float | None = None
+    slow_client: bool = False  # the edge cut its client off for leaving output unread
 
 
-def _continue_params(params: SamplingParams, produced: int) -> SamplingParams:
-    """Params for continuing a request that already produced `produced` tokens."""
-    if produced == 0:
-        return params
-    return msgspec.structs.replace(
-        params,
-        max_tokens=params.max_tokens - produced,
-        min_tokens=max(0, params.min_tokens - produced),
-    )
+class EventStream(StreamingResponse):
+    """An SSE response that also ends when Serve's proxy reports its client as a slow
+    reader (cluster/edge.py), marking the request so that it is counted as one."""
+
+    def __init__(self, content, state: RequestState, **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self.state = state
+
+    async def listen_for_disconnect(self, receive) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == SLOW_CLIENT:
+                self.state.slow_client = True
+                return
+            if message["type"] == "http.disconnect":
+                return
 
 
 def _json(body: bytes, status: int = 200, headers: dict | None = None) -> Response:
@@ -183,6 +194,9 @@ class Router:
         self.requests: dict[str, RequestState] = {}
         # One output stream per decode replica carries all this router's requests there.
         self._channels: dict[int, OutputChannel] = {}
+        # Replaced channels (when, channel) that requests still stream on (_keep_channels).
+        self._retired: list[tuple[float, OutputChannel]] = []
+        self._channels_opened = 0
         self.model_name = self.cfg.served_model_name
         loop = asyncio.get_event_loop()
         self._health_task = loop.create_task(self._poll_health())
@@ -194,11 +208,22 @@ class Router:
         """Open every decode replica's output channel, and reopen one that failed (its
         actor died or restarted). Only this task of the router's own opens channels: a
         channel carries every request on its replica, so it must not be the child of a
-        request's task, whose cancellation (client gone) Ray may pass on to it."""
+        request's task, whose cancellation (client gone) Ray may pass on to it.
+
+        A channel that has carried router.channel_max_messages is replaced: Ray keeps
+        state for every item of a streaming call on both ends until the call ends (Ray
+        2.60: about 120 bytes an item here, 40 in the worker), so one channel for the
+        replica's lifetime grows both processes with every step. Requests on the old
+        channel finish there; it is closed once none is left."""
         opened: dict[int, float] = {}
         while True:
+            now = time.monotonic()
             for i, h in enumerate(self.decode_pool.handles):
                 chan = self._channels.get(i)
+                if chan is not None and chan.messages >= self.cfg.router.channel_max_messages:
+                    self._retired.append((now, self._channels.pop(i)))
+                    chan = None
+                    opened.pop(i, None)  # its successor opens now
                 # A dead actor's channel fails at once: reopened every CHANNEL_RETRY_S at most.
                 if (chan is None or not chan.alive) and (
                     time.monotonic() - opened.get(i, -CHANNEL_RETRY_S) >= CHANNEL_RETRY_S
@@ -206,8 +231,16 @@ class Router:
                     opened[i] = time.monotonic()
                     try:
                         self._channels[i] = OutputChannel(h, f"router-decode{i}")
+                        self._channels_opened += 1
                     except Exception:  # noqa: BLE001 - tried again next pass
                         log.exception("opening the output channel to decode-%d", i)
+            for retired in [r for r in self._retired if not len(r[1]) or not r[1].alive]:
+                # The grace covers a request given the channel just before it was replaced
+                # that has not opened its queue on it yet.
+                if now - retired[0] >= RETIRED_GRACE_S:
+                    self._retired.remove(retired)
+                    if retired[1].alive:  # a failed one has ended already
+                        retired[1].shutdown()
             self._channels_wanted.clear()
             try:
                 await asyncio.wait_for(
@@ -239,7 +272,10 @@ class Router:
             "router_requests_in_flight": len(self.requests),
             "router_admitting": self._admitting,
             "router_channels": len(self._channels),
-            "router_channel_queues": sum(len(c) for c in self._channels.values()),
+            "router_channels_opened": self._channels_opened,
+            "router_channel_queues": sum(
+                len(c) for c in [*self._channels.values(), *(c for _, c in self._retired)]
+            ),
             **{f"router_{k}": v for k, v in process_usage().items()},
             "reported_at": time.time(),
         }
@@ -384,6 +420,7 @@ class Router:
                 headers={"Retry-After": "1", ROUTER_HEADER: self.replica_id},
             )
         self._admitting += 1  # holds a slot while it is read and admitted
+        rid = uuid.uuid4().hex
         try:
             try:
                 body = await asyncio.wait_for(self._read_body(request), r.body_timeout_s)
@@ -400,10 +437,13 @@ class Router:
             )
         except P.AdmissionError as e:
             return _json(e.to_json(), e.status)
+        except Exception as e:  # noqa: BLE001 - never a bare 500: logged, in OpenAI's shape
+            return self._failure(e, rid)
         finally:
             self._admitting -= 1
-        rid = uuid.uuid4().hex
-        state = RequestState(rid, len(prompt_ids), time.time() + self.cfg.router.request_timeout_s)
+        state = RequestState(
+            rid, len(prompt_ids), time.monotonic() + self.cfg.router.request_timeout_s
+        )
         # The slot is taken now, before any await, so a burst cannot overrun
         # max_queued. The lifecycle's finally gives it back; a generator that is
         # dropped unstarted (client gone before the body) gives it back when collected.
@@ -412,8 +452,9 @@ class Router:
         weakref.finalize(events, self.requests.pop, rid, None)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(
+            return EventStream(
                 self._stream(rid, events, chat, len(prompt_ids), include_usage),
+                state,
                 media_type="text/event-stream",
                 headers={"pdcluster-request-id": rid, ROUTER_HEADER: self.replica_id},
             )
@@ -456,7 +497,8 @@ class Router:
 
     def _admit(self, body: bytes, chat: bool):  # admission thread
         """Parse, check and tokenize one request: (request, prompt ids, sampling params)."""
-        req = P.parse_chat(body) if chat else P.parse_completion(body)
+        r = self.cfg.router
+        req = P.parse_chat(body, r.max_messages) if chat else P.parse_completion(body)
         prompt_ids = self._tokenize(req, chat)
         params = P.to_sampling_params(
             req,
@@ -485,10 +527,22 @@ class Router:
     def _tokenize(self, req, chat: bool) -> list[int]:
         if chat:
             messages = [{"role": m.role, "content": P.message_text(m)} for m in req.messages]
-            self._too_long_to_tokenize(sum(len(m["content"]) for m in messages), chat)
-            ids = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            # Everything the template gets counts, not only the content.
+            self._too_long_to_tokenize(
+                sum(len(m["role"]) + len(m["content"]) for m in messages), chat
             )
+            try:
+                ids = self.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=True, return_dict=False
+                )
+            except jinja2.TemplateSyntaxError:
+                raise  # the model's template is broken: a server error
+            except jinja2.TemplateError as e:  # it refused these messages (raise_exception)
+                raise P.AdmissionError(
+                    f"The model's chat template refused the messages: {e}",
+                    "messages",
+                    "invalid_value",
+                ) from None
             return list(ids)
         if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], int):
             vocab = len(self.tokenizer)
@@ -569,7 +623,7 @@ class Router:
     # ---- the request lifecycle ------------------------------------------
 
     def _remaining(self, state: RequestState) -> float:
-        left = state.deadline - time.time()
+        left = state.deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError(
                 f"request {state.request_id} passed its deadline "
@@ -616,6 +670,8 @@ class Router:
             outcome = "timeout"
             raise
         finally:
+            if state.slow_client:
+                outcome = "slow_client"
             self.requests.pop(rid, None)
             self._release(state)
             now = time.time()
@@ -636,17 +692,20 @@ class Router:
         avoid: set[int] = set()  # prefill replicas whose KV transfer failed
         lost: set[int] = set()  # decode replicas this request was lost on
         while True:
-            ids = prompt_ids + produced
-            sp = _continue_params(params, len(produced))
+            # A migration re-prefills prompt + tokens so far; the workers count those
+            # tokens as output (max_tokens, min_tokens, a seeded draw's index).
+            before = list(produced)
             state.stage = "prefill"
             wid = f"{state.request_id}-{state.attempts}"
             state.attempts += 1
             res = p = None  # None: the decode worker prefills itself
-            if len(ids) <= self.cfg.router.max_local_prefill_tokens:
+            got_at = 0.0  # when prefill's result came (router clock)
+            if len(prompt_ids) + len(before) <= self.cfg.router.max_local_prefill_tokens:
                 self.metrics.local_prefills.inc()  # short: no transfer is worth its cost
             else:
                 try:
-                    res, p = await self._prefill(state, wid, ids, sp, avoid)
+                    res, p = await self._prefill(state, wid, prompt_ids, before, params, avoid)
+                    got_at = time.monotonic()
                 except NoPrefillWorker:  # decode-only fallback
                     self.metrics.retries.labels("decode_local").inc()
             if res is not None:
@@ -657,7 +716,9 @@ class Router:
             state.stage = "decode"
             got_tokens = False
             try:
-                async for tokens, reason in self._decode(state, wid, ids, res, p, sp, lost):
+                async for tokens, reason in self._decode(
+                    state, wid, prompt_ids, before, res, got_at, p, params, lost
+                ):
                     got_tokens = True
                     produced.extend(tokens)
                     yield tokens, reason
@@ -697,10 +758,18 @@ class Router:
                 )
 
     async def _prefill(
-        self, state: RequestState, wid: str, ids: list[int], sp: SamplingParams, avoid: set[int]
+        self,
+        state: RequestState,
+        wid: str,
+        prompt_ids: list[int],
+        before: list[int],
+        sp: SamplingParams,
+        avoid: set[int],
     ):
-        """Prefill on the least-loaded healthy replica (other than those in `avoid`
-        while there are others), retrying others on failure."""
+        """Prefill prompt + `before` (tokens produced so far) on the least-loaded
+        healthy replica (other than those in `avoid` while there are others), retrying
+        others on failure. Returns (result, replica)."""
+        n = len(prompt_ids) + len(before)
         tried: set[int] = set()
         last: BaseException | None = None
         for attempt in range(self.cfg.router.max_retries + 1):
@@ -710,11 +779,12 @@ class Router:
                     raise NoPrefillWorker()
                 break
             state.prefills.add((i, wid))
-            self.prefill_pool.load[i] += len(ids)
+            self.prefill_pool.load[i] += n
             try:
                 left = self._remaining(state)  # before submitting: it may raise
+                h = self.prefill_pool.handles[i]
                 res = await self.prefill_pool.call(
-                    i, self.prefill_pool.handles[i].prefill.remote(wid, ids, sp), left
+                    i, h.prefill.remote(wid, prompt_ids, sp, before), left
                 )
                 return res, i
             except _WORKER_LOST + (TransferError,) as e:
@@ -724,7 +794,7 @@ class Router:
                 self.metrics.retries.labels("prefill").inc()
                 log.warning("request %s: prefill-%d failed (%r)", state.request_id, i, e)
             finally:
-                self.prefill_pool.load[i] -= len(ids)
+                self.prefill_pool.load[i] -= n
         log.warning("request %s: no prefill worker could take it: %r", state.request_id, last)
         raise Unavailable("no prefill worker could take the request")
 
@@ -732,8 +802,10 @@ class Router:
         self,
         state: RequestState,
         wid: str,
-        ids: list[int],
+        prompt_ids: list[int],
+        before: list[int],
         res,
+        got_at: float,
         p: int | None,
         sp: SamplingParams,
         lost: set[int],
@@ -753,17 +825,25 @@ class Router:
             return self.decode_pool.call(i, fn(), left)
 
         def submit():
+            # Time left, not a time stamp: the worker's clock is never compared with ours.
+            left = self._remaining(state)
             if res is None:
-                return h.generate_local.remote(wid, chan.id, ids, sp, state.deadline)
+                return h.generate_local.remote(wid, chan.id, prompt_ids, sp, left, before)
+            handle = res.handle
+            if handle.ttl_s > 0:  # what is left of the lease, counted on our clock
+                handle = msgspec.structs.replace(
+                    handle, ttl_s=max(0.0, handle.ttl_s - (time.monotonic() - got_at))
+                )
             return h.generate.remote(
                 wid,
                 chan.id,
-                ids,
+                prompt_ids,
                 res.first_token,
                 sp,
-                res.handle,
-                state.deadline,
+                handle,
+                left,
                 self.prefill_pool.handles[p],
+                before,
             )
 
         self.decode_pool.load[i] += 1  # given back by the finally below

@@ -7,8 +7,10 @@ report and its timelines."""
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
+import ray
 
 from chaos import harness
 from chaos.scenarios import SCENARIOS
@@ -53,6 +55,37 @@ def test_replicas_of_a_role_run_on_distinct_nodes(chaos):
     h.t.forget()
 
 
+def test_the_node_agent_signals_only_its_nodes_ray_processes(chaos):
+    """The kill-router target comes from /debug/state, which any client can read: the
+    agent refuses a pid outside its node's raylet tree (a process of this machine that is
+    not Ray's, another node's worker) and 0, -1 and 1 (a process group, every process of
+    the user, init), and signals none of a call's pids when it refuses one."""
+    h, _ = chaos
+    decode, prefill = h.t.info("decode", 0), h.t.info("prefill", 0)
+    agent = h.t.agent(decode["node_id"])
+    bystander = subprocess.Popen(["sleep", "120"])
+    try:
+        for pids in ([bystander.pid], [decode["pid"], bystander.pid], [prefill["pid"]]):
+            for call in (agent.kill.remote(pids), agent.stall.remote(pids, 0.5)):
+                with pytest.raises(ray.exceptions.RayTaskError, match="raylet"):
+                    h.t.get(call)
+            assert bystander.poll() is None and _state(bystander.pid) != "T"
+        for pid in (0, -1, 1):  # only once a pid outside the tree is known to be refused
+            for call in (agent.kill.remote([pid]), agent.stall.remote([pid], 0.5)):
+                with pytest.raises(ray.exceptions.RayTaskError, match="raylet"):
+                    h.t.get(call)
+        assert h.t.get(h.t.rank_handle("prefill", 0).ready.remote())["pid"] == prefill["pid"]
+        assert h.t.get(agent.stall.remote([decode["pid"]], 0.2)) == 1  # its own: signalled
+    finally:
+        bystander.kill()
+        h.t.forget()
+
+
+def _state(pid: int) -> str:
+    """A process's state letter (T: stopped)."""
+    return open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()[0]
+
+
 # kill-tp-rank needs TP > 1: tests/e2e/test_tensor_parallel_cluster.py runs it on its
 # TP=2 cluster; this one is TP=1.
 @pytest.mark.parametrize("name", [n for n in SCENARIOS if n != "kill-tp-rank"])
@@ -64,6 +97,9 @@ def test_scenario_meets_its_thresholds(chaos, name):
     assert res.passed, (res.failures, res.errors, res.target)
     assert res.sent > 0 and res.corrupted == 0 and res.hung == 0
     assert not res.leaked
+    if name == "lose-node":  # the head idle after the loss; the lost replicas placed again
+        assert res.head_cpu < SCENARIOS[name].params["max_head_cpu"], res.head_cpu_by
+        assert res.settled and res.lost == {"decode": 1, "prefill": 1}
 
 
 def test_report_and_timelines(chaos, tmp_path):

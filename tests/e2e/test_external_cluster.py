@@ -7,6 +7,7 @@ groups). The external cluster's processes are stopped by pid at the end."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -70,6 +72,26 @@ def _cluster_pids(base: Path, client_port: int) -> list[int]:
     return sorted(pids)
 
 
+def _ray_start(cmd: list[str], env: dict, node_dir: Path) -> None:
+    """`ray start` one node of the external cluster. Ray gives a new node 30 s (not
+    configurable) to register with the GCS; on a loaded two-core machine that can pass.
+    Such a node's processes are killed and it is started once more; any other failure,
+    or a second one, fails the test with Ray's own message."""
+    for attempt in (1, 2):
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+        if r.returncode == 0:
+            return
+        slow = "timed out during startup" in r.stderr + r.stdout
+        if attempt == 2 or not slow:
+            raise AssertionError(f"{' '.join(cmd[1:])} failed:\n{(r.stdout + r.stderr)[-3000:]}")
+        print(f"ray start timed out registering {node_dir.name}; starting it again")
+        for pid in _cluster_pids(node_dir, -1):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 @pytest.fixture(scope="module")
 def external():
     # A short path: Ray's Unix sockets live under the temp dir (107-byte limit).
@@ -99,7 +121,7 @@ def external():
     ]
     try:
         for name, args, resource in nodes:
-            subprocess.run(
+            _ray_start(
                 [
                     RAY,
                     "start",
@@ -108,10 +130,8 @@ def external():
                     f"--temp-dir={base / f'ray-{name}'}",
                     f"--resources={json.dumps({resource: 1})}",
                 ],
-                env={**env, "PDCLUSTER_CACHE": str(base / f"cache-{name}")},
-                check=True,
-                capture_output=True,
-                timeout=180,
+                {**env, "PDCLUSTER_CACHE": str(base / f"cache-{name}")},
+                base / f"ray-{name}",
             )
         yield gcs, base
     finally:
@@ -190,3 +210,98 @@ def test_up_on_an_external_cluster_resolves_the_model_per_node_and_leaves_it_cle
         assert other_app.status_code == 200 and other_app.text == "still here"
     finally:
         ray.shutdown()
+
+
+class _Router(http.server.BaseHTTPRequestHandler):
+    """Stands in for pdcluster's router behind the head's Serve proxy: /health is 503
+    until the test says the cluster serves."""
+
+    serving = threading.Event()
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        self.send_response(200 if self.serving.is_set() else 503)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_kuberay_bootstrap_retries_every_failure_until_the_router_answers(monkeypatch):
+    """cluster/kuberay.py's `pdcluster-up` on a head whose dashboard is not up yet (a
+    ConnectionError, not a RuntimeError) and whose drivers end at once (the entrypoint is
+    not there: a real Ray job that FAILED): its constructor keeps retrying and returns
+    once the router answers. It must never raise: Serve gives up on a deployment whose
+    constructor failed three times, and KubeRay does not re-send an unchanged config."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from cluster import kuberay
+
+    base = Path(tempfile.mkdtemp(prefix="pdk-", dir="/tmp"))
+    port, dash_port, client_port = _free_port(), _free_port(), _free_port()
+    dashboard = f"http://127.0.0.1:{dash_port}"
+    _Router.serving.clear()
+    router = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Router)
+    threading.Thread(target=router.serve_forever, daemon=True).start()
+    monkeypatch.setattr(kuberay, "DASHBOARD", dashboard)
+    monkeypatch.setattr(kuberay, "HEALTH", f"http://127.0.0.1:{router.server_port}/health")
+    monkeypatch.setattr(kuberay, "RETRY_S", 0.5, raising=False)
+    out: dict = {}
+
+    def construct():
+        try:
+            out["app"] = kuberay.PdclusterUp.func_or_class()
+        except BaseException as e:  # noqa: BLE001 - what the test looks for
+            out["error"] = e
+
+    bootstrap = threading.Thread(target=construct, daemon=True)
+    bootstrap.start()
+    try:
+        time.sleep(3)  # a few tries at a dashboard nobody listens on yet
+        assert "error" not in out, f"the constructor raised {out['error']!r}"
+        subprocess.run(
+            [
+                RAY,
+                "start",
+                "--head",
+                f"--port={port}",
+                f"--ray-client-server-port={client_port}",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dash_port}",
+                "--node-ip-address=127.0.0.1",
+                "--num-cpus=0",
+                "--disable-usage-stats",
+                f"--temp-dir={base / 'ray'}",
+            ],
+            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+            check=True,
+            capture_output=True,
+            timeout=180,
+        )
+        jobs = JobSubmissionClient(dashboard)
+        deadline = time.monotonic() + 120
+        while True:  # two drivers submitted and ended: each end was retried
+            ended = [
+                j
+                for j in jobs.list_jobs()
+                if (j.metadata or {}).get("pdcluster") == "up" and j.status == JobStatus.FAILED
+            ]
+            if len(ended) >= 2:
+                break
+            assert "error" not in out, f"the constructor raised {out['error']!r}"
+            assert time.monotonic() < deadline, "no driver was submitted again"
+            time.sleep(0.5)
+        _Router.serving.set()
+        bootstrap.join(60)
+        assert "app" in out, out.get("error", "still waiting 60 s after the router answered")
+        assert out["app"].job in {j.submission_id for j in jobs.list_jobs()}
+    finally:
+        _Router.serving.set()  # a constructor still running returns
+        router.shutdown()
+        pids = _cluster_pids(base, client_port)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(base, ignore_errors=True)

@@ -169,16 +169,20 @@ def test_64_streams_disconnect_at_random_points(cluster):
 
 
 async def _streams(url: str, prompts: list[str], max_tokens: int, on_progress=None) -> list[str]:
-    """Stream every prompt; once all are sent, run `on_progress` (in a thread)."""
+    """Stream every prompt (greedy, and every other one sampled with a seed); once all
+    are sent, run `on_progress` (in a thread)."""
 
     async def one(i: int, client: httpx.AsyncClient) -> str:
+        # Every other stream is sampled with a seed: its text, too, must not depend on
+        # which workers produced it (a migration continues the same random stream).
+        sampling = {"temperature": 0.9, "seed": 100 + i} if i % 2 else {"temperature": 0}
         body = chat(
             prompts[i],
             max_tokens=max_tokens,
-            temperature=0,
             stream=True,
             ignore_eos=True,
             skip_special_tokens=False,
+            **sampling,
         )
         text = []
         async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
@@ -524,6 +528,49 @@ def test_one_router_replica_killed_under_load_fails_only_its_streams(cluster):
     # Serve starts a new replica; the killed one's report is dropped; nothing leaks.
     _router_replicas(cluster.url, gone=victim)
     assert_idle(cluster.url)
+
+
+def _actor(name: str) -> dict:
+    """A live actor's entry in the GCS's table, by class or actor name."""
+    from ray._private.state import actors
+
+    return next(
+        a
+        for a in actors().values()
+        if a["State"] != "DEAD" and name in (a["ActorClassName"], a["Name"])
+    )
+
+
+def test_a_stalled_worker_is_killed_once_when_the_router_peers_answer_late(cluster):
+    """The router replicas' shared actor (cluster/peers.py) is frozen while a worker
+    stalls: each router replica gives up waiting for it and kills the worker itself.
+    When the peers actor runs the restarts queued meanwhile, they must not kill the
+    fresh process Ray has started since: a kill names one process (pid and start time),
+    never whatever process the worker has at that moment."""
+    wait_healthy(cluster.url)
+    g = cluster.prefill[1]
+    name = "pdcluster-prefill-1-rank0"
+    stalled = ray.get(g.leader.ready.remote(), timeout=10)["pid"]
+    restarts = _actor(name)["NumRestarts"]
+    peers = _actor("Peers")["Pid"]
+    os.kill(peers, signal.SIGSTOP)
+    try:
+        os.kill(stalled, signal.SIGSTOP)
+        deadline = time.monotonic() + 60
+        while (fresh := _actor(name)).get("Pid") in (stalled, 0, None) or fresh["State"] != "ALIVE":
+            assert time.monotonic() < deadline, f"never restarted: {fresh}"
+            time.sleep(0.2)
+        fresh = ray.get(g.leader.ready.remote(), timeout=60)["pid"]
+    finally:
+        os.kill(peers, signal.SIGCONT)  # the restarts it was asked for meanwhile now run
+        try:
+            os.kill(stalled, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    time.sleep(3)  # they have run: one call each, a few ms
+    assert ray.get(g.leader.ready.remote(), timeout=30)["pid"] == fresh
+    assert _actor(name)["NumRestarts"] == restarts + 1
+    wait_healthy(cluster.url)
 
 
 def test_a_replica_gone_for_good_is_reported_lost_and_polled_rarely(cluster):

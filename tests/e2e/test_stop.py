@@ -1,12 +1,14 @@
 """Stopping `pdcluster up` is clean: SIGTERM to the process alone or to its whole
 process group (what a supervisor does), or Ctrl-C in the terminal that ran it under a
-shell or `make` (SIGINT to that foreground group), ends every process it started within
-15 s, and none is left burning CPU."""
+shell or `make` (SIGINT to that foreground group), while it serves or while it is still
+starting, ends every process it started within 15 s, and none is left burning CPU. A
+requested stop is not a crash: exit status 0 and no stack dump."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +22,9 @@ import yaml
 from tests.support import ROOT
 
 STOP_S = 15.0
+# What a crash leaves on stderr: a Python traceback, Ray's C++ failure handler's dump
+# ("*** SIGTERM received at ... / PC: @"), a failed Ray check, a fatal Python error.
+DUMP = re.compile(r"Traceback \(most recent|\*\*\* SIG|PC: @|Check failed|Fatal Python error")
 
 
 def _descendants(pid: int) -> set[int]:
@@ -72,8 +77,28 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.mark.parametrize("target", ["process", "group", "terminal"])
-def test_a_stop_signal_stops_everything_it_started(tmp_path, target):
+def _starting(pid: int, moment: str) -> bool:
+    """`ray`: the local cluster's first Ray process is up and the CLI has not connected
+    to it yet; `workers`: the worker actors' processes are starting (a real start-up
+    spends minutes here, loading weights)."""
+    cmds = [_cmd(p) for p in _descendants(pid)]
+    if moment == "ray":
+        return any("gcs_server" in c for c in cmds)
+    return any("ray::PrefillWorker" in c or "ray::DecodeWorker" in c for c in cmds)
+
+
+@pytest.mark.parametrize(
+    "target,moment",
+    [
+        ("process", "serving"),
+        ("group", "serving"),
+        ("terminal", "serving"),
+        ("process", "ray"),
+        ("group", "workers"),
+        ("terminal", "workers"),
+    ],
+)
+def test_a_stop_signal_stops_everything_it_started(tmp_path, target, moment):
     cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     cfg["router"]["port"] = port = 8019
     path = tmp_path / "cluster.yaml"
@@ -87,11 +112,18 @@ def test_a_stop_signal_stops_everything_it_started(tmp_path, target):
         start_new_session=True,  # its own process group, as a terminal would give it
         preexec_fn=_terminal_job if target == "terminal" else None,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=(stderr := (tmp_path / "stderr").open("w")),
     )
+    streams = []
     try:
         deadline = time.monotonic() + 180
-        while True:
+        while moment != "serving":
+            assert proc.poll() is None, "pdcluster up exited early"
+            if _starting(proc.pid, moment):
+                break
+            assert time.monotonic() < deadline, f"no {moment} process started"
+            time.sleep(0.1)
+        while moment == "serving":
             assert proc.poll() is None, "pdcluster up exited early"
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
@@ -100,33 +132,10 @@ def test_a_stop_signal_stops_everything_it_started(tmp_path, target):
                 pass
             assert time.monotonic() < deadline, "cluster did not come up"
             time.sleep(1)
-        # Busy when stopped: streams decoding (and queued for KV) on every worker.
-        body = {
-            "model": "tiny-llama",
-            "prompt": "keep going " * 20,
-            "max_tokens": 400,
-            "ignore_eos": True,
-            "stream": True,
-        }
-        streams = [
-            subprocess.Popen(
-                [
-                    "curl",
-                    "-sN",
-                    "-o",
-                    "/dev/null",
-                    "-H",
-                    "Content-Type: application/json",
-                    "-d",
-                    json.dumps(body),
-                    f"http://127.0.0.1:{port}/v1/completions",
-                ]
-            )
-            for _ in range(24)
-        ]
-        time.sleep(3)
+        if moment == "serving":
+            streams = _busy(port)
         started = _descendants(proc.pid)
-        assert len(started) > 5  # raylets, GCS, workers, Serve
+        assert len(started) > (5 if moment == "serving" else 1)  # reaper, GCS, raylets, workers
         t0 = time.monotonic()
         if target == "group":
             os.killpg(proc.pid, signal.SIGTERM)
@@ -137,17 +146,55 @@ def test_a_stop_signal_stops_everything_it_started(tmp_path, target):
         while (proc.poll() is None or any(_alive(p) for p in started)) and (
             time.monotonic() - t0 < STOP_S
         ):
+            started |= _descendants(proc.pid)  # still starting: what it starts meanwhile too
             time.sleep(0.2)
+        took = time.monotonic() - t0
         left = sorted((p, _cmd(p)) for p in started if _alive(p))
         assert proc.poll() is not None and not left, (
-            f"after {STOP_S}s: up {'running' if proc.poll() is None else 'gone'}, left {left}; "
+            f"after {took:.1f}s: up {'running' if proc.poll() is None else 'gone'}, left {left}; "
             f"signal masks: {[(p, _signals(p)) for p in started if 'cluster.cli' in _cmd(p)]}"
         )
+        print(f"{target} at {moment}: stopped in {took:.1f}s, exit status {proc.returncode}")
+        err = (tmp_path / "stderr").read_text()
+        dumps = [ln for ln in err.splitlines() if DUMP.search(ln)]
+        assert proc.returncode == 0 and not dumps, (
+            f"stopped in {took:.1f}s with exit status {proc.returncode}; {dumps[:6]}"
+        )
     finally:
-        for s in locals().get("streams", []):
+        stderr.close()
+        for s in streams:
             s.kill()
         for p in [proc.pid, *_descendants(proc.pid), *locals().get("started", [])]:
             try:
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def _busy(port: int) -> list[subprocess.Popen]:
+    """Streams decoding (and queued for KV) on every worker, for 3 s before the stop."""
+    body = {
+        "model": "tiny-llama",
+        "prompt": "keep going " * 20,
+        "max_tokens": 400,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    streams = [
+        subprocess.Popen(
+            [
+                "curl",
+                "-sN",
+                "-o",
+                "/dev/null",
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                json.dumps(body),
+                f"http://127.0.0.1:{port}/v1/completions",
+            ]
+        )
+        for _ in range(24)
+    ]
+    time.sleep(3)
+    return streams

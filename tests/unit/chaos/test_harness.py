@@ -51,6 +51,8 @@ def test_thresholds_per_scenario_override_the_defaults():
         ({"scenarios": {"kill-router": {"max_hung": True}}}, "kill-router.max_hung"),
         ({"concurrency": 0}, "chaos.concurrency"),
         ({"thresholds": {"min_success_rate": 2}}, "chaos.thresholds.min_success_rate"),
+        ({"soak": {"rejected_share": 1.0}}, "chaos.soak.rejected_share"),
+        ({"soak": {"fault_every_s": -1}}, "chaos.soak.fault_every_s"),
     ],
 )
 def test_bad_chaos_config_names_the_key(chaos, path):
@@ -92,6 +94,37 @@ def test_excuse_in_flight_leaves_out_only_failures_in_flight_at_the_fault():
     assert res.excused == 0 and res.success_rate == 8 / 12
 
 
+def test_a_node_lost_for_good_is_judged_against_its_survivors():
+    """lose-node: recovery is against the share of replicas left, the load stops once the
+    survivors are healthy and the lost ones seen as not, and a busy head is named."""
+    target = harness.Target(_cfg(), "http://127.0.0.1:9")
+    target.cfg = parse_config(
+        {"cluster": {"address": "auto"}, "prefill": {"replicas": 2}, "decode": {"replicas": 3}}
+    )
+    try:
+        assert target.surviving({}) == 1.0
+        assert target.surviving({"decode": 1, "prefill": 1}) == 0.5
+        monitor = harness.HealthMonitor(target)
+        lost = {"decode": 1, "prefill": 1}
+        h = {"status": "ok", "prefill_healthy": 2, "decode_healthy": 3, "lost": []}
+        assert monitor.all_healthy(h) and not monitor.all_healthy(h, lost)  # loss not seen yet
+        h.update(prefill_healthy=1, decode_healthy=2)
+        assert monitor.all_healthy(h, lost) and not monitor.all_healthy(h)
+        assert not monitor.all_healthy(None, lost)
+    finally:
+        target.close()
+    res = harness.Result("lose-node", "x", sent=10, succeeded=10, recover_s=1.0)
+    res.thresholds, res.head_cpu = {"max_head_cpu": 0.1}, 1.84
+    res.head_cpu_by = {"DashboardAgent": 0.92, "gcs_server": 0.91, "raylet": 0.01}
+    harness.Harness._check(None, res, harness.thresholds_for(_cfg(), "lose-node"))
+    assert res.failures == [
+        "head at 184% of a core > 10% (DashboardAgent 92%, gcs_server 91%, raylet 1%)"
+    ]
+    res.failures, res.head_cpu = [], 0.04
+    harness.Harness._check(None, res, harness.thresholds_for(_cfg(), "lose-node"))
+    assert res.passed
+
+
 def test_report_table_has_one_row_per_scenario(tmp_path):
     cfg = _cfg()
     base = harness.Baseline({0: "t"}, goodput=10.0, requests=50, nondeterministic=0)
@@ -100,11 +133,15 @@ def test_report_table_has_one_row_per_scenario(tmp_path):
     ok.load_start, ok.fault_start, ok.fault_end = 99.0, 100.0, 100.0
     ok.timeline = report.timeline(ok, base, str(tmp_path))
     skipped = harness.Result("kill-tp-rank", "b", skipped="tp is 1")
-    rep = report.write(str(tmp_path), cfg, base, [ok, skipped], seed=3)
+    lost = harness.Result("lose-node", "c", sent=5, succeeded=5, recover_s=2.0, goodput_after=9.5)
+    lost.lost, lost.head_cpu, lost.head_cpu_by = {"decode": 1}, 0.031, {"gcs_server": 0.02}
+    rep = report.write(str(tmp_path), cfg, base, [ok, skipped, lost], seed=3)
     assert rep["passed"] and json.loads((tmp_path / "report.json").read_text())["seed"] == 3
     md = (tmp_path / "report.md").read_text()
     assert "| kill-decode-worker | 10 | 10 | 0 | 0 | 0 | 100.0% |" in md
     assert "skipped: tp is 1" in md
+    assert "Lost for good: 1 decode. Survivors' goodput 9.50 req/s" in md
+    assert "3.1% of a core (gcs_server 2.0%)" in md
     assert (tmp_path / "kill-decode-worker.png").stat().st_size > 10_000
 
 
@@ -125,6 +162,17 @@ def test_soak_growth_is_a_slope_per_process_and_restarts_start_a_new_series():
     assert g["router (pid 9)"]["rss_mb_per_10k"] == pytest.approx(10.0)
     assert g["decode-0 (pid 1)"]["rss_mb_per_10k"] == 0.0
     assert g["decode-0 (pid 2)"]["rss_mb_per_10k"] == 0.0
+
+
+def test_soak_growth_after_a_warm_up_counted_in_requests():
+    """RSS that climbs while caches fill, then stays flat: no growth once warmed up."""
+    samples = [
+        {"requests": k * 1000, "procs": {"router": (9, (100 + min(k, 25)) * 2**20, 40)}}
+        for k in range(60)
+    ]
+    assert soak._growth(samples)["router (pid 9)"]["rss_mb_per_10k"] > 0.5
+    g = soak._growth(samples, warmup_requests=25_000)["router (pid 9)"]
+    assert g["rss_mb_per_10k"] == 0.0 and g["requests"] == 34_000
 
 
 def test_percentile_and_prompts():
@@ -148,12 +196,20 @@ class _Endpoint(BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         kind = body["prompt"].split()[0]
-        if kind == "429":
-            data = json.dumps({"error": {"message": "full", "type": "x", "code": 429}}).encode()
-            self.send_response(429)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+        if len(body["prompt"].split()) > 64:  # over this endpoint's context
+            kind, code = "400", "context_length_exceeded"
+        else:
+            code = kind
+        if kind in ("429", "400"):
+            err = {"error": {"message": "no", "type": "x", "code": code}}
+            self._answer(int(kind), json.dumps(err).encode())
+            return
+        if not body["stream"]:
+            answer = {
+                "choices": [{"index": 0, "text": "hello", "finish_reason": "length"}],
+                "usage": {"prompt_tokens": 2, "completion_tokens": 2},
+            }
+            self._answer(200, json.dumps(answer).encode())
             return
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -175,6 +231,12 @@ class _Endpoint(BaseHTTPRequestHandler):
             event({"choices": [{"index": 0, "text": "llo", "finish_reason": "length"}]})
             event({"choices": [], "usage": {"completion_tokens": 2}})
         self.wfile.write(b"data: [DONE]\n\n")
+
+    def _answer(self, status: int, data: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
 
 @pytest.fixture
@@ -203,7 +265,7 @@ def test_load_records_every_way_a_request_ends(endpoint):
     assert ok.completed and ok.text == "hello" and ok.tokens == 2 and ok.ttft is not None
     assert not err.completed and err.error == "stream error 503: decode lost" and err.text == "he"
     assert not cut.completed and cut.error == "stream cut off"
-    assert full.status == 429 and full.error == "429 429: full"
+    assert full.status == 429 and full.error == "429 429: no"
     assert slow.hung and not slow.completed
 
 
@@ -218,3 +280,28 @@ def test_load_with_a_total_sends_exactly_that_many_then_finishes(endpoint, rate)
     assert len(records) == 7 and all(r.completed for r in records)
     assert sorted(r.index for r in records) == list(range(7))
     assert wall >= max(r.end for r in records) - min(r.start for r in records) > 0
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_load_sends_a_share_of_over_long_prompts_and_expects_them_refused(endpoint, stream):
+    """The soak's mix: one request in five carries a prompt over the context (a 400)."""
+    from chaos.load import over_long_prompt
+
+    shape = LoadShape(
+        prompts=["ok a"],
+        max_tokens=2,
+        model="m",
+        concurrency=3,
+        total=20,
+        stream=stream,
+        rejected_share=0.2,
+        rejected_prompt=over_long_prompt(64),
+    )
+    load = Load(endpoint, shape).start()
+    while not load.finished:
+        threading.Event().wait(0.05)
+    records = sorted(load.stop(), key=lambda r: r.index)
+    assert [r.index for r in records if r.rejected] == [4, 9, 14, 19]
+    assert all(r.refused and not r.completed for r in records if r.rejected)
+    assert all(r.completed and r.text == "hello" for r in records if not r.rejected)
+    assert len(over_long_prompt(64).split()) == 65

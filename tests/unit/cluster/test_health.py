@@ -40,11 +40,13 @@ def _stats(free_blocks: int, steps: int = 0) -> DecodeStats:
 
 
 class Replica:
-    """Answers stats() with `free_blocks`, or never once `frozen` (a SIGSTOPped worker)."""
+    """Answers stats() with `free_blocks`, or never once `frozen` (a SIGSTOPped worker),
+    and says when its process started (`__ray_call__(identify)`)."""
 
     def __init__(self, free_blocks: int, delay: float = 0.0, pid: int = 100):
         self.free_blocks, self.frozen, self.delay, self.pid = free_blocks, False, delay, pid
         self.stats = self
+        self.__ray_call__ = _Identify(self)
 
     def remote(self):
         async def answer():
@@ -52,6 +54,19 @@ class Replica:
             while self.frozen:
                 await asyncio.sleep(0.05)
             return msgspec.structs.replace(_stats(self.free_blocks), pid=self.pid)
+
+        return answer()
+
+
+class _Identify:
+    def __init__(self, replica: Replica):
+        self.replica = replica
+
+    def remote(self, fn):
+        async def answer():
+            while self.replica.frozen:
+                await asyncio.sleep(0.05)
+            return self.replica.pid, 1000 + self.replica.pid  # (pid, start time)
 
         return answer()
 
@@ -66,7 +81,12 @@ async def _poll_forever(pool, period: float = 0.25):
 @pytest.fixture
 def killed(monkeypatch):
     out = []
-    monkeypatch.setattr(health.ray, "kill", lambda h, no_restart: out.append(h))
+
+    def kill(handle, incarnation):
+        out.append(handle)
+
+    monkeypatch.setattr(health, "kill_worker", kill)
+    monkeypatch.setattr("cluster.peers.kill_worker", kill)
     return out
 
 
@@ -111,6 +131,58 @@ def test_a_silent_replica_is_found_at_watchdog_s_not_a_wait_later(killed):
     took = asyncio.run(run())
     assert 1.0 <= took < 1.6, took  # the old poll waited a full timeout past the deadline
     assert len(killed) == 1
+
+
+class Dead:
+    """A replica whose actor is dead for good (its group was removed with its node)."""
+
+    def __init__(self):
+        self.stats = self
+
+    def remote(self):
+        async def fail():
+            raise health.ray.exceptions.ActorDiedError()
+
+        return fail()
+
+
+def test_a_replica_dead_for_good_is_found_again_under_its_name(killed, monkeypatch):
+    """The launcher starts a replica lost with its node again under the same name, as a
+    new actor that answers once a node has room for it: the router calls the new one and
+    takes it back as healthy as soon as its first answer comes, not a poll period later."""
+    named: dict[str, Replica] = {}
+
+    def get_actor(name, namespace):
+        assert namespace == "pdcluster"
+        if name not in named:
+            raise ValueError(f"no actor {name}")
+        return named[name]
+
+    monkeypatch.setattr(health.ray, "get_actor", get_actor)
+
+    async def run():
+        pool = health.WorkerPool("decode", [Replica(100), Dead()], 1.0, RouterMetrics(), 0.25)
+        poller = asyncio.create_task(_poll_forever(pool))
+        await asyncio.sleep(0.5)
+        assert pool.healthy == [True, False]  # not started again yet: looked up, not found
+        fresh = named["pdcluster-decode-1-rank0"] = Replica(50, pid=200)
+        fresh.frozen = True  # placed when a node with room joins
+        t0 = time.monotonic()
+        while pool.handles[1] is not fresh:
+            await asyncio.sleep(0.02)
+            assert time.monotonic() - t0 < 5
+        await asyncio.sleep(3.0)  # gone by now (silent past the watchdog): polled rarely
+        assert not pool.healthy[1]
+        fresh.frozen = False
+        t0 = time.monotonic()
+        while not pool.healthy[1]:
+            await asyncio.sleep(0.02)
+            assert time.monotonic() - t0 < 1.0  # polled every 2 s by now
+        poller.cancel()
+        return pool
+
+    pool = asyncio.run(run())
+    assert pool.stats[1].pid == 200 and killed == []
 
 
 def test_a_slow_but_answering_replica_is_neither_suspect_nor_killed(killed):
@@ -174,15 +246,15 @@ def test_peers_kill_each_incarnation_once_and_a_never_heard_one_after_a_grace(ki
     clock = [1000.0]
     monkeypatch.setattr("cluster.peers.time.monotonic", lambda: clock[0])
     peers = Peers(watchdog_s=3.0, health_period_s=0.5)
-    assert peers.restart("decode-0", "h", "n:100")
+    assert peers.restart("decode-0", "h", "n:100:7")
     clock[0] += 0.5
     # Another replica, with the same stale stats, or with none (it never heard from the
     # worker: a replica Serve just started): the fresh process is left alone.
-    assert not peers.restart("decode-0", "h", "n:100")
+    assert not peers.restart("decode-0", "h", "n:100:7")
     assert not peers.restart("decode-0", "h", None)
     clock[0] += 10
-    assert not peers.restart("decode-0", "h", "n:100")  # that process is gone already
-    assert peers.restart("decode-0", "h", "n:101")  # the new one stalled in turn
+    assert not peers.restart("decode-0", "h", "n:100:7")  # that process is gone already
+    assert peers.restart("decode-0", "h", "n:101:9")  # the new one stalled in turn
     assert peers.restart("prefill-0", "p", None)  # never killed: no grace to wait
     clock[0] += peers.unknown_grace_s
     assert peers.restart("decode-0", "h", None)

@@ -78,6 +78,25 @@ def test_rayservice_validates_against_the_kuberay_crd(rayservice_schema):
     assert "pdcluster_head" in head["resources"]
 
 
+def test_the_head_installs_the_edge_bounds_in_serves_proxy():
+    """KubeRay starts Serve, not `pdcluster up`: the head's environment names the proxy
+    callback that installs cluster/edge.py, and that callback imports and installs."""
+    import importlib
+
+    import uvicorn.config
+
+    rs = _kind("RayService")
+    spec = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+    module, _, fn = env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"].partition(":")
+    auto = uvicorn.config.HTTP_PROTOCOLS["auto"]
+    try:
+        assert getattr(importlib.import_module(module), fn)() == []
+        assert uvicorn.config.HTTP_PROTOCOLS["auto"] == "cluster.edge:EdgeProtocol"
+    finally:
+        uvicorn.config.HTTP_PROTOCOLS["auto"] = auto
+
+
 def test_the_schema_check_can_fail(rayservice_schema):
     rs = copy.deepcopy(_kind("RayService"))
     rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replica"] = 2  # typo of replicas
@@ -98,6 +117,9 @@ def test_configmap_config_passes_check_config(tmp_path):
     cfg = yaml.safe_load(text)
     assert cfg["cluster"]["address"] == "auto" and cfg["model"]["cache_dir"]
     assert cfg["prefill"]["tensor_parallel_size"] == 1
+    # /debug/state (pids, node ids, every worker's state) stays off on a router that
+    # listens on 0.0.0.0: deploy/README.md says how to reach it safely when needed.
+    assert cfg["router"]["host"] == "0.0.0.0" and not cfg["router"].get("debug_state", False)
 
 
 def test_serve_config_passes_serve_schema_and_its_app_builds():
