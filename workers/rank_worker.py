@@ -3,6 +3,7 @@ actor modules it imports torch only where it runs (see `workers/leader.py`)."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -10,6 +11,8 @@ import ray
 
 from transfer.handle import RankKV
 from workers.api import RankStats, WorkerSpec
+
+log = logging.getLogger("pdcluster.tp")
 
 
 @ray.remote
@@ -20,7 +23,7 @@ class RankWorker:
 
     def __init__(self, spec: WorkerSpec):
         from workers.engine_thread import exit_when_orphaned, load_runner, make_backend
-        from workers.tp import RENDEZVOUS_TIMEOUT_S, TPGroup
+        from workers.tp import TPGroup
 
         exit_when_orphaned()
         self.spec = spec
@@ -30,8 +33,7 @@ class RankWorker:
         self.omp_threads: int | None = None
         tp = self.runner.tp = TPGroup(spec.tp_rank, spec.tp_size, self.runner.device)
         try:
-            leader = ray.get_actor(spec.rank_name(0))
-            tp.join(ray.get(leader.tp_address.remote(), timeout=RENDEZVOUS_TIMEOUT_S))
+            tp.join(leader_store(ray.get_actor(spec.rank_name(0)), tp))
             tp.gather(self.agent.rank_kv([]))
         except Exception as e:  # noqa: BLE001 - exit, so Ray restarts us to try again
             tp.failed(e)
@@ -68,3 +70,25 @@ class RankWorker:
 
     def stats(self) -> RankStats:
         return RankStats(rank=self.spec.tp_rank, steps=self.steps, omp_threads=self.omp_threads)
+
+
+def leader_store(leader, tp) -> tuple[str, int, str]:
+    """The rendezvous address of `leader` (rank 0's actor), once `tp` is connected to its
+    store. An address whose store is gone came from a leader that ended after answering
+    (the group restarts as a unit, and a follower back first can ask the old leader):
+    asked again, the restarted leader answers. Waiting out a gone store instead (60 s)
+    would outlast the new leader's wait for this rank (30 s), and the two would keep
+    restarting out of step."""
+    from workers.tp import RENDEZVOUS_TIMEOUT_S
+
+    deadline = time.monotonic() + RENDEZVOUS_TIMEOUT_S
+    while True:
+        address = ray.get(leader.tp_address.remote(), timeout=RENDEZVOUS_TIMEOUT_S)
+        try:
+            tp.connect(address)
+            return address
+        except Exception:  # noqa: BLE001 - a gone store: ask again, within the bound
+            if time.monotonic() > deadline:
+                raise
+            log.warning("rank %d: leader store %s gone; asking again", tp.rank, address)
+            time.sleep(0.5)

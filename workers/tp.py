@@ -34,6 +34,7 @@ log = logging.getLogger("pdcluster.tp")
 KEEPALIVE_S = 2.0  # leader sends an empty plan when idle this long
 COLLECTIVE_TIMEOUT_S = 30.0  # a collective that waits longer ends the process
 RENDEZVOUS_TIMEOUT_S = 60.0  # one attempt to form the group
+STORE_CONNECT_S = 3.0  # a follower reaching the leader's store (gone: a stale address)
 
 
 class StepPlan(msgspec.Struct, array_like=True):
@@ -89,8 +90,19 @@ class TPGroup:
         self.address = (host, self._store.port, uuid.uuid4().hex)
         return self.address
 
+    def connect(self, address: tuple[str, int, str]) -> None:
+        """Follower: reach the leader's store at `address` within STORE_CONNECT_S. It
+        fails when that store is gone: the address came from a leader that has ended
+        since (a group restarting as a unit), and the follower asks again."""
+        host, port, _ = address
+        self._store = dist.TCPStore(
+            host, port, None, False, timeout=datetime.timedelta(seconds=STORE_CONNECT_S)
+        )
+        self._store.set_timeout(datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
+
     def join(self, address: tuple[str, int, str]) -> None:
-        """Form the group (every rank calls this; blocks until all have)."""
+        """Form the group (every rank calls this; blocks until all have). A follower
+        has connected to the leader's store first (`connect`)."""
         host, port, gen = address
         store = self._store or dist.TCPStore(
             host, port, None, False, timeout=datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S)

@@ -26,6 +26,11 @@ import pytest
 from tests.support import greedy_completion, hf_greedy, load_test_config, running_cluster
 
 RAY = str(Path(sys.executable).with_name("ray"))
+# The external cluster runs without Ray's token authentication, whatever this machine holds:
+# with RAY_AUTH_MODE unset, `ray start --head` turns it on when ~/.ray/auth_token exists
+# (any earlier `ray.init()` that started a cluster writes one), while `ray start --address`
+# and the job client here send no token: every other node's start-up then fails.
+NO_TOKEN = {"RAY_AUTH_MODE": "disabled"}
 
 # Another tenant's Serve app on the external cluster (argv: GCS address, HTTP port).
 OTHER_APP = """
@@ -100,6 +105,7 @@ def external():
     gcs = f"127.0.0.1:{port}"
     env = {
         **os.environ,
+        **NO_TOKEN,
         "RAY_USAGE_STATS_ENABLED": "0",
         "UCX_NET_DEVICES": "lo",
         "GLOO_SOCKET_IFNAME": "lo",
@@ -273,7 +279,7 @@ def test_kuberay_bootstrap_retries_every_failure_until_the_router_answers(monkey
                 "--disable-usage-stats",
                 f"--temp-dir={base / 'ray'}",
             ],
-            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+            env={**os.environ, **NO_TOKEN, "RAY_USAGE_STATS_ENABLED": "0"},
             check=True,
             capture_output=True,
             timeout=180,
