@@ -130,7 +130,8 @@ class EdgeProtocol(HttpToolsProtocol):
         """Output the client has not taken: in the transport, and sent but not acknowledged
         by the client (the kernel's send queue, which autotunes to hundreds of KB)."""
         n = self.transport.get_write_buffer_size()
-        with contextlib.suppress(OSError, AttributeError):
+        # ValueError: the socket is closed already (fileno -1), nothing left in the kernel.
+        with contextlib.suppress(OSError, AttributeError, ValueError):
             fd = self.transport.get_extra_info("socket").fileno()
             n += struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
         return n

@@ -306,7 +306,7 @@ def test_kuberay_bootstrap_retries_every_failure_until_the_router_answers(monkey
     finally:
         # A constructor still running (the test failed) returns: nothing left to keep,
         # and the router answers.
-        monkeypatch.setattr(kuberay.PdclusterUp, "_keep_driver", lambda self: None)
+        monkeypatch.setattr(kuberay.PdclusterUp.func_or_class, "_keep_driver", lambda self: None)
         _Router.serving.set()
         bootstrap.join(10)
         router.shutdown()
