@@ -10,9 +10,10 @@ that newer short prompts keep taking.
 
 This load does not reach the starvation the engine fix closed (a newer prompt taking the
 blocks an older waiting pull needs): at the commit before it (3621d7f), which already
-ordered pulls and local prompts at admission, it measured the same as after (long p50 2.8-3.0 s, max 9.7-11.9 s; see
-benchmarks/README.md). The case that failed first is the unit test in
-tests/unit/workers/test_engine.py; this one guards the whole path on the real model.
+ordered pulls and local prompts at admission, it measured the same as after (long p50
+2.8-3.0 s, max 9.7-11.9 s; see benchmarks/README.md). The case that failed first is the
+unit test in tests/unit/workers/test_engine.py; this one guards the whole path on the
+real model.
 """
 
 from __future__ import annotations
