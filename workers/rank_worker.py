@@ -87,8 +87,8 @@ def leader_store(leader, tp) -> tuple[str, int, str]:
         try:
             tp.connect(address)
             return address
-        except Exception:  # noqa: BLE001 - a gone store: ask again, within the bound
+        except Exception:  # noqa: BLE001 - a gone or formed group: ask again, in the bound
             if time.monotonic() > deadline:
                 raise
-            log.warning("rank %d: leader store %s gone; asking again", tp.rank, address)
+            log.warning("rank %d: leader at %s gone or formed; asking again", tp.rank, address)
             time.sleep(0.5)

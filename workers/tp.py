@@ -58,6 +58,10 @@ def exit_for_restart(what: str, e: BaseException) -> NoReturn:
     os._exit(1)
 
 
+def _formed(address: tuple[str, int, str]) -> str:
+    return f"pdcluster/{address[2]}/formed"
+
+
 class TPGroup:
     """This process's place in its group's torch.distributed world."""
 
@@ -99,6 +103,12 @@ class TPGroup:
             host, port, None, False, timeout=datetime.timedelta(seconds=STORE_CONNECT_S)
         )
         self._store.set_timeout(datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
+        if self._store.check([_formed(address)]):
+            # That leader formed its group already, with the process this one replaces:
+            # it is about to end (its next collective fails), and joining it would wait
+            # out a peer that never answers.
+            self._store = None
+            raise RuntimeError(f"the group at {host}:{port} was formed already")
 
     def join(self, address: tuple[str, int, str]) -> None:
         """Form the group (every rank calls this; blocks until all have). A follower
@@ -115,6 +125,8 @@ class TPGroup:
             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
         )
         self._plans = dist.new_group(backend="gloo") if self.backend != "gloo" else None
+        if self.rank == 0:  # a follower that finds this has a stale address (`connect`)
+            store.set(_formed(address), "1")
         log.info(
             "tensor-parallel rank %d/%d joined %s:%d (%s)",
             self.rank,

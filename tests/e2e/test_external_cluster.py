@@ -276,6 +276,10 @@ def test_kuberay_bootstrap_retries_every_failure_until_the_router_answers(monkey
                 "--include-dashboard=true",
                 "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={dash_port}",
+                # Job submission goes through the head's dashboard agent, whose HTTP port is
+                # 52365 by default: taken when another Ray cluster runs on this machine (this
+                # module's own external cluster does), and then no job ever runs.
+                f"--dashboard-agent-listen-port={_free_port()}",
                 "--node-ip-address=127.0.0.1",
                 "--num-cpus=0",
                 "--disable-usage-stats",

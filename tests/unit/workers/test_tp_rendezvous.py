@@ -5,7 +5,9 @@ the new leader gave up first, and the two kept restarting out of step (seen once
 tests/e2e/test_tensor_parallel_cluster.py: four leader restarts in two minutes).
 
 Real TPGroups (TCPStore and gloo): the leader in a process of its own, the follower here;
-the leader's actor is a stand-in that answers the old address once, then the new one."""
+the leader's actor is a stand-in that answers the old address once, then the new one. A
+follower given the address of a leader whose group is already formed (that leader ends at
+its next collective) is refused at once instead of waiting out a peer that never comes."""
 
 from __future__ import annotations
 
@@ -65,5 +67,12 @@ def test_a_follower_given_a_gone_leaders_address_asks_again(monkeypatch):
         took = time.monotonic() - t0
         print(f"group formed {took:.1f} s after the stale answer")
         assert took < 25.0, took  # the leader waits 30 s for its followers
+        # A follower restarted while this leader still lives (it ends at its next
+        # collective) is told at once that the group is formed, and asks again.
+        late = TPGroup(1, 2, torch.device("cpu"))
+        t1 = time.monotonic()
+        with pytest.raises(RuntimeError, match="formed already"):
+            late.connect(address)
+        assert time.monotonic() - t1 < 2.0
     finally:
         lead.kill()
