@@ -77,6 +77,16 @@ def _cluster_pids(base: Path, client_port: int) -> list[int]:
     return sorted(pids)
 
 
+def _kill(pids: list[int]) -> list[int]:
+    """SIGKILL each of `pids` still there; returns them."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return pids
+
+
 def _ray_start(cmd: list[str], env: dict, node_dir: Path) -> None:
     """`ray start` one node of the external cluster, and once more if that fails (its
     processes killed first): Ray gives a new node 30 s, not configurable, to register with
@@ -90,11 +100,7 @@ def _ray_start(cmd: list[str], env: dict, node_dir: Path) -> None:
                 print(f"ray start {node_dir.name} failed once, then started:\n{errors[0]}")
             return
         errors.append((r.stdout + r.stderr)[-3000:])
-        for pid in _cluster_pids(node_dir, -1):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill(_cluster_pids(node_dir, -1))
         time.sleep(2)
     raise AssertionError(f"{' '.join(cmd[1:])} failed twice:\n" + "\n---\n".join(errors))
 
@@ -143,12 +149,7 @@ def external():
             )
         yield gcs, base
     finally:
-        pids = _cluster_pids(base, client_port)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        pids = _kill(_cluster_pids(base, client_port))
         deadline = time.monotonic() + 30
         while any(Path(f"/proc/{pid}").exists() for pid in pids):
             assert time.monotonic() < deadline, "external cluster processes did not exit"
@@ -314,10 +315,5 @@ def test_kuberay_bootstrap_retries_every_failure_until_the_router_answers(monkey
         _Router.serving.set()
         bootstrap.join(10)
         router.shutdown()
-        pids = _cluster_pids(base, client_port)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill(_cluster_pids(base, client_port))
         shutil.rmtree(base, ignore_errors=True)
