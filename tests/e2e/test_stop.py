@@ -45,9 +45,11 @@ def _descendants(pid: int) -> set[int]:
     return out
 
 
-def _cmd(pid: int) -> str:
+def _cmd(pid: int, limit: int | None = 80) -> str:
+    """The process's command line, cut to `limit` characters for a message; whole for a
+    match (a checkout at a longer path pushes a binary's name past 80 characters)."""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")[:80]
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")[:limit]
     except FileNotFoundError:
         return "?"
 
@@ -81,7 +83,7 @@ def _starting(pid: int, moment: str) -> bool:
     """`ray`: the local cluster's first Ray process is up and the CLI has not connected
     to it yet; `workers`: the worker actors' processes are starting (a real start-up
     spends minutes here, loading weights)."""
-    cmds = [_cmd(p) for p in _descendants(pid)]
+    cmds = [_cmd(p, limit=None) for p in _descendants(pid)]
     if moment == "ray":
         return any("gcs_server" in c for c in cmds)
     return any("ray::PrefillWorker" in c or "ray::DecodeWorker" in c for c in cmds)
