@@ -38,7 +38,7 @@ import msgspec
 import uvicorn.config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from cluster.protocol import error_body
+from cluster.responses import error_body
 
 ENV = "PDCLUSTER_EDGE"  # the limits below, as JSON, in the proxy's environment
 # The ASGI receive event the edge sends a request whose client it cut off for reading too

@@ -1,4 +1,4 @@
-"""The OpenAI wire format: request structs, admission checks, response builders.
+"""The OpenAI request format: request structs and the checks that need only the body.
 
 Admission policy (DESIGN.md, "Data path" step 1):
 
@@ -11,20 +11,20 @@ Admission policy (DESIGN.md, "Data path" step 1):
 * ill-typed and out-of-range values are a 400 naming the parameter.
 
 Every 4xx raised here is an ``AdmissionError``; ``to_json`` gives OpenAI's
-error shape. Nothing in this module allocates anything on the cluster.
+error shape. Nothing in this module allocates anything on the cluster. The checks
+that need the model (tokens, context length) are in cluster/admission.py, the
+response shapes in cluster/responses.py.
 """
 
 from __future__ import annotations
 
 import re
-import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
-from workers.sampling_params import SamplingParams
+from cluster.responses import error_body
 
 __all__ = [
     "AdmissionError",
@@ -32,23 +32,10 @@ __all__ = [
     "ChatMessage",
     "CompletionRequest",
     "ContentPart",
-    "SSE_DONE",
-    "SamplingParams",
     "StreamOptions",
-    "chat_chunk",
-    "chat_completion",
-    "completion_chunk",
-    "error_body",
-    "error_type_for",
     "message_text",
-    "models_list",
-    "new_request_id",
     "parse_chat",
     "parse_completion",
-    "sse",
-    "text_completion",
-    "to_sampling_params",
-    "usage_chunk",
 ]
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
@@ -58,46 +45,11 @@ MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256  # each is a banned id per sequence per step before min_tokens
 # torch.Generator.manual_seed accepts [-2**63, 2**64).
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
-# Below this a temperature is treated as greedy (as vLLM does): dividing logits by
-# ~0 overflows.
-_GREEDY_EPS = 1e-5
 
 
 # ---------------------------------------------------------------------------
 # errors
 # ---------------------------------------------------------------------------
-
-# The `type` string per HTTP status. OpenAI uses "invalid_request_error" for all
-# 4xx request problems (including 404 model_not_found) and "server_error" for 5xx;
-# its 429s carry code "rate_limit_exceeded". The official client maps exceptions
-# by status code, never by `type`, so these are descriptive only.
-_ERROR_TYPES = {
-    400: "invalid_request_error",
-    404: "invalid_request_error",
-    408: "invalid_request_error",
-    413: "invalid_request_error",
-    422: "invalid_request_error",
-    429: "rate_limit_error",
-    500: "server_error",
-    503: "service_unavailable",
-    504: "timeout",
-}
-
-
-def error_type_for(status: int) -> str:
-    return _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-
-
-def error_body(
-    message: str,
-    type: str,
-    param: str | None = None,  # noqa: A002 - OpenAI's name
-    code: str | None = None,
-) -> bytes:
-    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
-    return msgspec.json.encode(
-        {"error": {"message": message, "type": type, "param": param, "code": code}}
-    )
 
 
 class AdmissionError(Exception):
@@ -391,7 +343,7 @@ def _check_ranges(req: ChatCompletionRequest | CompletionRequest) -> None:
     if req.min_tokens is not None:
         if req.min_tokens < 0:
             raise _bad("min_tokens", f"{req.min_tokens}; it must be at least 0")
-        cap = _requested_max_tokens(req)
+        cap = requested_max_tokens(req)
         if cap is not None and req.min_tokens > cap:
             raise _bad("min_tokens", f"{req.min_tokens} is larger than max_tokens ({cap})")
     if req.n is not None and req.n < 1:
@@ -564,240 +516,6 @@ def _normalize_prompt(p: Any) -> str | list[int]:
     return p
 
 
-def _requested_max_tokens(req: ChatCompletionRequest | CompletionRequest) -> int | None:
+def requested_max_tokens(req: ChatCompletionRequest | CompletionRequest) -> int | None:
+    """The completion length the client asked for (max_completion_tokens first), if any."""
     return getattr(req, "max_completion_tokens", None) or req.max_tokens
-
-
-def model_vocab_size(model_dir: str, default: int) -> int:
-    """The model's vocabulary size (its config.json), the range of valid token ids."""
-    import json
-    from pathlib import Path
-
-    try:
-        return int(json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"])
-    except (OSError, KeyError, ValueError, TypeError):
-        return default
-
-
-def to_sampling_params(
-    req: ChatCompletionRequest | CompletionRequest,
-    *,
-    prompt_len: int,
-    max_model_len: int,
-    default_max_tokens: int,
-    strict: bool,
-    vocab_size: int | None = None,
-) -> SamplingParams:
-    """Resolve defaults and the context window into the workers' SamplingParams.
-
-    A prompt that leaves no room is a 400. An explicit max_tokens larger than the
-    room is clamped (or a 400 when `strict`); the default max_tokens is always
-    clamped, since the client did not ask for it. Token ids the model does not
-    have (`vocab_size`) are a 400 here, never an index error in a worker."""
-    chat = isinstance(req, ChatCompletionRequest)
-    if vocab_size is not None and req.stop_token_ids:
-        bad = [t for t in req.stop_token_ids if t >= vocab_size]
-        if bad:
-            raise _bad(
-                "stop_token_ids", f"ids {bad[:5]} are outside the vocabulary [0, {vocab_size})"
-            )
-        if (req.min_tokens or 0) > 0 and len(set(req.stop_token_ids)) >= vocab_size:
-            raise _bad("stop_token_ids", "with min_tokens they ban every token of the vocabulary")
-    room = max_model_len - prompt_len
-    if room <= 0:
-        raise AdmissionError(
-            f"This model's maximum context length is {max_model_len} tokens, but the "
-            f"{'messages' if chat else 'prompt'} has {prompt_len} tokens, leaving no room "
-            "for the completion. Please shorten it.",
-            "messages" if chat else "prompt",
-            "context_length_exceeded",
-        )
-    asked = _requested_max_tokens(req)
-    max_tokens = asked or default_max_tokens
-    if max_tokens > room:
-        if strict and asked is not None:
-            name = "max_completion_tokens" if chat and req.max_completion_tokens else "max_tokens"
-            raise AdmissionError(
-                f"This model's maximum context length is {max_model_len} tokens. However, "
-                f"you requested {prompt_len + max_tokens} tokens ({prompt_len} in the "
-                f"{'messages' if chat else 'prompt'}, {max_tokens} in the completion). "
-                f"Please reduce the length of the {'messages' if chat else 'prompt'} or "
-                "the completion.",
-                name,
-                "context_length_exceeded",
-            )
-        max_tokens = room
-    temperature = 1.0 if req.temperature is None else float(req.temperature)
-    if temperature < _GREEDY_EPS:
-        temperature = 0.0
-    top_k = -1 if req.top_k in (None, 0) else req.top_k
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=1.0 if req.top_p is None else float(req.top_p),
-        top_k=top_k,
-        seed=req.seed,
-        stop=stop,
-        stop_token_ids=list(req.stop_token_ids or []),
-        ignore_eos=bool(req.ignore_eos),
-        min_tokens=min(req.min_tokens or 0, max_tokens),
-        skip_special_tokens=req.skip_special_tokens is not False,
-        include_stop_str_in_output=bool(req.include_stop_str_in_output),
-        cache_salt=req.cache_salt,
-    )
-
-
-# ---------------------------------------------------------------------------
-# responses
-# ---------------------------------------------------------------------------
-
-SSE_DONE = b"data: [DONE]\n\n"
-
-
-def sse(obj: Any) -> bytes:
-    """One server-sent event: `data: <json>\\n\\n`."""
-    return b"data: " + msgspec.json.encode(obj) + b"\n\n"
-
-
-def new_request_id(chat: bool) -> str:
-    return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-
-
-def _now(created: int | None) -> int:
-    return int(time.time()) if created is None else created
-
-
-def chat_completion(
-    id: str,
-    model: str,
-    text: str,
-    finish_reason: str | None,  # noqa: A002
-    usage: dict,
-    created: int | None = None,
-) -> bytes:
-    """A non-streamed `chat.completion` object, encoded."""
-    return msgspec.json.encode(
-        {
-            "id": id,
-            "object": "chat.completion",
-            "created": _now(created),
-            "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "finish_reason": finish_reason or "stop",
-                    "logprobs": None,
-                }
-            ],
-            "usage": usage,
-        }
-    )
-
-
-def text_completion(
-    id: str,
-    model: str,
-    text: str,
-    finish_reason: str | None,  # noqa: A002
-    usage: dict,
-    created: int | None = None,
-) -> bytes:
-    """A non-streamed `text_completion` object, encoded."""
-    return msgspec.json.encode(
-        {
-            "id": id,
-            "object": "text_completion",
-            "created": _now(created),
-            "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "text": text,
-                    "finish_reason": finish_reason or "stop",
-                    "logprobs": None,
-                }
-            ],
-            "usage": usage,
-        }
-    )
-
-
-def chat_chunk(
-    id: str,
-    model: str,
-    created: int,
-    content: str | None,  # noqa: A002
-    finish_reason: str | None,
-    role: str | None = None,
-) -> dict:
-    """A `chat.completion.chunk`. The first chunk of a stream passes role="assistant"
-    (delta {"role": "assistant", "content": ""}); a finishing chunk carries
-    finish_reason and whatever text came with it (an empty delta when none)."""
-    delta: dict = {}
-    if role is not None:
-        delta = {"role": role, "content": content or ""}
-    elif content:
-        delta = {"content": content}
-    return {
-        "id": id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
-    }
-
-
-def completion_chunk(
-    id: str,
-    model: str,
-    created: int,
-    text: str | None,  # noqa: A002
-    finish_reason: str | None,
-) -> dict:
-    """A streamed `text_completion` chunk."""
-    return {
-        "id": id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
-        ],
-    }
-
-
-def usage_chunk(
-    id: str,
-    model: str,
-    created: int,
-    chat: bool,  # noqa: A002
-    usage: dict,
-) -> dict:
-    """The final chunk sent when stream_options.include_usage: no choices, just usage."""
-    return {
-        "id": id,
-        "object": "chat.completion.chunk" if chat else "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [],
-        "usage": usage,
-    }
-
-
-def models_list(model_id: str, created: int | None = None) -> bytes:
-    """GET /v1/models."""
-    return msgspec.json.encode(
-        {
-            "object": "list",
-            "data": [
-                {
-                    "id": model_id,
-                    "object": "model",
-                    "created": _now(created),
-                    "owned_by": "pdcluster",
-                }
-            ],
-        }
-    )

@@ -1,4 +1,5 @@
-"""Admission (parse + policy + ranges), sampling params, and response shapes."""
+"""Admission (parse + policy + ranges), sampling params, and response shapes
+(cluster/protocol.py, cluster/admission.py, cluster/responses.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from openai.types import Completion, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from cluster import protocol as P
+from cluster import responses
+from cluster.admission import to_sampling_params
 from workers.sampling_params import SamplingParams
 
 
@@ -244,7 +247,7 @@ def test_completion_prompt_checks():
 
 def sp(body: bytes, chat=True, prompt_len=10, max_model_len=100, default=50, strict=False):
     req = P.parse_chat(body) if chat else P.parse_completion(body)
-    return P.to_sampling_params(
+    return to_sampling_params(
         req,
         prompt_len=prompt_len,
         max_model_len=max_model_len,
@@ -320,7 +323,7 @@ def test_error_shape():
         "param": "n",
         "code": e.code,
     }
-    body = json.loads(P.error_body("slow down", "rate_limit_error", code="queue_full"))
+    body = json.loads(responses.error_body("slow down", "rate_limit_error", code="queue_full"))
     assert body == {
         "error": {
             "message": "slow down",
@@ -329,8 +332,8 @@ def test_error_shape():
             "code": "queue_full",
         }
     }
-    assert P.error_type_for(429) == "rate_limit_error"
-    assert P.error_type_for(400) == "invalid_request_error"
+    assert responses.error_type_for(429) == "rate_limit_error"
+    assert responses.error_type_for(400) == "invalid_request_error"
 
 
 USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
@@ -338,7 +341,7 @@ USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
 
 def test_chat_completion_parses_with_openai_types():
     c = ChatCompletion.model_validate_json(
-        P.chat_completion("chatcmpl-ab12", "m", "hello", "length", USAGE)
+        responses.completion(True, "chatcmpl-ab12", "m", "hello", "length", USAGE)
     )
     assert c.object == "chat.completion" and c.choices[0].message.content == "hello"
     assert c.choices[0].message.role == "assistant" and c.choices[0].finish_reason == "length"
@@ -346,7 +349,9 @@ def test_chat_completion_parses_with_openai_types():
 
 
 def test_text_completion_parses_with_openai_types():
-    c = Completion.model_validate_json(P.text_completion("cmpl-1", "m", "hi", "stop", USAGE))
+    c = Completion.model_validate_json(
+        responses.completion(False, "cmpl-1", "m", "hi", "stop", USAGE)
+    )
     assert c.object == "text_completion" and c.choices[0].text == "hi"
     assert c.choices[0].finish_reason == "stop" and c.usage.prompt_tokens == 3
 
@@ -363,12 +368,14 @@ def _events(raw: bytes) -> list[dict]:
 def test_chat_stream_chunks_parse_with_openai_types():
     stream = b"".join(
         [
-            P.sse(P.chat_chunk("chatcmpl-1", "m", 7, None, None, role="assistant")),
-            P.sse(P.chat_chunk("chatcmpl-1", "m", 7, "Hel", None)),
-            P.sse(P.chat_chunk("chatcmpl-1", "m", 7, "lo", None)),
-            P.sse(P.chat_chunk("chatcmpl-1", "m", 7, "", "stop")),
-            P.sse(P.usage_chunk("chatcmpl-1", "m", 7, True, USAGE)),
-            P.SSE_DONE,
+            responses.sse(
+                responses.chunk(True, "chatcmpl-1", "m", 7, None, None, role="assistant")
+            ),
+            responses.sse(responses.chunk(True, "chatcmpl-1", "m", 7, "Hel", None)),
+            responses.sse(responses.chunk(True, "chatcmpl-1", "m", 7, "lo", None)),
+            responses.sse(responses.chunk(True, "chatcmpl-1", "m", 7, "", "stop")),
+            responses.sse(responses.usage_chunk(True, "chatcmpl-1", "m", 7, USAGE)),
+            responses.SSE_DONE,
         ]
     )
     *events, done = _events(stream)
@@ -384,9 +391,9 @@ def test_chat_stream_chunks_parse_with_openai_types():
 
 def test_completion_stream_chunks_parse_with_openai_types():
     events = _events(
-        P.sse(P.completion_chunk("cmpl-1", "m", 7, "ab", None))
-        + P.sse(P.completion_chunk("cmpl-1", "m", 7, None, "length"))
-        + P.sse(P.usage_chunk("cmpl-1", "m", 7, False, USAGE))
+        responses.sse(responses.chunk(False, "cmpl-1", "m", 7, "ab", None))
+        + responses.sse(responses.chunk(False, "cmpl-1", "m", 7, None, "length"))
+        + responses.sse(responses.usage_chunk(False, "cmpl-1", "m", 7, USAGE))
     )
     # OpenAI's own stream sends finish_reason null mid-stream, which the strict
     # Completion type rejects; the client builds chunks leniently (construct_type),
@@ -401,7 +408,7 @@ def test_completion_stream_chunks_parse_with_openai_types():
 
 
 def test_models_list():
-    body = json.loads(P.models_list("smol"))
+    body = json.loads(responses.models_list("smol"))
     assert body["object"] == "list"
     m = Model.model_validate(body["data"][0])
     assert m.id == "smol" and m.object == "model"
@@ -416,7 +423,7 @@ def test_token_ids_outside_the_vocabulary_are_refused_before_any_worker():
     ):
         req = P.parse_chat(chat_body(max_tokens=4, **kw))
         with pytest.raises(P.AdmissionError) as ei:
-            P.to_sampling_params(
+            to_sampling_params(
                 req,
                 prompt_len=3,
                 max_model_len=64,

@@ -1,4 +1,5 @@
-"""Health of one role's worker replicas, seen from the router.
+"""The router's pool of one role's worker replicas: which one gets new work, and the
+watchdog that decides which are healthy.
 
 A progress watchdog: every poll reads each worker's `stats()` under a timeout.
 A worker that has work but whose step counter has not moved for `watchdog_s`,
@@ -11,8 +12,11 @@ progress is healthy again: workers re-register simply by answering.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import msgspec
 import ray
@@ -20,7 +24,7 @@ import ray
 from cluster.peers import identify, kill_worker
 from workers.api import DecodeStats, PrefillStats, WorkerStats
 
-log = logging.getLogger("pdcluster.health")
+log = logging.getLogger("pdcluster.pool")
 
 
 SILENT_POLL_S = 2.0  # poll period of a replica silent for longer than the watchdog
@@ -39,6 +43,35 @@ class WorkerStalled(Exception):
     """The worker serving this call was marked unhealthy while we waited."""
 
 
+@dataclass
+class Replica:
+    """What the router knows of one worker replica (its group's leader actor)."""
+
+    handle: object  # the leader's actor handle; replaced when the actor is started again
+    healthy: bool = True
+    reason: str = ""  # why it is unhealthy
+    load: int = 0  # work this router sent that has not ended (held through WorkerPool.hold)
+    stats: WorkerStats | None = None  # its last answer
+    last_answer: float = field(default_factory=time.monotonic)
+    last_progress: float = field(default_factory=time.monotonic)
+    steps: int = -1  # its engine's step counter at the last answer
+    # (node, pid, start time) of the process that last answered, once it has said when
+    # it started (asked once per new process): what a kill of it names.
+    ident: tuple[str, int, int | None] | None = None
+    identifying: asyncio.Future | None = None
+    lost: asyncio.Event = field(default_factory=asyncio.Event)  # set when it goes unhealthy
+    # At most one stats() call in flight (a dead node's calls would otherwise pile up in
+    # Ray's queue), and a silent replica is polled less often.
+    polls: int = 0  # stats() calls sent
+    inflight: asyncio.Future | None = None
+    sent_at: float = 0.0  # when the stats() call in flight was sent
+    next_poll: float = 0.0
+    polling: asyncio.Future | None = None  # its _poll_one task
+
+    def engine(self, key: str) -> int:
+        return getattr(self.stats.engine, key) if self.stats else 0
+
+
 class WorkerPool:
     def __init__(
         self,
@@ -54,39 +87,30 @@ class WorkerPool:
         # across router replicas (cluster/peers.py); False when another already did.
         # None: this router kills it itself.
         self.restart_hook = restart
-        self.handles = handles
+        self.replicas = [Replica(h) for h in handles]
         self.watchdog_s = watchdog_s
         # A stats() call unanswered this long (several polls, before the watchdog
         # decides): suspect. Its last stats are stale (a frozen decode still shows the
         # free blocks it had), so new work goes to replicas that answer while any do.
         self.suspect_after_s = min(watchdog_s / 2, max(2.0, 4 * health_period_s))
         self.health_period_s = health_period_s
-        self._polling: list[asyncio.Future | None] = [None] * len(handles)
-        self._sent_at = [0.0] * len(handles)  # when the stats() call in flight was sent
         self.metrics = metrics
-        n = len(handles)
-        self.healthy = [True] * n
-        self.load = [0] * n  # router-side outstanding work
-        self.stats: list[WorkerStats | None] = [None] * n
-        self.reason = [""] * n
-        self._last_answer = [time.monotonic()] * n
-        self._last_progress = [time.monotonic()] * n
-        self._steps = [-1] * n
-        # (node, pid, start time) of the process that last answered, once it has said
-        # when it started (asked once per new process): what a kill of it names.
-        self._ident: list[tuple[str, int, int | None] | None] = [None] * n
-        self._identifying: list[asyncio.Future | None] = [None] * n
-        # Set when replica i goes unhealthy; in-flight calls wait on it.
-        self._lost = [asyncio.Event() for _ in range(n)]
-        # At most one stats() call in flight per replica (a dead node's calls would
-        # otherwise pile up in Ray's queue), and a silent replica is polled less often.
-        self.polls = [0] * n  # stats() calls sent, per replica
-        self._inflight: list[asyncio.Future | None] = [None] * n
-        self._next_poll = [0.0] * n
         # Silent this long: taken to be gone for good (its node died), reported as
         # lost and polled every GONE_POLL_S; healthy again if it ever answers.
         self.gone_after_s = max(5 * watchdog_s, 15.0)
-        metrics.healthy.labels(role).set(n)
+        metrics.healthy.labels(role).set(len(handles))
+
+    def __len__(self) -> int:
+        return len(self.replicas)
+
+    def handle(self, i: int):
+        return self.replicas[i].handle
+
+    def healthy_count(self) -> int:
+        return sum(r.healthy for r in self.replicas)
+
+    def stats(self) -> list[WorkerStats | None]:
+        return [r.stats for r in self.replicas]
 
     # ---- routing ----------------------------------------------------------
 
@@ -99,23 +123,31 @@ class WorkerPool:
         Prefill: fewest queued prompt tokens (the worker's last report plus what
         this router sent since it answered). Decode: most free KV blocks (last
         report), ties broken by fewer open streams from this router."""
-        ok = [i for i in range(len(self.handles)) if self.healthy[i] and i not in exclude]
+        reps = self.replicas
+        ok = [i for i, r in enumerate(reps) if r.healthy and i not in exclude]
         if not ok:
             return None
         answering = [i for i in ok if not self.suspect(i)]
         ok = [i for i in answering if i not in avoid] or answering or ok
         if self.role == "prefill":
-            return min(ok, key=lambda i: (self.load[i] + self._engine(i, "queued_tokens"), i))
-        return min(ok, key=lambda i: (-self._engine(i, "free_blocks"), self.load[i], i))
+            return min(ok, key=lambda i: (reps[i].load + reps[i].engine("queued_tokens"), i))
+        return min(ok, key=lambda i: (-reps[i].engine("free_blocks"), reps[i].load, i))
+
+    @contextlib.contextmanager
+    def hold(self, i: int, amount: int = 1) -> Iterator[None]:
+        """Count `amount` of this router's work on replica i (what `pick` weighs) for
+        the time the block runs."""
+        r = self.replicas[i]
+        r.load += amount
+        try:
+            yield
+        finally:
+            r.load -= amount
 
     def suspect(self, i: int) -> bool:
         """Replica i has left a stats() call unanswered for suspect_after_s."""
-        sent = self._sent_at[i]
-        return self._inflight[i] is not None and time.monotonic() - sent > self.suspect_after_s
-
-    def _engine(self, i: int, key: str) -> int:
-        s = self.stats[i]
-        return getattr(s.engine, key) if s else 0
+        r = self.replicas[i]
+        return r.inflight is not None and time.monotonic() - r.sent_at > self.suspect_after_s
 
     async def call(self, i: int, awaitable, timeout: float):
         """Await a call to replica i, bounded by `timeout`, abandoned (WorkerStalled)
@@ -124,7 +156,7 @@ class WorkerPool:
         # Abandoned calls may still fail later (Ray cancels a cancelled request's child
         # tasks): their errors are retrieved here, not logged as never retrieved.
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        lost = asyncio.ensure_future(self._lost[i].wait())
+        lost = asyncio.ensure_future(self.replicas[i].lost.wait())
         try:
             done, _ = await asyncio.wait(
                 {task, lost}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
@@ -133,7 +165,7 @@ class WorkerPool:
                 return task.result()
             task.cancel()
             if lost in done:
-                raise WorkerStalled(f"{self.role}-{i} unhealthy: {self.reason[i]}")
+                raise WorkerStalled(f"{self.role}-{i} unhealthy: {self.replicas[i].reason}")
             raise TimeoutError(f"{self.role}-{i} did not answer within {timeout:.1f}s")
         finally:
             lost.cancel()
@@ -143,22 +175,23 @@ class WorkerPool:
     # ---- the watchdog -----------------------------------------------------
 
     def _mark(self, i: int, healthy: bool, reason: str = "") -> None:
-        if self.healthy[i] == healthy:
+        r = self.replicas[i]
+        if r.healthy == healthy:
             return
-        self.healthy[i], self.reason[i] = healthy, reason
+        r.healthy, r.reason = healthy, reason
         if healthy:
-            self._lost[i] = asyncio.Event()
+            r.lost = asyncio.Event()
             log.warning("%s-%d healthy again", self.role, i)
         else:
-            self._lost[i].set()
+            r.lost.set()
             log.warning("%s-%d unhealthy: %s", self.role, i, reason)
-        self.metrics.healthy.labels(self.role).set(sum(self.healthy))
+        self.metrics.healthy.labels(self.role).set(self.healthy_count())
 
     def incarnation(self, i: int) -> str | None:
         """Which process replica i was when it last answered, `node:pid:start` (a restart
         changes it); None when it has not answered this router, or not yet said when it
         started."""
-        s, ident = self.stats[i], self._ident[i]
+        s, ident = self.replicas[i].stats, self.replicas[i].ident
         if s is None or ident is None or ident[:2] != (s.node_id, s.pid) or ident[2] is None:
             return None
         return f"{s.node_id}:{s.pid}:{ident[2]}"
@@ -166,32 +199,29 @@ class WorkerPool:
     def _identify(self, i: int, s: WorkerStats) -> None:
         """Ask the process that just answered for replica i when it started, once (again
         only if that failed): a kill names pid and start time, never just the actor."""
-        ident = self._ident[i]
-        asking = self._identifying[i]
-        if ident is not None and ident[:2] == (s.node_id, s.pid):
-            if ident[2] is not None or (asking is not None and not asking.done()):
+        r = self.replicas[i]
+        if r.ident is not None and r.ident[:2] == (s.node_id, s.pid):
+            if r.ident[2] is not None or (r.identifying is not None and not r.identifying.done()):
                 return
-        self._ident[i] = (s.node_id, s.pid, None)
+        r.ident = (s.node_id, s.pid, None)
 
         async def ask():
-            pid, start = await self.handles[i].__ray_call__.remote(identify)
-            if self._ident[i] == (s.node_id, pid, None):  # still the process that answered
-                self._ident[i] = (s.node_id, pid, start)
+            pid, start = await r.handle.__ray_call__.remote(identify)
+            if r.ident == (s.node_id, pid, None):  # still the process that answered
+                r.ident = (s.node_id, pid, start)
 
-        task = self._identifying[i] = asyncio.ensure_future(
-            asyncio.wait_for(ask(), IDENTIFY_TIMEOUT_S)
-        )
+        task = r.identifying = asyncio.ensure_future(asyncio.wait_for(ask(), IDENTIFY_TIMEOUT_S))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def _restart(self, i: int, reason: str) -> None:
         """Unhealthy at once (its calls fail over), then killed so Ray restarts it,
         unless another router replica already killed this incarnation."""
         self._mark(i, False, reason)
-        name, incarnation = f"{self.role}-{i}", self.incarnation(i)
+        name, incarnation, handle = f"{self.role}-{i}", self.incarnation(i), self.handle(i)
         killed = None  # None: not done through the peers, this router kills it
         if self.restart_hook is not None:
             try:
-                killed = await self.restart_hook(name, self.handles[i], incarnation)
+                killed = await self.restart_hook(name, handle, incarnation)
             except (asyncio.TimeoutError, TimeoutError):
                 # Late, not lost: the peers actor will still run the request. A named
                 # process is killed here too (the same kill twice is harmless); an unnamed
@@ -206,41 +236,43 @@ class WorkerPool:
             return
         self.metrics.restarts.labels(self.role).inc()
         if killed is None:
-            kill = kill_worker(self.handles[i], incarnation)
+            kill = kill_worker(handle, incarnation)
             if kill is not None:  # read, so that a kill whose node died is not reported
                 asyncio.ensure_future(asyncio.wait_for(kill, KILL_WAIT_S)).add_done_callback(
                     lambda t: t.cancelled() or t.exception()
                 )
 
     def gone(self, i: int) -> bool:
-        return time.monotonic() - self._last_answer[i] > self.gone_after_s
+        return time.monotonic() - self.replicas[i].last_answer > self.gone_after_s
 
     def lost(self) -> list[str]:
-        return [f"{self.role}-{i}" for i in range(len(self.handles)) if self.gone(i)]
+        return [f"{self.role}-{i}" for i in range(len(self.replicas)) if self.gone(i)]
 
     def _stats_call(self, i: int) -> asyncio.Future:
         """Replica i's stats() call: the one in flight (or answered late, after its
         poll gave up waiting: that answer is still read), or a new one."""
-        fut = self._inflight[i]
-        if fut is None:
+        r = self.replicas[i]
+        if r.inflight is None:
+            handle = r.handle
 
             async def call():
-                return await self.handles[i].stats.remote()
+                return await handle.stats.remote()
 
-            fut = self._inflight[i] = asyncio.ensure_future(call())
-            self._sent_at[i] = time.monotonic()
-            fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # always retrieved
-            self.polls[i] += 1
-        return fut
+            r.inflight = asyncio.ensure_future(call())
+            r.sent_at = time.monotonic()
+            r.inflight.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved
+            r.polls += 1
+        return r.inflight
 
     def _back_off(self, i: int, now: float) -> None:
         """Poll a silent replica at the normal rate until the watchdog has had its say,
         then every SILENT_POLL_S, and every GONE_POLL_S once it is taken to be gone."""
-        silent = now - self._last_answer[i]
+        r = self.replicas[i]
+        silent = now - r.last_answer
         if silent > self.gone_after_s:
-            self._next_poll[i] = now + GONE_POLL_S
+            r.next_poll = now + GONE_POLL_S
         elif silent > self.watchdog_s:
-            self._next_poll[i] = now + SILENT_POLL_S
+            r.next_poll = now + SILENT_POLL_S
 
     async def _find_again(self, i: int) -> None:
         """Replica i's actor is dead for good: the launcher started it again under the
@@ -251,66 +283,64 @@ class WorkerPool:
             h = await asyncio.wait_for(asyncio.to_thread(ray.get_actor, name, NAMESPACE), 5)
         except Exception:  # noqa: BLE001 - not started again (yet): looked up at the next poll
             return
-        if h != self.handles[i]:
+        r = self.replicas[i]
+        if h != r.handle:
             log.warning("%s-%d: found again under its name (a new actor)", self.role, i)
-            self.handles[i] = h
-            self._next_poll[i] = 0.0
+            r.handle = h
+            r.next_poll = 0.0
 
     async def _poll_one(self, i: int) -> None:
+        r = self.replicas[i]
         now = time.monotonic()
-        answered = self._inflight[i] is not None and self._inflight[i].done()
-        if now < self._next_poll[i] and not answered:  # an answer that came is read at once
+        answered = r.inflight is not None and r.inflight.done()
+        if now < r.next_poll and not answered:  # an answer that came is read at once
             return
         try:
             call = self._stats_call(i)
             # Waits no later than the watchdog's deadline: a silent replica is found
             # at watchdog_s, not a whole wait after it.
-            until_deadline = self._last_answer[i] + self.watchdog_s - now + 0.05
+            until_deadline = r.last_answer + self.watchdog_s - now + 0.05
             s = await asyncio.wait_for(
                 asyncio.shield(call), timeout=min(5.0, max(0.2, until_deadline))
             )
-            self._inflight[i] = None  # answered and read
+            r.inflight = None  # answered and read
         except (asyncio.TimeoutError, TimeoutError):
             now = time.monotonic()  # the wait itself took time
-            if self.healthy[i] and now - self._last_answer[i] > self.watchdog_s:
-                await self._restart(i, f"no answer for {now - self._last_answer[i]:.1f}s")
+            if r.healthy and now - r.last_answer > self.watchdog_s:
+                await self._restart(i, f"no answer for {now - r.last_answer:.1f}s")
             self._back_off(i, now)
             return
         except Exception as e:  # noqa: BLE001 - dead or restarting: unhealthy until it answers
-            self._inflight[i] = None
+            r.inflight = None
             self._mark(i, False, f"unreachable: {type(e).__name__}")
-            self.stats[i] = None
+            r.stats = None
             self._back_off(i, now)
             if isinstance(e, ray.exceptions.ActorDiedError):
                 await self._find_again(i)
             return
         now = time.monotonic()  # when the answer came (the wait may have been long)
-        self._next_poll[i] = 0.0
-        self.stats[i] = s
-        self._last_answer[i] = now
+        r.next_poll = 0.0
+        r.stats = s
+        r.last_answer = now
         self._identify(i, s)
         self._publish()
         # Busy means work that can run: a worker waiting for KV blocks is not stalled.
         steps = s.engine.steps
-        if steps != self._steps[i] or not s.busy:
-            self._last_progress[i] = now
-        self._steps[i] = steps
-        if self.healthy[i] and s.engine.fault:  # the worker itself says it cannot serve
+        if steps != r.steps or not s.busy:
+            r.last_progress = now
+        r.steps = steps
+        if r.healthy and s.engine.fault:  # the worker itself says it cannot serve
             await self._restart(i, s.engine.fault)
-        elif self.healthy[i] and now - self._last_progress[i] > self.watchdog_s:
-            await self._restart(i, f"busy without a step for {now - self._last_progress[i]:.1f}s")
-        elif (
-            not self.healthy[i]
-            and not s.engine.fault
-            and now - self._last_progress[i] <= self.watchdog_s
-        ):
+        elif r.healthy and now - r.last_progress > self.watchdog_s:
+            await self._restart(i, f"busy without a step for {now - r.last_progress:.1f}s")
+        elif not r.healthy and not s.engine.fault and now - r.last_progress <= self.watchdog_s:
             self._mark(i, True)
 
     def _publish(self) -> None:
         """Worker-side counts as router gauges, so one scrape sees the cluster."""
         m = self.metrics
-        live = [s for s in self.stats if s]
-        for i, s in enumerate(self.stats):
+        live = [s for s in self.stats() if s]
+        for i, s in enumerate(self.stats()):
             if s:
                 m.blocks_used.labels(self.role, str(i)).set(s.engine.used_blocks)
         if self.role == "decode":
@@ -324,11 +354,11 @@ class WorkerPool:
         """Poll every replica not still being polled, waiting at most one health
         period: a silent replica's poll runs on (up to its watchdog deadline) without
         holding up the others'."""
-        for i, task in enumerate(self._polling):
-            if task is None or task.done():
-                task = self._polling[i] = asyncio.ensure_future(self._poll_one(i))
-                task.add_done_callback(_log_failure)
-        await asyncio.wait(self._polling, timeout=self.health_period_s)
+        for i, r in enumerate(self.replicas):
+            if r.polling is None or r.polling.done():
+                r.polling = asyncio.ensure_future(self._poll_one(i))
+                r.polling.add_done_callback(_log_failure)
+        await asyncio.wait([r.polling for r in self.replicas], timeout=self.health_period_s)
 
     async def fresh_stats(self) -> list[WorkerStats | None]:
         """Stats read now (for /debug/state); None for a worker that does not answer."""
@@ -343,20 +373,21 @@ class WorkerPool:
                 return None
             except Exception:  # noqa: BLE001 - dead or restarting
                 s = None
-            if self._inflight[i] is call:
-                self._inflight[i] = None
+            if self.replicas[i].inflight is call:
+                self.replicas[i].inflight = None
             return s
 
-        return list(await asyncio.gather(*[one(i) for i in range(len(self.handles))]))
+        return list(await asyncio.gather(*[one(i) for i in range(len(self.replicas))]))
 
     def describe(self, i: int, stats: WorkerStats | None) -> dict:
+        r = self.replicas[i]
         return {
             "role": self.role,
             "replica": i,
-            "healthy": self.healthy[i],
+            "healthy": r.healthy,
             "lost": self.gone(i),
-            "polls": self.polls[i],
-            "reason": self.reason[i],
-            "load": self.load[i],
+            "polls": r.polls,
+            "reason": r.reason,
+            "load": r.load,
             "stats": msgspec.to_builtins(stats) if stats is not None else None,
         }

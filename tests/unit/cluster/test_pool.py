@@ -1,4 +1,4 @@
-"""The router's view of worker health (cluster/health.py), with stand-in actor
+"""The router's pool of worker replicas and its watchdog (cluster/pool.py), with stand-in actor
 handles whose stats() answer or go silent on cue."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import time
 import msgspec
 import pytest
 
-from cluster import health
+from cluster import pool as worker_pool
 from cluster.metrics import RouterMetrics
 from cluster.peers import Peers
 from workers.api import DecodeStats, EngineStats, TransferStats
@@ -71,6 +71,10 @@ class _Identify:
         return answer()
 
 
+def _healthy(pool) -> list[bool]:
+    return [r.healthy for r in pool.replicas]
+
+
 async def _poll_forever(pool, period: float = 0.25):
     """The router's health loop."""
     while True:
@@ -85,7 +89,7 @@ def killed(monkeypatch):
     def kill(handle, incarnation):
         out.append(handle)
 
-    monkeypatch.setattr(health, "kill_worker", kill)
+    monkeypatch.setattr(worker_pool, "kill_worker", kill)
     monkeypatch.setattr("cluster.peers.kill_worker", kill)
     return out
 
@@ -97,13 +101,13 @@ def test_a_silent_replica_gets_no_new_work_while_another_answers(killed):
 
     async def run():
         frozen, busy = Replica(free_blocks=100), Replica(free_blocks=10)
-        pool = health.WorkerPool("decode", [frozen, busy], 5.0, RouterMetrics(), 0.25)
+        pool = worker_pool.WorkerPool("decode", [frozen, busy], 5.0, RouterMetrics(), 0.25)
         await pool.poll()
         assert pool.pick() == 0  # most free blocks
         poller = asyncio.create_task(_poll_forever(pool))
         frozen.frozen = True
         await asyncio.sleep(pool.suspect_after_s + 0.3)
-        assert pool.healthy == [True, True]  # not yet the watchdog's call
+        assert _healthy(pool) == [True, True]  # not yet the watchdog's call
         assert pool.pick() == 1
         frozen.frozen = False  # its queued call answers (SIGCONT): picked again
         await asyncio.sleep(0.5)
@@ -117,12 +121,12 @@ def test_a_silent_replica_gets_no_new_work_while_another_answers(killed):
 def test_a_silent_replica_is_found_at_watchdog_s_not_a_wait_later(killed):
     async def run():
         r = Replica(free_blocks=100)
-        pool = health.WorkerPool("decode", [r, Replica(50)], 1.0, RouterMetrics(), 0.25)
+        pool = worker_pool.WorkerPool("decode", [r, Replica(50)], 1.0, RouterMetrics(), 0.25)
         await pool.poll()
         r.frozen = True
         t0 = time.monotonic()
         poller = asyncio.create_task(_poll_forever(pool))
-        while pool.healthy[0]:
+        while _healthy(pool)[0]:
             await asyncio.sleep(0.02)
             assert time.monotonic() - t0 < 5
         poller.cancel()
@@ -141,7 +145,7 @@ class Dead:
 
     def remote(self):
         async def fail():
-            raise health.ray.exceptions.ActorDiedError()
+            raise worker_pool.ray.exceptions.ActorDiedError()
 
         return fail()
 
@@ -158,31 +162,31 @@ def test_a_replica_dead_for_good_is_found_again_under_its_name(killed, monkeypat
             raise ValueError(f"no actor {name}")
         return named[name]
 
-    monkeypatch.setattr(health.ray, "get_actor", get_actor)
+    monkeypatch.setattr(worker_pool.ray, "get_actor", get_actor)
 
     async def run():
-        pool = health.WorkerPool("decode", [Replica(100), Dead()], 1.0, RouterMetrics(), 0.25)
+        pool = worker_pool.WorkerPool("decode", [Replica(100), Dead()], 1.0, RouterMetrics(), 0.25)
         poller = asyncio.create_task(_poll_forever(pool))
         await asyncio.sleep(0.5)
-        assert pool.healthy == [True, False]  # not started again yet: looked up, not found
+        assert _healthy(pool) == [True, False]  # not started again yet: looked up, not found
         fresh = named["pdcluster-decode-1-rank0"] = Replica(50, pid=200)
         fresh.frozen = True  # placed when a node with room joins
         t0 = time.monotonic()
-        while pool.handles[1] is not fresh:
+        while pool.handle(1) is not fresh:
             await asyncio.sleep(0.02)
             assert time.monotonic() - t0 < 5
         await asyncio.sleep(3.0)  # gone by now (silent past the watchdog): polled rarely
-        assert not pool.healthy[1]
+        assert not _healthy(pool)[1]
         fresh.frozen = False
         t0 = time.monotonic()
-        while not pool.healthy[1]:
+        while not _healthy(pool)[1]:
             await asyncio.sleep(0.02)
             assert time.monotonic() - t0 < 1.0  # polled every 2 s by now
         poller.cancel()
         return pool
 
     pool = asyncio.run(run())
-    assert pool.stats[1].pid == 200 and killed == []
+    assert pool.replicas[1].stats.pid == 200 and killed == []
 
 
 def test_a_slow_but_answering_replica_is_neither_suspect_nor_killed(killed):
@@ -192,7 +196,7 @@ def test_a_slow_but_answering_replica_is_neither_suspect_nor_killed(killed):
 
     async def run():
         slow = Replica(free_blocks=100, delay=1.2)
-        pool = health.WorkerPool("decode", [slow, Replica(10)], 3.0, RouterMetrics(), 0.25)
+        pool = worker_pool.WorkerPool("decode", [slow, Replica(10)], 3.0, RouterMetrics(), 0.25)
         poller = asyncio.create_task(_poll_forever(pool))
         picks = []
         for _ in range(40):
@@ -202,7 +206,7 @@ def test_a_slow_but_answering_replica_is_neither_suspect_nor_killed(killed):
         return pool, picks
 
     pool, picks = asyncio.run(run())
-    assert killed == [] and pool.healthy == [True, True]
+    assert killed == [] and _healthy(pool) == [True, True]
     assert picks[-30:] == [0] * 30  # most free blocks, never passed over
 
 
@@ -219,18 +223,19 @@ def test_router_replicas_restart_a_stalled_worker_once_per_incarnation(killed):
     async def run():
         r = Replica(free_blocks=100, pid=100)
         pools = [
-            health.WorkerPool("decode", [r], 1.0, RouterMetrics(), 0.25, restart) for _ in range(3)
+            worker_pool.WorkerPool("decode", [r], 1.0, RouterMetrics(), 0.25, restart)
+            for _ in range(3)
         ]
         for pool in pools:
             await pool.poll()
         pollers = [asyncio.create_task(_poll_forever(pool)) for pool in pools]
         r.frozen = True
         await asyncio.sleep(2.0)
-        assert [p.healthy for p in pools] == [[False]] * 3
+        assert [_healthy(p) for p in pools] == [[False]] * 3
         assert len(killed) == 1
         r.pid, r.frozen = 101, False  # Ray restarted it (polled every SILENT_POLL_S)
-        await asyncio.sleep(health.SILENT_POLL_S + 0.5)
-        assert [p.healthy for p in pools] == [[True]] * 3
+        await asyncio.sleep(worker_pool.SILENT_POLL_S + 0.5)
+        assert [_healthy(p) for p in pools] == [[True]] * 3
         r.frozen = True
         await asyncio.sleep(2.0)
         for t in pollers:

@@ -1,0 +1,214 @@
+"""Admission: from an HTTP body to (request, prompt token ids, SamplingParams), or a
+4xx in OpenAI's shape with nothing allocated.
+
+Reading the body (its size and time bounds), parsing (cluster/protocol.py), the chat
+template, tokenizing, and every check that needs the model: token ids within its
+vocabulary, the prompt within its context. `admit` runs on the router's admission
+threads, never on its event loop.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jinja2
+
+from cluster.config import Config
+from cluster.protocol import (
+    AdmissionError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    message_text,
+    parse_chat,
+    parse_completion,
+    requested_max_tokens,
+)
+from workers.sampling_params import SamplingParams
+
+# Below this a temperature is treated as greedy (as vLLM does): dividing logits by
+# ~0 overflows.
+_GREEDY_EPS = 1e-5
+
+
+def model_vocab_size(model_dir: str, default: int) -> int:
+    """The model's vocabulary size (its config.json)."""
+    try:
+        return int(json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return default
+
+
+def context_length_exceeded(max_model_len: int, what: str, param: str) -> AdmissionError:
+    """The one error for a request that does not fit the model's context."""
+    return AdmissionError(
+        f"This model's maximum context length is {max_model_len} tokens, {what}.",
+        param,
+        "context_length_exceeded",
+    )
+
+
+def to_sampling_params(
+    req: ChatCompletionRequest | CompletionRequest,
+    *,
+    prompt_len: int,
+    max_model_len: int,
+    default_max_tokens: int,
+    strict: bool,
+    vocab_size: int | None = None,
+) -> SamplingParams:
+    """Resolve defaults and the context window into the workers' SamplingParams.
+
+    A prompt that leaves no room is a 400. An explicit max_tokens larger than the
+    room is clamped (or a 400 when `strict`); the default max_tokens is always
+    clamped, since the client did not ask for it. Token ids outside [0, vocab_size)
+    are a 400 here, never an index error in a worker."""
+    chat = isinstance(req, ChatCompletionRequest)
+    where = "messages" if chat else "prompt"
+    if vocab_size is not None and req.stop_token_ids:
+        bad = [t for t in req.stop_token_ids if t >= vocab_size]
+        if bad:
+            raise AdmissionError(
+                f"Invalid 'stop_token_ids': ids {bad[:5]} are outside the vocabulary "
+                f"[0, {vocab_size})",
+                "stop_token_ids",
+                "invalid_value",
+            )
+        if (req.min_tokens or 0) > 0 and len(set(req.stop_token_ids)) >= vocab_size:
+            raise AdmissionError(
+                "Invalid 'stop_token_ids': with min_tokens they ban every token of the vocabulary",
+                "stop_token_ids",
+                "invalid_value",
+            )
+    room = max_model_len - prompt_len
+    if room <= 0:
+        raise context_length_exceeded(
+            max_model_len,
+            f"but the {where} has {prompt_len} tokens, leaving no room for the completion. "
+            "Please shorten it",
+            where,
+        )
+    asked = requested_max_tokens(req)
+    max_tokens = asked or default_max_tokens
+    if max_tokens > room:
+        if strict and asked is not None:
+            raise context_length_exceeded(
+                max_model_len,
+                f"however, you requested {prompt_len + max_tokens} tokens ({prompt_len} in "
+                f"the {where}, {max_tokens} in the completion). Please reduce the length of "
+                f"the {where} or the completion",
+                "max_completion_tokens" if chat and req.max_completion_tokens else "max_tokens",
+            )
+        max_tokens = room
+    temperature = 1.0 if req.temperature is None else float(req.temperature)
+    if temperature < _GREEDY_EPS:
+        temperature = 0.0
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=1.0 if req.top_p is None else float(req.top_p),
+        top_k=-1 if req.top_k in (None, 0) else req.top_k,
+        seed=req.seed,
+        stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
+        stop_token_ids=list(req.stop_token_ids or []),
+        ignore_eos=bool(req.ignore_eos),
+        min_tokens=min(req.min_tokens or 0, max_tokens),
+        skip_special_tokens=req.skip_special_tokens is not False,
+        include_stop_str_in_output=bool(req.include_stop_str_in_output),
+        cache_salt=req.cache_salt,
+    )
+
+
+class Admission:
+    """One router replica's admission: its config, tokenizer and model limits."""
+
+    def __init__(self, cfg: Config, tokenizer, model_dir: str) -> None:
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        # Token ids valid for both the tokenizer and the model's embedding: the one
+        # bound for prompt ids and stop_token_ids.
+        self.vocab_size = min(len(tokenizer), model_vocab_size(model_dir, len(tokenizer)))
+        # Longest text one token can stand for (byte-level BPE: its string's length).
+        self.max_token_chars = max(len(t) for t in tokenizer.get_vocab())
+
+    async def read_body(self, request) -> bytes:
+        """The request body, refused (413) as soon as it passes router.max_body_bytes:
+        by its Content-Length before reading, or while it is read."""
+        limit = self.cfg.router.max_body_bytes
+        too_big = AdmissionError(
+            f"request body is larger than {limit} bytes (router.max_body_bytes)",
+            code="request_too_large",
+            status=413,
+        )
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def admit(self, body: bytes, chat: bool):  # admission thread
+        """Parse, check and tokenize one request: (request, prompt ids, sampling params)."""
+        r = self.cfg.router
+        req = parse_chat(body, r.max_messages) if chat else parse_completion(body)
+        prompt_ids = self.tokenize(req, chat)
+        params = to_sampling_params(
+            req,
+            prompt_len=len(prompt_ids),
+            max_model_len=self.cfg.model.max_model_len,
+            default_max_tokens=r.default_max_tokens,
+            strict=r.strict_max_tokens,
+            vocab_size=self.vocab_size,
+        )
+        return req, prompt_ids, params
+
+    def _refuse_untokenizable(self, chars: int, chat: bool) -> None:
+        """No token is longer than `max_token_chars` characters, so a text longer than
+        max_model_len times that cannot fit: refused without tokenizing it (a huge
+        prompt would hold a tokenizer thread for seconds)."""
+        max_len = self.cfg.model.max_model_len
+        if chars > max_len * self.max_token_chars:
+            where = "messages" if chat else "prompt"
+            raise context_length_exceeded(
+                max_len,
+                f"and the {where} ({chars} characters) is longer than that can hold. "
+                "Please shorten it",
+                where,
+            )
+
+    def tokenize(self, req, chat: bool) -> list[int]:
+        if chat:
+            messages = [{"role": m.role, "content": message_text(m)} for m in req.messages]
+            # Everything the template gets counts, not only the content.
+            self._refuse_untokenizable(
+                sum(len(m["role"]) + len(m["content"]) for m in messages), chat
+            )
+            try:
+                ids = self.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=True, return_dict=False
+                )
+            except jinja2.TemplateSyntaxError:
+                raise  # the model's template is broken: a server error
+            except jinja2.TemplateError as e:  # it refused these messages (raise_exception)
+                raise AdmissionError(
+                    f"The model's chat template refused the messages: {e}",
+                    "messages",
+                    "invalid_value",
+                ) from None
+            return list(ids)
+        if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], int):
+            bad = [t for t in req.prompt if not 0 <= t < self.vocab_size]
+            if bad:
+                raise AdmissionError(
+                    f"prompt token ids out of range [0, {self.vocab_size}): {bad[:5]}",
+                    param="prompt",
+                    code="invalid_token_id",
+                )
+            return list(req.prompt)
+        text = req.prompt[0] if isinstance(req.prompt, list) else req.prompt
+        self._refuse_untokenizable(len(text), chat)
+        return self.tokenizer.encode(text)

@@ -1,0 +1,328 @@
+"""One request's life on the workers: prefill -> KV transfer -> decode -> release.
+
+`Lifecycle.run` is the one try/finally that owns a request from admission to its
+last token: the router's table entry goes when it ends, and every worker the
+request touched is told to let go on the way out, whatever the exit (success,
+error, deadline, client gone). Failures are survived here: a failed prefill or KV
+transfer is retried on another prefill replica, a decode lost mid-stream is
+migrated (prompt + tokens so far re-prefilled, decoding continues elsewhere).
+
+It talks to the workers only through two `WorkerPool`s and the decode replicas'
+output channels, so its unit tests run it against in-process stand-ins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import msgspec
+from ray.exceptions import ActorUnavailableError, RayActorError
+
+from cluster.config import RouterConfig
+from cluster.detokenizer import IncrementalDetokenizer, StopChecker
+from cluster.pool import WorkerPool, WorkerStalled
+from transfer.handle import TransferError
+from workers.api import WorkerError
+from workers.channel import OutputChannel
+from workers.sampling_params import SamplingParams
+
+log = logging.getLogger("pdcluster.router")
+
+
+class Unavailable(Exception):
+    """No worker could serve the request (after retries/migrations): HTTP 503."""
+
+
+class NoPrefillWorker(Exception):
+    """No prefill replica is healthy: the decode worker prefills locally."""
+
+
+# A worker that died, is restarting, was found stalled, or refused the work.
+WORKER_LOST = (RayActorError, ActorUnavailableError, WorkerError, WorkerStalled)
+
+
+@dataclass
+class RequestState:
+    """The router's entry for one request; exists while its lifecycle runs."""
+
+    request_id: str
+    prompt_len: int
+    deadline: float  # this router's time.monotonic()
+    stage: str = "admitted"
+    # (replica, attempt id) pairs that may hold a lease / a decode sequence. Each
+    # attempt (first try, re-prefill, migration) has its own id, the id the workers
+    # know it by, so a late release can never hit a newer attempt.
+    prefills: set[tuple[int, str]] = field(default_factory=set)
+    decodes: set[tuple[int, str]] = field(default_factory=set)
+    attempts: int = 0
+    retries: int = 0  # failed prefills and KV transfers so far (router.max_retries)
+    worker_done: bool = False  # the decode worker finished (and freed) the last attempt
+    created: float = field(default_factory=time.time)
+    first_token_at: float | None = None
+    slow_client: bool = False  # the edge cut its client off for leaving output unread
+
+    def new_attempt(self) -> str:
+        attempt_id = f"{self.request_id}-{self.attempts}"
+        self.attempts += 1
+        return attempt_id
+
+
+class Lifecycle:
+    """Runs this router's requests on its prefill and decode pools. `channel(i)`
+    returns decode replica i's open output channel."""
+
+    def __init__(
+        self,
+        cfg: RouterConfig,
+        tokenizer,
+        prefill: WorkerPool,
+        decode: WorkerPool,
+        channel: Callable[[int], Awaitable[OutputChannel]],
+        metrics,
+    ) -> None:
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.prefill = prefill
+        self.decode = decode
+        self.channel = channel
+        self.metrics = metrics
+        self.requests: dict[str, RequestState] = {}
+
+    def admit(self, request_id: str, prompt_len: int) -> RequestState:
+        """The request's table entry; it holds a router.max_queued slot until `run`
+        ends (or, for a generator never started, until it is collected)."""
+        state = RequestState(request_id, prompt_len, time.monotonic() + self.cfg.request_timeout_s)
+        self.requests[request_id] = state
+        return state
+
+    def remaining(self, state: RequestState) -> float:
+        """Seconds to the request's deadline; TimeoutError once it has passed."""
+        left = state.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(
+                f"request {state.request_id} passed its deadline "
+                f"({self.cfg.request_timeout_s}s) during {state.stage}"
+            )
+        return left
+
+    async def run(
+        self, state: RequestState, prompt_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[tuple[str, str | None, int]]:
+        """Yield (text delta, finish_reason, completion tokens so far)."""
+        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
+        stops = StopChecker(params.stop, params.include_stop_str_in_output)
+        n_out, outcome = 0, "error"
+        try:
+            async for tokens, reason in self._tokens(state, prompt_ids, params):
+                if n_out == 0:
+                    state.first_token_at = time.time()
+                    self.metrics.ttft.observe(state.first_token_at - state.created)
+                n_out += len(tokens)
+                text = detok.push(tokens)
+                if reason is not None:
+                    text += detok.flush()
+                    state.worker_done = True  # the worker ended and freed the sequence itself
+                text, stopped = stops.push(text, final=reason is not None)
+                if stopped:
+                    reason = "stop"
+                yield text, reason, n_out
+                if reason is not None:
+                    outcome = "ok"
+                    break
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = "cancelled"
+            raise
+        except TimeoutError:
+            outcome = "timeout"
+            raise
+        finally:
+            if state.slow_client:
+                outcome = "slow_client"
+            self.requests.pop(state.request_id, None)
+            self.release(state)
+            now = time.time()
+            self.metrics.requests.labels(outcome).inc()
+            self.metrics.e2e.observe(now - state.created)
+            if n_out > 1 and state.first_token_at:
+                self.metrics.tpot.observe((now - state.first_token_at) / (n_out - 1))
+
+    def _retry(self, state: RequestState, what: str, e: BaseException) -> None:
+        """Spend one of the request's router.max_retries, or end it (503)."""
+        if state.retries >= self.cfg.max_retries:
+            log.warning("request %s: %s failed, no retry left: %r", state.request_id, what, e)
+            raise Unavailable(f"{what} failed after {state.retries} retries") from None
+        state.retries += 1
+        self.metrics.retries.labels(what.split()[0]).inc()
+        log.warning("request %s: %s failed (%r); retrying", state.request_id, what, e)
+
+    async def _tokens(
+        self, state: RequestState, prompt_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[tuple[list[int], str | None]]:
+        """Token ids as they are produced, surviving worker loss: a failed prefill
+        is retried elsewhere and a failed transfer re-prefills (both count against
+        router.max_retries); a decode lost mid-stream is migrated (router.max_migrations):
+        prompt + tokens so far re-prefilled on a prefill worker, continued on another
+        decode worker."""
+        produced: list[int] = []
+        migrations = 0
+        avoid: set[int] = set()  # prefill replicas whose KV transfer failed
+        lost: set[int] = set()  # decode replicas this request was lost on
+        while True:
+            # A migration re-prefills prompt + tokens so far; the workers count those
+            # tokens as output (max_tokens, min_tokens, a seeded draw's index).
+            before = list(produced)
+            state.stage = "prefill"
+            attempt_id = state.new_attempt()
+            res = p = None  # None: the decode worker prefills itself
+            got_at = 0.0  # when prefill's result came (router clock)
+            if len(prompt_ids) + len(before) <= self.cfg.max_local_prefill_tokens:
+                self.metrics.local_prefills.inc()  # short: no transfer is worth its cost
+            else:
+                try:
+                    res, p = await self._prefill(
+                        state, attempt_id, prompt_ids, before, params, avoid
+                    )
+                    got_at = time.monotonic()
+                except NoPrefillWorker:  # decode-only fallback
+                    self.metrics.retries.labels("decode_local").inc()
+            if res is not None:
+                produced.append(res.first_token)
+                yield [res.first_token], res.finish_reason
+                if res.finish_reason is not None:
+                    return
+            state.stage = "decode"
+            got_tokens = False
+            try:
+                async for tokens, reason in self._decode(
+                    state, attempt_id, prompt_ids, before, res, got_at, p, params, lost
+                ):
+                    got_tokens = True
+                    produced.extend(tokens)
+                    yield tokens, reason
+                    if reason is not None:
+                        return
+                raise WorkerError("decode stream ended without a finish reason")
+            except TransferError as e:
+                if got_tokens:
+                    raise Unavailable("KV transfer failed after tokens were sent") from None
+                self._retry(state, "transfer", e)
+                if p is not None:
+                    avoid.add(p)  # re-prefill elsewhere while another replica is healthy
+            except WORKER_LOST as e:
+                if migrations >= self.cfg.max_migrations:
+                    log.warning(
+                        "request %s: decode lost after %d migrations: %r",
+                        state.request_id,
+                        migrations,
+                        e,
+                    )
+                    raise Unavailable(f"decode failed after {migrations} migrations") from None
+                migrations += 1
+                self.metrics.migrations.inc()
+                log.warning(
+                    "request %s: decode lost after %d tokens (%r); migrating",
+                    state.request_id,
+                    len(produced),
+                    e,
+                )
+
+    async def _prefill(
+        self,
+        state: RequestState,
+        attempt_id: str,
+        prompt_ids: list[int],
+        before: list[int],
+        sp: SamplingParams,
+        avoid: set[int],
+    ):
+        """Prefill prompt + `before` (tokens produced so far) on the least-loaded
+        healthy replica (other than those in `avoid` while there are others),
+        retrying others on failure. Returns (result, replica)."""
+        n = len(prompt_ids) + len(before)
+        tried: set[int] = set()
+        while True:
+            i = self.prefill.pick(exclude=tried, avoid=avoid)
+            if i is None:
+                if not self.prefill.healthy_count():
+                    raise NoPrefillWorker()
+                raise Unavailable("no prefill worker could take the request")
+            state.prefills.add((i, attempt_id))
+            with self.prefill.hold(i, n):
+                try:
+                    left = self.remaining(state)  # before submitting: it may raise
+                    call = self.prefill.handle(i).prefill.remote(attempt_id, prompt_ids, sp, before)
+                    return await self.prefill.call(i, call, left), i
+                except WORKER_LOST + (TransferError,) as e:
+                    tried.add(i)
+                    self.prefill.handle(i).release.remote(attempt_id)
+                    self._retry(state, f"prefill on prefill-{i}", e)
+
+    async def _decode(
+        self,
+        state: RequestState,
+        attempt_id: str,
+        prompt_ids: list[int],
+        before: list[int],
+        res,
+        got_at: float,
+        p: int | None,
+        sp: SamplingParams,
+        lost: set[int],
+    ) -> AsyncIterator[tuple[list[int], str | None]]:
+        """Decode on the healthy replica with the most free blocks, other than those
+        this request was lost on (`lost`, added to here) while another is healthy: a
+        migration must not land on the replica that just failed it, which this
+        router's health poller may not have marked yet."""
+        i = self.decode.pick(avoid=lost)
+        if i is None:
+            raise Unavailable("no healthy decode worker")
+        state.decodes.add((i, attempt_id))
+        h = self.decode.handle(i)
+
+        def wait(fn):
+            left = self.remaining(state)  # before fn(): it may raise
+            return self.decode.call(i, fn(), left)
+
+        def submit():
+            # Time left, not a time stamp: the worker's clock is never compared with ours.
+            left = self.remaining(state)
+            if res is None:
+                return h.generate_local.remote(attempt_id, chan.id, prompt_ids, sp, left, before)
+            handle = res.handle
+            if handle.ttl_s > 0:  # what is left of the lease, counted on our clock
+                handle = msgspec.structs.replace(
+                    handle, ttl_s=max(0.0, handle.ttl_s - (time.monotonic() - got_at))
+                )
+            return h.generate.remote(
+                attempt_id,
+                chan.id,
+                prompt_ids,
+                res.first_token,
+                sp,
+                handle,
+                left,
+                self.prefill.handle(p),
+                before,
+            )
+
+        with self.decode.hold(i):
+            try:
+                chan = await wait(lambda: self.channel(i))
+                async for item in chan.stream(attempt_id, submit, wait):
+                    yield item
+            except WORKER_LOST:
+                lost.add(i)
+                raise
+
+    def release(self, state: RequestState) -> None:
+        """Backstop release on every worker the request touched; idempotent there."""
+        last = f"{state.request_id}-{state.attempts - 1}"
+        for i, attempt_id in state.prefills:
+            self.prefill.handle(i).release.remote(attempt_id)
+        for i, attempt_id in state.decodes:
+            if not (state.worker_done and attempt_id == last):
+                self.decode.handle(i).abort.remote(attempt_id)

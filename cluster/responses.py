@@ -1,0 +1,143 @@
+"""What the router sends back, in OpenAI's shapes: completion objects, stream
+chunks, server-sent events, the model list, and the error body."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+# The `type` string per HTTP status. OpenAI uses "invalid_request_error" for all
+# 4xx request problems (including 404 model_not_found) and "server_error" for 5xx;
+# its 429s carry code "rate_limit_exceeded". The official client maps exceptions
+# by status code, never by `type`, so these are descriptive only.
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    404: "invalid_request_error",
+    408: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable",
+    504: "timeout",
+}
+
+
+def error_type_for(status: int) -> str:
+    return _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def error_body(
+    message: str,
+    type: str,  # noqa: A002 - OpenAI's name
+    param: str | None = None,
+    code: str | None = None,
+) -> bytes:
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+    return msgspec.json.encode(
+        {"error": {"message": message, "type": type, "param": param, "code": code}}
+    )
+
+
+def sse(obj: Any) -> bytes:
+    """One server-sent event: `data: <json>\\n\\n`."""
+    return b"data: " + msgspec.json.encode(obj) + b"\n\n"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _object(chat: bool, chunk: bool) -> str:
+    if chat:
+        return "chat.completion.chunk" if chunk else "chat.completion"
+    return "text_completion"
+
+
+def _response(
+    id: str,  # noqa: A002 - OpenAI's name
+    obj: str,
+    model: str,
+    created: int | None,
+    choices: list,
+    usage: dict | None = None,
+) -> dict:
+    out = {
+        "id": id,
+        "object": obj,
+        "created": int(time.time()) if created is None else created,
+        "model": model,
+        "choices": choices,
+    }
+    if usage is not None:
+        out["usage"] = usage
+    return out
+
+
+def completion(
+    chat: bool,
+    id: str,  # noqa: A002
+    model: str,
+    text: str,
+    finish_reason: str | None,
+    usage: dict,
+    created: int | None = None,
+) -> bytes:
+    """A whole (non-streamed) `chat.completion` or `text_completion` object, encoded."""
+    choice: dict = {"index": 0}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    choice |= {"finish_reason": finish_reason or "stop", "logprobs": None}
+    return msgspec.json.encode(_response(id, _object(chat, False), model, created, [choice], usage))
+
+
+def chunk(
+    chat: bool,
+    id: str,  # noqa: A002
+    model: str,
+    created: int,
+    text: str | None,
+    finish_reason: str | None,
+    role: str | None = None,
+) -> dict:
+    """One streamed chunk. A chat stream's first chunk passes role="assistant" (delta
+    {"role": "assistant", "content": ""}); a finishing chunk carries finish_reason and
+    whatever text came with it (an empty delta when none)."""
+    choice: dict = {"index": 0}
+    if chat:
+        delta: dict = {}
+        if role is not None:
+            delta = {"role": role, "content": text or ""}
+        elif text:
+            delta = {"content": text}
+        choice["delta"] = delta
+    else:
+        choice["text"] = text or ""
+    choice |= {"finish_reason": finish_reason, "logprobs": None}
+    return _response(id, _object(chat, True), model, created, [choice])
+
+
+def usage_chunk(chat: bool, id: str, model: str, created: int, usage: dict) -> dict:  # noqa: A002
+    """The final chunk sent when stream_options.include_usage: no choices, just usage."""
+    return _response(id, _object(chat, True), model, created, [], usage)
+
+
+def models_list(model_id: str, created: int | None = None) -> bytes:
+    """GET /v1/models."""
+    model = {
+        "id": model_id,
+        "object": "model",
+        "created": int(time.time()) if created is None else created,
+        "owned_by": "pdcluster",
+    }
+    return msgspec.json.encode({"object": "list", "data": [model]})

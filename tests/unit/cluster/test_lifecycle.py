@@ -1,0 +1,324 @@
+"""One request's lifecycle (cluster/lifecycle.py) against in-process stand-ins for the
+worker actors: the real `WorkerPool`s, output channels (`DecodeChannels`,
+`OutputChannel`), detokenizer and metrics, with fake prefill and decode actors that
+keep the leases and sequences a real worker would hold, and fail on cue.
+
+Each test ends with nothing held: no lease on a prefill stand-in, no sequence on a
+decode stand-in, no load counted in a pool, no entry in the request table."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from cluster.channels import DecodeChannels
+from cluster.config import RouterConfig
+from cluster.lifecycle import Lifecycle, Unavailable
+from cluster.metrics import RouterMetrics
+from cluster.pool import WorkerPool
+from transfer.handle import KVHandle, TransferFailed
+from workers.api import PrefillResult, SequenceFailed, WorkerError
+from workers.sampling_params import SamplingParams
+
+OUTPUT = "the quick brown fox jumps"  # what the stand-in model writes, whatever the prompt
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """Byte-level BPE, one token per byte (built inline, no download)."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    t = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=t)
+
+
+class _Method:
+    """`actor.method.remote(...)` (and `.options(...)`) of a stand-in actor."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args):
+        return self.fn(*args)
+
+    def options(self, **_):
+        return self
+
+
+async def _value(x):
+    return x
+
+
+class FakePrefill:
+    """Prefills by writing OUTPUT's next token; holds a lease per attempt until the
+    decode stand-in claims it or the router releases it. `fail`: attempts to refuse."""
+
+    def __init__(self, model: list[int], fail: int = 0):
+        self.model, self.fail = model, fail
+        self.leases: set[str] = set()
+        self.calls: list[str] = []
+        self.prefill = _Method(self._prefill)
+        self.release = _Method(self.leases.discard)
+
+    async def _prefill(self, attempt_id, prompt_ids, sp, before):
+        self.calls.append(attempt_id)
+        await asyncio.sleep(0.01)
+        if self.fail:
+            self.fail -= 1
+            raise WorkerError("prefill refused")
+        n = len(before)
+        self.leases.add(attempt_id)
+        done = "length" if n + 1 >= sp.max_tokens else None
+        handle = KVHandle(attempt_id, "nixl", len(prompt_ids) + n, [], ttl_s=30.0)
+        return PrefillResult(attempt_id, self.model[n], done, None if done else handle)
+
+
+class FakeDecode:
+    """Decodes OUTPUT token by token onto the router's output channel. `fail_pulls`:
+    pulls that fail (TransferFailed); `die_after`: tokens after which the worker is
+    lost mid-stream; `refuse`: the sequence fails alone (SequenceFailed)."""
+
+    def __init__(self, model: list[int], step_s: float = 0.005):
+        self.model, self.step_s = model, step_s
+        self.fail_pulls, self.die_after, self.refuse = 0, None, False
+        self.sequences: set[str] = set()
+        self.streams: dict[str, asyncio.Queue] = {}
+        self.outputs = _Method(self._outputs)
+        self.generate = _Method(self._generate)
+        self.generate_local = _Method(self._generate_local)
+        self.abort = _Method(self.sequences.discard)
+        self.started: list[tuple[str, list[int]]] = []  # (attempt id, tokens before)
+
+    async def _outputs(self, channel):
+        q = self.streams[channel] = asyncio.Queue()
+        yield _value([])  # open
+        while True:
+            yield _value(await q.get())
+
+    async def _generate(self, attempt_id, channel, prompt_ids, first, sp, handle, left, p, before):
+        await asyncio.sleep(0.01)
+        if self.fail_pulls:
+            self.fail_pulls -= 1
+            raise TransferFailed("pull failed")
+        p.leases.discard(attempt_id)  # the pull claimed it and told prefill it is done
+        return await self._decode(attempt_id, channel, sp, len(before) + 1)
+
+    async def _generate_local(self, attempt_id, channel, prompt_ids, sp, left, before):
+        return await self._decode(attempt_id, channel, sp, len(before))
+
+    async def _decode(self, attempt_id, channel, sp, n):
+        self.started.append((attempt_id, self.model[: n - 1]))
+        if self.refuse:
+            raise SequenceFailed("every token banned", 400)
+        self.sequences.add(attempt_id)
+        try:
+            sent = 0
+            while n < sp.max_tokens:
+                await asyncio.sleep(self.step_s)
+                if attempt_id not in self.sequences:
+                    return "abort"
+                if self.die_after is not None and sent >= self.die_after:
+                    self.die_after = None
+                    raise WorkerError("decode worker died")
+                n += 1
+                sent += 1
+                reason = "length" if n >= sp.max_tokens else None
+                self.streams[channel].put_nowait([(attempt_id, [self.model[n - 1]], reason)])
+            return "length"
+        finally:
+            self.sequences.discard(attempt_id)
+
+
+class Cluster:
+    """Two prefill and two decode stand-ins behind the router's real pools and channels."""
+
+    def __init__(self, tok, **router):
+        self.model = tok.encode(OUTPUT)
+        self.prefills = [FakePrefill(self.model), FakePrefill(self.model)]
+        self.decodes = [FakeDecode(self.model), FakeDecode(self.model)]
+        metrics = RouterMetrics()
+        self.prefill = WorkerPool("prefill", self.prefills, 5.0, metrics)
+        self.decode = WorkerPool("decode", self.decodes, 5.0, metrics)
+        self.channels = DecodeChannels(self.decode, 10_000, 0.05)
+        cfg = RouterConfig(**{"request_timeout_s": 10.0, **router})
+        self.lifecycle = Lifecycle(cfg, tok, self.prefill, self.decode, self.channels.get, metrics)
+        self.metrics = metrics
+
+    async def complete(self, max_tokens: int = len(OUTPUT), prompt: str = "hi"):
+        """(text, finish reason, completion tokens) of one request."""
+        prompt_ids = list(prompt.encode())
+        state = self.lifecycle.admit(f"req{id(prompt_ids)}", len(prompt_ids))
+        text, reason, n = "", None, 0
+        async for piece, reason, n in self.lifecycle.run(
+            state, prompt_ids, SamplingParams(max_tokens=max_tokens, temperature=0.0)
+        ):
+            text += piece
+        return text, reason, n
+
+    def held(self) -> dict:
+        return {
+            "leases": sum(len(p.leases) for p in self.prefills),
+            "sequences": sum(len(d.sequences) for d in self.decodes),
+            "load": sum(r.load for pool in (self.prefill, self.decode) for r in pool.replicas),
+            "requests": len(self.lifecycle.requests),
+        }
+
+    def retries(self, kind: str) -> float:
+        return self.metrics.retries.labels(kind)._value.get()
+
+
+NOTHING = {"leases": 0, "sequences": 0, "load": 0, "requests": 0}
+
+
+def run(cluster: Cluster, body):
+    """Run `body(cluster)` with the router's channel task, then let released calls land."""
+
+    async def main():
+        keeper = asyncio.create_task(cluster.channels.keep())
+        try:
+            return await asyncio.wait_for(body(cluster), 10)
+        finally:
+            await asyncio.sleep(0.05)
+            keeper.cancel()
+
+    return asyncio.run(main())
+
+
+def test_a_request_goes_prefill_then_decode_and_leaves_nothing_held(tok):
+    c = Cluster(tok)
+    text, reason, n = run(c, lambda c: c.complete())
+    assert (text, reason, n) == (OUTPUT, "length", len(OUTPUT))
+    assert c.held() == NOTHING
+    assert [len(p.calls) for p in c.prefills] == [1, 0]
+
+
+def test_a_failed_prefill_is_retried_on_the_other_replica(tok):
+    c = Cluster(tok, max_retries=1)
+    c.prefills[0].fail = 1
+    assert run(c, lambda c: c.complete())[0] == OUTPUT
+    first, second = (p.calls for p in c.prefills)
+    assert len(first) == 1 and first == second  # the same attempt, on the other replica
+    assert c.retries("prefill") == 1 and c.held() == NOTHING
+
+
+def test_a_failed_transfer_re_prefills_elsewhere_under_a_new_attempt_id(tok):
+    c = Cluster(tok, max_retries=1)
+    c.decodes[0].fail_pulls = 1
+    assert run(c, lambda c: c.complete())[0] == OUTPUT
+    first, second = c.prefills[0].calls, c.prefills[1].calls
+    assert len(first) == 1 and len(second) == 1  # the replica whose KV failed is avoided
+    assert first[0].endswith("-0") and second[0].endswith("-1")
+    assert c.retries("transfer") == 1 and c.held() == NOTHING  # the failed lease released
+
+
+def test_prefill_and_transfer_failures_share_one_retry_budget(tok):
+    """router.max_retries counts every retry of the request: one spent on a refused
+    prefill leaves none for a failed transfer, which is then a 503."""
+    c = Cluster(tok, max_retries=1)
+    c.prefills[0].fail = 1
+    c.decodes[0].fail_pulls = 1
+    with pytest.raises(Unavailable):
+        run(c, lambda c: c.complete())
+    assert c.held() == NOTHING
+
+
+def test_no_retry_left_is_a_503_and_releases_every_attempt(tok):
+    c = Cluster(tok, max_retries=2)
+    for p in c.prefills:
+        p.fail = 5
+    with pytest.raises(Unavailable):
+        run(c, lambda c: c.complete())
+    assert sum(len(p.calls) for p in c.prefills) == 2  # one per replica, then none untried
+    assert c.held() == NOTHING
+
+
+def test_a_lost_decode_migrates_with_its_tokens_to_a_replica_it_was_not_lost_on(tok):
+    """Decode 0 dies after 4 tokens. Its replica still looks healthy to the pool (no
+    poll has run), yet the migration goes to decode 1, re-prefilling prompt + the
+    tokens the router got so far (those still in flight from the dead worker are
+    written again); the client sees one uninterrupted text."""
+    c = Cluster(tok, max_migrations=1)
+    c.decodes[0].die_after = 4
+    text, reason, n = run(c, lambda c: c.complete())
+    assert (text, reason, n) == (OUTPUT, "length", len(OUTPUT))
+    assert [a for a, _ in c.decodes[0].started] == [c.decodes[0].started[0][0]]
+    ((attempt, before),) = c.decodes[1].started
+    assert attempt.endswith("-1") and 2 <= len(before) <= 5 and before == c.model[: len(before)]
+    assert c.metrics.migrations._value.get() == 1 and c.held() == NOTHING
+
+
+def test_a_decode_lost_past_max_migrations_is_a_503(tok):
+    c = Cluster(tok, max_migrations=0)
+    c.decodes[0].die_after = 2
+    with pytest.raises(Unavailable):
+        run(c, lambda c: c.complete())
+    assert c.held() == NOTHING
+
+
+def test_no_prefill_worker_falls_back_to_decode_prefilling_itself(tok):
+    c = Cluster(tok)
+    for r in c.prefill.replicas:
+        r.healthy = False
+    assert run(c, lambda c: c.complete())[0] == OUTPUT
+    assert c.retries("decode_local") == 1 and c.held() == NOTHING
+
+
+def _client_leaves_after_two_chunks(c: Cluster):
+    async def body(c):
+        prompt_ids = list(b"hi")
+        state = c.lifecycle.admit("gone", len(prompt_ids))
+        events = c.lifecycle.run(state, prompt_ids, SamplingParams(max_tokens=20))
+        for _ in range(2):
+            await events.__anext__()
+        assert c.held()["sequences"] == 1
+        await events.aclose()
+
+    return body
+
+
+async def _past_its_deadline(c: Cluster):
+    for d in c.decodes:
+        d.step_s = 0.2
+    await c.complete()
+
+
+async def _sequence_failed(c: Cluster):
+    for d in c.decodes:
+        d.refuse = True
+    await c.complete()
+
+
+async def _cancelled(c: Cluster):
+    task = asyncio.create_task(c.complete())
+    await asyncio.sleep(0.08)
+    task.cancel()
+    await task
+
+
+@pytest.mark.parametrize(
+    "exit_path,raises",
+    [
+        ("client-leaves", None),
+        ("deadline", TimeoutError),
+        ("sequence-failed", SequenceFailed),
+        ("task-cancelled", asyncio.CancelledError),
+    ],
+)
+def test_every_exit_path_releases_everything(tok, exit_path, raises):
+    c = Cluster(tok, request_timeout_s=0.5 if exit_path == "deadline" else 10.0)
+    body = {
+        "client-leaves": _client_leaves_after_two_chunks(c),
+        "deadline": _past_its_deadline,
+        "sequence-failed": _sequence_failed,
+        "task-cancelled": _cancelled,
+    }[exit_path]
+    if raises is None:
+        run(c, body)
+    else:
+        with pytest.raises(raises):
+            run(c, body)
+    assert c.held() == NOTHING
