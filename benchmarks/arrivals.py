@@ -40,6 +40,7 @@ def staggered(url: str, n: int = 64, count: int = 48, rate: float = 1 / 0.15) ->
 
 def main() -> None:
     from tests.support import load_test_config, running_cluster
+    from workers.api import cpu_model
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--set", action="append", default=[], help="JSON override of local.yaml")
@@ -58,7 +59,7 @@ def main() -> None:
             f"median e2e {stag['median_e2e_s']:.2f} s",
             flush=True,
         )
-    Path(args.out).write_text(json.dumps(results, indent=2))
+    Path(args.out).write_text(json.dumps({"cpu": cpu_model(), "settings": results}, indent=2))
     print(f"wrote {args.out}")
 
 

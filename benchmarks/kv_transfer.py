@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -25,6 +24,8 @@ from pathlib import Path
 import ray
 import torch
 from ray.cluster_utils import Cluster
+
+from workers.api import cpu_model
 
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 30, 3, 64, 16
 POOL_BLOCKS = 300
@@ -193,8 +194,9 @@ def main() -> None:
     Path(args.out).write_text(
         json.dumps(
             {
-                "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-                f"{__import__('os').cpu_count()} cores, CPU DRAM over UCX",
+                "cpu": cpu_model(),
+                "torch_threads": torch.get_num_threads(),
+                "transport": "CPU DRAM over UCX",
                 "reps": args.reps,
                 "rows": rows,
             },

