@@ -20,9 +20,9 @@ import httpx
 import msgspec
 import ray
 
+from chaos.config import ChaosRunConfig, Thresholds
 from chaos.load import Load, LoadShape, Record, make_prompts, percentile
 from chaos.scenarios import SCENARIOS, Scenario, Skip, Window
-from cluster.config import Config, Thresholds
 
 # Every /debug/state count that must be back at zero once load has ended.
 ZERO_KEYS = (
@@ -50,7 +50,7 @@ class Target:
     itself; a local one lets it replace a node it killed (on a real cluster that is
     the operator's or KubeRay's job)."""
 
-    def __init__(self, cfg: Config, url: str, rc=None):
+    def __init__(self, cfg: ChaosRunConfig, url: str, rc=None):
         self.cfg, self.chaos, self.url, self.rc = cfg, cfg.chaos, url.rstrip("/"), rc
         self.http = httpx.Client(timeout=10)
         self._agents: dict[str, object] = {}
@@ -360,7 +360,7 @@ class Result:
         return self.succeeded / judged if judged else 0.0
 
 
-def thresholds_for(cfg: Config, name: str) -> Thresholds:
+def thresholds_for(cfg: ChaosRunConfig, name: str) -> Thresholds:
     over = cfg.chaos.scenarios.get(name, {})
     t = cfg.chaos.thresholds
     return msgspec.structs.replace(t, **{k: type(getattr(t, k))(v) for k, v in over.items()})

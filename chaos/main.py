@@ -7,11 +7,11 @@ import time
 
 import ray
 
+from chaos.config import ChaosRunConfig, cluster_config
 from chaos.scenarios import SCENARIOS
-from cluster.config import Config
 
 
-def chaos_main(cfg: Config, args) -> int:
+def chaos_main(cfg: ChaosRunConfig, args) -> int:
     import logging
 
     from chaos.harness import Target
@@ -26,7 +26,7 @@ def chaos_main(cfg: Config, args) -> int:
     else:
         from cluster.launcher import start
 
-        rc = start(cfg, log_to_driver=False)  # the progress lines stay readable
+        rc = start(cluster_config(cfg), log_to_driver=False)  # the progress lines stay readable
         target = Target(cfg, rc.url, rc)
     try:
         if target.http.get(f"{target.url}/debug/state").status_code == 404:

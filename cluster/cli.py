@@ -15,7 +15,8 @@ import time
 import msgspec
 import psutil
 
-from cluster.config import ConfigError, load_config
+from chaos.config import cluster_config, load_chaos_config
+from cluster.config import ConfigError
 
 SHUTDOWN_S = 10.0  # the orderly stop's bound; the reaper does the rest
 _stopping = False
@@ -61,8 +62,9 @@ def _running(p: psutil.Process) -> bool:
 
 
 def _up(args: argparse.Namespace) -> int:
-    # Before any import that touches Ray: a bad config starts nothing.
-    cfg = load_config(args.config)
+    # Before any import that touches Ray: a bad config starts nothing. A `chaos:` section
+    # is checked too (one file serves `up` and `chaos`), then left out of what starts.
+    cfg = cluster_config(load_chaos_config(args.config))
     signal.signal(signal.SIGTERM, _request_stop)
     signal.signal(signal.SIGINT, _request_stop)
     # Read when Ray is imported: without it the driver's core worker takes SIGTERM first,
@@ -92,7 +94,7 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _chaos(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
+    cfg = load_chaos_config(args.config)
     from chaos.scenarios import SCENARIOS
 
     if args.list:
@@ -137,7 +139,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _fetch(args: argparse.Namespace) -> int:
     from workers.loader import resolve_model
 
-    cfg = None if args.source else load_config(args.config)
+    cfg = None if args.source else load_chaos_config(args.config)
     source = args.source or cfg.model.source
     cache = args.cache_dir or (cfg.model.cache_dir if cfg else None)
     t0 = time.monotonic()
@@ -150,7 +152,7 @@ def _fetch(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    load_config(args.config)
+    load_chaos_config(args.config)
     print(f"{args.config}: ok")
     return 0
 

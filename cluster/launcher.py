@@ -25,10 +25,14 @@ from ray.util.placement_group import (
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.config import HEAD_RESOURCE, Config, NodeConfig
+from cluster.config import (
+    HEAD_RESOURCE,
+    Config,
+    NodeConfig,
+    worker_spec,  # the one place a WorkerSpec is built
+)
 from cluster.edge import proxy_env
 from cluster.peers import RouterPeers
-from workers.api import WorkerSpec
 from workers.decode_worker import DecodeWorker
 from workers.loader import resolve_model
 from workers.prefill_worker import PrefillWorker
@@ -196,37 +200,6 @@ def add_local_node(rc: RunningCluster, local, node: NodeConfig) -> str:
     return n.node_id
 
 
-def _spec(cfg: Config, role: str, replica: int, model_dir: str, rank: int) -> WorkerSpec:
-    g = cfg.prefill if role == "prefill" else cfg.decode
-    return WorkerSpec(
-        tp_rank=rank,
-        tp_size=g.tensor_parallel_size,
-        group=f"pdcluster-{role}-{replica}",
-        role=role,
-        replica=replica,
-        model_dir=model_dir,
-        model_source=cfg.model.source,
-        cache_dir=cfg.model.cache_dir,
-        max_model_len=cfg.model.max_model_len,
-        kv_blocks=g.kv_blocks,
-        block_size=g.block_size,
-        dtype=cfg.model.dtype,
-        device=os.environ.get("PDCLUSTER_DEVICE", "cpu"),
-        max_batched_tokens=(
-            cfg.prefill.max_batched_tokens if role == "prefill" else cfg.model.max_model_len
-        ),
-        max_running=cfg.decode.max_running if role == "decode" else 1024,
-        prefix_caching=g.prefix_caching,
-        stream_interval=cfg.decode.stream_interval,
-        transfer_timeout_s=cfg.transfer.timeout_s,
-        lease_ttl_s=cfg.transfer.lease_ttl_s,
-        max_pending=cfg.transfer.max_pending,
-        faults=cfg.transfer.faults,
-        transfer_backend=cfg.transfer.backend,
-        num_threads=g.num_threads,
-    )
-
-
 @dataclass(frozen=True)
 class Placement:
     """Where the replicas of one role go. `share` is the amount of the role's node
@@ -275,7 +248,7 @@ def _start_group(
     )
     ranks = []
     for r in range(g.tensor_parallel_size):
-        spec = _spec(cfg, role, replica, model_dir, r)
+        spec = worker_spec(cfg, role, replica, model_dir, r)
         # Rank 0 runs the engine; ranks 1.. follow its step plans (workers/tp.py).
         cls = (PrefillWorker if role == "prefill" else DecodeWorker) if r == 0 else RankWorker
         extra = {} if r == 0 else {"max_concurrency": 8}  # concurrent shard pulls
@@ -310,7 +283,7 @@ class Keeper:
     RESCHEDULING is removed (its actors die with it) and started afresh under the same
     names: a new group is PENDING, which the GCS retries at most once a second, and is
     placed, its workers started, when a node with room joins (where there was room all
-    along, at once). The router finds them by name (cluster/health.py)."""
+    along, at once). The router finds them by name (cluster/pool.py)."""
 
     def __init__(self, rc: RunningCluster):
         self.rc, self._stopping = rc, threading.Event()
@@ -353,7 +326,9 @@ class Keeper:
         for a in g.ranks:
             ray.kill(a, no_restart=True)
         cfg = self.rc.config
-        names = [_spec(cfg, g.role, g.replica, "", r).rank_name(r) for r in range(len(g.ranks))]
+        names = [
+            worker_spec(cfg, g.role, g.replica, "", r).rank_name(r) for r in range(len(g.ranks))
+        ]
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and any(map(_named, names)):
             time.sleep(0.1)  # until the dead actors' names are free again

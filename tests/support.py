@@ -27,19 +27,22 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def load_test_config(name: str, **overrides):
-    """A config from configs/ with nested overrides, validated like any other."""
-    from cluster.config import parse_config
+    """A config from configs/ with nested overrides, validated as `pdcluster up` and
+    `pdcluster chaos` do (its `chaos:` section included)."""
+    from chaos.config import parse_chaos_config
 
     data = yaml.safe_load((ROOT / "configs" / name).read_text())
-    return parse_config(_merge(data, overrides))
+    return parse_chaos_config(_merge(data, overrides))
 
 
 @contextlib.contextmanager
 def running_cluster(cfg):
-    """Start the whole system (Ray nodes, workers, Serve router) and stop it after."""
+    """Start the whole system (Ray nodes, workers, Serve router) and stop it after. As
+    with `pdcluster up`, the cluster starts from the config less its `chaos:` section."""
+    from chaos.config import cluster_config
     from cluster.launcher import start
 
-    rc = start(cfg)
+    rc = start(cluster_config(cfg))
     try:
         yield rc
     finally:

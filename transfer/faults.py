@@ -10,23 +10,46 @@ from __future__ import annotations
 
 import random
 import time
+from typing import Annotated
 
 import msgspec
+from msgspec import Meta
 
 from transfer.handle import TransferFailed, TransferTimeout
 
+_Rate = Annotated[float, Meta(ge=0, le=1)]
+
 
 class FaultConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    delay_rate: float = 0.0
-    delay_s: float = 0.2
-    stall_rate: float = 0.0  # pull never completes: ends at transfer.timeout_s
-    fail_rate: float = 0.0
-    expire_rate: float = 0.0  # lease expires at once, before decode can claim it
-    # The pull's thread ignores its deadline for hang_s more (a handshake blocked on a
-    # peer that drops packets): decode gives up on it and holds its blocks until it ends.
-    hang_rate: float = 0.0
-    hang_s: float = 5.0
-    seed: int = 0
+    """Injected transfer faults (`transfer.faults`, for chaos): each pull rolls once for
+    hang, stall, fail and delay, in that order; each lease once for expire."""
+
+    delay_rate: Annotated[_Rate, Meta(description="share of pulls delayed by `delay_s`")] = 0.0
+    delay_s: Annotated[
+        float,
+        Meta(ge=0, description="a delayed pull's delay (past its deadline: a TransferTimeout)"),
+    ] = 0.2
+    stall_rate: Annotated[
+        _Rate,
+        Meta(description="share of pulls that never complete: each ends at transfer.timeout_s"),
+    ] = 0.0
+    fail_rate: Annotated[_Rate, Meta(description="share of pulls that fail at once")] = 0.0
+    expire_rate: Annotated[
+        _Rate,
+        Meta(description="share of leases that expire at once, before decode can claim them"),
+    ] = 0.0
+    hang_rate: Annotated[
+        _Rate,
+        Meta(
+            description="share of pulls whose thread ignores its deadline for `hang_s` more "
+            "(a handshake blocked on a peer that drops packets): decode gives up on it and "
+            "holds its blocks until it ends"
+        ),
+    ] = 0.0
+    hang_s: Annotated[
+        float, Meta(ge=0, description="how long a hung pull runs past its deadline")
+    ] = 5.0
+    seed: Annotated[int, Meta(description="seed of the rolls (salted per worker)")] = 0
 
 
 class FaultInjector:

@@ -42,8 +42,9 @@ class SequenceFailed(Exception):
         return (SequenceFailed, (str(self), self.status))
 
 
-class WorkerSpec(msgspec.Struct, frozen=True):
-    """Everything a worker needs to start; built by the launcher from the config."""
+class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything a worker needs to start. No defaults of its own: built from the
+    config by `cluster.config.worker_spec` alone (the launcher, and tests)."""
 
     role: str  # "prefill" | "decode"
     replica: int
@@ -51,23 +52,23 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     max_model_len: int
     kv_blocks: int
     block_size: int
-    model_source: str = ""
-    cache_dir: str | None = None
-    dtype: str = "float32"
-    device: str = "cpu"
-    max_batched_tokens: int = 2048
-    prefix_caching: bool = False
-    max_running: int = 32
-    transfer_timeout_s: float = 10.0
-    lease_ttl_s: float = 30.0
-    max_pending: int = 1024
-    num_threads: int = 1
-    stream_interval: int = 1  # decode: tokens gathered per request before they go out
-    faults: FaultConfig | None = None
-    transfer_backend: str = "nixl"  # "nixl" | "ray"
-    tp_rank: int = 0
-    tp_size: int = 1
-    group: str = ""  # rank r's Ray actor name is f"{group}-rank{r}"
+    model_source: str
+    cache_dir: str | None
+    dtype: str
+    device: str
+    max_batched_tokens: int
+    prefix_caching: bool
+    max_running: int
+    transfer_timeout_s: float
+    lease_ttl_s: float
+    max_pending: int
+    num_threads: int
+    stream_interval: int  # decode: tokens gathered per request before they go out
+    faults: FaultConfig | None
+    transfer_backend: str  # "nixl" | "ray"
+    tp_rank: int
+    tp_size: int
+    group: str  # rank r's Ray actor name is f"{group}-rank{r}"
 
     def rank_name(self, rank: int) -> str:
         return f"{self.group}-rank{rank}"

@@ -148,10 +148,10 @@ def test_chaos_kill_tp_rank_under_load(cluster):
     import msgspec
 
     from chaos import harness
+    from chaos.config import ChaosConfig, ChaosRunConfig
     from chaos.scenarios import SCENARIOS
 
-    chaos = msgspec.structs.replace(
-        cluster.config.chaos,
+    chaos = ChaosConfig(
         concurrency=4,
         max_tokens=16,
         prompts=8,
@@ -159,7 +159,7 @@ def test_chaos_kill_tp_rank_under_load(cluster):
         warmup_s=3,
         scenarios={"kill-tp-rank": {"min_success_rate": 0.0, "max_recovery_s": 60}},
     )
-    cfg = msgspec.structs.replace(cluster.config, chaos=chaos)
+    cfg = ChaosRunConfig(**msgspec.structs.asdict(cluster.config), chaos=chaos)
     target = harness.Target(cfg, cluster.url, cluster)
     try:
         h = harness.Harness(target, seed=2, progress=print)

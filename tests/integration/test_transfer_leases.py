@@ -11,11 +11,12 @@ import sys
 import time
 import types
 
+import msgspec
 import pytest
 import ray
 
+from cluster.config import parse_config, worker_spec
 from transfer import FaultConfig, LeaseExpired, TransferError, TransferFailed, TransferTimeout
-from workers.api import WorkerSpec
 from workers.channel import OutputChannel
 from workers.decode_worker import DecodeWorker
 from workers.prefill_worker import PrefillWorker
@@ -47,6 +48,35 @@ CLOCK_AHEAD_S = 90.0
 AheadDecode = ray.remote(_AheadDecode)
 
 
+def pair_config(
+    max_model_len=256,
+    kv_blocks=64,
+    lease_ttl_s=30.0,
+    faults=None,
+    max_pending=64,
+    backend="nixl",
+    decode_max_running=32,
+):
+    """The config of a prefill + decode pair started by hand (workers built from it as
+    the launcher builds them). Prefix caching off: the tests count every block."""
+    groups = {"kv_blocks": kv_blocks, "block_size": 16, "prefix_caching": False}
+    return parse_config(
+        {
+            "model": {"source": "tiny", "max_model_len": max_model_len},
+            "cluster": {"address": "auto"},
+            "prefill": groups,
+            "decode": {**groups, "max_running": decode_max_running},
+            "transfer": {
+                "backend": backend,
+                "timeout_s": TIMEOUT_S,
+                "lease_ttl_s": lease_ttl_s,
+                "max_pending": max_pending,
+                "faults": None if faults is None else msgspec.to_builtins(faults),
+            },
+        }
+    )
+
+
 def _pair(
     model_dir,
     name: str,
@@ -59,22 +89,20 @@ def _pair(
     decode_max_running=32,
     decode_cls=DecodeWorker,
 ):
-    spec = dict(
-        model_dir=str(model_dir),
+    cfg = pair_config(
         max_model_len=max_model_len,
         kv_blocks=kv_blocks,
-        block_size=16,
-        transfer_timeout_s=TIMEOUT_S,
         lease_ttl_s=lease_ttl_s,
-        max_pending=max_pending,
         faults=faults,
-        transfer_backend=backend,
+        max_pending=max_pending,
+        backend=backend,
+        decode_max_running=decode_max_running,
     )
     p = PrefillWorker.options(
         name=f"p-{name}", max_restarts=-1, num_cpus=0, resources={"prefill_node": 0.01}
-    ).remote(WorkerSpec(role="prefill", replica=0, **spec))
+    ).remote(worker_spec(cfg, "prefill", 0, str(model_dir)))
     d = decode_cls.options(name=f"d-{name}", num_cpus=0, resources={"decode_node": 0.01}).remote(
-        WorkerSpec(role="decode", replica=0, max_running=decode_max_running, **spec)
+        worker_spec(cfg, "decode", 0, str(model_dir))
     )
     ray.get([p.ready.remote(), d.ready.remote()], timeout=120)
     return p, d

@@ -118,16 +118,16 @@ def test_a_worker_whose_raylet_is_gone_exits(ray_nodes, tiny_model_dir):
 
 
 def _spec(model_dir):
-    from workers.api import WorkerSpec
+    from cluster.config import parse_config, worker_spec
 
-    return WorkerSpec(
-        role="prefill",
-        replica=9,
-        model_dir=str(model_dir),
-        max_model_len=256,
-        kv_blocks=16,
-        block_size=16,
+    cfg = parse_config(
+        {
+            "model": {"source": "tiny", "max_model_len": 256},
+            "cluster": {"address": "auto"},
+            "prefill": {"kv_blocks": 16, "prefix_caching": False},
+        }
     )
+    return worker_spec(cfg, "prefill", 9, str(model_dir))
 
 
 def _state(pid: int) -> str:

@@ -10,12 +10,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from chaos import harness, report, soak
+from chaos.config import parse_chaos_config
 from chaos.load import Load, LoadShape, Record, make_prompts, percentile
 from cluster.config import ConfigError, parse_config
 
 
 def _cfg(**chaos):
-    return parse_config({"cluster": {"address": "auto"}, "chaos": chaos})
+    return parse_chaos_config({"cluster": {"address": "auto"}, "chaos": chaos})
 
 
 def _done(i: int, end: float, text: str = "t", prompt: int = 0) -> Record:

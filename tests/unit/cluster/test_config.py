@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from chaos.config import ChaosRunConfig, cluster_config, load_chaos_config, parse_chaos_config
 from cluster.cli import main
-from cluster.config import ConfigError, load_config, parse_config
+from cluster.config import Config, ConfigError, load_config, parse_config, worker_spec
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -21,6 +24,46 @@ def base() -> dict:
 def test_shipped_configs_are_valid(name):
     cfg = load_config(ROOT / "configs" / name)
     assert cfg.prefill.node_resource in cfg.cluster.nodes[0].resources
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_as_up_and_chaos_load_it(path, capsys):
+    """`pdcluster up`, `check-config` and `chaos` load a config with its `chaos:` section;
+    the cluster is started from it less that section."""
+    cfg = load_chaos_config(path)
+    assert isinstance(cfg, ChaosRunConfig) and type(cluster_config(cfg)) is Config
+    assert cluster_config(cfg).router == cfg.router
+    assert main(["check-config", str(path)]) == 0
+
+
+def test_the_cluster_config_has_no_chaos_section():
+    data = yaml.safe_load((ROOT / "configs" / "chaos.yaml").read_text())
+    with pytest.raises(ConfigError, match="unknown field `chaos`"):
+        parse_config(data)
+    assert parse_chaos_config(data).chaos.transfer_fault_s == 8
+
+
+def test_config_modules_import_neither_chaos_ray_nor_torch():
+    """cluster/config.py is below chaos/; and `pdcluster up` validates (chaos section
+    included) before it imports Ray."""
+    code = (
+        "import sys, cluster.config; assert not [m for m in sys.modules if m.split('.')[0] in "
+        "('chaos', 'ray', 'torch')], 'cluster'; import chaos.config; "
+        "assert not [m for m in sys.modules if m.split('.')[0] in ('ray', 'torch')], 'chaos'"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
+def test_worker_spec_is_built_from_the_config_alone():
+    d = base()
+    d["prefill"]["prefix_caching"] = False
+    cfg = parse_config(d)
+    p, r = worker_spec(cfg, "prefill", 1, "/m"), worker_spec(cfg, "decode", 0, "", rank=0)
+    assert (p.prefix_caching, r.prefix_caching) == (False, True)  # each role's own setting
+    assert p.max_batched_tokens == cfg.prefill.max_batched_tokens
+    assert r.max_running == cfg.decode.max_running and r.num_threads == 2
+    assert r.transfer_timeout_s == cfg.transfer.timeout_s and p.faults is None
+    assert p.group == "pdcluster-prefill-1" and p.model_dir == "/m"
 
 
 def test_defaults_match_design():
@@ -53,6 +96,24 @@ BAD = {
     "unknown key": (_set("decode.kv_blokcs", 10), r"kv_blokcs.*`decode`|`decode`.*kv_blokcs"),
     "unknown top-level key": (_set("routr", {}), "routr"),
     "wrong type": (_set("router.port", "eight thousand"), r"Expected `int`.*`router\.port`"),
+    "port out of range": (_set("router.port", 70000), r"Expected `int` <= 65535.*`router\.port`"),
+    "dtype not known": (
+        _set("model.dtype", "int8"),
+        r"`model\.dtype` \(one of `bfloat16`, `float16`, `float32`\)",
+    ),
+    "relative cache dir": (
+        _set("model.cache_dir", "cache"),
+        r"`model\.cache_dir` \(an absolute path\)",
+    ),
+    "backend not known": (_set("transfer.backend", "tcp"), r"`transfer\.backend`.*`nixl`, `ray`"),
+    "fault rate over 1": (
+        _set("transfer.faults", {"fail_rate": 1.5}),
+        r"<= 1.*`transfer\.faults\.fail_rate`",
+    ),
+    "duplicate node names": (
+        lambda d: d["cluster"]["nodes"][1].update(name="prefill-0"),
+        r"`cluster\.nodes`.*unique",
+    ),
     "negative local prefill limit": (
         _set("router.max_local_prefill_tokens", -1),
         r"`router\.max_local_prefill_tokens`",

@@ -13,10 +13,11 @@ import time
 import msgspec
 import pytest
 
+from cluster.config import parse_config, worker_spec
 from transfer.handle import LeaseExpired, TransferError
 from transfer.nixl_backend import NixlTransferAgent
 from transfer.sender import KVSender
-from workers.api import WorkerError, WorkerSpec
+from workers.api import WorkerError
 from workers.decode_worker import DecodeWorker
 from workers.engine import Engine
 from workers.engine_thread import EngineThread
@@ -32,18 +33,20 @@ PROMPT = list(range(3, 40))  # 3 blocks of 16
 def _decode(model_dir, loop, num_blocks=16, timeout_s=2.0) -> DecodeWorker:
     """The decode worker class without its Ray actor wrapper, built as its __init__ does."""
     w = object.__new__(DecodeWorker.__ray_metadata__.modified_class)
-    w.spec = WorkerSpec(
-        role="decode",
-        replica=0,
-        model_dir=str(model_dir),
-        max_model_len=256,
-        kv_blocks=num_blocks,
-        block_size=16,
-        max_running=4,
-        transfer_timeout_s=timeout_s,
+    cfg = parse_config(
+        {  # a full-length sequence fits the pool, as the config requires
+            "model": {"source": "tiny", "max_model_len": min(256, num_blocks * 16)},
+            "cluster": {"address": "auto"},
+            "prefill": {"kv_blocks": num_blocks},
+            "decode": {"kv_blocks": num_blocks, "max_running": 4, "prefix_caching": False},
+            "transfer": {"timeout_s": timeout_s},
+        }
     )
+    w.spec = worker_spec(cfg, "decode", 0, str(model_dir))
     w.node_id = "local"
-    w.runner = ModelRunner(model_dir, max_model_len=256, num_blocks=num_blocks, block_size=16)
+    w.runner = ModelRunner(
+        model_dir, max_model_len=w.spec.max_model_len, num_blocks=num_blocks, block_size=16
+    )
     w.blocks = BlockManager(num_blocks, 16)
     w.engine = Engine(w.runner, w.blocks, max_batched_tokens=512, max_running=4, stall_after_s=30.0)
     w.agent = NixlTransferAgent("decode", w.runner.kv_pool)
