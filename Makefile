@@ -27,6 +27,7 @@ serve: model
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 # `make test PYTEST_ARGS="-m unit"` runs a subset (markers: unit, integration, e2e, chaos).
 test: lint model

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from chaos.load import Load, LoadShape, Record, percentile
-from workers.api import cpu_model
+from wire.host import cpu_model
 
 QUANTILES = (50, 90, 99)
 # Common English words, each one token (with its leading space) in the BPE vocabularies
@@ -294,7 +294,7 @@ def plot(report: dict, out: Path) -> list[Path]:
 
 
 def bench_main(args) -> int:
-    """`pdcluster bench` (cluster/cli.py parses the arguments)."""
+    """`pdcluster bench` (pdcluster/cli.py parses the arguments)."""
     try:
         slo = Slo.parse(args.slo)
         workload = Workload(

@@ -40,7 +40,7 @@ def staggered(url: str, n: int = 64, count: int = 48, rate: float = 1 / 0.15) ->
 
 def main() -> None:
     from tests.support import load_test_config, running_cluster
-    from workers.api import cpu_model
+    from wire.host import cpu_model
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--set", action="append", default=[], help="JSON override of local.yaml")

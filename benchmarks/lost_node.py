@@ -43,8 +43,9 @@ sys.path.insert(0, str(ROOT))
 from chaos import harness  # noqa: E402
 from chaos.load import Load, percentile  # noqa: E402
 from chaos.scenarios import SCENARIOS  # noqa: E402
+from chaos.target import HealthMonitor, Target  # noqa: E402
 from tests.support import load_test_config, running_cluster  # noqa: E402
-from workers.api import cpu_model  # noqa: E402
+from wire.host import cpu_model  # noqa: E402
 
 SURVIVORS = {
     "cluster": {
@@ -113,7 +114,7 @@ def main() -> None:
         try:
             cfg = load_test_config("chaos.yaml", router={"port": 8024})
             with running_cluster(cfg) as rc:
-                t = harness.Target(cfg, rc.url, rc)
+                t = Target(cfg, rc.url, rc)
                 h = harness.Harness(t, seed=0, progress=print)
                 try:
                     h.run_baseline()
@@ -122,7 +123,7 @@ def main() -> None:
                     out["head_cpu_before"] = round(t.head_cpu(head_s)[0], 3)
                     w = sc.fault(t, sc, random.Random(0))
                     print(f"lost: {w.target}; dead after {w.end - w.start:.1f} s", flush=True)
-                    monitor = harness.HealthMonitor(t)
+                    monitor = HealthMonitor(t)
                     while not monitor.all_healthy(t.health(), w.lost):
                         time.sleep(0.5)
                     cores, by = t.head_cpu(head_s)

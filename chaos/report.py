@@ -19,7 +19,7 @@ def _row(r) -> dict:
 
 
 def write(out_dir: str, cfg, baseline, results, seed: int) -> dict:
-    from workers.api import cpu_model
+    from wire.host import cpu_model
 
     rep = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from chaos.harness import Target
+    from chaos.target import Target
 
 
 @dataclass(frozen=True)

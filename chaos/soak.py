@@ -21,10 +21,11 @@ from collections import Counter, defaultdict
 
 import ray
 
-from chaos.harness import ZERO_KEYS, Harness, HealthMonitor, Target
+from chaos.harness import Harness
 from chaos.load import Load, over_long_prompt
 from chaos.scenarios import MIXED_POOL, SCENARIOS, Skip
-from workers.api import cpu_model, process_usage
+from chaos.target import ZERO_KEYS, HealthMonitor, Target
+from wire.host import cpu_model, process_usage
 
 
 def _proxies() -> dict[str, tuple]:
@@ -39,7 +40,7 @@ def _proxies() -> dict[str, tuple]:
     for i, name in enumerate(names):
         try:
             proxy = ray.get_actor(name, namespace="serve")
-            # A lambda travels by value; process_usage by reference (workers.api is light).
+            # A lambda travels by value; process_usage by reference (wire.api is light).
             u = ray.get(proxy.__ray_call__.remote(lambda _: process_usage()), timeout=5)
         except Exception:  # noqa: BLE001 - restarting: no sample this time
             continue

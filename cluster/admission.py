@@ -24,7 +24,7 @@ from cluster.protocol import (
     parse_completion,
     requested_max_tokens,
 )
-from workers.sampling_params import SamplingParams
+from wire.sampling_params import SamplingParams
 
 # Below this a temperature is treated as greedy (as vLLM does): dividing logits by
 # ~0 overflows.

@@ -1,5 +1,5 @@
 """The router's output channels: one stream per decode replica carries every one of
-this router's requests there (workers/channel.py is one channel's end)."""
+this router's requests there (wire/channel.py is one channel's end)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import time
 
 from cluster.pool import WorkerPool
-from workers.channel import OutputChannel
+from wire.channel import OutputChannel
 
 log = logging.getLogger("pdcluster.router")
 

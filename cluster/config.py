@@ -23,7 +23,7 @@ from msgspec import Meta
 from transfer.faults import FaultConfig
 
 if TYPE_CHECKING:
-    from workers.api import WorkerSpec
+    from wire.api import WorkerSpec
 
 # A custom resource only the head node has (the launcher gives it to a local head; a
 # cluster started elsewhere may give it to its own): the router runs there, beside the
@@ -484,7 +484,7 @@ def load_config(path: str | Path, cls: type[C] = Config) -> C:
 def worker_spec(cfg: Config, role: str, replica: int, model_dir: str, rank: int = 0) -> WorkerSpec:
     """What rank `rank` of `role` replica `replica` starts from: the one place a
     WorkerSpec is built (the launcher, and tests that start workers by hand)."""
-    from workers.api import WorkerSpec
+    from wire.api import WorkerSpec
 
     g = cfg.prefill if role == "prefill" else cfg.decode
     return WorkerSpec(

@@ -26,9 +26,9 @@ from cluster.config import RouterConfig
 from cluster.detokenizer import IncrementalDetokenizer, StopChecker
 from cluster.pool import WorkerPool, WorkerStalled
 from transfer.handle import TransferError
-from workers.api import WorkerError
-from workers.channel import OutputChannel
-from workers.sampling_params import SamplingParams
+from wire.api import WorkerError, time_left
+from wire.channel import OutputChannel
+from wire.sampling_params import SamplingParams
 
 log = logging.getLogger("pdcluster.router")
 
@@ -101,13 +101,11 @@ class Lifecycle:
 
     def remaining(self, state: RequestState) -> float:
         """Seconds to the request's deadline; TimeoutError once it has passed."""
-        left = state.deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(
-                f"request {state.request_id} passed its deadline "
-                f"({self.cfg.request_timeout_s}s) during {state.stage}"
-            )
-        return left
+        return time_left(
+            state.deadline,
+            f"request {state.request_id} (during {state.stage}, router.request_timeout_s "
+            f"{self.cfg.request_timeout_s}s)",
+        )
 
     async def run(
         self, state: RequestState, prompt_ids: list[int], params: SamplingParams

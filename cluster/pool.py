@@ -22,7 +22,7 @@ import msgspec
 import ray
 
 from cluster.peers import identify, kill_worker
-from workers.api import DecodeStats, PrefillStats, WorkerStats
+from wire.api import DecodeStats, PrefillStats, WorkerStats
 
 log = logging.getLogger("pdcluster.pool")
 

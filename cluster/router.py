@@ -38,7 +38,8 @@ from cluster.metrics import RouterMetrics
 from cluster.peers import report_ttl
 from cluster.pool import WorkerPool
 from cluster.protocol import AdmissionError
-from workers.api import XFER_BUCKETS, SequenceFailed, process_usage
+from wire.api import XFER_BUCKETS, SequenceFailed
+from wire.host import process_usage
 
 log = logging.getLogger("pdcluster.router")
 
@@ -62,7 +63,7 @@ def _resolve_model_here(cfg: Config) -> str:
     """The model's directory on this node, fetched and converted into its cache if
     needed, by a child process: converting imports torch, which this process never
     loads."""
-    cmd = [sys.executable, "-m", "cluster.cli", "fetch-model", cfg.model.source, "--print-path"]
+    cmd = [sys.executable, "-m", "pdcluster.cli", "fetch-model", cfg.model.source, "--print-path"]
     if cfg.model.cache_dir:
         cmd += ["--cache-dir", cfg.model.cache_dir]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)

@@ -50,7 +50,7 @@ def running_cluster(cfg):
 
 
 # Every count /debug/state reports that must be back at zero when load ends.
-from chaos.harness import ZERO_KEYS as IDLE_KEYS  # noqa: E402
+from chaos.target import ZERO_KEYS as IDLE_KEYS  # noqa: E402
 
 
 def wait_idle(url: str, timeout: float = 30.0) -> dict:

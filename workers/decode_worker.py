@@ -17,16 +17,17 @@ from typing import TYPE_CHECKING
 import ray
 
 from transfer.handle import KVHandle
-from workers.api import (
+from wire.api import (
     XFER_BUCKETS,
     DecodeStats,
     SequenceFailed,
     TransferStats,
     WorkerError,
+    time_left,
 )
+from wire.sampling_params import SamplingParams
 from workers.leader import GroupLeader
-from workers.pull import Pull, time_left
-from workers.sampling_params import SamplingParams
+from workers.pull import Pull
 from workers.sequence import Sequence
 
 if TYPE_CHECKING:

@@ -21,7 +21,7 @@ import ray
 import torch
 
 from transfer.backend import RayObjectBackend, TransferBackend
-from workers.api import WorkerSpec
+from wire.api import WorkerSpec
 from workers.engine import Engine, StepOutput
 from workers.runner import ModelRunner
 from workers.tp import exit_for_restart

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from workers.api import cpu_model
+from wire.host import cpu_model
 
 log = logging.getLogger("pdcluster.gemm")
 

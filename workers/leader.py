@@ -23,7 +23,8 @@ import ray
 
 from transfer.faults import FaultConfig, FaultInjector
 from transfer.handle import RankKV
-from workers.api import EngineStats, WorkerSpec, process_usage
+from wire.api import EngineStats, WorkerSpec
+from wire.host import process_usage
 from workers.sequence import Sequence
 
 if TYPE_CHECKING:

@@ -34,18 +34,14 @@ import time
 import zipfile
 from pathlib import Path
 
+from wire.host import cache_dir
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 log = logging.getLogger("pdcluster.loader")
 
 CONVERTED_MARKER = "pdcluster_source.json"
 _HASH_CHUNK = 1 << 20
-
-
-def cache_dir() -> Path:
-    """$PDCLUSTER_CACHE if set, else ~/.cache/pdcluster."""
-    env = os.environ.get("PDCLUSTER_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "pdcluster"
 
 
 def resolve_model(source: str, cache: Path | None = None) -> Path:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import ray
 
 from transfer.handle import TransferBackpressure
-from workers.api import (
+from wire.api import (
     EngineStats,
     PrefillResult,
     PrefillStats,
@@ -18,8 +18,8 @@ from workers.api import (
     SequenceFailed,
     WorkerError,
 )
+from wire.sampling_params import SamplingParams
 from workers.leader import GroupLeader
-from workers.sampling_params import SamplingParams
 from workers.sequence import Sequence
 
 if TYPE_CHECKING:

@@ -30,7 +30,7 @@ from transfer.handle import (
     TransferFailed,
     TransferTimeout,
 )
-from workers.api import XFER_BUCKETS
+from wire.api import XFER_BUCKETS, time_left
 
 if TYPE_CHECKING:
     from workers.decode_worker import DecodeWorker
@@ -38,15 +38,6 @@ if TYPE_CHECKING:
 # How long past its deadline a pull waits for its READs to end before giving up on
 # them (their blocks then stay held until they do end).
 PULL_GRACE_S = 2.0
-
-
-def time_left(deadline: float, what: str) -> float:
-    """Seconds left before `deadline` (this process's `time.monotonic()`: other processes
-    send time left, never a time stamp); TimeoutError when none is."""
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TimeoutError(f"{what} passed its deadline in decode")
-    return left
 
 
 async def ask(ref, what: str, timeout: float | None = None):

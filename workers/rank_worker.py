@@ -10,7 +10,7 @@ import time
 import ray
 
 from transfer.handle import RankKV
-from workers.api import RankStats, WorkerSpec
+from wire.api import RankStats, WorkerSpec
 
 log = logging.getLogger("pdcluster.tp")
 

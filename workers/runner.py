@@ -174,7 +174,7 @@ class ModelRunner:
         depend on it (packed on 1 thread and used on 2, a batch-32 GEMM took 775 us
         instead of 390). `run` does it on first use."""
         if self.gemm_plan is None:
-            from workers.loader import cache_dir
+            from wire.host import cache_dir
 
             cache = Path(self.gemm_cache_dir) if self.gemm_cache_dir else cache_dir()
             self.gemm_plan = self.model.choose_gemm(cache / "gemm-plans.json")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 
-from workers.sampling_params import SamplingParams
+from wire.sampling_params import SamplingParams
 
 
 class SeqStatus(enum.Enum):

@@ -24,6 +24,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from wire.host import cache_dir
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 MARKER = "pdcluster_tiny.json"
@@ -239,8 +241,6 @@ def tiny_args_hash(**overrides) -> str:
 
 def tiny_model_dir(cache: Path | None = None, **overrides) -> Path:
     """`<cache>/models/tiny-llama-<hash of args>`, written on first use."""
-    from workers.loader import cache_dir
-
     root = Path(cache) if cache is not None else cache_dir()
     path = root / "models" / f"tiny-llama-{tiny_args_hash(**overrides)}"
     return write_tiny_llama(path, **overrides)

@@ -14,6 +14,7 @@ import ray
 
 from chaos import harness
 from chaos.scenarios import SCENARIOS
+from chaos.target import HealthMonitor, Target
 from tests.support import load_test_config, running_cluster
 
 SHORT = {
@@ -35,10 +36,10 @@ RESULTS: list = []
 def chaos():
     cfg = load_test_config("chaos.yaml", router={"port": 8023}, chaos=SHORT)
     with running_cluster(cfg) as rc:
-        target = harness.Target(cfg, rc.url, rc)
+        target = Target(cfg, rc.url, rc)
         h = harness.Harness(target, seed=1, progress=print)
         try:
-            with harness.HealthMonitor(target) as monitor:
+            with HealthMonitor(target) as monitor:
                 h.run_baseline()
                 yield h, monitor
         finally:

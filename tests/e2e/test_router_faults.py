@@ -435,8 +435,8 @@ def test_every_metric_the_grafana_dashboard_queries_exists(cluster):
 
 
 def test_status_summarizes_the_cluster(cluster):
-    from cluster.cli import main
     from cluster.status import render
+    from pdcluster.cli import main
 
     routers = _router_replicas(cluster.url)
     text = render(cluster.url)

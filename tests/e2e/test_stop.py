@@ -105,7 +105,7 @@ def test_a_stop_signal_stops_everything_it_started(tmp_path, target, moment):
     cfg["router"]["port"] = port = 8019
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    up = [sys.executable, "-m", "cluster.cli", "up", str(path)]
+    up = [sys.executable, "-m", "pdcluster.cli", "up", str(path)]
     if target == "terminal":  # under a shell, as `make serve` runs it: not a group leader
         up = ["bash", "-c", " ".join(up) + "; true"]
     proc = subprocess.Popen(
@@ -154,7 +154,7 @@ def test_a_stop_signal_stops_everything_it_started(tmp_path, target, moment):
         left = sorted((p, _cmd(p)) for p in started if _alive(p))
         assert proc.poll() is not None and not left, (
             f"after {took:.1f}s: up {'running' if proc.poll() is None else 'gone'}, left {left}; "
-            f"signal masks: {[(p, _signals(p)) for p in started if 'cluster.cli' in _cmd(p)]}"
+            f"signal masks: {[(p, _signals(p)) for p in started if 'pdcluster.cli' in _cmd(p)]}"
         )
         print(f"{target} at {moment}: stopped in {took:.1f}s, exit status {proc.returncode}")
         err = (tmp_path / "stderr").read_text()

@@ -150,6 +150,7 @@ def test_chaos_kill_tp_rank_under_load(cluster):
     from chaos import harness
     from chaos.config import ChaosConfig, ChaosRunConfig
     from chaos.scenarios import SCENARIOS
+    from chaos.target import HealthMonitor, Target
 
     chaos = ChaosConfig(
         concurrency=4,
@@ -160,10 +161,10 @@ def test_chaos_kill_tp_rank_under_load(cluster):
         scenarios={"kill-tp-rank": {"min_success_rate": 0.0, "max_recovery_s": 60}},
     )
     cfg = ChaosRunConfig(**msgspec.structs.asdict(cluster.config), chaos=chaos)
-    target = harness.Target(cfg, cluster.url, cluster)
+    target = Target(cfg, cluster.url, cluster)
     try:
         h = harness.Harness(target, seed=2, progress=print)
-        with harness.HealthMonitor(target) as monitor:
+        with HealthMonitor(target) as monitor:
             h.run_baseline()
             res = h.run_scenario(SCENARIOS["kill-tp-rank"], monitor)
     finally:

@@ -273,7 +273,7 @@ def test_bench_measures_the_endpoint_against_itself(cluster, tmp_path):
     requests at two rates against two endpoints (here the same one), alternating which
     goes first; bench.json has every figure per point and endpoint, the ratios, the CPU,
     and both plots are drawn."""
-    from cluster.cli import main
+    from pdcluster.cli import main
 
     other = cluster.url.replace("127.0.0.1", "localhost")  # the same server, another name
     argv = ["bench", cluster.url, "--compare", other, "--model", "tiny-llama"]

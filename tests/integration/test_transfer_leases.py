@@ -17,10 +17,10 @@ import ray
 
 from cluster.config import parse_config, worker_spec
 from transfer import FaultConfig, LeaseExpired, TransferError, TransferFailed, TransferTimeout
-from workers.channel import OutputChannel
+from wire.channel import OutputChannel
+from wire.sampling_params import SamplingParams
 from workers.decode_worker import DecodeWorker
 from workers.prefill_worker import PrefillWorker
-from workers.sampling_params import SamplingParams
 
 TIMEOUT_S = 1.0
 SP = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)

@@ -14,8 +14,8 @@ import ray
 
 from tests.integration.test_transfer_leases import SP, _pair, _tables, _wait_empty
 from transfer import FaultConfig
-from workers.api import RequestReleased
-from workers.channel import OutputChannel
+from wire.api import RequestReleased
+from wire.channel import OutputChannel
 from workers.prefill_worker import PrefillWorker
 
 PROMPT = list(range(3, 3 + 240))  # 15 blocks of 16: four leases fill most of a 64-block pool

@@ -12,6 +12,7 @@ import pytest
 from chaos import harness, report, soak
 from chaos.config import parse_chaos_config
 from chaos.load import Load, LoadShape, Record, make_prompts, percentile
+from chaos.target import HealthMonitor, Target
 from cluster.config import ConfigError, parse_config
 
 
@@ -98,14 +99,14 @@ def test_excuse_in_flight_leaves_out_only_failures_in_flight_at_the_fault():
 def test_a_node_lost_for_good_is_judged_against_its_survivors():
     """lose-node: recovery is against the share of replicas left, the load stops once the
     survivors are healthy and the lost ones seen as not, and a busy head is named."""
-    target = harness.Target(_cfg(), "http://127.0.0.1:9")
+    target = Target(_cfg(), "http://127.0.0.1:9")
     target.cfg = parse_config(
         {"cluster": {"address": "auto"}, "prefill": {"replicas": 2}, "decode": {"replicas": 3}}
     )
     try:
         assert target.surviving({}) == 1.0
         assert target.surviving({"decode": 1, "prefill": 1}) == 0.5
-        monitor = harness.HealthMonitor(target)
+        monitor = HealthMonitor(target)
         lost = {"decode": 1, "prefill": 1}
         h = {"status": "ok", "prefill_healthy": 2, "decode_healthy": 3, "lost": []}
         assert monitor.all_healthy(h) and not monitor.all_healthy(h, lost)  # loss not seen yet

@@ -21,7 +21,7 @@ def test_make_and_the_cli_use_one_model_cache():
         timeout=60,
     ).stdout
     assert "PDCLUSTER_CACHE" not in db
-    code = "from workers.loader import cache_dir; print(cache_dir())"
+    code = "from wire.host import cache_dir; print(cache_dir())"
     out = subprocess.run(
         [str(ROOT / ".venv/bin/python"), "-c", code],
         env=env,

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from chaos.config import ChaosRunConfig, cluster_config, load_chaos_config, parse_chaos_config
-from cluster.cli import main
 from cluster.config import Config, ConfigError, load_config, parse_config, worker_spec
+from pdcluster.cli import main
 
 ROOT = Path(__file__).resolve().parents[3]
 

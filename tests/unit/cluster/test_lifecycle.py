@@ -20,8 +20,8 @@ from cluster.lifecycle import Lifecycle, Unavailable
 from cluster.metrics import RouterMetrics
 from cluster.pool import WorkerPool
 from transfer.handle import KVHandle, TransferFailed
-from workers.api import PrefillResult, SequenceFailed, WorkerError
-from workers.sampling_params import SamplingParams
+from wire.api import PrefillResult, SequenceFailed, WorkerError
+from wire.sampling_params import SamplingParams
 
 OUTPUT = "the quick brown fox jumps"  # what the stand-in model writes, whatever the prompt
 

@@ -12,7 +12,7 @@ import pytest
 from cluster import pool as worker_pool
 from cluster.metrics import RouterMetrics
 from cluster.peers import Peers
-from workers.api import DecodeStats, EngineStats, TransferStats
+from wire.api import DecodeStats, EngineStats, TransferStats
 
 
 def _stats(free_blocks: int, steps: int = 0) -> DecodeStats:

@@ -11,10 +11,9 @@ from openai._models import construct_type
 from openai.types import Completion, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from cluster import protocol as P
-from cluster import responses
+from cluster import protocol, responses
 from cluster.admission import to_sampling_params
-from workers.sampling_params import SamplingParams
+from wire.sampling_params import SamplingParams
 
 
 def chat_body(**kw) -> bytes:
@@ -29,16 +28,16 @@ def comp_body(**kw) -> bytes:
     return json.dumps(body).encode()
 
 
-def chat_err(**kw) -> P.AdmissionError:
-    with pytest.raises(P.AdmissionError) as ei:
-        P.parse_chat(chat_body(**kw))
+def chat_err(**kw) -> protocol.AdmissionError:
+    with pytest.raises(protocol.AdmissionError) as ei:
+        protocol.parse_chat(chat_body(**kw))
     assert ei.value.status == 400
     return ei.value
 
 
-def comp_err(**kw) -> P.AdmissionError:
-    with pytest.raises(P.AdmissionError) as ei:
-        P.parse_completion(comp_body(**kw))
+def comp_err(**kw) -> protocol.AdmissionError:
+    with pytest.raises(protocol.AdmissionError) as ei:
+        protocol.parse_completion(comp_body(**kw))
     assert ei.value.status == 400
     return ei.value
 
@@ -47,7 +46,7 @@ def comp_err(**kw) -> P.AdmissionError:
 
 
 def test_valid_chat_parses_with_ignorable_fields():
-    req = P.parse_chat(
+    req = protocol.parse_chat(
         chat_body(
             messages=[
                 {"role": "system", "content": "be brief"},
@@ -84,16 +83,16 @@ def test_valid_chat_parses_with_ignorable_fields():
     )
     assert req.stream and req.stream_options.include_usage
     assert [m.role for m in req.messages] == ["system", "user", "assistant", "user"]
-    assert P.message_text(req.messages[1]) == "a\nb"
-    assert P.message_text(req.messages[0]) == "be brief"
+    assert protocol.message_text(req.messages[1]) == "a\nb"
+    assert protocol.message_text(req.messages[0]) == "be brief"
 
 
 def test_valid_completion_prompt_forms():
-    assert P.parse_completion(comp_body()).prompt == "hello"
-    assert P.parse_completion(comp_body(prompt=[1, 2, 3])).prompt == [1, 2, 3]
-    assert P.parse_completion(comp_body(prompt=["one"])).prompt == "one"
-    assert P.parse_completion(comp_body(prompt=[[4, 5]])).prompt == [4, 5]
-    req = P.parse_completion(comp_body(echo=False, suffix="", best_of=1, max_tokens=3))
+    assert protocol.parse_completion(comp_body()).prompt == "hello"
+    assert protocol.parse_completion(comp_body(prompt=[1, 2, 3])).prompt == [1, 2, 3]
+    assert protocol.parse_completion(comp_body(prompt=["one"])).prompt == "one"
+    assert protocol.parse_completion(comp_body(prompt=[[4, 5]])).prompt == [4, 5]
+    req = protocol.parse_completion(comp_body(echo=False, suffix="", best_of=1, max_tokens=3))
     assert req.max_tokens == 3
 
 
@@ -117,17 +116,17 @@ def test_wrong_type_names_the_path():
 
 
 def test_missing_required_and_bad_json():
-    with pytest.raises(P.AdmissionError) as ei:
-        P.parse_chat(b'{"messages": [{"role": "user", "content": "x"}]}')
+    with pytest.raises(protocol.AdmissionError) as ei:
+        protocol.parse_chat(b'{"messages": [{"role": "user", "content": "x"}]}')
     assert ei.value.param == "model" and ei.value.code == "missing_required_parameter"
-    with pytest.raises(P.AdmissionError) as ei:
-        P.parse_chat(b'{"model": "m"}')
+    with pytest.raises(protocol.AdmissionError) as ei:
+        protocol.parse_chat(b'{"model": "m"}')
     assert ei.value.param == "messages"
-    with pytest.raises(P.AdmissionError) as ei:
-        P.parse_completion(b'{"model": "m"')
+    with pytest.raises(protocol.AdmissionError) as ei:
+        protocol.parse_completion(b'{"model": "m"')
     assert ei.value.param is None and "JSON" in ei.value.message
-    with pytest.raises(P.AdmissionError):
-        P.parse_completion(b"[1, 2]")
+    with pytest.raises(protocol.AdmissionError):
+        protocol.parse_completion(b"[1, 2]")
 
 
 @pytest.mark.parametrize(
@@ -155,7 +154,7 @@ def test_unimplemented_fields_that_matter_are_400(kw, param):
 
 
 def test_tool_choice_auto_without_tools_is_plain_text():
-    assert P.parse_chat(chat_body(tool_choice="auto")).tool_choice == "auto"
+    assert protocol.parse_chat(chat_body(tool_choice="auto")).tool_choice == "auto"
 
 
 @pytest.mark.parametrize(
@@ -230,7 +229,7 @@ def test_range_edges_accepted():
         {"seed": -1},
         {"min_tokens": 5, "max_tokens": 5},
     ):
-        P.parse_chat(chat_body(**kw))
+        protocol.parse_chat(chat_body(**kw))
 
 
 def test_completion_prompt_checks():
@@ -246,7 +245,7 @@ def test_completion_prompt_checks():
 
 
 def sp(body: bytes, chat=True, prompt_len=10, max_model_len=100, default=50, strict=False):
-    req = P.parse_chat(body) if chat else P.parse_completion(body)
+    req = protocol.parse_chat(body) if chat else protocol.parse_completion(body)
     return to_sampling_params(
         req,
         prompt_len=prompt_len,
@@ -290,7 +289,7 @@ def test_sampling_defaults():
 
 def test_clamp_vs_strict():
     assert sp(chat_body(max_tokens=500)).max_tokens == 90  # clamped to the room left
-    with pytest.raises(P.AdmissionError) as ei:
+    with pytest.raises(protocol.AdmissionError) as ei:
         sp(chat_body(max_tokens=500), strict=True)
     assert ei.value.param == "max_tokens" and ei.value.code == "context_length_exceeded"
     # The default is always clamped, even when strict: the client did not ask for it.
@@ -300,12 +299,12 @@ def test_clamp_vs_strict():
 
 def test_prompt_too_long():
     for plen in (100, 150):
-        with pytest.raises(P.AdmissionError) as ei:
+        with pytest.raises(protocol.AdmissionError) as ei:
             sp(comp_body(), chat=False, prompt_len=plen)
         e = ei.value
         assert e.param == "prompt" and e.code == "context_length_exceeded"
         assert str(plen) in e.message and "100" in e.message
-    with pytest.raises(P.AdmissionError) as ei:
+    with pytest.raises(protocol.AdmissionError) as ei:
         sp(chat_body(), prompt_len=100)
     assert ei.value.param == "messages"
 
@@ -421,8 +420,8 @@ def test_token_ids_outside_the_vocabulary_are_refused_before_any_worker():
         {"stop_token_ids": [99_999_999]},
         {"stop_token_ids": list(range(8)), "min_tokens": 1},
     ):
-        req = P.parse_chat(chat_body(max_tokens=4, **kw))
-        with pytest.raises(P.AdmissionError) as ei:
+        req = protocol.parse_chat(chat_body(max_tokens=4, **kw))
+        with pytest.raises(protocol.AdmissionError) as ei:
             to_sampling_params(
                 req,
                 prompt_len=3,
@@ -441,20 +440,20 @@ def test_deep_nesting_is_400_not_recursion_error():
     """JSON nested 5,000 deep in any field typed `Any` (or where the struct skips it)."""
     deep = "[" * 5000 + "]" * 5000
     bodies = [
-        (P.parse_chat, chat_body(response_format="@")),
-        (P.parse_chat, chat_body(tool_choice="@")),
-        (P.parse_chat, chat_body(messages=[{"role": "user", "content": "x", "audio": "@"}])),
-        (P.parse_completion, comp_body(logits_processors="@")),
-        (P.parse_completion, comp_body(guided_json="@")),
+        (protocol.parse_chat, chat_body(response_format="@")),
+        (protocol.parse_chat, chat_body(tool_choice="@")),
+        (protocol.parse_chat, chat_body(messages=[{"role": "user", "content": "x", "audio": "@"}])),
+        (protocol.parse_completion, comp_body(logits_processors="@")),
+        (protocol.parse_completion, comp_body(guided_json="@")),
     ]
     for parse, body in bodies:
-        with pytest.raises(P.AdmissionError) as ei:
+        with pytest.raises(protocol.AdmissionError) as ei:
             parse(body.replace(b'"@"', deep.encode()))
         assert ei.value.status == 400 and "nested" in ei.value.message, ei.value
     # Just inside what decodes: refused by policy, and the message still shows a value.
     ok_depth = "[" * 900 + "]" * 900
-    with pytest.raises(P.AdmissionError) as ei:
-        P.parse_chat(chat_body(response_format="@").replace(b'"@"', ok_depth.encode()))
+    with pytest.raises(protocol.AdmissionError) as ei:
+        protocol.parse_chat(chat_body(response_format="@").replace(b'"@"', ok_depth.encode()))
     assert ei.value.param == "response_format"
 
 
@@ -472,17 +471,17 @@ def test_many_empty_messages_are_refused_before_they_are_built():
     assert len(many) > 3.5 * 2**20 and len(parts) > 3.5 * 2**20
     for body in (many, parts):
         t0 = time.thread_time()
-        with pytest.raises(P.AdmissionError) as ei:
-            P.parse_chat(body, max_messages=1024)
+        with pytest.raises(protocol.AdmissionError) as ei:
+            protocol.parse_chat(body, max_messages=1024)
         cpu = time.thread_time() - t0
         assert ei.value.param == "messages" and "router.max_messages" in ei.value.message
         assert ei.value.code == "too_many_messages" and cpu < 0.05, (ei.value, cpu)
     # At the limit it parses; one more (message or part) is refused.
     body = chat_body(messages=one + [{"role": "assistant"}] * 1023)
-    assert len(P.parse_chat(body, max_messages=1024).messages) == 1024
+    assert len(protocol.parse_chat(body, max_messages=1024).messages) == 1024
     two_parts = [{"role": "user", "content": [{"type": "text", "text": "a"}] * 2}]
-    with pytest.raises(P.AdmissionError):
-        P.parse_chat(
+    with pytest.raises(protocol.AdmissionError):
+        protocol.parse_chat(
             chat_body(messages=two_parts + [{"role": "assistant"}] * 1022), max_messages=1024
         )
     # A body whose messages are not a list still gets the decoder's own message.
@@ -493,6 +492,6 @@ def test_cache_salt_reaches_the_workers_and_an_empty_one_is_refused():
     assert sp(chat_body(cache_salt="tenant-a")).cache_salt == "tenant-a"
     assert sp(chat_body()).cache_salt is None
     assert sp(chat_body(cache_salt="t"), chat=True) != sp(chat_body(cache_salt="u"))
-    with pytest.raises(P.AdmissionError) as e:
+    with pytest.raises(protocol.AdmissionError) as e:
         sp(chat_body(cache_salt=""))
     assert e.value.param == "cache_salt" and e.value.status == 400

@@ -109,7 +109,7 @@ def test_the_schema_check_can_fail(rayservice_schema):
 
 
 def test_configmap_config_passes_check_config(tmp_path):
-    from cluster.cli import main
+    from pdcluster.cli import main
 
     text = _kind("ConfigMap")["data"]["cluster.yaml"]
     (tmp_path / "cluster.yaml").write_text(text)

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from tests.support import hf_greedy
+from wire.sampling_params import SamplingParams
 from workers.engine import Engine
 from workers.kv_cache import BlockManager, NoFreeBlocks
 from workers.runner import ModelRunner
-from workers.sampling_params import SamplingParams
 from workers.sequence import Sequence
 
 N = 20

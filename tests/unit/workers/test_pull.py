@@ -17,13 +17,13 @@ from cluster.config import parse_config, worker_spec
 from transfer.handle import LeaseExpired, TransferError
 from transfer.nixl_backend import NixlTransferAgent
 from transfer.sender import KVSender
-from workers.api import WorkerError
+from wire.api import WorkerError
+from wire.sampling_params import SamplingParams
 from workers.decode_worker import DecodeWorker
 from workers.engine import Engine
 from workers.engine_thread import EngineThread
 from workers.kv_cache import BlockManager
 from workers.runner import ModelRunner
-from workers.sampling_params import SamplingParams
 from workers.sequence import Sequence
 
 SP = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from wire.sampling_params import SamplingParams
 from workers.sampler import SampleError, sample
-from workers.sampling_params import SamplingParams
 from workers.sequence import Sequence, finish_reason
 
 EOS = (2,)

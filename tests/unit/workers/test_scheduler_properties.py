@@ -14,7 +14,7 @@ At the end of every example, with no new arrivals, a bounded number of passes of
 the worker's loop (admit pulls, finish transfers, step) ends every sequence: the
 pool never wedges. Then everything is aborted and nothing is left.
 
-`make test` runs a fixed number of examples, derandomized (profile "ci"); set
+`make test` runs a fixed number of examples, derandomized (profile "pdcluster"); set
 PDCLUSTER_HYPOTHESIS_EXAMPLES for a longer run.
 """
 
@@ -34,10 +34,10 @@ from hypothesis.stateful import (
     rule,
 )
 
+from wire.sampling_params import SamplingParams
 from workers.engine import Engine
 from workers.kv_cache import BlockManager
 from workers.runner import ModelRunner
-from workers.sampling_params import SamplingParams
 from workers.sequence import SeqStatus, Sequence
 
 EXAMPLES = int(os.environ.get("PDCLUSTER_HYPOTHESIS_EXAMPLES", "150"))

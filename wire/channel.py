@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import ray
 
-from workers.api import WorkerError
+from wire.api import WorkerError
 
 
 class OutputChannel:

@@ -9,7 +9,7 @@ field fails loudly instead of reading as 0.
 
 from __future__ import annotations
 
-import os
+import time
 
 import msgspec
 
@@ -40,6 +40,15 @@ class SequenceFailed(Exception):
 
     def __reduce__(self):  # pickles across Ray with its status
         return (SequenceFailed, (str(self), self.status))
+
+
+def time_left(deadline: float, what: str) -> float:
+    """Seconds left before `deadline` (this process's `time.monotonic()`: processes send
+    each other time left, never a time stamp); TimeoutError, naming `what`, when none is."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError(f"{what} passed its deadline")
+    return left
 
 
 class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -118,31 +127,6 @@ class TransferStats(msgspec.Struct, frozen=True, kw_only=True):
     failures: int
     buckets: list[int]  # per XFER_BUCKETS bound, then +Inf
     renewals: int = 0  # prefill leases renewed while waiting here for free blocks
-
-
-def cpu_model() -> str:
-    """This machine's CPU model and core count, as benchmark and chaos reports and the
-    GEMM plan cache record them."""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    import platform
-
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
-
-
-def process_usage() -> dict:
-    """This process's resident memory and open file descriptors (chaos soak tracks both)."""
-    try:
-        with open("/proc/self/statm") as f:
-            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        fds = len(os.listdir("/proc/self/fd"))
-    except OSError:  # not Linux
-        rss = fds = 0
-    return {"pid": os.getpid(), "rss_bytes": rss, "open_fds": fds}
 
 
 class WorkerStats(msgspec.Struct, frozen=True, kw_only=True):
