@@ -122,8 +122,17 @@ class Harness:
             concurrency=c.concurrency,
             hung_after_s=self.cfg.router.request_timeout_s + HUNG_MARGIN_S,
             seed=seed,
-            # Half the prompts sampled with a seed: corruption is checked for both kinds.
-            seeded={"temperature": 0.8, "top_p": 0.95},
+            # Half the prompts sampled with a seed, and with the penalties and min_p, whose
+            # state both tiers compute from the sequence's tokens: corruption is checked
+            # for both kinds, across every fault's migrations and re-prefills.
+            seeded={
+                "temperature": 0.8,
+                "top_p": 0.95,
+                "min_p": 0.02,
+                "repetition_penalty": 1.1,
+                "frequency_penalty": 0.2,
+                "presence_penalty": 0.3,
+            },
         )
         self.baseline: Baseline | None = None
 

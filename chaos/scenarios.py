@@ -1,7 +1,7 @@
 """The chaos scenarios: one small entry each in `SCENARIOS`.
 
 A scenario names a fault function and what it needs. The fault function applies
-the fault to the running cluster (through `harness.Target`) and returns the fault
+the fault to the running cluster (through `chaos.target.Target`) and returns the fault
 window: when the fault began and when it ended (the same instant for a kill; the
 SIGCONT for a stall). Adding a scenario is a new entry, or a new function of a few
 lines when no existing one does the job. Nothing here imports Ray: the config

@@ -40,7 +40,7 @@ def _proxies() -> dict[str, tuple]:
     for i, name in enumerate(names):
         try:
             proxy = ray.get_actor(name, namespace="serve")
-            # A lambda travels by value; process_usage by reference (wire.api is light).
+            # A lambda travels by value; process_usage by reference (wire.host is light).
             u = ray.get(proxy.__ray_call__.remote(lambda _: process_usage()), timeout=5)
         except Exception:  # noqa: BLE001 - restarting: no sample this time
             continue

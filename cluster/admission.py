@@ -9,22 +9,31 @@ threads, never on its event loop.
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
 import jinja2
+import msgspec
+from transformers import PreTrainedTokenizerBase
 
 from cluster.config import Config
+from cluster.policy import message_text, requested_max_tokens
 from cluster.protocol import (
     AdmissionError,
     ChatCompletionRequest,
     CompletionRequest,
-    message_text,
     parse_chat,
     parse_completion,
-    requested_max_tokens,
+    parse_detokenize,
+    parse_tokenize,
 )
 from wire.sampling_params import SamplingParams
+
+# apply_chat_template's own parameters: never template variables from a request.
+_TEMPLATE_PARAMETERS = frozenset(
+    inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters
+) - {"kwargs", "self"}
 
 # Below this a temperature is treated as greedy (as vLLM does): dividing logits by
 # ~0 overflows.
@@ -40,12 +49,11 @@ def model_vocab_size(model_dir: str, default: int) -> int:
 
 
 def context_length_exceeded(max_model_len: int, what: str, param: str) -> AdmissionError:
-    """The one error for a request that does not fit the model's context."""
-    return AdmissionError(
-        f"This model's maximum context length is {max_model_len} tokens, {what}.",
-        param,
-        "context_length_exceeded",
-    )
+    """The one error for a request that does not fit the model's context: OpenAI's
+    sentence, then `what` ("but the prompt has ...", or a new "However, ..." sentence)."""
+    head = f"This model's maximum context length is {max_model_len} tokens"
+    text = f"{head}. {what}." if what[:1].isupper() else f"{head}, {what}."
+    return AdmissionError(text, param, "context_length_exceeded")
 
 
 def to_sampling_params(
@@ -56,6 +64,7 @@ def to_sampling_params(
     default_max_tokens: int,
     strict: bool,
     vocab_size: int | None = None,
+    bad_words_ids: list[list[int]] | None = None,
 ) -> SamplingParams:
     """Resolve defaults and the context window into the workers' SamplingParams.
 
@@ -65,6 +74,18 @@ def to_sampling_params(
     are a 400 here, never an index error in a worker."""
     chat = isinstance(req, ChatCompletionRequest)
     where = "messages" if chat else "prompt"
+    if vocab_size is not None:
+        for name, ids in (
+            ("logit_bias", [int(k) for k in req.logit_bias or {}]),
+            ("allowed_token_ids", req.allowed_token_ids or []),
+        ):
+            bad = [t for t in ids if t >= vocab_size]
+            if bad:
+                raise AdmissionError(
+                    f"Invalid '{name}': ids {bad[:5]} are outside the vocabulary [0, {vocab_size})",
+                    name,
+                    "invalid_value",
+                )
     if vocab_size is not None and req.stop_token_ids:
         bad = [t for t in req.stop_token_ids if t >= vocab_size]
         if bad:
@@ -94,7 +115,7 @@ def to_sampling_params(
         if strict and asked is not None:
             raise context_length_exceeded(
                 max_model_len,
-                f"however, you requested {prompt_len + max_tokens} tokens ({prompt_len} in "
+                f"However, you requested {prompt_len + max_tokens} tokens ({prompt_len} in "
                 f"the {where}, {max_tokens} in the completion). Please reduce the length of "
                 f"the {where} or the completion",
                 "max_completion_tokens" if chat and req.max_completion_tokens else "max_tokens",
@@ -116,7 +137,39 @@ def to_sampling_params(
         skip_special_tokens=req.skip_special_tokens is not False,
         include_stop_str_in_output=bool(req.include_stop_str_in_output),
         cache_salt=req.cache_salt,
+        presence_penalty=float(req.presence_penalty or 0.0),
+        frequency_penalty=float(req.frequency_penalty or 0.0),
+        repetition_penalty=float(req.repetition_penalty or 1.0),
+        min_p=float(req.min_p or 0.0),
+        logit_bias={int(k): float(v) for k, v in (req.logit_bias or {}).items()},
+        allowed_token_ids=list(req.allowed_token_ids or []),
+        bad_words_ids=list(bad_words_ids or []),
     )
+
+
+class Choice(msgspec.Struct, frozen=True):
+    """One choice of an answer: a chat request's one, or one prompt of a completions
+    batch; each runs its own lifecycle."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    echo: str = ""  # the prompt's text, sent before the completion (completions' `echo`)
+
+
+class Admitted(msgspec.Struct, frozen=True):
+    """A request ready for its lifecycles."""
+
+    request: ChatCompletionRequest | CompletionRequest
+    choices: list[Choice]
+    ignored: tuple[str, ...] = ()  # unknown fields of the body, ignored
+
+
+def check_model(name: str | None, served: str) -> None:
+    """A request naming a model this cluster does not serve: 404, as OpenAI's API says."""
+    if name is not None and name != served:
+        raise AdmissionError(
+            f"The model `{name}` does not exist.", "model", "model_not_found", status=404
+        )
 
 
 class Admission:
@@ -151,20 +204,44 @@ class Admission:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def admit(self, body: bytes, chat: bool):  # admission thread
-        """Parse, check and tokenize one request: (request, prompt ids, sampling params)."""
+    def admit(self, body: bytes, chat: bool) -> Admitted:  # admission thread
+        """Parse, check and tokenize one request."""
         r = self.cfg.router
-        req = parse_chat(body, r.max_messages) if chat else parse_completion(body)
-        prompt_ids = self.tokenize(req, chat)
-        params = to_sampling_params(
-            req,
-            prompt_len=len(prompt_ids),
-            max_model_len=self.cfg.model.max_model_len,
-            default_max_tokens=r.default_max_tokens,
-            strict=r.strict_max_tokens,
-            vocab_size=self.vocab_size,
-        )
-        return req, prompt_ids, params
+        if chat:
+            parsed = parse_chat(body, r.max_messages, strict=r.strict_fields)
+        else:
+            parsed = parse_completion(body, strict=r.strict_fields)
+        req = parsed.request
+        check_model(req.model, self.cfg.served_model_name)
+        bad_words = self.bad_words_ids(req.bad_words or [])
+        choices = []
+        for prompt in [None] if chat else req.prompt:
+            prompt_ids = self.tokenize_chat(req) if chat else self.tokenize_prompt(prompt)
+            params = to_sampling_params(
+                req,
+                prompt_len=len(prompt_ids),
+                max_model_len=self.cfg.model.max_model_len,
+                default_max_tokens=r.default_max_tokens,
+                strict=r.strict_max_tokens,
+                vocab_size=self.vocab_size,
+                bad_words_ids=bad_words,
+            )
+            echo = ""
+            if not chat and req.echo:
+                echo = prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
+            choices.append(Choice(prompt_ids, params, echo))
+        return Admitted(req, choices, parsed.ignored)
+
+    def bad_words_ids(self, words: list[str]) -> list[list[int]]:
+        """Each bad word's token ids, as vLLM makes them: the word as given and with a
+        leading space (how it reads mid-text), without special tokens, each once."""
+        out: list[list[int]] = []
+        for word in words:
+            for text in (word.lstrip(), " " + word.lstrip()):
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
+                if ids and ids not in out:
+                    out.append(ids)
+        return out
 
     def _refuse_untokenizable(self, chars: int, chat: bool) -> None:
         """No token is longer than `max_token_chars` characters, so a text longer than
@@ -180,35 +257,90 @@ class Admission:
                 where,
             )
 
-    def tokenize(self, req, chat: bool) -> list[int]:
-        if chat:
-            messages = [{"role": m.role, "content": message_text(m)} for m in req.messages]
-            # Everything the template gets counts, not only the content.
-            self._refuse_untokenizable(
-                sum(len(m["role"]) + len(m["content"]) for m in messages), chat
+    def tokenize_chat(self, req) -> list[int]:
+        """Chat messages through the model's chat template, as token ids."""
+        # vLLM's `developer` role is the system role to a chat template.
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": message_text(m)}
+            for m in req.messages
+        ]
+        kwargs = dict(req.chat_template_kwargs or {})
+        # Everything the template gets counts, not only the content.
+        self._refuse_untokenizable(
+            sum(len(m["role"]) + len(m["content"]) for m in messages)
+            + len(msgspec.json.encode(kwargs)),
+            chat=True,
+        )
+        reserved = sorted(kwargs.keys() & _TEMPLATE_PARAMETERS)
+        if reserved:
+            raise AdmissionError(
+                f"Invalid 'chat_template_kwargs': {reserved[0]!r} is set by the request "
+                "itself, not a template variable",
+                "chat_template_kwargs",
+                "invalid_value",
             )
-            try:
-                ids = self.tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=True, tokenize=True, return_dict=False
-                )
-            except jinja2.TemplateSyntaxError:
-                raise  # the model's template is broken: a server error
-            except jinja2.TemplateError as e:  # it refused these messages (raise_exception)
-                raise AdmissionError(
-                    f"The model's chat template refused the messages: {e}",
-                    "messages",
-                    "invalid_value",
-                ) from None
-            return list(ids)
-        if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], int):
-            bad = [t for t in req.prompt if not 0 <= t < self.vocab_size]
+        add_prompt = req.add_generation_prompt
+        if add_prompt is None:
+            add_prompt = not req.continue_final_message
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                messages,
+                add_generation_prompt=add_prompt,
+                continue_final_message=bool(req.continue_final_message),
+                tokenize=True,
+                return_dict=False,
+                **kwargs,
+            )
+        except jinja2.TemplateSyntaxError:
+            raise  # the model's template is broken: a server error
+        except jinja2.TemplateError as e:  # it refused these messages (raise_exception)
+            raise AdmissionError(
+                f"The model's chat template refused the messages: {e}",
+                "messages",
+                "invalid_value",
+            ) from None
+        return list(ids)
+
+    def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
+        """One completions prompt: token ids as given (checked), or a string's ids."""
+        if isinstance(prompt, list):
+            bad = [t for t in prompt if not 0 <= t < self.vocab_size]
             if bad:
                 raise AdmissionError(
                     f"prompt token ids out of range [0, {self.vocab_size}): {bad[:5]}",
                     param="prompt",
                     code="invalid_token_id",
                 )
-            return list(req.prompt)
-        text = req.prompt[0] if isinstance(req.prompt, list) else req.prompt
-        self._refuse_untokenizable(len(text), chat)
-        return self.tokenizer.encode(text)
+            return list(prompt)
+        self._refuse_untokenizable(len(prompt), chat=False)
+        return self.tokenizer.encode(prompt)
+
+    def tokenize_body(self, body: bytes) -> bytes:  # admission thread
+        """vLLM's `POST /tokenize`: the ids a prompt (or chat messages, templated) is."""
+        req = parse_tokenize(body, self.cfg.router.max_messages)
+        check_model(req.model, self.cfg.served_model_name)
+        if req.messages is not None:
+            ids = self.tokenize_chat(req)
+        else:
+            self._refuse_untokenizable(len(req.prompt), chat=False)
+            ids = self.tokenizer.encode(
+                req.prompt, add_special_tokens=req.add_special_tokens is not False
+            )
+        out = {"count": len(ids), "max_model_len": self.cfg.model.max_model_len, "tokens": ids}
+        out["token_strs"] = (
+            self.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        )
+        return msgspec.json.encode(out)
+
+    def detokenize_body(self, body: bytes) -> bytes:  # admission thread
+        """vLLM's `POST /detokenize`: the text of token ids."""
+        req = parse_detokenize(body)
+        check_model(req.model, self.cfg.served_model_name)
+        bad = [t for t in req.tokens if t >= self.vocab_size]
+        if bad:
+            raise AdmissionError(
+                f"token ids out of range [0, {self.vocab_size}): {bad[:5]}",
+                "tokens",
+                "invalid_token_id",
+            )
+        return msgspec.json.encode({"prompt": self.tokenizer.decode(req.tokens)})

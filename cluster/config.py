@@ -288,6 +288,33 @@ class RouterConfig(_Strict):
         bool,
         Meta(description="a 400 instead of clamping a `max_tokens` past the model's length"),
     ] = False
+    strict_fields: Annotated[
+        bool,
+        Meta(
+            description="a 400 for a request field neither OpenAI's API nor vLLM's extensions "
+            "define; false (as vLLM): ignored, and named in the `pdcluster-ignored-fields` "
+            "response header"
+        ),
+    ] = False
+    api_keys: Annotated[
+        list[Annotated[str, Meta(min_length=8)]],
+        Meta(
+            description="keys a client must send as `Authorization: Bearer <key>` on every "
+            "`/v1/*`, `/tokenize` and `/detokenize` route (401 otherwise); none: no key asked"
+        ),
+    ] = []
+    api_keys_file: Annotated[
+        str | None,
+        Meta(
+            description="a file on the router's node with one key per line, read at start, "
+            "added to `api_keys`; the environment variable `PDCLUSTER_API_KEYS_FILE` names "
+            "one when this is unset"
+        ),
+    ] = None
+    auth_health_metrics: Annotated[
+        bool,
+        Meta(description="ask for a key on `/health` and `/metrics` too (when keys are set)"),
+    ] = False
     max_retries: Annotated[
         int,
         Meta(

@@ -361,6 +361,9 @@ def start(cfg: Config, log_to_driver: bool = True) -> RunningCluster:
     from cluster.router import build_app
 
     t0 = time.monotonic()
+    # The cluster's own sections only: a config that carries more (chaos's) would reach
+    # the router, whose decode of `Config` refuses unknown sections.
+    cfg = Config(**{f: getattr(cfg, f) for f in Config.__struct_fields__})
     # A local cluster shares this machine's files: the model is resolved once, here.
     # On any other cluster each worker and the router resolve it on their own node
     # (model_dir ""), into that node's cache or `model.cache_dir`.

@@ -64,6 +64,8 @@ class RequestState:
     created: float = field(default_factory=time.time)
     first_token_at: float | None = None
     slow_client: bool = False  # the edge cut its client off for leaving output unread
+    queued_s: float | None = None  # in prefill's queue (vLLM's queue time), first prefill
+    cached_tokens: int = 0  # prompt tokens prefill found in its prefix cache
 
     def new_attempt(self) -> str:
         attempt_id = f"{self.request_id}-{self.attempts}"
@@ -113,12 +115,15 @@ class Lifecycle:
         """Yield (text delta, finish_reason, completion tokens so far)."""
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
         stops = StopChecker(params.stop, params.include_stop_str_in_output)
-        n_out, outcome = 0, "error"
+        n_out, outcome, reason, last_at = 0, "error", None, 0.0
         try:
             async for tokens, reason in self._tokens(state, prompt_ids, params):
+                now = time.time()
                 if n_out == 0:
-                    state.first_token_at = time.time()
-                    self.metrics.ttft.observe(state.first_token_at - state.created)
+                    state.first_token_at = now
+                    self.metrics.first_token(now - state.created, state.prompt_len)
+                self.metrics.tokens(len(tokens), now - last_at if n_out else None)
+                last_at = now
                 n_out += len(tokens)
                 text = detok.push(tokens)
                 if reason is not None:
@@ -143,19 +148,20 @@ class Lifecycle:
             self.requests.pop(state.request_id, None)
             self.release(state)
             now = time.time()
-            self.metrics.requests.labels(outcome).inc()
-            self.metrics.e2e.observe(now - state.created)
-            if n_out > 1 and state.first_token_at:
-                self.metrics.tpot.observe((now - state.first_token_at) / (n_out - 1))
+            first = state.first_token_at
+            self.metrics.ended(
+                outcome, reason, now - state.created, n_out, now - first if first else None
+            )
 
-    def _retry(self, state: RequestState, what: str, e: BaseException) -> None:
-        """Spend one of the request's router.max_retries, or end it (503)."""
+    def _retry(self, state: RequestState, kind: str, e: BaseException, exhausted: str) -> None:
+        """A failed prefill or KV transfer (`kind`): spend one of the request's
+        router.max_retries, or end it with a 503 saying `exhausted`."""
+        self.metrics.retries.labels(kind).inc()
         if state.retries >= self.cfg.max_retries:
-            log.warning("request %s: %s failed, no retry left: %r", state.request_id, what, e)
-            raise Unavailable(f"{what} failed after {state.retries} retries") from None
+            log.warning("request %s: %s failed, no retry left: %r", state.request_id, kind, e)
+            raise Unavailable(exhausted) from None
         state.retries += 1
-        self.metrics.retries.labels(what.split()[0]).inc()
-        log.warning("request %s: %s failed (%r); retrying", state.request_id, what, e)
+        log.warning("request %s: %s failed (%r); retrying", state.request_id, kind, e)
 
     async def _tokens(
         self, state: RequestState, prompt_ids: list[int], params: SamplingParams
@@ -188,6 +194,9 @@ class Lifecycle:
                 except NoPrefillWorker:  # decode-only fallback
                     self.metrics.retries.labels("decode_local").inc()
             if res is not None:
+                if state.queued_s is None:  # the first prompt's, not a re-prefill's
+                    state.queued_s, state.cached_tokens = res.queued_s, res.cached_tokens
+                    self.metrics.queued(res.queued_s)
                 produced.append(res.first_token)
                 yield [res.first_token], res.finish_reason
                 if res.finish_reason is not None:
@@ -207,7 +216,7 @@ class Lifecycle:
             except TransferError as e:
                 if got_tokens:
                     raise Unavailable("KV transfer failed after tokens were sent") from None
-                self._retry(state, "transfer", e)
+                self._retry(state, "transfer", e, f"KV transfer failed {state.retries + 1} times")
                 if p is not None:
                     avoid.add(p)  # re-prefill elsewhere while another replica is healthy
             except WORKER_LOST as e:
@@ -257,7 +266,7 @@ class Lifecycle:
                 except WORKER_LOST + (TransferError,) as e:
                     tried.add(i)
                     self.prefill.handle(i).release.remote(attempt_id)
-                    self._retry(state, f"prefill on prefill-{i}", e)
+                    self._retry(state, "prefill", e, "no prefill worker could take the request")
 
     async def _decode(
         self,
@@ -279,7 +288,6 @@ class Lifecycle:
         if i is None:
             raise Unavailable("no healthy decode worker")
         state.decodes.add((i, attempt_id))
-        h = self.decode.handle(i)
 
         def wait(fn):
             left = self.remaining(state)  # before fn(): it may raise
@@ -288,6 +296,7 @@ class Lifecycle:
         def submit():
             # Time left, not a time stamp: the worker's clock is never compared with ours.
             left = self.remaining(state)
+            h = self.decode.handle(i)  # now: the actor may have been found again meanwhile
             if res is None:
                 return h.generate_local.remote(attempt_id, chan.id, prompt_ids, sp, left, before)
             handle = res.handle

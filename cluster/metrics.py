@@ -1,4 +1,6 @@
-"""Router-side Prometheus metrics (prefix `pdcluster_`).
+"""Router-side Prometheus metrics: pdcluster's own (prefix `pdcluster_`) and, beside
+them, vLLM's names, labels and bucket edges (prefix `vllm:`, label `model_name`), so
+dashboards and schedulers built for vLLM read a pdcluster cluster unchanged.
 
 Request metrics are observed in each router replica as requests pass, and carry a
 `router` label (the replica's id): a scrape of any replica shows every live
@@ -14,13 +16,32 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# vLLM's bucket edges (vllm/v1/metrics/loggers.py).
+VLLM_TTFT = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+    10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+)  # fmt: skip
+VLLM_ITL = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0,
+)  # fmt: skip
+VLLM_REQUEST = (
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+    240.0, 480.0, 960.0, 1920.0, 7680.0,
+)  # fmt: skip
 
 
 class RouterMetrics:
-    def __init__(self) -> None:
+    def __init__(self, model_name: str = "") -> None:
+        self.model_name = model_name
         # This replica's request metrics; the workers' counts are in `workers`.
         r = self.own = CollectorRegistry()
         self.ttft = Histogram(
@@ -64,6 +85,50 @@ class RouterMetrics:
         self.in_flight = Gauge(
             "pdcluster_requests_in_flight", "Requests by stage", ["stage"], registry=r
         )
+        m = ["model_name"]
+        v = self.vllm = _VllmRequests(
+            ttft=Histogram(
+                "vllm:time_to_first_token_seconds",
+                "Histogram of time to first token in seconds.",
+                m,
+                buckets=VLLM_TTFT,
+                registry=r,
+            ),
+            itl=Histogram(
+                "vllm:inter_token_latency_seconds",
+                "Histogram of inter-token latency in seconds.",
+                m,
+                buckets=VLLM_ITL,
+                registry=r,
+            ),
+            e2e=Histogram(
+                "vllm:e2e_request_latency_seconds",
+                "Histogram of e2e request latency in seconds.",
+                m,
+                buckets=VLLM_REQUEST,
+                registry=r,
+            ),
+            queue=Histogram(
+                "vllm:request_queue_time_seconds",
+                "Histogram of time spent in WAITING phase for request (prefill's queue).",
+                m,
+                buckets=VLLM_REQUEST,
+                registry=r,
+            ),
+            prompt_tokens=Counter(
+                "vllm:prompt_tokens", "Number of prefill tokens processed.", m, registry=r
+            ),
+            generation_tokens=Counter(
+                "vllm:generation_tokens", "Number of generation tokens processed.", m, registry=r
+            ),
+            success=Counter(
+                "vllm:request_success",
+                "Count of successfully processed requests.",
+                [*m, "finished_reason"],
+                registry=r,
+            ),
+        )
+        self.vllm_labels = v.labels = {"model_name": model_name}
         r = self.workers = CollectorRegistry()
         self.blocks_used = Gauge(
             "pdcluster_kv_blocks_used", "KV blocks in use", ["role", "replica"], registry=r
@@ -77,9 +142,44 @@ class RouterMetrics:
     def watch_workers(
         self, prefill: Callable[[], list], decode: Callable[[], list], buckets: tuple[float, ...]
     ) -> None:
-        """Publish the workers' own transfer/lease counters (from their last
-        `stats()`), one series per replica so a restart is a counter reset."""
+        """Publish the workers' own counters and gauges (from their last `stats()`),
+        one series per replica so a restart is a counter reset."""
         self.workers.register(_WorkerCounters(prefill, decode, buckets))
+        self.workers.register(_VllmWorkers(prefill, decode, self.model_name))
+
+    # ---- one request's observations (cluster/lifecycle.py) -----------------------
+
+    def first_token(self, seconds: float, prompt_tokens: int) -> None:
+        self.ttft.observe(seconds)
+        v = self.vllm
+        v.ttft.labels(self.model_name).observe(seconds)
+        v.prompt_tokens.labels(self.model_name).inc(prompt_tokens)
+
+    def tokens(self, n: int, since_last: float | None) -> None:
+        """`n` more output tokens; `since_last`: seconds since the previous ones (None
+        for the first), spread over the `n` as inter-token latency."""
+        v = self.vllm
+        v.generation_tokens.labels(self.model_name).inc(n)
+        if since_last is not None:
+            for _ in range(n):
+                v.itl.labels(self.model_name).observe(since_last / n)
+
+    def queued(self, seconds: float) -> None:
+        self.vllm.queue.labels(self.model_name).observe(seconds)
+
+    def ended(
+        self, outcome: str, reason: str | None, e2e_s: float, n_out: int, decode_s: float | None
+    ) -> None:
+        """`outcome`: ok, cancelled, timeout, slow_client or error; `reason`: the
+        finish reason of an ok one; `decode_s`: first token to last (None before one)."""
+        self.requests.labels(outcome).inc()
+        self.e2e.observe(e2e_s)
+        if n_out > 1 and decode_s is not None:
+            self.tpot.observe(decode_s / (n_out - 1))
+        v = self.vllm
+        v.e2e.labels(self.model_name).observe(e2e_s)
+        finished = reason if outcome == "ok" else "error" if outcome == "error" else "abort"
+        v.success.labels(self.model_name, finished or "stop").inc()
 
     def own_families(self) -> list[Metric]:
         """This replica's request metrics, as sent to the other replicas."""
@@ -161,3 +261,63 @@ class _WorkerCounters:
             if s is not None:
                 expired.add_metric([str(i)], s.engine.leases_expired)
         yield from (secs, nbytes, timeouts, failures, renewals, expired)
+
+
+class _VllmRequests:
+    """vLLM's request metrics (a namespace)."""
+
+    def __init__(self, **metrics) -> None:
+        self.__dict__.update(metrics)
+
+
+class _VllmWorkers:
+    """vLLM's engine gauges and counters, one series per worker (role, replica)."""
+
+    def __init__(self, prefill, decode, model_name: str):
+        self.prefill, self.decode, self.model_name = prefill, decode, model_name
+
+    def collect(self):
+        labels = ["model_name", "role", "replica"]
+        running = GaugeMetricFamily(
+            "vllm:num_requests_running",
+            "Number of requests in model execution batches.",
+            labels=labels,
+        )
+        waiting = GaugeMetricFamily(
+            "vllm:num_requests_waiting",
+            "Number of requests waiting to be processed.",
+            labels=labels,
+        )
+        usage = GaugeMetricFamily(
+            "vllm:kv_cache_usage_perc",
+            "KV-cache usage. 1 means 100 percent usage.",
+            labels=labels,
+        )
+        queries = CounterMetricFamily(
+            "vllm:prefix_cache_queries",
+            "Prefix cache queries, in terms of number of queried tokens.",
+            labels=labels,
+        )
+        hits = CounterMetricFamily(
+            "vllm:prefix_cache_hits",
+            "Prefix cache hits, in terms of number of cached tokens.",
+            labels=labels,
+        )
+        preemptions = CounterMetricFamily(
+            "vllm:num_preemptions",
+            "Cumulative number of preemption from the engine.",
+            labels=labels,
+        )
+        for role, stats in (("prefill", self.prefill()), ("decode", self.decode())):
+            for i, s in enumerate(stats):
+                if s is None:
+                    continue
+                e, key = s.engine, [self.model_name, role, str(i)]
+                running.add_metric(key, e.running)
+                waiting.add_metric(key, e.waiting + e.waiting_for_blocks)
+                total = e.used_blocks + e.free_blocks
+                usage.add_metric(key, e.used_blocks / total if total else 0.0)
+                queries.add_metric(key, e.prefix_queried_tokens)
+                hits.add_metric(key, e.prefix_hit_tokens)
+                preemptions.add_metric(key, e.preemptions)
+        yield from (running, waiting, usage, queries, hits, preemptions)

@@ -274,6 +274,18 @@ class WorkerPool:
         elif silent > self.watchdog_s:
             r.next_poll = now + SILENT_POLL_S
 
+    def find_by_name(self) -> None:
+        """Take each replica's actor by its name: the handles a router replica is given
+        when its deployment is made go stale once the launcher starts a lost worker again
+        (cluster/launcher.py Keeper), and a router replica that Serve starts later (after
+        a crash) would otherwise send its first requests to the dead actor until its
+        first poll found the new one. Blocking: at the router's start only."""
+        for i, r in enumerate(self.replicas):
+            try:
+                r.handle = ray.get_actor(f"pdcluster-{self.role}-{i}-rank0", NAMESPACE)
+            except Exception:  # noqa: BLE001 - not running now: the poller looks again
+                pass
+
     async def _find_again(self, i: int) -> None:
         """Replica i's actor is dead for good: the launcher started it again under the
         same name when its node was lost (cluster/launcher.py Keeper). Calls go to the

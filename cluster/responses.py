@@ -10,6 +10,18 @@ import msgspec
 
 SSE_DONE = b"data: [DONE]\n\n"
 
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pdcluster")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+VERSION = _version()  # GET /version
+
 # The `type` string per HTTP status. OpenAI uses "invalid_request_error" for all
 # 4xx request problems (including 404 model_not_found) and "server_error" for 5xx;
 # its 429s carry code "rate_limit_exceeded". The official client maps exceptions
@@ -48,11 +60,13 @@ def sse(obj: Any) -> bytes:
     return b"data: " + msgspec.json.encode(obj) + b"\n\n"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object; `cached_tokens`: of the prompt, found in a prefix cache."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -86,19 +100,22 @@ def completion(
     chat: bool,
     id: str,  # noqa: A002
     model: str,
-    text: str,
-    finish_reason: str | None,
+    choices: list[tuple[str, str | None]],
     usage: dict,
     created: int | None = None,
 ) -> bytes:
-    """A whole (non-streamed) `chat.completion` or `text_completion` object, encoded."""
-    choice: dict = {"index": 0}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": text}
-    else:
-        choice["text"] = text
-    choice |= {"finish_reason": finish_reason or "stop", "logprobs": None}
-    return msgspec.json.encode(_response(id, _object(chat, False), model, created, [choice], usage))
+    """A whole (non-streamed) `chat.completion` or `text_completion` object, encoded;
+    `choices`: (text, finish reason) of each, in index order."""
+    out = []
+    for index, (text, finish_reason) in enumerate(choices):
+        choice: dict = {"index": index}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        choice |= {"finish_reason": finish_reason or "stop", "logprobs": None}
+        out.append(choice)
+    return msgspec.json.encode(_response(id, _object(chat, False), model, created, out, usage))
 
 
 def chunk(
@@ -109,11 +126,12 @@ def chunk(
     text: str | None,
     finish_reason: str | None,
     role: str | None = None,
+    index: int = 0,
 ) -> dict:
-    """One streamed chunk. A chat stream's first chunk passes role="assistant" (delta
-    {"role": "assistant", "content": ""}); a finishing chunk carries finish_reason and
-    whatever text came with it (an empty delta when none)."""
-    choice: dict = {"index": 0}
+    """One streamed chunk, of choice `index`. A chat stream's first chunk passes
+    role="assistant" (delta {"role": "assistant", "content": ""}); a finishing chunk
+    carries finish_reason and whatever text came with it (an empty delta when none)."""
+    choice: dict = {"index": index}
     if chat:
         delta: dict = {}
         if role is not None:
@@ -132,12 +150,42 @@ def usage_chunk(chat: bool, id: str, model: str, created: int, usage: dict) -> d
     return _response(id, _object(chat, True), model, created, [], usage)
 
 
-def models_list(model_id: str, created: int | None = None) -> bytes:
-    """GET /v1/models."""
-    model = {
+def _model(model_id: str, created: int | None) -> dict:
+    return {
         "id": model_id,
         "object": "model",
         "created": int(time.time()) if created is None else created,
         "owned_by": "pdcluster",
     }
-    return msgspec.json.encode({"object": "list", "data": [model]})
+
+
+def models_list(model_id: str, created: int | None = None) -> bytes:
+    """GET /v1/models."""
+    return msgspec.json.encode({"object": "list", "data": [_model(model_id, created)]})
+
+
+def model_card(model_id: str, created: int | None = None) -> bytes:
+    """GET /v1/models/{id}."""
+    return msgspec.json.encode(_model(model_id, created))
+
+
+class AdmissionError(Exception):
+    """A request rejected before anything is allocated (a 4xx)."""
+
+    def __init__(
+        self, message: str, param: str | None = None, code: str | None = None, status: int = 400
+    ):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.status = status
+
+    def to_json(self) -> bytes:
+        return error_body(self.message, "invalid_request_error", self.param, self.code)
+
+    def __repr__(self) -> str:
+        return (
+            f"AdmissionError({self.message!r}, param={self.param!r}, code={self.code!r}, "
+            f"status={self.status})"
+        )

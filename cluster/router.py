@@ -22,24 +22,24 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
-import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from ray import serve
 from ray.exceptions import TaskCancelledError
 
 from cluster import responses
-from cluster.admission import Admission
+from cluster.admission import Admission, check_model
+from cluster.answer import Answer, merged
+from cluster.auth import ApiKeys
 from cluster.channels import DecodeChannels
 from cluster.config import HEAD_RESOURCE, Config
 from cluster.edge import SLOW_CLIENT
 from cluster.lifecycle import Lifecycle, RequestState, Unavailable
 from cluster.metrics import RouterMetrics
-from cluster.peers import report_ttl
 from cluster.pool import WorkerPool
 from cluster.protocol import AdmissionError
+from cluster.reports import PEER_TIMEOUT_S, Reports
 from wire.api import XFER_BUCKETS, SequenceFailed
-from wire.host import process_usage
 
 log = logging.getLogger("pdcluster.router")
 
@@ -78,22 +78,24 @@ app = FastAPI(title="pdcluster", docs_url=None, redoc_url=None)
 
 
 ROUTER_HEADER = "pdcluster-router"  # on every completion response: the replica that served it
-PEER_TIMEOUT_S = 2.0  # a call to the router replicas' shared actor (cluster/peers.py)
+IGNORED_HEADER = "pdcluster-ignored-fields"  # the request's unknown fields, ignored
+_IGNORED_HEADER_CHARS = 1024
 
 
 class EventStream(StreamingResponse):
     """An SSE response that also ends when Serve's proxy reports its client as a slow
     reader (cluster/edge.py), marking the request so that it is counted as one."""
 
-    def __init__(self, content, state: RequestState, **kwargs) -> None:
+    def __init__(self, content, states: list[RequestState], **kwargs) -> None:
         super().__init__(content, **kwargs)
-        self.state = state
+        self.states = states
 
     async def listen_for_disconnect(self, receive) -> None:
         while True:
             message = await receive()
             if message["type"] == SLOW_CLIENT:
-                self.state.slow_client = True
+                for state in self.states:
+                    state.slow_client = True
                 return
             if message["type"] == "http.disconnect":
                 return
@@ -109,6 +111,17 @@ def _error(
     status: int, message: str, type_: str, code: str | None = None, headers: dict | None = None
 ) -> Response:
     return _json(responses.error_body(message, type_, None, code), status, headers)
+
+
+def _ignored_header(names: tuple[str, ...]) -> str:
+    """Field names as one header value: printable ASCII only (they come from the client),
+    cut to _IGNORED_HEADER_CHARS."""
+    shown = [n for n in names if n.isascii() and n.isprintable() and "," not in n]
+    value = ", ".join(shown)
+    if len(value) > _IGNORED_HEADER_CHARS or len(shown) < len(names):
+        value = value[: _IGNORED_HEADER_CHARS - 32].rsplit(",", 1)[0]
+        value += f", ... ({len(names)} in all)"
+    return value
 
 
 @serve.deployment(
@@ -137,17 +150,15 @@ class Router:
         self.admission = Admission(
             self.cfg, PreTrainedTokenizerFast.from_pretrained(model_dir), model_dir
         )
+        self.keys = ApiKeys(self.cfg.router)
         self._admission_threads = ThreadPoolExecutor(
             self.cfg.router.admission_threads, thread_name_prefix="admission"
         )
         self._admitting = 0  # requests being read and admitted (they count as queued)
-        self.metrics = RouterMetrics()
+        self.metrics = RouterMetrics(self.cfg.served_model_name)
         # This replica (of router.replicas), and what the others last reported.
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.peers = peers
-        self._peer_reports: dict[str, tuple[dict, list]] = {}
-        self._peer_ttl_s = report_ttl(self.cfg.router.health_period_s)
-        self._peers_failing = False
         r = self.cfg.router
         self.prefill_pool = WorkerPool(
             "prefill", prefill, r.watchdog_s, self.metrics, r.health_period_s, self._restart
@@ -155,6 +166,8 @@ class Router:
         self.decode_pool = WorkerPool(
             "decode", decode, r.watchdog_s, self.metrics, r.health_period_s, self._restart
         )
+        for pool in (self.prefill_pool, self.decode_pool):
+            pool.find_by_name()  # the given handles may be of actors replaced since
         self.metrics.watch_workers(self.prefill_pool.stats, self.decode_pool.stats, XFER_BUCKETS)
         self.channels = DecodeChannels(self.decode_pool, r.channel_max_messages, r.health_period_s)
         self.lifecycle = Lifecycle(
@@ -169,63 +182,14 @@ class Router:
         loop = asyncio.get_event_loop()
         self._health_task = loop.create_task(self._poll_health())
         self._channels_task = loop.create_task(self.channels.keep())
-        self._report_task = loop.create_task(self._keep_reporting())
+        self.reports = Reports(self)
+        self._report_task = loop.create_task(self.reports.keep())
 
     async def _restart(self, worker: str, handle, incarnation: str | None) -> bool:
         """Have a stalled worker killed once across the router replicas."""
         return await asyncio.wait_for(
             self.peers.restart.remote(worker, handle, incarnation), PEER_TIMEOUT_S
         )
-
-    def _own_counts(self) -> dict:
-        return {
-            "router_id": self.replica_id,
-            "router_pid": os.getpid(),
-            "router_node_id": ray.get_runtime_context().get_node_id(),
-            "router_requests_in_flight": len(self.lifecycle.requests),
-            "router_admitting": self._admitting,
-            "router_channels": len(self.channels.open),
-            "router_channels_opened": self.channels.opened,
-            "router_channel_queues": self.channels.queues(),
-            **{f"router_{k}": v for k, v in process_usage().items()},
-            "reported_at": time.time(),
-        }
-
-    def _peers(self) -> dict[str, tuple[dict, list]]:
-        """The other replicas' last reports, while recent (this replica may have failed
-        to refresh them)."""
-        now = time.time()
-        return {
-            rid: rep
-            for rid, rep in self._peer_reports.items()
-            if now - rep[0]["reported_at"] <= self._peer_ttl_s
-        }
-
-    def _count_stages(self) -> None:
-        """pdcluster_requests_in_flight{stage} from this replica's request table."""
-        for stage in ("admitted", "prefill", "decode"):
-            self.metrics.in_flight.labels(stage).set(
-                sum(1 for r in self.lifecycle.requests.values() if r.stage == stage)
-            )
-
-    async def _keep_reporting(self) -> None:
-        """Every health period: this replica's counts and request metrics to the other
-        router replicas (through cluster/peers.py), and theirs back."""
-        while True:
-            self._count_stages()
-            try:
-                self._peer_reports = await asyncio.wait_for(
-                    self.peers.report.remote(
-                        self.replica_id, self._own_counts(), self.metrics.own_families()
-                    ),
-                    PEER_TIMEOUT_S,
-                )
-                self._peers_failing = False
-            except Exception:  # noqa: BLE001 - reported again next period
-                if not self._peers_failing:  # once per outage, not every period
-                    log.exception("router peers unreachable")
-                self._peers_failing = True
-            await asyncio.sleep(self.cfg.router.health_period_s)
 
     async def _poll_health(self) -> None:
         """Watchdog loop: stats from every worker, bounded by a timeout each."""
@@ -238,8 +202,24 @@ class Router:
 
     # ---- HTTP endpoints -------------------------------------------------
 
+    def _refused(self, request: Request) -> Response | None:
+        """401 for a route that needs an API key and a request without a valid one."""
+        if not self.keys.required(request.url.path):
+            return None
+        if self.keys.allows(request.headers.get("authorization")):
+            return None
+        return _error(
+            401,
+            "Invalid or missing API key: send 'Authorization: Bearer <key>'",
+            "invalid_request_error",
+            "invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
     @app.get("/health")
-    async def health(self) -> Response:
+    async def health(self, request: Request) -> Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
         body = {
             "prefill_healthy": self.prefill_pool.healthy_count(),
             "decode_healthy": self.decode_pool.healthy_count(),
@@ -259,23 +239,70 @@ class Router:
         )
 
     @app.get("/metrics")
-    async def metrics_endpoint(self) -> Response:
-        self._count_stages()
+    async def metrics_endpoint(self, request: Request) -> Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
+        self.reports.count_stages()
         # The others' series carry the time of their report: a scrape that reaches a
         # replica with an older report cannot move a counter back in Prometheus.
-        routers = {rid: (st["reported_at"], m) for rid, (st, m) in self._peers().items()}
+        routers = {rid: (st["reported_at"], m) for rid, (st, m) in self.reports.peers().items()}
         routers[self.replica_id] = (None, self.metrics.own_families())
         return Response(self.metrics.render(routers), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
-    async def models(self) -> Response:
+    async def models(self, request: Request) -> Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
         return _json(responses.models_list(self.model_name))
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str, request: Request) -> Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
+        try:
+            check_model(model_id, self.model_name)
+        except AdmissionError as e:
+            return _json(e.to_json(), e.status)
+        return _json(responses.model_card(self.model_name))
+
+    @app.get("/version")
+    async def version(self, request: Request) -> Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
+        return _json(msgspec.json.encode({"version": responses.VERSION}))
+
+    @app.post("/tokenize")
+    async def tokenize(self, request: Request) -> Response:
+        return await self._off_loop(request, self.admission.tokenize_body)
+
+    @app.post("/detokenize")
+    async def detokenize(self, request: Request) -> Response:
+        return await self._off_loop(request, self.admission.detokenize_body)
+
+    async def _off_loop(self, request: Request, work) -> Response:
+        """A small request answered by `work(body)` on an admission thread."""
+        if (refused := self._refused(request)) is not None:
+            return refused
+        try:
+            body = await asyncio.wait_for(
+                self.admission.read_body(request), self.cfg.router.body_timeout_s
+            )
+            out = await asyncio.get_running_loop().run_in_executor(
+                self._admission_threads, work, body
+            )
+        except AdmissionError as e:
+            return _json(e.to_json(), e.status)
+        except Exception as e:  # noqa: BLE001 - in OpenAI's shape, logged
+            return self._failure(e, uuid.uuid4().hex)
+        return _json(out)
+
     @app.get("/debug/state")
-    async def debug_state(self) -> Response:
+    async def debug_state(self, request: Request) -> Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
         if not self.cfg.router.debug_state:
             return _error(404, "debug state is disabled (router.debug_state)", "not_found")
-        return _json(msgspec.json.encode(await self.state()))
+        return _json(msgspec.json.encode(await self.reports.state()))
 
     @app.post("/v1/chat/completions")
     async def chat(self, request: Request) -> Response:
@@ -285,38 +312,11 @@ class Router:
     async def completions(self, request: Request) -> Response:
         return await self._handle(request, chat=False)
 
-    async def state(self) -> dict:
-        """Counts that must return to zero when load ends, read fresh from the workers."""
-        pools = (self.prefill_pool, self.decode_pool)
-        stats = await asyncio.gather(*[p.fresh_stats() for p in pools])
-        p, d = ([s for s in ss if s] for ss in stats)
-        own = self._own_counts()
-        routers = [own, *(s for s, _ in self._peers().values())]
-        return {
-            # The replica that answered (router_*), and every live replica (routers).
-            **own,
-            "routers": sorted(routers, key=lambda r: r["router_id"]),
-            "requests_in_flight": sum(r["router_requests_in_flight"] for r in routers),
-            "prefill_pending": sum(s.pending for s in p),
-            "prefill_leases": sum(s.engine.leases for s in p),
-            "prefill_pinned_blocks": sum(s.pinned_blocks for s in p),
-            # Held by requests and leases (a block shared by two leases counts once).
-            "prefill_blocks_used": sum(s.engine.used_blocks for s in p),
-            # Prefix cache: blocks no request holds (free for new work; not a leak).
-            "prefill_cached_blocks": sum(s.engine.cached_blocks for s in p),
-            "transfer_pending": sum(s.transfers_pending for s in d),
-            "decode_waiting_for_blocks": sum(s.engine.waiting_for_blocks for s in d),
-            "decode_streams": sum(s.streams for s in d),
-            "decode_blocks_used": sum(s.engine.used_blocks for s in d),
-            "decode_cached_blocks": sum(s.engine.cached_blocks for s in d),
-            "workers": [
-                pool.describe(i, st) for pool, ss in zip(pools, stats) for i, st in enumerate(ss)
-            ],
-        }
-
     # ---- a completion request -------------------------------------------
 
     async def _handle(self, request: Request, chat: bool) -> Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
         # The queue check comes first: a full router spends nothing on the request.
         r = self.cfg.router
         queued = len(self.lifecycle.requests) + self._admitting
@@ -341,7 +341,7 @@ class Router:
                 ) from None
             # Parsing, chat templating and tokenizing run on a small pool of threads,
             # never on this event loop (other streams, /health and the watchdog).
-            req, prompt_ids, params = await asyncio.get_running_loop().run_in_executor(
+            admitted = await asyncio.get_running_loop().run_in_executor(
                 self._admission_threads, self.admission.admit, body, chat
             )
         except AdmissionError as e:
@@ -350,30 +350,49 @@ class Router:
             return self._failure(e, rid)
         finally:
             self._admitting -= 1
-        # The slot is taken now, before any await, so a burst cannot overrun
-        # max_queued. The lifecycle's finally gives it back; a generator that is
+        # The slots are taken now, before any await, so a burst cannot overrun
+        # max_queued. Each lifecycle's finally gives its slot back; a generator that is
         # dropped unstarted (client gone before the body) gives it back when collected.
-        state = self.lifecycle.admit(rid, len(prompt_ids))
-        events = self.lifecycle.run(state, prompt_ids, params)
-        weakref.finalize(events, self.lifecycle.requests.pop, rid, None)
+        req, choices = admitted.request, admitted.choices
+        if len(choices) > 1 and len(self.lifecycle.requests) + len(choices) > r.max_queued:
+            return _error(
+                429,
+                f"{len(choices)} prompts do not fit the {r.max_queued} requests a router "
+                "replica queues; retry later or send fewer",
+                "rate_limit_error",
+                "queue_full",
+                headers={"Retry-After": "1", ROUTER_HEADER: self.replica_id},
+            )
+        states, runs = [], []
+        for i, choice in enumerate(choices):
+            state = self.lifecycle.admit(
+                rid if len(choices) == 1 else f"{rid}-c{i}", len(choice.prompt_ids)
+            )
+            events = self.lifecycle.run(state, choice.prompt_ids, choice.params)
+            weakref.finalize(events, self.lifecycle.requests.pop, state.request_id, None)
+            states.append(state)
+            runs.append(events)
         headers = {"pdcluster-request-id": rid, ROUTER_HEADER: self.replica_id}
-        cid = f"{'chatcmpl' if chat else 'cmpl'}-{rid}"
+        if admitted.ignored:
+            headers[IGNORED_HEADER] = _ignored_header(admitted.ignored)
+            log.debug("request %s: unknown fields ignored: %s", rid, headers[IGNORED_HEADER])
+        answer = Answer(rid, chat, states, [c.echo for c in choices])
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return EventStream(
-                self._stream(cid, rid, events, chat, len(prompt_ids), include_usage),
-                state,
+                self._stream(answer, runs, include_usage),
+                states,
                 media_type="text/event-stream",
                 headers=headers,
             )
-        text, reason, n_out = "", None, 0
         try:
-            async for piece, reason, n_out in events:
-                text += piece
+            async for i, piece, reason, n_out in merged(runs):
+                answer.add(i, piece, reason, n_out)
         except Exception as e:  # noqa: BLE001 - typed failures become HTTP errors
             return self._failure(e, rid)
-        usage = responses.usage(len(prompt_ids), n_out)
-        body = responses.completion(chat, cid, self.model_name, text, reason, usage)
+        body = responses.completion(
+            chat, answer.id, self.model_name, answer.choices(), answer.usage()
+        )
         return _json(body, headers=headers)
 
     def _failure(self, e: BaseException, rid: str) -> Response:
@@ -407,32 +426,31 @@ class Router:
         )
 
     async def _stream(
-        self,
-        cid: str,
-        rid: str,
-        events: AsyncIterator,
-        chat: bool,
-        prompt_len: int,
-        include_usage: bool,
+        self, answer: Answer, runs: list[AsyncIterator], include_usage: bool
     ) -> AsyncIterator[bytes]:
-        created = int(time.time())
-        model, n_out = self.model_name, 0
+        created, model, chat = int(time.time()), self.model_name, answer.chat
+        events = merged(runs)
         try:
-            if chat:
-                yield responses.sse(
-                    responses.chunk(chat, cid, model, created, None, None, role="assistant")
-                )
-            async for piece, reason, n_out in events:
+            async for i, piece, reason, n_out in events:
+                if answer.first(i):  # its first chunk goes out with its first token (vLLM)
+                    piece = answer.echo[i] + piece
+                    if chat:
+                        role = responses.chunk(
+                            chat, answer.id, model, created, None, None, role="assistant"
+                        )
+                        yield responses.sse(role)
+                answer.add(i, "", reason, n_out)
                 if piece or reason:
-                    yield responses.sse(responses.chunk(chat, cid, model, created, piece, reason))
+                    chunk = responses.chunk(chat, answer.id, model, created, piece, reason, index=i)
+                    yield responses.sse(chunk)
             if include_usage:
-                usage = responses.usage(prompt_len, n_out)
-                yield responses.sse(responses.usage_chunk(chat, cid, model, created, usage))
+                usage = responses.usage_chunk(chat, answer.id, model, created, answer.usage())
+                yield responses.sse(usage)
         except Exception as e:  # noqa: BLE001 - headers are sent: report in-band
-            log.warning("stream %s failed: %r", rid, e)
-            yield responses.sse(msgspec.json.decode(self._failure(e, rid).body))
+            log.warning("stream %s failed: %r", answer.rid, e)
+            yield responses.sse(msgspec.json.decode(self._failure(e, answer.rid).body))
         finally:
-            await events.aclose()
+            await events.aclose()  # the client left: every choice's lifecycle ends now
         yield responses.SSE_DONE
 
 

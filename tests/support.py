@@ -71,8 +71,9 @@ def assert_idle(url: str) -> dict:
     return state
 
 
-def hf_greedy(hf, ids: list[int], n: int) -> list[int]:
-    """Hugging Face `generate`'s greedy continuation of `ids`: exactly `n` tokens."""
+def hf_greedy(hf, ids: list[int], n: int, **generate) -> list[int]:
+    """Hugging Face `generate`'s greedy continuation of `ids`: exactly `n` tokens
+    (`generate`: more of its arguments, e.g. `repetition_penalty`, `logits_processor`)."""
     import torch
 
     model, _ = hf
@@ -84,6 +85,7 @@ def hf_greedy(hf, ids: list[int], n: int) -> list[int]:
             min_new_tokens=n,
             do_sample=False,
             pad_token_id=0,
+            **generate,
         )
     return out[0, len(ids) :].tolist()
 
@@ -151,13 +153,16 @@ def greedy_completion(ids: list[int], n: int, **extra) -> dict:
 
 
 def dashboard_metrics() -> set[str]:
-    """Every pdcluster metric name a panel of deploy/grafana/pdcluster.json queries."""
+    """Every metric name a panel of deploy/grafana/pdcluster.json queries: pdcluster's
+    (`pdcluster_...`) and vLLM's (`vllm:...`, a ':' in the name), as exposed
+    (`_bucket`, `_sum`, `_count`, `_total` included)."""
     import json
     import re
 
     dash = json.loads((ROOT / "deploy" / "grafana" / "pdcluster.json").read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", []) if t.get("expr")]
-    return {m for e in exprs for m in re.findall(r"pdcluster_[a-z0-9_]+", e)}
+    name = r"(?<![\w:])(?:pdcluster_|vllm:)[a-zA-Z0-9_:]+"
+    return {m for e in exprs for m in re.findall(name, e)}
 
 
 def metric_above(url: str, name: str, floor: float, note=None, timeout_s: float = 10) -> None:

@@ -88,6 +88,8 @@ class PrefillResult(msgspec.Struct, frozen=True):
     first_token: int
     finish_reason: str | None  # set when the first token already ends the request
     handle: KVHandle | None  # None when finished: nothing to transfer
+    queued_s: float = 0.0  # waited in prefill's queue before it was first scheduled
+    cached_tokens: int = 0  # prompt tokens found in prefill's prefix cache
 
 
 class EngineStats(msgspec.Struct, frozen=True, kw_only=True):
@@ -115,6 +117,7 @@ class EngineStats(msgspec.Struct, frozen=True, kw_only=True):
     # restarts a worker that says so (stalled for good, a READ NIXL never releases).
     fault: str = ""
     leases_expired: int = 0  # prefill: swept unclaimed or abandoned, ever
+    preemptions: int = 0  # running sequences whose blocks were taken back, ever
 
 
 class TransferStats(msgspec.Struct, frozen=True, kw_only=True):

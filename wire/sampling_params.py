@@ -1,8 +1,8 @@
 """Per-request sampling parameters: the one struct the router hands to the workers.
 
-It lives in `workers` because `workers` must never import `cluster`; the router
-builds it (`cluster.protocol.to_sampling_params`) after validating the request,
-so the values here are already in range.
+It lives in `wire` because the router and the workers both use it and neither may
+import the other's engine; the router builds it (`cluster.admission.to_sampling_params`)
+after validating the request, so the values here are already in range.
 """
 
 from __future__ import annotations
@@ -25,3 +25,14 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Prefix caching: prompts share cached KV blocks only under the same salt (none
     # included), so a tenant can keep its prompts from others' cache-timing probes.
     cache_salt: str | None = None
+    # Logits processing, with vLLM's semantics (workers/sampler.py): on output tokens
+    # (frequency, presence) or prompt and output tokens (repetition), computed from the
+    # sequence's own token list on whichever worker samples (prefill token 1, decode
+    # the rest), so both tiers agree without carrying counts across the handoff.
+    presence_penalty: float = 0.0  # minus this for a token already in the output
+    frequency_penalty: float = 0.0  # minus this per occurrence in the output
+    repetition_penalty: float = 1.0  # >1: a seen token's logit divided (>0) or multiplied
+    min_p: float = 0.0  # drop tokens below min_p x the most probable one's probability
+    logit_bias: dict[int, float] = {}  # added to those ids' logits
+    allowed_token_ids: list[int] = []  # only these may be sampled (empty: all)
+    bad_words_ids: list[list[int]] = []  # a word's last token banned after its prefix

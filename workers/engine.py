@@ -92,6 +92,7 @@ class Engine:
         # for, and how many of them were found cached.
         self.prefix_queried_tokens = 0
         self.prefix_hit_tokens = 0
+        self.preemptions = 0  # running sequences whose blocks were taken back, ever
 
     # ---- admission -------------------------------------------------------
 
@@ -99,6 +100,7 @@ class Engine:
         """Queue a sequence; its uncached tokens get computed in prefill steps. With
         prefix caching it is hashed here, and reuses cached blocks when scheduled."""
         self._register(seq)
+        seq.added_at = time.monotonic()
         if self.blocks.caching:
             # Every full block but the one of its last token (computed for its logits).
             seq.block_hashes = self.blocks.prefix_hashes(
@@ -318,6 +320,7 @@ class Engine:
         """Take a running sequence's blocks back; it waits at the head to be recomputed."""
         self.running.remove(seq)
         self._release_blocks(seq)
+        self.preemptions += 1
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
 
@@ -380,6 +383,9 @@ class Engine:
             if hit:
                 self.prefix_queried_tokens += seq.num_tokens
                 self.prefix_hit_tokens += seq.num_cached
+            if seq.queued_s is None:  # first scheduled: what vLLM reports as queue time
+                seq.queued_s = time.monotonic() - seq.added_at
+                seq.cached_tokens = seq.num_cached
             self.waiting.popleft()
             seqs.append(seq)
             num_new.append(n)

@@ -167,6 +167,7 @@ class GroupLeader:
             cached_blocks=self.blocks.num_cached,
             prefix_queried_tokens=e.prefix_queried_tokens,
             prefix_hit_tokens=e.prefix_hit_tokens,
+            preemptions=e.preemptions,
             held_blocks=e.held_blocks,
             fault=e.fault,
             **role,

@@ -26,6 +26,11 @@ if TYPE_CHECKING:
     from workers.engine import StepOutput
 
 
+def _timing(seq) -> tuple[float, int]:
+    """(seconds queued before first scheduled, prompt tokens found cached)."""
+    return seq.queued_s or 0.0, seq.cached_tokens
+
+
 @ray.remote
 class PrefillWorker(GroupLeader):
     """Runs prompts, samples the first token, pins the prompt's KV under a lease."""
@@ -134,7 +139,9 @@ class PrefillWorker(GroupLeader):
             if out.error is not None:
                 results.append((rid, SequenceFailed(str(out.error), out.error.status)))
             elif out.finish_reason is not None:  # ended at its first token; blocks freed
-                results.append((rid, PrefillResult(rid, out.token, out.finish_reason, None)))
+                results.append(
+                    (rid, PrefillResult(rid, out.token, out.finish_reason, None, *_timing(seq)))
+                )
             else:  # its blocks go to the sender, which frees them in every case
                 blocks, seq.block_table = seq.block_table, []
                 try:
@@ -142,7 +149,7 @@ class PrefillWorker(GroupLeader):
                 except TransferBackpressure as e:
                     results.append((rid, e))
                     continue
-                results.append((rid, PrefillResult(rid, out.token, None, handle)))
+                results.append((rid, PrefillResult(rid, out.token, None, handle, *_timing(seq))))
         if results:  # one wake-up of the event loop per step
             self.loop.call_soon_threadsafe(self._deliver, results)
 

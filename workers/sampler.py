@@ -61,6 +61,12 @@ def sample(
         cols += banned
     if rows:
         logits[rows, cols] = float("-inf")
+    for i, s in enumerate(seqs):
+        if out[i] is None and _processes(s.params):
+            try:
+                _process_row(logits[i], s, vocab)
+            except SampleError as e:
+                out[i] = e
     greedy = None
     if any(s.params.temperature == 0.0 for s in seqs):
         # max() is argmax (first index on ties) at less than half argmax's cost on CPU.
@@ -81,9 +87,57 @@ def sample(
     return out
 
 
+def _processes(p) -> bool:
+    return bool(
+        p.presence_penalty
+        or p.frequency_penalty
+        or p.repetition_penalty != 1.0
+        or p.logit_bias
+        or p.allowed_token_ids
+        or p.bad_words_ids
+    )
+
+
+def _process_row(row: torch.Tensor, s: Sequence, vocab: int) -> None:
+    """vLLM's logits processing for one sequence, in place, in vLLM's order: allowed
+    token ids, bad words, logit bias, then the repetition, frequency and presence
+    penalties. Whole-vocabulary tensor operations; ids are checked against the
+    vocabulary first (an out-of-range index is a device assert on CUDA)."""
+    p = s.params
+    ids = [*p.allowed_token_ids, *p.logit_bias, *(t for w in p.bad_words_ids for t in w)]
+    if any(not 0 <= t < vocab for t in ids):
+        raise SampleError(f"token ids outside the vocabulary [0, {vocab})", 400)
+    if p.allowed_token_ids:
+        keep = torch.zeros(vocab, dtype=torch.bool)
+        keep[p.allowed_token_ids] = True
+        row.masked_fill_(~keep, float("-inf"))
+    output = s.token_ids[s.num_prompt_tokens :]
+    banned = [w[-1] for w in p.bad_words_ids if len(w) == 1 or output[-(len(w) - 1) :] == w[:-1]]
+    if banned:
+        row[banned] = float("-inf")
+    if p.logit_bias:
+        row[list(p.logit_bias)] += torch.tensor(list(p.logit_bias.values()), dtype=row.dtype)
+    if p.repetition_penalty != 1.0:
+        seen = torch.zeros(vocab, dtype=torch.bool)
+        seen[s.token_ids] = True
+        r = p.repetition_penalty
+        row.copy_(torch.where(seen, torch.where(row > 0, row / r, row * r), row))
+    if (p.frequency_penalty or p.presence_penalty) and output:
+        counts = torch.bincount(torch.tensor(output), minlength=vocab)[:vocab].to(row.dtype)
+        row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+
+
+def apply_min_p(row: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Tokens less probable than `min_p` times the most probable one: -inf."""
+    probs = torch.softmax(row, dim=-1)
+    return row.masked_fill(probs < min_p * probs.max(), float("-inf"))
+
+
 def _sample_row(row: torch.Tensor, s: Sequence) -> int:
     p = s.params
     row = row / p.temperature
+    if p.min_p > 0.0:  # after temperature, before top-k and top-p, as vLLM does
+        row = apply_min_p(row, p.min_p)
     if p.top_k is not None and p.top_k > 0:
         kth = torch.topk(row, min(p.top_k, row.numel())).values[-1]
         row = row.masked_fill(row < kth, float("-inf"))

@@ -40,6 +40,10 @@ class Sequence:
         self.aborted = False  # aborted while PULLING: freed once the transfer has ended
         self.block_hashes: list[bytes] = []  # prefix caching: its full prompt blocks' hashes
         self.arrival = 0  # order of arrival in its engine (set when added)
+        self.added_at = 0.0  # time.monotonic() when added to its engine
+        # Set when first scheduled: seconds it waited, and prompt tokens found cached.
+        self.queued_s: float | None = None
+        self.cached_tokens = 0
 
     @property
     def num_tokens(self) -> int:

@@ -70,7 +70,7 @@ BAD = [
     ("over-long prompt", chat("x" * 700, max_tokens=2)),
     ("negative max_tokens", chat("hi", max_tokens=-1)),
     ("wrong type", chat("hi", max_tokens="two")),
-    ("unknown field", chat("hi", max_tokens=2, frobnicate=True)),
+    ("a field not implemented", chat("hi", max_tokens=2, logprobs=True)),
     ("empty messages", {"model": "tiny-llama", "messages": [], "max_tokens": 2}),
     ("bad role", {"model": "tiny-llama", "messages": [{"role": "wizard", "content": "x"}]}),
     # Sampling parameters that used to reach a worker and fail its whole engine step.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 
 import httpx
@@ -85,6 +86,71 @@ def test_prompt_lengths(hf):
     assert len(tok.encode(PROMPTS[3])) > 5 * 16
 
 
+class _OutputPenalties:
+    """OpenAI's frequency and presence penalties as a Hugging Face logits processor
+    (HF has none): on the generated tokens only."""
+
+    def __init__(self, prompt_len: int, frequency: float, presence: float):
+        self.prompt_len, self.frequency, self.presence = prompt_len, frequency, presence
+
+    def __call__(self, input_ids, scores):
+        out = input_ids[0, self.prompt_len :]
+        if len(out):
+            counts = torch.bincount(out, minlength=scores.shape[-1]).to(scores.dtype)
+            scores[0] -= self.frequency * counts + self.presence * (counts > 0).to(scores.dtype)
+        return scores
+
+
+def test_sampling_knobs_equal_hfs_processors_through_the_disaggregated_path(cluster, hf):
+    """Penalties, logit_bias, bad_words and allowed_token_ids: prefill samples token 1,
+    decode the rest, each from the sequence's own tokens; the greedy text equals HF
+    generate with the matching processor, token for token."""
+    from transformers import LogitsProcessorList, SuppressTokensLogitsProcessor
+
+    _, tok = hf
+    ids = tok.encode(PROMPTS[3])
+    n = N_TOKENS
+    plain = hf_greedy(hf, ids, n)
+    allowed = sorted(set(plain[:4]) | set(range(40, 120)))
+    word = tok.decode(plain[2:3]).strip() or "e"
+    cases = [
+        ({"repetition_penalty": 1.6}, {"repetition_penalty": 1.6}),
+        (
+            {"frequency_penalty": 1.5, "presence_penalty": 0.5},
+            {"logits_processor": LogitsProcessorList([_OutputPenalties(len(ids), 1.5, 0.5)])},
+        ),
+        ({"logit_bias": {str(plain[1]): -100}}, {"sequence_bias": {(plain[1],): -100.0}}),
+        (
+            {"bad_words": [word]},
+            {
+                "bad_words_ids": [
+                    tok.encode(w, add_special_tokens=False) for w in (word, " " + word)
+                ]
+            },
+        ),
+        (
+            {"allowed_token_ids": allowed},
+            {
+                "logits_processor": LogitsProcessorList(
+                    [
+                        SuppressTokensLogitsProcessor(
+                            [t for t in range(len(tok)) if t not in allowed], device="cpu"
+                        )
+                    ]
+                )
+            },
+        ),
+    ]
+    for fields, generate in cases:
+        want = hf_greedy(hf, ids, n, **generate)
+        assert want != plain, fields  # the knob changes this text
+        r = httpx.post(
+            f"{cluster.url}/v1/completions", timeout=60, json=greedy_completion(ids, n, **fields)
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == tok.decode(want, skip_special_tokens=False), fields
+
+
 def test_openai_chat_stream_and_not(cluster, client, hf):
     _, tok = hf
     messages = [{"role": "user", "content": "What is the capital of France?"}]
@@ -144,6 +210,141 @@ def test_openai_completion_stream(cluster, client, hf):
 def test_models_and_health(cluster, client):
     assert [m.id for m in client.models.list().data] == ["tiny-llama"]
     assert httpx.get(f"{cluster.url}/health", timeout=10).status_code == 200
+
+
+def test_vllm_routes_models_by_id_tokenize_detokenize_and_version(cluster, client, hf):
+    _, tok = hf
+    assert client.models.retrieve("tiny-llama").id == "tiny-llama"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("gpt-4")
+    assert e.value.body["code"] == "model_not_found"
+    url = cluster.url
+    out = httpx.post(f"{url}/tokenize", json={"prompt": PROMPTS[2]}, timeout=10).json()
+    assert out["tokens"] == tok.encode(PROMPTS[2]) and out["count"] == len(out["tokens"])
+    messages = [{"role": "user", "content": "hi"}]
+    chat_ids = tok.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    out = httpx.post(f"{url}/tokenize", json={"messages": messages}, timeout=10).json()
+    assert out["tokens"] == list(chat_ids)
+    back = httpx.post(f"{url}/detokenize", json={"tokens": tok.encode("Hello")}, timeout=10)
+    assert back.json() == {"prompt": "Hello"}
+    bad = httpx.post(f"{url}/detokenize", json={"tokens": [10**9]}, timeout=10)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    assert httpx.get(f"{url}/version", timeout=10).json()["version"]
+
+
+def test_a_request_for_a_model_not_served_is_a_404_and_allocates_nothing(cluster, client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(
+            model="gpt-4", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+    assert e.value.status_code == 404 and e.value.body["code"] == "model_not_found"
+    assert_idle(cluster.url)
+
+
+def test_unknown_fields_are_ignored_and_named_in_a_header(cluster, client):
+    """What an SDK's `extra_body` adds, or a newer API version: served as without it
+    (greedy text equal), and named back in `pdcluster-ignored-fields`."""
+    messages = [{"role": "user", "content": "Name a colour."}]
+    kw = {"model": "tiny-llama", "messages": messages, "max_tokens": 8, "temperature": 0}
+    plain = client.chat.completions.with_raw_response.create(**kw)
+    extra = client.chat.completions.with_raw_response.create(
+        **kw, extra_body={"top_a": 0.3, "mirostat": {"tau": 5}}
+    )
+    assert "pdcluster-ignored-fields" not in plain.headers
+    assert extra.headers["pdcluster-ignored-fields"] == "top_a, mirostat"
+    assert extra.parse().choices[0].message.content == plain.parse().choices[0].message.content
+
+
+def test_chat_options_vllm_users_send(cluster, client, hf):
+    """The developer role is the system role; add_generation_prompt false and
+    continue_final_message complete the assistant's last message in place; completions'
+    echo puts the prompt before the text. Greedy text equals HF's on the same ids."""
+    _, tok = hf
+    kw = {"model": "tiny-llama", "max_tokens": 6, "temperature": 0}
+    kw["extra_body"] = {"min_tokens": 6, "skip_special_tokens": False}
+    dev = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    sys_ = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    a = client.chat.completions.create(messages=dev, **kw).choices[0].message.content
+    b = client.chat.completions.create(messages=sys_, **kw).choices[0].message.content
+    assert a == b
+    partial = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello, I"}]
+    ids = tok.apply_chat_template(
+        partial, continue_final_message=True, tokenize=True, return_dict=False
+    )
+    want = tok.decode(hf_greedy(hf, list(ids), 6), skip_special_tokens=False)
+    kw["extra_body"] |= {"continue_final_message": True, "add_generation_prompt": False}
+    got = client.chat.completions.create(messages=partial, **kw).choices[0].message.content
+    assert got == want
+    echo = client.completions.create(
+        model="tiny-llama", prompt="Once upon", max_tokens=4, temperature=0, echo=True
+    )
+    assert echo.choices[0].text.startswith("Once upon") and echo.usage.completion_tokens == 4
+
+
+def test_the_first_stream_chunk_goes_out_with_the_first_token(cluster):
+    """Prefill frozen for 1.5 s: a chat stream's first chunk (the one with the role)
+    comes when the first token does, as vLLM's server sends it, not at admission; a
+    client timing its first chunk measures the real TTFT."""
+    pid = ray.get(cluster.prefill[0].leader.ready.remote(), timeout=30)["pid"]
+    body = {
+        "model": "tiny-llama",
+        "messages": [{"role": "user", "content": "time me"}],
+        "max_tokens": 4,
+        "stream": True,
+    }
+    arrivals = []
+
+    def read() -> None:
+        with httpx.stream("POST", f"{cluster.url}/v1/chat/completions", json=body, timeout=30) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    arrivals.append((time.monotonic(), json.loads(line[6:])))
+
+    reader = threading.Thread(target=read)
+    os.kill(pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        reader.start()
+        time.sleep(1.5)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    reader.join(30)
+    first_at, first = arrivals[0]
+    assert first["choices"][0]["delta"]["role"] == "assistant"
+    assert first_at - t0 >= 1.4, f"first chunk {first_at - t0:.2f}s after the request"
+    assert_idle(cluster.url)
+
+
+def test_a_batch_of_prompts_is_one_choice_each_greedy_equal_to_hf(cluster, client, hf):
+    """/v1/completions with a list of prompts (strings and token ids): one choice per
+    prompt, at its index, each HF's greedy text, streamed or not; usage adds up; a
+    client that leaves mid-stream leaves nothing held."""
+    _, tok = hf
+    prompts = [PROMPTS[1], tok.encode(PROMPTS[2]), PROMPTS[0]]
+    ids = [tok.encode(p) if isinstance(p, str) else p for p in prompts]
+    want = [tok.decode(hf_greedy(hf, i, N_TOKENS), skip_special_tokens=False) for i in ids]
+    extra = {"min_tokens": N_TOKENS, "skip_special_tokens": False}
+    kw = {"model": "tiny-llama", "prompt": prompts, "max_tokens": N_TOKENS, "temperature": 0}
+    out = client.completions.create(**kw, extra_body=extra)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    assert [c.text for c in out.choices] == want
+    assert out.usage.prompt_tokens == sum(map(len, ids))
+    assert out.usage.completion_tokens == 3 * N_TOKENS
+    texts = ["", "", ""]
+    for chunk in client.completions.create(**kw, stream=True, extra_body=extra):
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert texts == want
+    body = {**kw, **extra, "stream": True, "max_tokens": 400, "min_tokens": 400}
+    with httpx.stream("POST", f"{cluster.url}/v1/completions", json=body, timeout=30) as r:
+        seen = 0
+        for line in r.iter_lines():
+            seen += line.startswith("data: {")
+            if seen >= 6:
+                break  # the client leaves with three choices decoding
+    assert_idle(cluster.url)
 
 
 def test_bad_input_is_4xx_openai_shape(cluster, client):

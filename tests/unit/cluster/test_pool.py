@@ -273,3 +273,31 @@ def test_router_peers_report_each_other_and_drop_a_silent_one():
     assert peers.report("b", {"n": 2}, []) == {"a": ({"n": 1}, [])}
     time.sleep(0.3)
     assert peers.report("b", {"n": 3}, []) == {}  # a stopped reporting: dropped
+
+
+def test_a_router_started_after_a_worker_was_replaced_calls_the_new_actor_first(
+    killed, monkeypatch
+):
+    """The deployment's handles are of the actors that ran when it was made; after the
+    launcher started a lost worker again under its name, a router replica Serve starts
+    later (kill-router after a lost node in `pdcluster chaos`) must not mark that worker
+    unhealthy and refuse requests ("no healthy decode worker") until a poll finds the
+    new actor: it takes every worker by its name when it starts."""
+    fresh = Replica(100, pid=300)
+    named = {"pdcluster-decode-0-rank0": fresh}
+
+    def get_actor(name, namespace):
+        if name not in named:
+            raise ValueError(f"no actor {name}")
+        return named[name]
+
+    monkeypatch.setattr(worker_pool.ray, "get_actor", get_actor)
+
+    async def run():
+        pool = worker_pool.WorkerPool("decode", [Dead(), Replica(10)], 1.0, RouterMetrics(), 0.25)
+        pool.find_by_name()
+        await pool.poll()
+        return pool
+
+    pool = asyncio.run(run())
+    assert pool.handle(0) is fresh and _healthy(pool) == [True, True] and pool.pick() == 0

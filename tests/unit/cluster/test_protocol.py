@@ -11,9 +11,17 @@ from openai._models import construct_type
 from openai.types import Completion, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from cluster import protocol, responses
+from cluster import policy, protocol, responses
 from cluster.admission import to_sampling_params
 from wire.sampling_params import SamplingParams
+
+
+def parse_chat(body: bytes, **kw):
+    return protocol.parse_chat(body, **kw).request
+
+
+def parse_completion(body: bytes, **kw):
+    return protocol.parse_completion(body, **kw).request
 
 
 def chat_body(**kw) -> bytes:
@@ -30,14 +38,14 @@ def comp_body(**kw) -> bytes:
 
 def chat_err(**kw) -> protocol.AdmissionError:
     with pytest.raises(protocol.AdmissionError) as ei:
-        protocol.parse_chat(chat_body(**kw))
+        parse_chat(chat_body(**kw))
     assert ei.value.status == 400
     return ei.value
 
 
 def comp_err(**kw) -> protocol.AdmissionError:
     with pytest.raises(protocol.AdmissionError) as ei:
-        protocol.parse_completion(comp_body(**kw))
+        parse_completion(comp_body(**kw))
     assert ei.value.status == 400
     return ei.value
 
@@ -46,7 +54,7 @@ def comp_err(**kw) -> protocol.AdmissionError:
 
 
 def test_valid_chat_parses_with_ignorable_fields():
-    req = protocol.parse_chat(
+    req = parse_chat(
         chat_body(
             messages=[
                 {"role": "system", "content": "be brief"},
@@ -83,27 +91,51 @@ def test_valid_chat_parses_with_ignorable_fields():
     )
     assert req.stream and req.stream_options.include_usage
     assert [m.role for m in req.messages] == ["system", "user", "assistant", "user"]
-    assert protocol.message_text(req.messages[1]) == "a\nb"
-    assert protocol.message_text(req.messages[0]) == "be brief"
+    assert policy.message_text(req.messages[1]) == "a\nb"
+    assert policy.message_text(req.messages[0]) == "be brief"
 
 
 def test_valid_completion_prompt_forms():
-    assert protocol.parse_completion(comp_body()).prompt == "hello"
-    assert protocol.parse_completion(comp_body(prompt=[1, 2, 3])).prompt == [1, 2, 3]
-    assert protocol.parse_completion(comp_body(prompt=["one"])).prompt == "one"
-    assert protocol.parse_completion(comp_body(prompt=[[4, 5]])).prompt == [4, 5]
-    req = protocol.parse_completion(comp_body(echo=False, suffix="", best_of=1, max_tokens=3))
+    assert parse_completion(comp_body()).prompt == ["hello"]
+    assert parse_completion(comp_body(prompt=[1, 2, 3])).prompt == [[1, 2, 3]]
+    assert parse_completion(comp_body(prompt=["one"])).prompt == ["one"]
+    assert parse_completion(comp_body(prompt=[[4, 5]])).prompt == [[4, 5]]
+    assert parse_completion(comp_body(prompt=["a", [6], "b"])).prompt == ["a", [6], "b"]
+    req = parse_completion(comp_body(echo=False, suffix="", best_of=1, max_tokens=3))
     assert req.max_tokens == 3
 
 
-def test_unknown_field_names_it():
-    e = chat_err(bogus_field=1)
+def test_unknown_fields_are_ignored_and_named_as_vllm_does():
+    """An SDK's `extra_body` keys and fields of newer API versions: accepted, the request
+    served as without them, and every one of them named, nested ones by their path."""
+    body = chat_body(
+        bogus_field=1,
+        messages=[
+            {"role": "user", "content": [{"type": "text", "text": "x", "cache_control": {}}]},
+            {"role": "assistant", "content": "y", "colour": "red"},
+        ],
+        stream_options={"include_usage": True, "continuous_usage_stats": True},
+    )
+    parsed = protocol.parse_chat(body)
+    assert parsed.ignored == (
+        "bogus_field",
+        "stream_options.continuous_usage_stats",
+        "messages[0].content[0].cache_control",
+        "messages[1].colour",
+    )
+    assert parsed.request.stream_options.include_usage is True
+    assert protocol.parse_completion(comp_body(max_tokens=3)).ignored == ()
+
+
+def test_strict_fields_makes_an_unknown_field_a_400_naming_it():
+    with pytest.raises(protocol.AdmissionError) as ei:
+        protocol.parse_chat(chat_body(bogus_field=1), strict=True)
+    e = ei.value
     assert "bogus_field" in e.message and e.param == "bogus_field"
-    assert e.code == "unknown_parameter"
-    e = chat_err(messages=[{"role": "user", "content": "x", "colour": "red"}])
-    assert e.param == "messages[0].colour"
-    e = comp_err(stream_options={"include_usage": True, "extra": 1})
-    assert e.param == "stream_options.extra"
+    assert e.code == "unknown_parameter" and e.status == 400
+    with pytest.raises(protocol.AdmissionError) as ei:
+        protocol.parse_completion(comp_body(stream_options={"extra": 1}), strict=True)
+    assert ei.value.param == "stream_options.extra"
 
 
 def test_wrong_type_names_the_path():
@@ -117,16 +149,16 @@ def test_wrong_type_names_the_path():
 
 def test_missing_required_and_bad_json():
     with pytest.raises(protocol.AdmissionError) as ei:
-        protocol.parse_chat(b'{"messages": [{"role": "user", "content": "x"}]}')
+        parse_chat(b'{"messages": [{"role": "user", "content": "x"}]}')
     assert ei.value.param == "model" and ei.value.code == "missing_required_parameter"
     with pytest.raises(protocol.AdmissionError) as ei:
-        protocol.parse_chat(b'{"model": "m"}')
+        parse_chat(b'{"model": "m"}')
     assert ei.value.param == "messages"
     with pytest.raises(protocol.AdmissionError) as ei:
-        protocol.parse_completion(b'{"model": "m"')
+        parse_completion(b'{"model": "m"')
     assert ei.value.param is None and "JSON" in ei.value.message
     with pytest.raises(protocol.AdmissionError):
-        protocol.parse_completion(b"[1, 2]")
+        parse_completion(b"[1, 2]")
 
 
 @pytest.mark.parametrize(
@@ -139,11 +171,6 @@ def test_missing_required_and_bad_json():
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"logprobs": True}, "logprobs"),
         ({"top_logprobs": 3}, "top_logprobs"),
-        ({"logit_bias": {"42": 10}}, "logit_bias"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
-        ({"frequency_penalty": -1}, "frequency_penalty"),
-        ({"repetition_penalty": 1.2}, "repetition_penalty"),
-        ({"min_p": 0.1}, "min_p"),
         ({"functions": [{"name": "f"}]}, "functions"),
         ({"echo": True}, "echo"),
     ],
@@ -154,14 +181,13 @@ def test_unimplemented_fields_that_matter_are_400(kw, param):
 
 
 def test_tool_choice_auto_without_tools_is_plain_text():
-    assert protocol.parse_chat(chat_body(tool_choice="auto")).tool_choice == "auto"
+    assert parse_chat(chat_body(tool_choice="auto")).tool_choice == "auto"
 
 
 @pytest.mark.parametrize(
     "kw,param",
     [
         ({"best_of": 2}, "best_of"),
-        ({"echo": True}, "echo"),
         ({"suffix": "end"}, "suffix"),
         ({"logprobs": 1}, "logprobs"),
         ({"n": 3}, "n"),
@@ -229,12 +255,37 @@ def test_range_edges_accepted():
         {"seed": -1},
         {"min_tokens": 5, "max_tokens": 5},
     ):
-        protocol.parse_chat(chat_body(**kw))
+        parse_chat(chat_body(**kw))
+
+
+def test_sampling_knobs_out_of_range_are_400_naming_them():
+    for kw, param in (
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"logit_bias": {"x": 1}}, "logit_bias"),
+        ({"logit_bias": {"3": 101}}, "logit_bias"),
+        ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+        ({"allowed_token_ids": []}, "allowed_token_ids"),
+        ({"bad_words": [" "]}, "bad_words"),
+        ({"bad_words": ["w"] * 65}, "bad_words"),
+    ):
+        assert chat_err(**kw).param == param, kw
+    ok = parse_chat(
+        chat_body(
+            presence_penalty=0.5,
+            frequency_penalty=-1,
+            repetition_penalty=1.2,
+            min_p=0.1,
+            logit_bias={"42": 10},
+            allowed_token_ids=[1, 2],
+            bad_words=["no"],
+        )
+    )
+    assert ok.logit_bias == {"42": 10}
 
 
 def test_completion_prompt_checks():
-    assert "batch prompts not supported" in comp_err(prompt=["a", "b"]).message
-    assert "batch prompts not supported" in comp_err(prompt=[[1], [2]]).message
     assert comp_err(prompt="").param == "prompt"
     assert comp_err(prompt=[]).param == "prompt"
     assert comp_err(prompt=[1, "a"]).param == "prompt"
@@ -245,7 +296,7 @@ def test_completion_prompt_checks():
 
 
 def sp(body: bytes, chat=True, prompt_len=10, max_model_len=100, default=50, strict=False):
-    req = protocol.parse_chat(body) if chat else protocol.parse_completion(body)
+    req = parse_chat(body) if chat else parse_completion(body)
     return to_sampling_params(
         req,
         prompt_len=prompt_len,
@@ -340,7 +391,7 @@ USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
 
 def test_chat_completion_parses_with_openai_types():
     c = ChatCompletion.model_validate_json(
-        responses.completion(True, "chatcmpl-ab12", "m", "hello", "length", USAGE)
+        responses.completion(True, "chatcmpl-ab12", "m", [("hello", "length")], USAGE)
     )
     assert c.object == "chat.completion" and c.choices[0].message.content == "hello"
     assert c.choices[0].message.role == "assistant" and c.choices[0].finish_reason == "length"
@@ -349,7 +400,7 @@ def test_chat_completion_parses_with_openai_types():
 
 def test_text_completion_parses_with_openai_types():
     c = Completion.model_validate_json(
-        responses.completion(False, "cmpl-1", "m", "hi", "stop", USAGE)
+        responses.completion(False, "cmpl-1", "m", [("hi", "stop")], USAGE)
     )
     assert c.object == "text_completion" and c.choices[0].text == "hi"
     assert c.choices[0].finish_reason == "stop" and c.usage.prompt_tokens == 3
@@ -420,7 +471,7 @@ def test_token_ids_outside_the_vocabulary_are_refused_before_any_worker():
         {"stop_token_ids": [99_999_999]},
         {"stop_token_ids": list(range(8)), "min_tokens": 1},
     ):
-        req = protocol.parse_chat(chat_body(max_tokens=4, **kw))
+        req = parse_chat(chat_body(max_tokens=4, **kw))
         with pytest.raises(protocol.AdmissionError) as ei:
             to_sampling_params(
                 req,
@@ -453,7 +504,7 @@ def test_deep_nesting_is_400_not_recursion_error():
     # Just inside what decodes: refused by policy, and the message still shows a value.
     ok_depth = "[" * 900 + "]" * 900
     with pytest.raises(protocol.AdmissionError) as ei:
-        protocol.parse_chat(chat_body(response_format="@").replace(b'"@"', ok_depth.encode()))
+        parse_chat(chat_body(response_format="@").replace(b'"@"', ok_depth.encode()))
     assert ei.value.param == "response_format"
 
 
@@ -472,16 +523,16 @@ def test_many_empty_messages_are_refused_before_they_are_built():
     for body in (many, parts):
         t0 = time.thread_time()
         with pytest.raises(protocol.AdmissionError) as ei:
-            protocol.parse_chat(body, max_messages=1024)
+            parse_chat(body, max_messages=1024)
         cpu = time.thread_time() - t0
         assert ei.value.param == "messages" and "router.max_messages" in ei.value.message
         assert ei.value.code == "too_many_messages" and cpu < 0.05, (ei.value, cpu)
     # At the limit it parses; one more (message or part) is refused.
     body = chat_body(messages=one + [{"role": "assistant"}] * 1023)
-    assert len(protocol.parse_chat(body, max_messages=1024).messages) == 1024
+    assert len(parse_chat(body, max_messages=1024).messages) == 1024
     two_parts = [{"role": "user", "content": [{"type": "text", "text": "a"}] * 2}]
     with pytest.raises(protocol.AdmissionError):
-        protocol.parse_chat(
+        parse_chat(
             chat_body(messages=two_parts + [{"role": "assistant"}] * 1022), max_messages=1024
         )
     # A body whose messages are not a list still gets the decoder's own message.
@@ -495,3 +546,17 @@ def test_cache_salt_reaches_the_workers_and_an_empty_one_is_refused():
     with pytest.raises(protocol.AdmissionError) as e:
         sp(chat_body(cache_salt=""))
     assert e.value.param == "cache_salt" and e.value.status == 400
+
+
+def test_an_unknown_field_nested_too_deeply_is_a_400_not_a_crash():
+    """Unknown fields are skipped, not refused: JSON nested 5,000 deep inside one (at
+    the top or inside a message) is still a 400 naming the nesting, never a 500."""
+    deep = "[" * 5000 + "]" * 5000
+    for body in (
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "zz": "@"},
+        {"model": "m", "messages": [{"role": "user", "content": "hi", "zz": "@"}]},
+    ):
+        raw = json.dumps(body).replace('"@"', deep).encode()
+        with pytest.raises(protocol.AdmissionError) as ei:
+            protocol.parse_chat(raw)
+        assert ei.value.status == 400 and "nested" in ei.value.message

@@ -103,3 +103,95 @@ def test_sampling_never_returns_nan_driven_tokens():
     x = torch.full((1, V), float("nan"))
     out = sample(x, [seq(temperature=0.7, seed=3)], EOS)
     assert isinstance(out[0], SampleError) and out[0].status == 500
+
+
+# ---- logits processing against Hugging Face's processors, on the same logits -------
+
+
+def _processed(s: Sequence, x: torch.Tensor) -> torch.Tensor:
+    """The row `sample` takes its argmax of (greedy), after vLLM's processing."""
+    from workers.sampler import _process_row
+
+    row = x[0].clone()
+    _process_row(row, s, V)
+    return row
+
+
+def _hf(processor, s: Sequence, x: torch.Tensor) -> torch.Tensor:
+    return processor(torch.tensor([s.token_ids]), x.clone())[0]
+
+
+def test_repetition_penalty_equals_hf_on_prompt_and_output_tokens():
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    for penalty in (0.7, 1.3, 2.0):
+        s = seq([9, 9, 30], repetition_penalty=penalty)
+        x = logits(seed=3)
+        want = _hf(RepetitionPenaltyLogitsProcessor(penalty), s, x)
+        torch.testing.assert_close(_processed(s, x), want)
+
+
+def test_frequency_and_presence_penalties_count_output_tokens_only():
+    """OpenAI's definition, as vLLM applies it: minus frequency x count and presence
+    once, for tokens of the output; prompt tokens (5, 6, 7) are not penalized."""
+    s = seq([9, 9, 30, 5], frequency_penalty=0.5, presence_penalty=1.25)
+    x = logits(seed=4)
+    want = x[0].clone()
+    for tok, n in {9: 2, 30: 1, 5: 1}.items():
+        want[tok] -= 0.5 * n + 1.25
+    torch.testing.assert_close(_processed(s, x), want)
+
+
+def test_logit_bias_allowed_ids_and_bad_words_equal_hfs_processors():
+    from transformers import (
+        NoBadWordsLogitsProcessor,
+        SequenceBiasLogitsProcessor,
+        SuppressTokensLogitsProcessor,
+    )
+
+    x = logits(seed=5)
+    s = seq([9, 11], logit_bias={3: 5.0, 40: -100.0})
+    want = _hf(SequenceBiasLogitsProcessor({(3,): 5.0, (40,): -100.0}), s, x)
+    torch.testing.assert_close(_processed(s, x), want)
+    allowed = [1, 4, 8]
+    s = seq([9], allowed_token_ids=allowed)
+    others = [t for t in range(V) if t not in allowed]
+    want = _hf(SuppressTokensLogitsProcessor(others, device="cpu"), s, x)
+    torch.testing.assert_close(_processed(s, x), want)
+    # [12]: always banned; [9, 11, 13]: 13 banned after 9, 11; [20, 21]: not after 11.
+    words = [[12], [9, 11, 13], [20, 21]]
+    s = seq([9, 11], bad_words_ids=words)
+    want = _hf(NoBadWordsLogitsProcessor(words, eos_token_id=2), s, x)
+    torch.testing.assert_close(_processed(s, x), want)
+    assert _processed(s, x)[13] == float("-inf") and _processed(s, x)[21] != float("-inf")
+
+
+def test_min_p_equals_hfs_warper():
+    from transformers import MinPLogitsWarper
+
+    from workers.sampler import apply_min_p
+
+    x = logits(seed=6) * 3
+    for min_p in (0.05, 0.3):
+        want = MinPLogitsWarper(min_p)(torch.tensor([[5]]), x.clone())[0]
+        got = apply_min_p(x[0], min_p)
+        assert torch.equal(torch.isinf(got), torch.isinf(want))
+        got_probs = {int(t) for t in torch.nonzero(~torch.isinf(got))}
+        drawn = {
+            sample(x.clone(), [seq(temperature=1.0, min_p=min_p, seed=k)], EOS)[0]
+            for k in range(200)
+        }
+        assert drawn <= got_probs
+
+
+def test_greedy_takes_the_argmax_after_processing_and_bad_ids_fail_alone():
+    x = logits(seed=7)
+    best = int(x[0].argmax())
+    s = seq(temperature=0.0, logit_bias={best: -100.0})
+    assert sample(x.clone(), [s], EOS)[0] != best
+    bad = seq(temperature=0.0, allowed_token_ids=[V + 5])
+    ok = seq(temperature=0.0)
+    x2 = logits(2, seed=7)
+    out = sample(x2.clone(), [bad, ok], EOS)
+    assert isinstance(out[0], SampleError) and out[0].status == 400
+    assert out[1] == int(x2[1].argmax())

@@ -1,0 +1,309 @@
+"""What pdcluster accepts of a parsed request: the admission policy for fields it
+defines but does not implement, value ranges, and chat messages.
+
+* a defined field pdcluster does not implement is accepted when ignoring it changes
+  nothing the client relies on (``user``, ``service_tier``, ``metadata`` ...) and is a
+  400 when it would (``n`` > 1, ``tools``, ``response_format`` json, ``logprobs`` ...):
+  see ``CHAT_POLICY`` / ``COMPLETION_POLICY``;
+* ill-typed and out-of-range values are a 400 naming the parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from cluster.responses import AdmissionError
+
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+# The stop checker holds back at most this much text and checks only the new text plus
+# that tail, so each token costs O(new text + this), never O(output).
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 256  # each is a banned id per sequence per step before min_tokens
+MAX_LOGIT_BIAS = 300  # OpenAI's limit
+MAX_BAD_WORDS = 64
+MAX_PROMPTS = 64  # a /v1/completions batch: one choice each
+# torch.Generator.manual_seed accepts [-2**63, 2**64).
+_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
+
+
+def bad(param: str, why: str) -> AdmissionError:
+    return AdmissionError(f"Invalid '{param}': {why}", param, "invalid_value")
+
+
+def _unsupported(param: str, value: Any, allowed: str) -> AdmissionError:
+    try:
+        shown = msgspec.json.encode(value).decode()
+    except RecursionError:  # decoded just inside the depth limit, encoded from deeper down
+        shown = "(nested too deeply to show)"
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return AdmissionError(
+        f"'{param}'={shown} is not supported by pdcluster ({allowed})", param, "unsupported_value"
+    )
+
+
+def _is_none_or(*ok: Any) -> Callable[[Any], bool]:
+    """None, or one of `ok` (bools compare by identity so False never equals 0)."""
+
+    def check(v: Any) -> bool:
+        return v is None or any(
+            v is x if isinstance(x, bool) or isinstance(v, bool) else v == x for x in ok
+        )
+
+    return check
+
+
+def _empty(v: Any) -> bool:
+    return not v
+
+
+# field -> (accepted?, what is accepted). Fields not listed are either implemented
+# or ignorable (user, service_tier, metadata, store, parallel_tool_calls, priority...).
+COMMON_POLICY: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "n": (_is_none_or(1), "only n=1"),
+    "response_format": (lambda v: v is None or v == {"type": "text"}, 'only {"type": "text"}'),
+    "use_beam_search": (_is_none_or(False), "beam search is not implemented"),
+    "length_penalty": (_is_none_or(1), "beam search is not implemented"),
+    "prompt_logprobs": (_is_none_or(), "logprobs are not implemented"),
+    "truncate_prompt_tokens": (_is_none_or(), "prompt truncation is not implemented"),
+    "logits_processors": (_empty, "not implemented"),
+    "guided_json": (_is_none_or(), "guided decoding is not implemented"),
+    "guided_regex": (_is_none_or(), "guided decoding is not implemented"),
+    "guided_choice": (_is_none_or(), "guided decoding is not implemented"),
+    "guided_grammar": (_is_none_or(), "guided decoding is not implemented"),
+    "structured_outputs": (_is_none_or(), "guided decoding is not implemented"),
+    "spaces_between_special_tokens": (_is_none_or(True), "only true"),
+    "return_tokens_as_token_ids": (_is_none_or(False), "not implemented"),
+}
+CHAT_POLICY = {
+    **COMMON_POLICY,
+    "logprobs": (_is_none_or(False), "logprobs are not implemented"),
+    "top_logprobs": (_is_none_or(0), "logprobs are not implemented"),
+    "tools": (_empty, "tool calling is not implemented"),
+    # tool_choice is checked in _apply_policy: "auto" with no tools is plain text.
+    "functions": (_empty, "function calling is not implemented"),
+    "function_call": (lambda v: v is None or v == "none", "function calling is not implemented"),
+    "audio": (_is_none_or(), "audio output is not implemented"),
+    "modalities": (lambda v: v is None or v == ["text"], 'only ["text"]'),
+    "moderation": (_is_none_or(), "moderation is not implemented"),
+    "web_search_options": (_is_none_or(), "web search is not implemented"),
+    "echo": (_is_none_or(False), "echo is not implemented"),
+    "chat_template": (_is_none_or(), "the model's own chat template is always used"),
+    "documents": (_empty, "not implemented"),
+    "add_special_tokens": (_is_none_or(False), "the chat template adds its own special tokens"),
+}
+COMPLETION_POLICY = {
+    **COMMON_POLICY,
+    "logprobs": (_is_none_or(), "logprobs are not implemented"),
+    "suffix": (_empty, "suffix (insertion) is not implemented"),
+    "best_of": (_is_none_or(1), "only best_of=1"),
+    "add_special_tokens": (_is_none_or(True), "special tokens are always added"),
+}
+
+
+def apply_policy(req, policy: dict) -> None:
+    for name, (ok, allowed) in policy.items():
+        v = getattr(req, name)
+        if not ok(v):
+            raise _unsupported(name, v, allowed)
+    if hasattr(req, "messages"):  # chat
+        tc = req.tool_choice
+        if not (tc is None or tc == "none" or (tc == "auto" and not req.tools)):
+            raise _unsupported("tool_choice", tc, "tool calling is not implemented")
+
+
+def check_ranges(req) -> None:
+    if req.cache_salt is not None and not req.cache_salt:
+        raise bad("cache_salt", "an empty string; give a non-empty salt or leave it out")
+    t = req.temperature
+    if t is not None and not 0.0 <= t <= 2.0:  # also rejects NaN
+        raise bad("temperature", f"{t} is not in [0, 2]")
+    if req.top_p is not None and not 0.0 < req.top_p <= 1.0:
+        raise bad("top_p", f"{req.top_p} is not in (0, 1]")
+    if req.top_k is not None and req.top_k < -1:
+        raise bad("top_k", f"{req.top_k}; use -1 (or 0) to disable, or a value >= 1")
+    for name in ("max_tokens", "max_completion_tokens"):
+        v = getattr(req, name, None)
+        if v is not None and v < 1:
+            raise bad(name, f"{v}; it must be at least 1")
+    if req.min_tokens is not None:
+        if req.min_tokens < 0:
+            raise bad("min_tokens", f"{req.min_tokens}; it must be at least 0")
+        cap = requested_max_tokens(req)
+        if cap is not None and req.min_tokens > cap:
+            raise bad("min_tokens", f"{req.min_tokens} is larger than max_tokens ({cap})")
+    if req.n is not None and req.n < 1:
+        raise bad("n", f"{req.n}; it must be at least 1")
+    if req.seed is not None and not _SEED_MIN <= req.seed <= _SEED_MAX:
+        raise bad("seed", f"{req.seed} is outside [-2**63, 2**64)")
+    stop = [req.stop] if isinstance(req.stop, str) else req.stop
+    if stop is not None:
+        if len(stop) > MAX_STOP_STRINGS:
+            raise bad("stop", f"{len(stop)} stop strings; at most {MAX_STOP_STRINGS}")
+        if any(s == "" for s in stop):
+            raise bad("stop", "stop strings must be non-empty")
+        if any(len(s) > MAX_STOP_STRING_CHARS for s in stop):
+            raise bad("stop", f"a stop string is longer than {MAX_STOP_STRING_CHARS} characters")
+    if req.stop_token_ids is not None:
+        if len(req.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise bad(
+                "stop_token_ids", f"{len(req.stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS}"
+            )
+        if any(t < 0 for t in req.stop_token_ids):
+            raise bad("stop_token_ids", "token ids must be >= 0")
+    for name in ("presence_penalty", "frequency_penalty"):
+        v = getattr(req, name)
+        if v is not None and not -2.0 <= v <= 2.0:
+            raise bad(name, f"{v} is not in [-2, 2]")
+    if req.repetition_penalty is not None and not 0.0 < req.repetition_penalty <= 10.0:
+        raise bad("repetition_penalty", f"{req.repetition_penalty} is not in (0, 10]")
+    if req.min_p is not None and not 0.0 <= req.min_p <= 1.0:
+        raise bad("min_p", f"{req.min_p} is not in [0, 1]")
+    if req.logit_bias:
+        if len(req.logit_bias) > MAX_LOGIT_BIAS:
+            raise bad("logit_bias", f"{len(req.logit_bias)} entries; at most {MAX_LOGIT_BIAS}")
+        for k, v in req.logit_bias.items():
+            if not k.isdigit():
+                raise bad("logit_bias", f"{k!r} is not a token id")
+            if not -100.0 <= v <= 100.0:
+                raise bad("logit_bias", f"the bias {v} of token {k} is not in [-100, 100]")
+    if req.allowed_token_ids is not None:
+        if not req.allowed_token_ids:
+            raise bad("allowed_token_ids", "an empty list allows no token")
+        if any(t < 0 for t in req.allowed_token_ids):
+            raise bad("allowed_token_ids", "token ids must be >= 0")
+    if req.bad_words:
+        if len(req.bad_words) > MAX_BAD_WORDS:
+            raise bad("bad_words", f"{len(req.bad_words)} words; at most {MAX_BAD_WORDS}")
+        if any(not w.strip() or len(w) > MAX_STOP_STRING_CHARS for w in req.bad_words):
+            raise bad(
+                "bad_words", f"each must be non-blank and at most {MAX_STOP_STRING_CHARS} chars"
+            )
+
+
+def message_text(m) -> str:
+    """A message's content as one string (text parts joined with newlines, as vLLM does)."""
+    if m.content is None:
+        return ""
+    if isinstance(m.content, str):
+        return m.content
+    return "\n".join(p.text or "" for p in m.content)
+
+
+_ROLES = ("system", "developer", "user", "assistant")
+
+
+def check_messages(req) -> None:
+    if not req.messages:
+        raise bad("messages", "it must be a non-empty list")
+    if req.continue_final_message:
+        if req.add_generation_prompt:
+            raise bad(
+                "continue_final_message",
+                "it cannot be true together with add_generation_prompt; set "
+                "add_generation_prompt to false",
+            )
+        if req.messages[-1].role != "assistant":
+            raise bad("continue_final_message", "the last message must be the assistant's")
+    for i, m in enumerate(req.messages):
+        where = f"messages[{i}]"
+        if m.role not in _ROLES:
+            hint = " (tools are not implemented)" if m.role == "tool" else ""
+            raise AdmissionError(
+                f"Invalid '{where}.role': {m.role!r}; expected one of {', '.join(_ROLES)}{hint}",
+                f"{where}.role",
+                "invalid_value",
+            )
+        if m.tool_calls or m.function_call is not None or m.tool_call_id is not None:
+            raise _unsupported(
+                f"{where}.tool_calls",
+                m.tool_calls or m.function_call or m.tool_call_id,
+                "tool calling is not implemented",
+            )
+        if m.audio is not None:
+            raise _unsupported(f"{where}.audio", m.audio, "audio is not implemented")
+        if m.content is None and m.role != "assistant":
+            raise AdmissionError(
+                f"Invalid '{where}.content': a {m.role} message needs content",
+                f"{where}.content",
+                "invalid_value",
+            )
+        if isinstance(m.content, list):
+            for j, p in enumerate(m.content):
+                pw = f"{where}.content[{j}]"
+                if p.type != "text":
+                    raise _unsupported(f"{pw}.type", p.type, "only text content parts")
+                if p.text is None:
+                    raise AdmissionError(
+                        f"Invalid '{pw}': a text part needs 'text'",
+                        f"{pw}.text",
+                        "missing_required_parameter",
+                    )
+
+
+def requested_max_tokens(req) -> int | None:
+    """The completion length the client asked for (max_completion_tokens first), if any."""
+    return getattr(req, "max_completion_tokens", None) or req.max_tokens
+
+
+# What each implemented field does here, and why each ignored one may be: with the
+# policy tables above, the request-field reference (docs/request-fields.md,
+# tools/request_fields.py) is generated from these.
+SUPPORTED = {
+    "model": "must name the served model (`router.model_name`); any other is a 404 "
+    "`model_not_found`",
+    "messages": "roles system, developer (templated as system), user, assistant; string "
+    "content or text parts",
+    "prompt": "a string, token ids, or a one-element list of either",
+    "max_tokens": "clamped to the room left in `model.max_model_len` (a 400 with "
+    "`router.strict_max_tokens`); default `router.default_max_tokens`",
+    "max_completion_tokens": "as `max_tokens`, which it takes precedence over",
+    "temperature": "[0, 2]; below 1e-5 greedy",
+    "top_p": "(0, 1]",
+    "top_k": "-1 or 0: off",
+    "seed": "a generator per request: the same seed gives the same text, across a migration too",
+    "stop": f"at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_STRING_CHARS} characters, "
+    "cut exactly by the router",
+    "stop_token_ids": f"at most {MAX_STOP_TOKEN_IDS} ids of the vocabulary",
+    "stream": "server-sent events; the first chunk goes out with the first token",
+    "stream_options": "`include_usage`; `include_obfuscation` ignored",
+    "ignore_eos": "vLLM's",
+    "min_tokens": "vLLM's: EOS and `stop_token_ids` banned before it",
+    "skip_special_tokens": "vLLM's",
+    "include_stop_str_in_output": "vLLM's",
+    "cache_salt": "vLLM's: prompts share cached prefix blocks only under the same salt",
+    "presence_penalty": "[-2, 2], on output tokens, as OpenAI and vLLM define it",
+    "frequency_penalty": "[-2, 2], per occurrence in the output, as OpenAI and vLLM define it",
+    "repetition_penalty": "vLLM's (0, 10]: on prompt and output tokens, as Hugging Face's",
+    "min_p": "vLLM's [0, 1]: after temperature, before top-k and top-p",
+    "logit_bias": f"token id (a string) -> bias in [-100, 100], at most {MAX_LOGIT_BIAS}",
+    "allowed_token_ids": "vLLM's: only these ids may be sampled",
+    "bad_words": f"vLLM's: at most {MAX_BAD_WORDS} words, each never completed (with and "
+    "without a leading space)",
+    "echo": "the prompt's text before the completion",
+    "add_generation_prompt": "vLLM's; default true (false with `continue_final_message`)",
+    "continue_final_message": "vLLM's: completes the last (assistant) message in place",
+    "chat_template_kwargs": "vLLM's: variables for the model's chat template, not its own "
+    "arguments",
+    "tool_choice": '"none", or "auto" without tools (tool calls are not implemented)',
+}
+IGNORED = {
+    "user": "an end-user id for the provider's abuse tracking",
+    "service_tier": "one tier here",
+    "metadata": "stored completions are not kept",
+    "store": "stored completions are not kept",
+    "parallel_tool_calls": "tool calls are not implemented (tools are a 400)",
+    "priority": "vLLM's priority scheduling; requests are served in arrival order",
+    "request_id": "vLLM's; the router names each request itself (`pdcluster-request-id`)",
+    "guided_decoding_backend": "guided decoding is not implemented (its fields are a 400)",
+    "prediction": "predicted outputs only speed up a provider; the text is the same",
+    "prompt_cache_key": "a routing hint; prefix caching is automatic",
+    "prompt_cache_options": "a routing hint; prefix caching is automatic",
+    "prompt_cache_retention": "a routing hint; prefix caching is automatic",
+    "reasoning_effort": "for reasoning models; this one does not reason",
+    "verbosity": "for reasoning models; this one does not reason",
+    "safety_identifier": "an end-user id for the provider's abuse tracking",
+}
