@@ -30,10 +30,18 @@ from cluster.protocol import (
 )
 from wire.sampling_params import SamplingParams
 
-# apply_chat_template's own parameters: never template variables from a request.
-_TEMPLATE_PARAMETERS = frozenset(
-    inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters
-) - {"kwargs", "self"}
+# What a chat template gets from Hugging Face itself, never template variables from a
+# request: apply_chat_template's own parameters, what it passes to the template (the
+# messages, raise_exception, strftime_now) and the tokenizer's special tokens.
+_TEMPLATE_PARAMETERS = (
+    frozenset(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters)
+    - {"kwargs", "self"}
+) | {
+    "messages",
+    "raise_exception",
+    "strftime_now",
+    *PreTrainedTokenizerBase.SPECIAL_TOKENS_ATTRIBUTES,
+}
 
 # Below this a temperature is treated as greedy (as vLLM does): dividing logits by
 # ~0 overflows.
@@ -142,7 +150,7 @@ def to_sampling_params(
         repetition_penalty=float(req.repetition_penalty or 1.0),
         min_p=float(req.min_p or 0.0),
         logit_bias={int(k): float(v) for k, v in (req.logit_bias or {}).items()},
-        allowed_token_ids=list(req.allowed_token_ids or []),
+        allowed_token_ids=sorted(set(req.allowed_token_ids or [])),
         bad_words_ids=list(bad_words_ids or []),
     )
 
@@ -293,6 +301,16 @@ class Admission:
             )
         except jinja2.TemplateSyntaxError:
             raise  # the model's template is broken: a server error
+        except (TypeError, ValueError, RecursionError) as e:
+            if not (kwargs or req.continue_final_message):
+                raise  # the model's template fails on plain messages: a server error
+            # The request's template variables or continue_final_message broke it.
+            raise AdmissionError(
+                f"The model's chat template could not render the request: "
+                f"{type(e).__name__}: {str(e)[:200]}",
+                "chat_template_kwargs" if kwargs else "continue_final_message",
+                "invalid_value",
+            ) from None
         except jinja2.TemplateError as e:  # it refused these messages (raise_exception)
             raise AdmissionError(
                 f"The model's chat template refused the messages: {e}",
@@ -336,6 +354,13 @@ class Admission:
         """vLLM's `POST /detokenize`: the text of token ids."""
         req = parse_detokenize(body)
         check_model(req.model, self.cfg.served_model_name)
+        if len(req.tokens) > self.cfg.model.max_model_len:
+            raise AdmissionError(
+                f"Invalid 'tokens': {len(req.tokens)} ids; at most the model's context, "
+                f"{self.cfg.model.max_model_len}",
+                "tokens",
+                "invalid_value",
+            )
         bad = [t for t in req.tokens if t >= self.vocab_size]
         if bad:
             raise AdmissionError(

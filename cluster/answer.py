@@ -59,14 +59,17 @@ async def merged(runs: list[AsyncIterator]) -> AsyncIterator[tuple[int, str, str
     done = object()
 
     async def pump(i: int, run: AsyncIterator) -> None:
+        end: object = done
         try:
             async for item in run:
                 queue.put_nowait((i, item))
-            queue.put_nowait((i, done))
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as e:  # the merge ends the pumps, or the run ended so
+            end = e
             raise
         except Exception as e:  # noqa: BLE001 - ends the whole answer
-            queue.put_nowait((i, e))
+            end = e
+        finally:
+            queue.put_nowait((i, end))  # always an end: the merge never waits on a run gone
 
     tasks = [asyncio.ensure_future(pump(i, run)) for i, run in enumerate(runs)]
     try:

@@ -20,9 +20,12 @@ def load_keys(cfg: RouterConfig) -> list[bytes]:
     path = cfg.api_keys_file or os.environ.get(KEYS_FILE_ENV)
     if path:
         lines = Path(path).read_text().splitlines()
-        keys += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-        if not keys:
+        from_file = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        if not from_file:
             raise ValueError(f"API keys file {path} holds no key")
+        if any(len(k) < 8 for k in from_file):
+            raise ValueError(f"API keys file {path}: every key must be at least 8 characters")
+        keys += from_file
     return [k.encode() for k in keys]
 
 

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import msgspec
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError, TaskCancelledError
 
 from cluster.config import RouterConfig
 from cluster.detokenizer import IncrementalDetokenizer, StopChecker
@@ -136,7 +136,9 @@ class Lifecycle:
                 if reason is not None:
                     outcome = "ok"
                     break
-        except (asyncio.CancelledError, GeneratorExit):
+        except (asyncio.CancelledError, GeneratorExit, TaskCancelledError):
+            # The client left: Serve cancels this task, and Ray the calls it made, in
+            # either order (a call's TaskCancelledError can arrive first).
             outcome = "cancelled"
             raise
         except TimeoutError:

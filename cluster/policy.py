@@ -166,8 +166,8 @@ def check_ranges(req) -> None:
         if len(req.logit_bias) > MAX_LOGIT_BIAS:
             raise bad("logit_bias", f"{len(req.logit_bias)} entries; at most {MAX_LOGIT_BIAS}")
         for k, v in req.logit_bias.items():
-            if not k.isdigit():
-                raise bad("logit_bias", f"{k!r} is not a token id")
+            if not (k.isascii() and k.isdigit() and len(k) <= 9):
+                raise bad("logit_bias", f"{k[:20]!r} is not a token id")
             if not -100.0 <= v <= 100.0:
                 raise bad("logit_bias", f"the bias {v} of token {k} is not in [-100, 100]")
     if req.allowed_token_ids is not None:

@@ -189,3 +189,20 @@ class AdmissionError(Exception):
             f"AdmissionError({self.message!r}, param={self.param!r}, code={self.code!r}, "
             f"status={self.status})"
         )
+
+
+IGNORED_HEADER_CHARS = 1024
+
+
+def ignored_fields_header(names: tuple[str, ...]) -> str:
+    """Field names as one header value: printable ASCII only (they come from the client),
+    at most IGNORED_HEADER_CHARS, with how many there were when some are left out."""
+    kept: list[str] = []
+    for n in names:
+        if n.isascii() and n.isprintable() and "," not in n:
+            if len(", ".join([*kept, n])) > IGNORED_HEADER_CHARS - 32:
+                break
+            kept.append(n)
+    if len(kept) < len(names):
+        kept.append(f"... ({len(names)} in all)")
+    return ", ".join(kept)

@@ -74,12 +74,11 @@ def _resolve_model_here(cfg: Config) -> str:
 
 # Note: Serve's ingress pickles the Router class when it is decorated, so every
 # module-level name its methods use must be defined above the class.
-app = FastAPI(title="pdcluster", docs_url=None, redoc_url=None)
+app = FastAPI(title="pdcluster", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 ROUTER_HEADER = "pdcluster-router"  # on every completion response: the replica that served it
 IGNORED_HEADER = "pdcluster-ignored-fields"  # the request's unknown fields, ignored
-_IGNORED_HEADER_CHARS = 1024
 
 
 class EventStream(StreamingResponse):
@@ -111,17 +110,6 @@ def _error(
     status: int, message: str, type_: str, code: str | None = None, headers: dict | None = None
 ) -> Response:
     return _json(responses.error_body(message, type_, None, code), status, headers)
-
-
-def _ignored_header(names: tuple[str, ...]) -> str:
-    """Field names as one header value: printable ASCII only (they come from the client),
-    cut to _IGNORED_HEADER_CHARS."""
-    shown = [n for n in names if n.isascii() and n.isprintable() and "," not in n]
-    value = ", ".join(shown)
-    if len(value) > _IGNORED_HEADER_CHARS or len(shown) < len(names):
-        value = value[: _IGNORED_HEADER_CHARS - 32].rsplit(",", 1)[0]
-        value += f", ... ({len(names)} in all)"
-    return value
 
 
 @serve.deployment(
@@ -281,15 +269,10 @@ class Router:
 
     async def _off_loop(self, request: Request, work) -> Response:
         """A small request answered by `work(body)` on an admission thread."""
-        if (refused := self._refused(request)) is not None:
+        if (refused := self._refused(request) or self._queue_full()) is not None:
             return refused
         try:
-            body = await asyncio.wait_for(
-                self.admission.read_body(request), self.cfg.router.body_timeout_s
-            )
-            out = await asyncio.get_running_loop().run_in_executor(
-                self._admission_threads, work, body
-            )
+            out = await self._admitted(request, work)
         except AdmissionError as e:
             return _json(e.to_json(), e.status)
         except Exception as e:  # noqa: BLE001 - in OpenAI's shape, logged
@@ -314,22 +297,27 @@ class Router:
 
     # ---- a completion request -------------------------------------------
 
-    async def _handle(self, request: Request, chat: bool) -> Response:
-        if (refused := self._refused(request)) is not None:
-            return refused
-        # The queue check comes first: a full router spends nothing on the request.
+    def _queue_full(self, more: int = 1) -> Response | None:
+        """429 when `more` requests would pass router.max_queued (those in flight and
+        those being admitted): checked first, so a full router spends nothing."""
         r = self.cfg.router
         queued = len(self.lifecycle.requests) + self._admitting
-        if queued >= r.max_queued:
-            return _error(
-                429,
-                f"{queued} requests in flight, the limit is {r.max_queued}; retry later",
-                "rate_limit_error",
-                "queue_full",
-                headers={"Retry-After": "1", ROUTER_HEADER: self.replica_id},
-            )
-        self._admitting += 1  # holds a slot while it is read and admitted
-        rid = uuid.uuid4().hex
+        if queued + more <= r.max_queued:
+            return None
+        return _error(
+            429,
+            f"{queued} requests in flight, the limit is {r.max_queued}; retry later",
+            "rate_limit_error",
+            "queue_full",
+            headers={"Retry-After": "1", ROUTER_HEADER: self.replica_id},
+        )
+
+    async def _admitted(self, request: Request, work):
+        """`work(body)` on an admission thread, never on this event loop (other streams,
+        /health and the watchdog), the body read within its bounds, holding a queue
+        slot meanwhile. Raises AdmissionError."""
+        r = self.cfg.router
+        self._admitting += 1
         try:
             try:
                 body = await asyncio.wait_for(self.admission.read_body(request), r.body_timeout_s)
@@ -339,30 +327,37 @@ class Router:
                     code="request_timeout",
                     status=408,
                 ) from None
-            # Parsing, chat templating and tokenizing run on a small pool of threads,
-            # never on this event loop (other streams, /health and the watchdog).
-            admitted = await asyncio.get_running_loop().run_in_executor(
-                self._admission_threads, self.admission.admit, body, chat
+            return await asyncio.get_running_loop().run_in_executor(
+                self._admission_threads, work, body
             )
+        finally:
+            self._admitting -= 1
+
+    async def _handle(self, request: Request, chat: bool) -> Response:
+        if (refused := self._refused(request) or self._queue_full()) is not None:
+            return refused
+        r = self.cfg.router
+        rid = uuid.uuid4().hex
+        try:
+            admitted = await self._admitted(request, lambda body: self.admission.admit(body, chat))
         except AdmissionError as e:
             return _json(e.to_json(), e.status)
         except Exception as e:  # noqa: BLE001 - never a bare 500: logged, in OpenAI's shape
             return self._failure(e, rid)
-        finally:
-            self._admitting -= 1
         # The slots are taken now, before any await, so a burst cannot overrun
         # max_queued. Each lifecycle's finally gives its slot back; a generator that is
         # dropped unstarted (client gone before the body) gives it back when collected.
         req, choices = admitted.request, admitted.choices
-        if len(choices) > 1 and len(self.lifecycle.requests) + len(choices) > r.max_queued:
-            return _error(
-                429,
-                f"{len(choices)} prompts do not fit the {r.max_queued} requests a router "
-                "replica queues; retry later or send fewer",
-                "rate_limit_error",
-                "queue_full",
-                headers={"Retry-After": "1", ROUTER_HEADER: self.replica_id},
+        if len(choices) > r.max_queued:
+            e = AdmissionError(
+                f"Invalid 'prompt': {len(choices)} prompts, more than the {r.max_queued} "
+                "requests a router replica queues (router.max_queued)",
+                "prompt",
+                "invalid_value",
             )
+            return _json(e.to_json(), e.status)
+        if len(choices) > 1 and (full := self._queue_full(len(choices))) is not None:
+            return full
         states, runs = [], []
         for i, choice in enumerate(choices):
             state = self.lifecycle.admit(
@@ -374,7 +369,7 @@ class Router:
             runs.append(events)
         headers = {"pdcluster-request-id": rid, ROUTER_HEADER: self.replica_id}
         if admitted.ignored:
-            headers[IGNORED_HEADER] = _ignored_header(admitted.ignored)
+            headers[IGNORED_HEADER] = responses.ignored_fields_header(admitted.ignored)
             log.debug("request %s: unknown fields ignored: %s", rid, headers[IGNORED_HEADER])
         answer = Answer(rid, chat, states, [c.echo for c in choices])
         if req.stream:

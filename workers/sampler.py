@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 
@@ -67,6 +68,8 @@ def sample(
                 _process_row(logits[i], s, vocab)
             except SampleError as e:
                 out[i] = e
+            except Exception as e:  # noqa: BLE001 - one sequence fails, never the batch
+                out[i] = SampleError(f"logits processing failed: {type(e).__name__}: {e}")
     greedy = None
     if any(s.params.temperature == 0.0 for s in seqs):
         # max() is argmax (first index on ties) at less than half argmax's cost on CPU.
@@ -101,30 +104,50 @@ def _processes(p) -> bool:
 def _process_row(row: torch.Tensor, s: Sequence, vocab: int) -> None:
     """vLLM's logits processing for one sequence, in place, in vLLM's order: allowed
     token ids, bad words, logit bias, then the repetition, frequency and presence
-    penalties. Whole-vocabulary tensor operations; ids are checked against the
-    vocabulary first (an out-of-range index is a device assert on CUDA)."""
-    p = s.params
-    ids = [*p.allowed_token_ids, *p.logit_bias, *(t for w in p.bad_words_ids for t in w)]
-    if any(not 0 <= t < vocab for t in ids):
-        raise SampleError(f"token ids outside the vocabulary [0, {vocab})", 400)
+    penalties. Whole-vocabulary tensor operations on the logits' device; what depends
+    only on the request (masks, bias) is built once per sequence, and the seen and
+    count vectors are kept up to date with each new token (`s.sampling_cache`). Ids are
+    checked against the vocabulary first (out of range is a device assert on CUDA)."""
+    p, c, dev = s.params, s.sampling_cache, row.device
+    if "ids_ok" not in c:
+        ids = [*p.allowed_token_ids, *p.logit_bias, *(t for w in p.bad_words_ids for t in w)]
+        if any(not 0 <= t < vocab for t in ids):
+            raise SampleError(f"token ids outside the vocabulary [0, {vocab})", 400)
+        c["ids_ok"] = True
     if p.allowed_token_ids:
-        keep = torch.zeros(vocab, dtype=torch.bool)
-        keep[p.allowed_token_ids] = True
-        row.masked_fill_(~keep, float("-inf"))
+        if "blocked" not in c:
+            blocked = torch.ones(vocab, dtype=torch.bool, device=dev)
+            blocked[torch.tensor(p.allowed_token_ids, device=dev)] = False
+            c["blocked"] = blocked
+        row.masked_fill_(c["blocked"], float("-inf"))
     output = s.token_ids[s.num_prompt_tokens :]
     banned = [w[-1] for w in p.bad_words_ids if len(w) == 1 or output[-(len(w) - 1) :] == w[:-1]]
     if banned:
-        row[banned] = float("-inf")
+        row[torch.tensor(banned, device=dev)] = float("-inf")
     if p.logit_bias:
-        row[list(p.logit_bias)] += torch.tensor(list(p.logit_bias.values()), dtype=row.dtype)
+        if "bias" not in c:
+            c["bias"] = (
+                torch.tensor(list(p.logit_bias), device=dev),
+                torch.tensor(list(p.logit_bias.values()), dtype=row.dtype, device=dev),
+            )
+        row.index_add_(0, *c["bias"])
     if p.repetition_penalty != 1.0:
-        seen = torch.zeros(vocab, dtype=torch.bool)
-        seen[s.token_ids] = True
+        seen, n = c.get("seen", (torch.zeros(vocab, dtype=torch.bool, device=dev), 0))
+        if n < len(s.token_ids):
+            seen[torch.tensor(s.token_ids[n:], device=dev)] = True
+        c["seen"] = (seen, len(s.token_ids))
         r = p.repetition_penalty
         row.copy_(torch.where(seen, torch.where(row > 0, row / r, row * r), row))
     if (p.frequency_penalty or p.presence_penalty) and output:
-        counts = torch.bincount(torch.tensor(output), minlength=vocab)[:vocab].to(row.dtype)
+        counts, n = c.get("counts", (torch.zeros(vocab, dtype=row.dtype, device=dev), 0))
+        if n < len(output):
+            new = torch.tensor(output[n:], device=dev)
+            counts.index_add_(0, new, torch.ones(len(new), dtype=row.dtype, device=dev))
+        c["counts"] = (counts, len(output))
         row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+    top = float(row.max())
+    if not math.isfinite(top):  # all banned (-inf), or a penalty overflowed (+inf)
+        raise SampleError("the sampling parameters leave no token that can be sampled", 400)
 
 
 def apply_min_p(row: torch.Tensor, min_p: float) -> torch.Tensor:
@@ -152,7 +175,9 @@ def _sample_row(row: torch.Tensor, s: Sequence) -> int:
         raise SampleError("the logits left no finite probability to sample from")
     generator = None
     if p.seed is not None:  # the draw for output token k depends on (seed, k) alone
+        # On the CPU, with a CPU generator: the same draw whatever device each tier uses.
         generator = torch.Generator().manual_seed(draw_seed(p.seed, s.num_output))
+        probs = probs.cpu()
     return int(torch.multinomial(probs, 1, generator=generator))
 
 

@@ -44,6 +44,8 @@ class Sequence:
         # Set when first scheduled: seconds it waited, and prompt tokens found cached.
         self.queued_s: float | None = None
         self.cached_tokens = 0
+        # The sampler's per-sequence state (masks, seen tokens, counts): workers/sampler.py.
+        self.sampling_cache: dict = {}
 
     @property
     def num_tokens(self) -> int:

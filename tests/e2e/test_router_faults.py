@@ -360,10 +360,17 @@ def test_frozen_decode_is_detected_and_its_streams_migrate(cluster):
 
 
 def test_no_healthy_prefill_falls_back_to_decode_local_prefill(cluster):
-    body = chat(
+    """Decode prefills itself when no prefill replica is healthy: the same text as the
+    disaggregated path, greedy and seeded, with the penalties and min_p (computed there
+    by decode alone from the same tokens)."""
+    plain = chat(
         "fallback please", max_tokens=24, temperature=0, ignore_eos=True, skip_special_tokens=False
     )
-    want = httpx.post(f"{cluster.url}/v1/chat/completions", timeout=30, json=body).json()
+    knobs = {"repetition_penalty": 1.3, "frequency_penalty": 0.8, "presence_penalty": 0.4}
+    bodies = [plain, plain | knobs, plain | knobs | {"temperature": 0.9, "seed": 7, "min_p": 0.05}]
+    want = [
+        httpx.post(f"{cluster.url}/v1/chat/completions", timeout=30, json=b).json() for b in bodies
+    ]
     pids = [ray.get(g.leader.ready.remote(), timeout=30)["pid"] for g in cluster.prefill]
     before = metric(cluster.url, 'pdcluster_retries_total{reason="decode_local"}')
     for pid in pids:
@@ -373,17 +380,16 @@ def test_no_healthy_prefill_falls_back_to_decode_local_prefill(cluster):
         while httpx.get(f"{cluster.url}/health", timeout=5).json()["prefill_healthy"] > 0:
             assert time.monotonic() < deadline, "frozen prefill workers not detected"
             time.sleep(0.1)
-        got = httpx.post(f"{cluster.url}/v1/chat/completions", timeout=30, json=body)
+        got = [httpx.post(f"{cluster.url}/v1/chat/completions", timeout=30, json=b) for b in bodies]
     finally:
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGCONT)
             except ProcessLookupError:
                 pass  # killed by the watchdog and restarted by Ray
-    assert got.status_code == 200, got.text
-    assert (
-        got.json()["choices"][0]["message"]["content"] == want["choices"][0]["message"]["content"]
-    )
+    for g, w in zip(got, want, strict=True):
+        assert g.status_code == 200, g.text
+        assert g.json()["choices"][0]["message"]["content"] == w["choices"][0]["message"]["content"]
     metric_above(cluster.url, 'pdcluster_retries_total{reason="decode_local"}', before)
     wait_healthy(cluster.url)
     assert_idle(cluster.url)

@@ -140,3 +140,28 @@ def test_a_batch_of_prompts_is_one_choice_each_with_its_own_length_budget(adm):
     assert ei.value.param == "prompt"
     with pytest.raises(AdmissionError):
         adm.admit(json.dumps({**body, "prompt": ["ok", ""]}).encode(), False)
+
+
+def test_client_input_that_breaks_the_template_or_ids_is_a_400_never_a_500(adm):
+    """Template variables that collide with what Hugging Face passes the template
+    (messages, raise_exception, the special tokens), a logit_bias key that is not a
+    plain token id, and a /detokenize list longer than the context: each a 400."""
+    for kwargs in ({"messages": []}, {"raise_exception": "x"}, {"bos_token": 5}):
+        with pytest.raises(AdmissionError) as ei:
+            adm.admit(chat([USER], chat_template_kwargs=kwargs), True)
+        assert ei.value.status == 400 and ei.value.param == "chat_template_kwargs", kwargs
+    deep: dict = {}
+    for _ in range(800):
+        deep = {"a": deep}
+    with pytest.raises(AdmissionError) as ei:
+        adm.admit(chat([USER], chat_template_kwargs={"x": deep}), True)
+    assert ei.value.status == 400
+    for key in ("²", "1" * 5000, "-1"):
+        with pytest.raises(AdmissionError) as ei:
+            adm.admit(chat([USER], logit_bias={key: 1}), True)
+        assert ei.value.param == "logit_bias"
+    with pytest.raises(AdmissionError) as ei:
+        adm.detokenize_body(json.dumps({"tokens": [1] * 513}).encode())
+    assert ei.value.param == "tokens"
+    ok = adm.admit(chat([USER], allowed_token_ids=[7] * 1000 + [3]), True)
+    assert ok.choices[0].params.allowed_token_ids == [3, 7]  # each id once

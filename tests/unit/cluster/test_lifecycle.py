@@ -85,6 +85,7 @@ class FakeDecode:
     def __init__(self, model: list[int], step_s: float = 0.005):
         self.model, self.step_s = model, step_s
         self.fail_pulls, self.die_after, self.refuse = 0, None, False
+        self.refuse_with: BaseException | None = None
         self.sequences: set[str] = set()
         self.streams: dict[str, asyncio.Queue] = {}
         self.outputs = _Method(self._outputs)
@@ -114,6 +115,8 @@ class FakeDecode:
         self.started.append((attempt_id, self.model[: n - 1]))
         if self.refuse:
             raise SequenceFailed("every token banned", 400)
+        if self.refuse_with is not None:
+            raise self.refuse_with
         self.sequences.add(attempt_id)
         try:
             sent = 0
@@ -292,6 +295,15 @@ async def _sequence_failed(c: Cluster):
     await c.complete()
 
 
+async def _ray_cancelled_first(c: Cluster):
+    """Ray's TaskCancelledError from a worker call, before asyncio's cancellation."""
+    from ray.exceptions import TaskCancelledError
+
+    for d in c.decodes:
+        d.refuse_with = TaskCancelledError()
+    await c.complete()
+
+
 async def _cancelled(c: Cluster):
     task = asyncio.create_task(c.complete())
     await asyncio.sleep(0.08)
@@ -306,6 +318,7 @@ async def _cancelled(c: Cluster):
         ("deadline", TimeoutError),
         ("sequence-failed", SequenceFailed),
         ("task-cancelled", asyncio.CancelledError),
+        ("ray-cancelled-first", Exception),
     ],
 )
 def test_every_exit_path_releases_everything(tok, exit_path, raises):
@@ -315,6 +328,7 @@ def test_every_exit_path_releases_everything(tok, exit_path, raises):
         "deadline": _past_its_deadline,
         "sequence-failed": _sequence_failed,
         "task-cancelled": _cancelled,
+        "ray-cancelled-first": _ray_cancelled_first,
     }[exit_path]
     if raises is None:
         run(c, body)
@@ -322,3 +336,5 @@ def test_every_exit_path_releases_everything(tok, exit_path, raises):
         with pytest.raises(raises):
             run(c, body)
     assert c.held() == NOTHING
+    if exit_path in ("client-leaves", "task-cancelled", "ray-cancelled-first"):
+        assert c.metrics.requests.labels("cancelled")._value.get() == 1  # not an error

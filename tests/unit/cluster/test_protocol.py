@@ -560,3 +560,14 @@ def test_an_unknown_field_nested_too_deeply_is_a_400_not_a_crash():
         with pytest.raises(protocol.AdmissionError) as ei:
             protocol.parse_chat(raw)
         assert ei.value.status == 400 and "nested" in ei.value.message
+
+
+def test_the_ignored_fields_header_is_bounded_and_carries_only_printable_ascii():
+    """Field names come from the client: none may smuggle a header line or an unbounded
+    value; what is left out is counted."""
+    assert responses.ignored_fields_header(("top_a", "mirostat")) == "top_a, mirostat"
+    assert responses.ignored_fields_header(("foo", "bär")) == "foo, ... (2 in all)"
+    evil = responses.ignored_fields_header(("a\r\nX-Evil: 1",))
+    assert "\r" not in evil and "\n" not in evil
+    many = responses.ignored_fields_header(tuple(f"f{i}" for i in range(5000)))
+    assert len(many) <= responses.IGNORED_HEADER_CHARS and many.endswith("(5000 in all)")

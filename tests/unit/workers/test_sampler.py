@@ -195,3 +195,33 @@ def test_greedy_takes_the_argmax_after_processing_and_bad_ids_fail_alone():
     out = sample(x2.clone(), [bad, ok], EOS)
     assert isinstance(out[0], SampleError) and out[0].status == 400
     assert out[1] == int(x2[1].argmax())
+
+
+def test_options_that_leave_nothing_to_sample_fail_that_sequence_with_a_400():
+    """allowed_token_ids = [EOS] while min_tokens bans EOS, or a repetition penalty so
+    small the logits overflow: a 400 for that sequence, greedy or sampled, never the
+    argmax of a row of -inf (it returned the banned EOS) and never a 500."""
+    for extra in ({"temperature": 0.0}, {"temperature": 0.9, "seed": 1}):
+        bad = seq(allowed_token_ids=[EOS[0]], min_tokens=3, **extra)
+        huge = seq([9], repetition_penalty=1e-300, **extra)
+        out = sample(logits(3, seed=8), [bad, huge, seq(**extra)], EOS)
+        assert isinstance(out[0], SampleError) and out[0].status == 400, out
+        assert isinstance(out[1], SampleError) and out[1].status == 400, out
+        assert isinstance(out[2], int)
+
+
+def test_the_kept_counts_equal_a_fresh_count_as_the_output_grows():
+    """Seen tokens and counts are kept per sequence and updated with each new token:
+    the same logits as computing them afresh at every length."""
+    from workers.sampler import _process_row
+
+    s = seq([], repetition_penalty=1.4, frequency_penalty=0.7, presence_penalty=0.2)
+    for tok in [9, 9, 30, 5, 9, 41]:
+        s.token_ids.append(tok)
+        x = logits(seed=tok)
+        kept = x[0].clone()
+        _process_row(kept, s, V)
+        fresh = seq(
+            s.token_ids[3:], repetition_penalty=1.4, frequency_penalty=0.7, presence_penalty=0.2
+        )
+        assert torch.equal(kept, _processed(fresh, x))
