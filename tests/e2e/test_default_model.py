@@ -70,7 +70,8 @@ def test_greedy_equals_hf_generate(cluster, hf):
 def test_short_prompts_prefill_on_decode_and_longer_ones_through_a_transfer(cluster, hf):
     """configs/local.yaml ships router.max_local_prefill_tokens on: a prompt within it is
     prefilled by the decode worker itself (no prefill worker, no transfer), a longer one by
-    the prefill worker with its KV pulled over NIXL. Both give HF's greedy tokens."""
+    the prefill worker with its KV pulled over NIXL. Both give HF's greedy tokens, with a
+    repetition penalty too."""
     limit = cluster.config.router.max_local_prefill_tokens
     assert limit > 0
     _, tok = hf
@@ -84,11 +85,11 @@ def test_short_prompts_prefill_on_decode_and_longer_ones_through_a_transfer(clus
     assert len(short) <= limit < len(long)
     n = 24
 
-    def ask(ids):
-        body = greedy_completion(ids, n, model="SmolLM2-135M-Instruct")
+    def ask(ids, **penalty):
+        body = greedy_completion(ids, n, model="SmolLM2-135M-Instruct", **penalty)
         r = httpx.post(f"{cluster.url}/v1/completions", json=body, timeout=120)
         assert r.status_code == 200, r.text
-        want = tok.decode(hf_greedy(hf, ids, n), skip_special_tokens=False)
+        want = tok.decode(hf_greedy(hf, ids, n, **penalty), skip_special_tokens=False)
         assert r.json()["choices"][0]["text"] == want
 
     local0 = metric(cluster.url, "pdcluster_local_prefills_total")
@@ -101,6 +102,11 @@ def test_short_prompts_prefill_on_decode_and_longer_ones_through_a_transfer(clus
     time.sleep(4 * cluster.config.router.health_period_s)  # a later poll: no second pull
     assert metric(cluster.url, "pdcluster_kv_transfer_seconds_count") == pulls0 + 1
     assert metric(cluster.url, "pdcluster_local_prefills_total") == local0 + 1
+    # A repetition penalty on both paths: decode alone computes it for the short prompt;
+    # prefill (token 1) and decode (the rest) for the long one. HF's, token for token.
+    ask(short, repetition_penalty=1.3)
+    ask(long, repetition_penalty=1.3)
+    assert metric(cluster.url, "pdcluster_local_prefills_total") == local0 + 2
     assert_idle(cluster.url)
 
 
