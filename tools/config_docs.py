@@ -8,18 +8,16 @@ bound and description, read from its msgspec type (`msgspec.inspect`).
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
-from pathlib import Path
 
 import msgspec
 from msgspec import inspect as mi
 
 from chaos.config import ChaosRunConfig
+from tools import ROOT, write_or_check
 
-ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "config.md"
 COMMAND = ".venv/bin/python -m tools.config_docs"
 
@@ -199,19 +197,7 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tools.config_docs", description=__doc__)
-    ap.add_argument("--check", action="store_true", help="exit 1 if docs/config.md differs")
-    args = ap.parse_args(argv)
-    text = render()
-    if args.check:
-        if not OUT.exists() or OUT.read_text() != text:
-            print(f"{OUT.relative_to(ROOT)} is out of date: run `{COMMAND}`", file=sys.stderr)
-            return 1
-        print(f"{OUT.relative_to(ROOT)}: up to date")
-        return 0
-    OUT.write_text(text)
-    print(f"wrote {OUT.relative_to(ROOT)}")
-    return 0
+    return write_or_check(OUT, render, COMMAND, argv, __doc__)
 
 
 if __name__ == "__main__":

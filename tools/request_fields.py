@@ -9,14 +9,12 @@ does with it (supported, ignored, or a 400), from the request structs
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
 from cluster import policy
 from cluster.protocol import ChatCompletionRequest, CompletionRequest
+from tools import ROOT, write_or_check
 
-ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "request-fields.md"
 COMMAND = ".venv/bin/python -m tools.request_fields"
 
@@ -68,19 +66,7 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="exit 1 when the file is stale")
-    args = ap.parse_args(argv)
-    text = render()
-    if args.check:
-        if not OUT.exists() or OUT.read_text() != text:
-            print(f"{OUT.relative_to(ROOT)}: out of date; run `{COMMAND}`", file=sys.stderr)
-            return 1
-        print(f"{OUT.relative_to(ROOT)}: up to date")
-        return 0
-    OUT.write_text(text)
-    print(f"wrote {OUT.relative_to(ROOT)}")
-    return 0
+    return write_or_check(OUT, render, COMMAND, argv, __doc__)
 
 
 if __name__ == "__main__":
