@@ -319,7 +319,7 @@ class Admission:
             ) from None
         return list(ids)
 
-    def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
+    def tokenize_prompt(self, prompt: str | list[int], special_tokens: bool = True) -> list[int]:
         """One completions prompt: token ids as given (checked), or a string's ids."""
         if isinstance(prompt, list):
             bad = [t for t in prompt if not 0 <= t < self.vocab_size]
@@ -331,7 +331,7 @@ class Admission:
                 )
             return list(prompt)
         self._refuse_untokenizable(len(prompt), chat=False)
-        return self.tokenizer.encode(prompt)
+        return self.tokenizer.encode(prompt, add_special_tokens=special_tokens)
 
     def tokenize_body(self, body: bytes) -> bytes:  # admission thread
         """vLLM's `POST /tokenize`: the ids a prompt (or chat messages, templated) is."""
@@ -340,10 +340,7 @@ class Admission:
         if req.messages is not None:
             ids = self.tokenize_chat(req)
         else:
-            self._refuse_untokenizable(len(req.prompt), chat=False)
-            ids = self.tokenizer.encode(
-                req.prompt, add_special_tokens=req.add_special_tokens is not False
-            )
+            ids = self.tokenize_prompt(req.prompt, req.add_special_tokens is not False)
         out = {"count": len(ids), "max_model_len": self.cfg.model.max_model_len, "tokens": ids}
         out["token_strs"] = (
             self.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None

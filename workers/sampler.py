@@ -62,14 +62,21 @@ def sample(
         cols += banned
     if rows:
         logits[rows, cols] = float("-inf")
+    processed = []
     for i, s in enumerate(seqs):
         if out[i] is None and _processes(s.params):
             try:
                 _process_row(logits[i], s, vocab)
+                processed.append(i)
             except SampleError as e:
                 out[i] = e
             except Exception as e:  # noqa: BLE001 - one sequence fails, never the batch
                 out[i] = SampleError(f"logits processing failed: {type(e).__name__}: {e}")
+    if processed:  # one read for them all (a device sync per row would cost a step)
+        tops = logits[processed].max(dim=-1).values.tolist()
+        for i, top in zip(processed, tops, strict=True):
+            if not math.isfinite(top):  # all banned (-inf), or a penalty overflowed (+inf)
+                out[i] = SampleError("the sampling parameters leave no token to sample", 400)
     greedy = None
     if any(s.params.temperature == 0.0 for s in seqs):
         # max() is argmax (first index on ties) at less than half argmax's cost on CPU.
@@ -145,9 +152,6 @@ def _process_row(row: torch.Tensor, s: Sequence, vocab: int) -> None:
             counts.index_add_(0, new, torch.ones(len(new), dtype=row.dtype, device=dev))
         c["counts"] = (counts, len(output))
         row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
-    top = float(row.max())
-    if not math.isfinite(top):  # all banned (-inf), or a penalty overflowed (+inf)
-        raise SampleError("the sampling parameters leave no token that can be sampled", 400)
 
 
 def apply_min_p(row: torch.Tensor, min_p: float) -> torch.Tensor:
