@@ -14,6 +14,7 @@ the first to the second.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import sys
@@ -181,8 +182,16 @@ def bench(
     endpoint: str = "/v1/completions",
     warmup: int = 4,
     requests: int = 0,
+    extras: list[dict] | None = None,
 ) -> dict:
-    """Measure every endpoint at every point; the report as a dict."""
+    """Measure every target at every point; the report as a dict. Target i is urls[i]
+    with extras[i] (fields added to every request body, e.g. logprobs or n), named by
+    its URL, and by the fields too when two targets share a URL."""
+    extras = extras or [{} for _ in urls]
+    names = [
+        f"{u} {json.dumps(x, separators=(',', ':'))}" if urls.count(u) > 1 and x else u
+        for u, x in zip(urls, extras, strict=True)
+    ]
     prompts, lengths = workload.prompts()
     base = LoadShape(
         prompts=prompts,
@@ -193,8 +202,10 @@ def bench(
         lengths=lengths,
         seed=workload.seed,
     )
-    for url in urls:  # one request each first: nothing is cold at the first point
-        warm = LoadShape(**{**base.__dict__, "concurrency": 1, "max_tokens": 4, "lengths": ()})
+    for url, extra in zip(urls, extras):  # one request each first: nothing is cold
+        warm = dataclasses.replace(
+            base, concurrency=1, max_tokens=4, lengths=(), body={**base.body, **extra}
+        )
         load = Load(url, warm).start()
         while load.done < warmup and time.time() - load.started_at < 120:
             time.sleep(0.1)
@@ -204,15 +215,17 @@ def bench(
         shape = LoadShape(**{**base.__dict__, "rate": x, "total": requests})
         order = list(enumerate(urls))
         if k % 2:
-            order.reverse()  # alternate which endpoint goes first
+            order.reverse()  # alternate which target goes first
         results = {}
         for j, url in order:
-            label = f"{'rate ' + format(x, 'g') if x else f'concurrency {concurrency}'} {url}"
-            records, wall = run_point(url, shape, duration_s, label[:28])
-            results[url] = summarize(records, wall, slo)
+            label = f"{'rate ' + format(x, 'g') if x else f'concurrency {concurrency}'} {names[j]}"
+            target = dataclasses.replace(shape, body={**shape.body, **extras[j]})
+            records, wall = run_point(url, target, duration_s, label[:28])
+            results[names[j]] = summarize(records, wall, slo)
+        results = {n: results[n] for n in names}  # in target order
         point = {"rate": x, "concurrency": concurrency, "results": results}
         if len(urls) == 2:
-            a, b = (results[u] for u in urls)
+            a, b = (results[n] for n in names)
             point["ratio"] = {
                 key: (a[key] / b[key] if b[key] else None)
                 for key in ("output_tok_s", "goodput", "request_throughput")
@@ -221,7 +234,7 @@ def bench(
     return {
         "cpu": cpu_model(),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "urls": urls,
+        "urls": names,
         "model": model,
         "endpoint": endpoint,
         "workload": asdict(workload),
@@ -308,10 +321,18 @@ def bench_main(args) -> int:
             raise ValueError("--rates must be > 0")
         if args.requests < 0:
             raise ValueError("--requests must be >= 0")
+        if args.compare and args.compare_extra is not None:
+            raise ValueError("--compare and --compare-extra each name the second target")
     except ValueError as e:
         print(f"pdcluster bench: {e}", file=sys.stderr)
         return 2
     urls = [args.url.rstrip("/")] + ([args.compare.rstrip("/")] if args.compare else [])
+    extras = [args.extra]
+    if args.compare_extra is not None:  # the same endpoint again, with other fields
+        urls.append(urls[0])
+        extras.append(args.compare_extra)
+    elif args.compare:
+        extras.append(args.extra)
     endpoint = "/v1/chat/completions" if args.endpoint == "chat" else "/v1/completions"
     report = bench(
         urls,
@@ -323,6 +344,7 @@ def bench_main(args) -> int:
         args.duration,
         endpoint,
         requests=args.requests,
+        extras=extras,
     )
     report["command"] = " ".join(["pdcluster", "bench", *sys.argv[2:]])
     out = Path(args.out)

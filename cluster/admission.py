@@ -18,7 +18,7 @@ import msgspec
 from transformers import PreTrainedTokenizerBase
 
 from cluster.config import Config
-from cluster.policy import message_text, requested_max_tokens
+from cluster.policy import logprobs_asked, message_text, requested_max_tokens
 from cluster.protocol import (
     AdmissionError,
     ChatCompletionRequest,
@@ -129,6 +129,7 @@ def to_sampling_params(
                 "max_completion_tokens" if chat and req.max_completion_tokens else "max_tokens",
             )
         max_tokens = room
+    logprobs, prompt_logprobs = logprobs_asked(req)
     temperature = 1.0 if req.temperature is None else float(req.temperature)
     if temperature < _GREEDY_EPS:
         temperature = 0.0
@@ -152,6 +153,8 @@ def to_sampling_params(
         logit_bias={int(k): float(v) for k, v in (req.logit_bias or {}).items()},
         allowed_token_ids=sorted(set(req.allowed_token_ids or [])),
         bad_words_ids=list(bad_words_ids or []),
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
     )
 
 

@@ -7,20 +7,42 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from cluster import responses
+from cluster.admission import Admitted
 from cluster.lifecycle import RequestState
+from cluster.logprobs import LogprobFormat, Piece
 
 
 class Answer:
     """What a request's answer gathers from its choices' lifecycles: text, finish
-    reason and token counts per choice, and the usage they add up to."""
+    reason, token counts and logprobs per choice, and the usage they add up to."""
 
-    def __init__(self, rid: str, chat: bool, states: list[RequestState], echo: list[str]):
-        self.rid, self.chat, self.states, self.echo = rid, chat, states, echo
+    def __init__(
+        self,
+        rid: str,
+        chat: bool,
+        states: list[RequestState],
+        admitted: Admitted,
+        fmt: LogprobFormat,
+    ):
+        req = admitted.request
+        self.rid, self.chat, self.states = rid, chat, states
+        self.fmt = fmt.for_request(bool(req.return_tokens_as_token_ids))
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{rid}"
-        self.text = list(echo)
+        self.choices_in = admitted.choices
+        self.echo = [c.echo for c in admitted.choices]
+        self.text = list(self.echo)
         self.reason: list[str | None] = [None] * len(states)
         self.n_out = [0] * len(states)
         self._started: set[int] = set()
+        # Top logprobs shown per token (None: no logprobs), and per prompt token (vLLM's
+        # prompt_logprobs); a completion's echo with logprobs shows the prompt's first.
+        self.k = (req.top_logprobs or 0) if chat else req.logprobs
+        if chat and not req.logprobs:
+            self.k = None
+        self.prompt_k = req.prompt_logprobs
+        self.echo_logprobs = not chat and bool(req.echo) and req.logprobs is not None
+        self.pieces: list[list[Piece]] = [[] for _ in states]  # output logprobs so far
+        self.offset = [0] * len(states)  # completions' text_offset so far (streamed)
 
     def first(self, i: int) -> bool:
         """Whether this is choice i's first event (and mark it seen)."""
@@ -28,13 +50,48 @@ class Answer:
         self._started.add(i)
         return new
 
-    def add(self, i: int, piece: str, reason: str | None, n_out: int) -> None:
+    def add(
+        self, i: int, piece: str, reason: str | None, n_out: int, lps: list[Piece] | None = None
+    ) -> None:
         self.text[i] += piece
         self.reason[i] = reason or self.reason[i]
         self.n_out[i] = n_out
+        if lps:
+            self.pieces[i] += lps
 
-    def choices(self) -> list[tuple[str, str | None]]:
-        return list(zip(self.text, self.reason, strict=True))
+    def logprobs(self, i: int, lps: list[Piece] | None, first: bool) -> dict | None:
+        """Choice i's `logprobs` for these tokens (a chunk's, or the whole output's);
+        `first`: they are the choice's first, after the echoed prompt's when asked."""
+        if self.k is None:
+            return None
+        pieces = list(lps or [])
+        if first and self.echo_logprobs:
+            ids, entries = self.choices_in[i].prompt_ids, self.states[i].prompt_logprobs or []
+            pieces = [(ids[0], None), *zip(ids[1:], entries), *pieces]
+        if self.chat:
+            return self.fmt.chat(pieces, self.k)
+        out = self.fmt.completion(pieces, self.k, self.offset[i])
+        self.offset[i] += sum(len(t) for t in out["tokens"])
+        return out
+
+    def prompt_logprobs(self, i: int) -> list | None:
+        """vLLM's `prompt_logprobs` of choice i, when asked for."""
+        if self.prompt_k is None:
+            return None
+        entries = self.states[i].prompt_logprobs or []
+        return self.fmt.prompt(self.choices_in[i].prompt_ids, entries, self.prompt_k)
+
+    def choices(self) -> list[tuple[str, str | None, dict | None, list | None]]:
+        """(text, finish reason, logprobs, prompt logprobs) of each choice, in order."""
+        return [
+            (
+                self.text[i],
+                self.reason[i],
+                self.logprobs(i, self.pieces[i], True),
+                self.prompt_logprobs(i),
+            )
+            for i in range(len(self.states))
+        ]
 
     def usage(self) -> dict:
         return responses.usage(
@@ -44,8 +101,8 @@ class Answer:
         )
 
 
-async def merged(runs: list[AsyncIterator]) -> AsyncIterator[tuple[int, str, str | None, int]]:
-    """(choice index, text, finish reason, tokens so far) from every choice's lifecycle
+async def merged(runs: list[AsyncIterator]) -> AsyncIterator[tuple]:
+    """(choice index, text, finish reason, tokens so far, logprobs) from every choice's lifecycle
     as they come. When this ends (done, failed, or closed: the client left), every
     lifecycle has ended, so each has released what it held."""
     if len(runs) == 1:

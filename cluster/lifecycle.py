@@ -26,7 +26,7 @@ from cluster.config import RouterConfig
 from cluster.detokenizer import IncrementalDetokenizer, StopChecker
 from cluster.pool import WorkerPool, WorkerStalled
 from transfer.handle import TransferError
-from wire.api import WorkerError, time_left
+from wire.api import Delta, TokenLogprobs, WorkerError, time_left
 from wire.channel import OutputChannel
 from wire.sampling_params import SamplingParams
 
@@ -66,6 +66,8 @@ class RequestState:
     slow_client: bool = False  # the edge cut its client off for leaving output unread
     queued_s: float | None = None  # in prefill's queue (vLLM's queue time), first prefill
     cached_tokens: int = 0  # prompt tokens prefill found in its prefix cache
+    # params.prompt_logprobs: the prompt's tokens 1.., once they came (with token 1)
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
     def new_attempt(self) -> str:
         attempt_id = f"{self.request_id}-{self.attempts}"
@@ -111,13 +113,18 @@ class Lifecycle:
 
     async def run(
         self, state: RequestState, prompt_ids: list[int], params: SamplingParams
-    ) -> AsyncIterator[tuple[str, str | None, int]]:
-        """Yield (text delta, finish_reason, completion tokens so far)."""
+    ) -> AsyncIterator[tuple[str, str | None, int, list[tuple[int, TokenLogprobs]] | None]]:
+        """Yield (text delta, finish_reason, completion tokens so far, and when asked
+        for, (token id, its logprobs) of each new token); the prompt's logprobs, when
+        asked for, are in `state.prompt_logprobs` by the first yield."""
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
         stops = StopChecker(params.stop, params.include_stop_str_in_output)
         n_out, outcome, reason, last_at = 0, "error", None, 0.0
         try:
-            async for tokens, reason in self._tokens(state, prompt_ids, params):
+            async for delta in self._tokens(state, prompt_ids, params):
+                tokens, reason = delta.tokens, delta.finish_reason
+                if delta.prompt_logprobs is not None:
+                    state.prompt_logprobs = delta.prompt_logprobs
                 now = time.time()
                 if n_out == 0:
                     state.first_token_at = now
@@ -132,7 +139,8 @@ class Lifecycle:
                 text, stopped = stops.push(text, final=reason is not None)
                 if stopped:
                     reason = "stop"
-                yield text, reason, n_out
+                lps = list(zip(tokens, delta.logprobs, strict=True)) if delta.logprobs else None
+                yield text, reason, n_out, lps
                 if reason is not None:
                     outcome = "ok"
                     break
@@ -167,8 +175,8 @@ class Lifecycle:
 
     async def _tokens(
         self, state: RequestState, prompt_ids: list[int], params: SamplingParams
-    ) -> AsyncIterator[tuple[list[int], str | None]]:
-        """Token ids as they are produced, surviving worker loss: a failed prefill
+    ) -> AsyncIterator[Delta]:
+        """Token ids (and logprobs) as they are produced, surviving worker loss: a failed prefill
         is retried elsewhere and a failed transfer re-prefills (both count against
         router.max_retries); a decode lost mid-stream is migrated (router.max_migrations):
         prompt + tokens so far re-prefilled on a prefill worker, continued on another
@@ -181,6 +189,9 @@ class Lifecycle:
             # A migration re-prefills prompt + tokens so far; the workers count those
             # tokens as output (max_tokens, min_tokens, a seeded draw's index).
             before = list(produced)
+            sp = params
+            if before and params.prompt_logprobs is not None:  # the client has them already
+                sp = msgspec.structs.replace(params, prompt_logprobs=None)
             state.stage = "prefill"
             attempt_id = state.new_attempt()
             res = p = None  # None: the decode worker prefills itself
@@ -189,9 +200,7 @@ class Lifecycle:
                 self.metrics.local_prefills.inc()  # short: no transfer is worth its cost
             else:
                 try:
-                    res, p = await self._prefill(
-                        state, attempt_id, prompt_ids, before, params, avoid
-                    )
+                    res, p = await self._prefill(state, attempt_id, prompt_ids, before, sp, avoid)
                     got_at = time.monotonic()
                 except NoPrefillWorker:  # decode-only fallback
                     self.metrics.retries.labels("decode_local").inc()
@@ -200,19 +209,22 @@ class Lifecycle:
                     state.queued_s, state.cached_tokens = res.queued_s, res.cached_tokens
                     self.metrics.queued(res.queued_s)
                 produced.append(res.first_token)
-                yield [res.first_token], res.finish_reason
+                lps = [res.logprobs] if res.logprobs is not None else None
+                yield Delta([res.first_token], res.finish_reason, lps, res.prompt_logprobs)
                 if res.finish_reason is not None:
                     return
+                if sp.prompt_logprobs is not None:  # computed by prefill, not again on decode
+                    sp = msgspec.structs.replace(sp, prompt_logprobs=None)
             state.stage = "decode"
             got_tokens = False
             try:
-                async for tokens, reason in self._decode(
-                    state, attempt_id, prompt_ids, before, res, got_at, p, params, lost
+                async for delta in self._decode(
+                    state, attempt_id, prompt_ids, before, res, got_at, p, sp, lost
                 ):
                     got_tokens = True
-                    produced.extend(tokens)
-                    yield tokens, reason
-                    if reason is not None:
+                    produced.extend(delta.tokens)
+                    yield delta
+                    if delta.finish_reason is not None:
                         return
                 raise WorkerError("decode stream ended without a finish reason")
             except TransferError as e:
@@ -281,7 +293,7 @@ class Lifecycle:
         p: int | None,
         sp: SamplingParams,
         lost: set[int],
-    ) -> AsyncIterator[tuple[list[int], str | None]]:
+    ) -> AsyncIterator[Delta]:
         """Decode on the healthy replica with the most free blocks, other than those
         this request was lost on (`lost`, added to here) while another is healthy: a
         migration must not land on the replica that just failed it, which this

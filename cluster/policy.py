@@ -25,6 +25,7 @@ MAX_STOP_TOKEN_IDS = 256  # each is a banned id per sequence per step before min
 MAX_LOGIT_BIAS = 300  # OpenAI's limit
 MAX_BAD_WORDS = 64
 MAX_PROMPTS = 64  # a /v1/completions batch: one choice each
+MAX_LOGPROBS = 20  # top logprobs per token (vLLM's default --max-logprobs)
 # torch.Generator.manual_seed accepts [-2**63, 2**64).
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
 
@@ -67,7 +68,6 @@ COMMON_POLICY: dict[str, tuple[Callable[[Any], bool], str]] = {
     "response_format": (lambda v: v is None or v == {"type": "text"}, 'only {"type": "text"}'),
     "use_beam_search": (_is_none_or(False), "beam search is not implemented"),
     "length_penalty": (_is_none_or(1), "beam search is not implemented"),
-    "prompt_logprobs": (_is_none_or(), "logprobs are not implemented"),
     "truncate_prompt_tokens": (_is_none_or(), "prompt truncation is not implemented"),
     "logits_processors": (_empty, "not implemented"),
     "guided_json": (_is_none_or(), "guided decoding is not implemented"),
@@ -76,12 +76,9 @@ COMMON_POLICY: dict[str, tuple[Callable[[Any], bool], str]] = {
     "guided_grammar": (_is_none_or(), "guided decoding is not implemented"),
     "structured_outputs": (_is_none_or(), "guided decoding is not implemented"),
     "spaces_between_special_tokens": (_is_none_or(True), "only true"),
-    "return_tokens_as_token_ids": (_is_none_or(False), "not implemented"),
 }
 CHAT_POLICY = {
     **COMMON_POLICY,
-    "logprobs": (_is_none_or(False), "logprobs are not implemented"),
-    "top_logprobs": (_is_none_or(0), "logprobs are not implemented"),
     "tools": (_empty, "tool calling is not implemented"),
     # tool_choice is checked in _apply_policy: "auto" with no tools is plain text.
     "functions": (_empty, "function calling is not implemented"),
@@ -97,7 +94,6 @@ CHAT_POLICY = {
 }
 COMPLETION_POLICY = {
     **COMMON_POLICY,
-    "logprobs": (_is_none_or(), "logprobs are not implemented"),
     "suffix": (_empty, "suffix (insertion) is not implemented"),
     "best_of": (_is_none_or(1), "only best_of=1"),
     "add_special_tokens": (_is_none_or(True), "special tokens are always added"),
@@ -137,6 +133,7 @@ def check_ranges(req) -> None:
             raise bad("min_tokens", f"{req.min_tokens} is larger than max_tokens ({cap})")
     if req.n is not None and req.n < 1:
         raise bad("n", f"{req.n}; it must be at least 1")
+    _check_logprobs(req)
     if req.seed is not None and not _SEED_MIN <= req.seed <= _SEED_MAX:
         raise bad("seed", f"{req.seed} is outside [-2**63, 2**64)")
     stop = [req.stop] if isinstance(req.stop, str) else req.stop
@@ -182,6 +179,30 @@ def check_ranges(req) -> None:
             raise bad(
                 "bad_words", f"each must be non-blank and at most {MAX_STOP_STRING_CHARS} chars"
             )
+
+
+def _check_logprobs(req) -> None:
+    chat = hasattr(req, "messages")
+    k = ("top_logprobs", req.top_logprobs) if chat else ("logprobs", req.logprobs)
+    for name, v in (k, ("prompt_logprobs", req.prompt_logprobs)):
+        if v is not None and not 0 <= v <= MAX_LOGPROBS:
+            raise bad(name, f"{v} is not in [0, {MAX_LOGPROBS}]")
+    if chat and req.top_logprobs and not req.logprobs:
+        raise bad("top_logprobs", "it needs 'logprobs': true")
+    if req.stream and req.prompt_logprobs is not None:  # as vLLM: not streamed
+        raise bad("prompt_logprobs", "prompt logprobs are not available when streaming")
+
+
+def logprobs_asked(req) -> tuple[int | None, int | None]:
+    """(top logprobs per output token, per prompt token): None where not asked for.
+    A completion's `echo` with `logprobs` asks for the prompt's too."""
+    if hasattr(req, "messages"):
+        out = (req.top_logprobs or 0) if req.logprobs else None
+        return out, req.prompt_logprobs
+    prompt = req.prompt_logprobs
+    if req.echo and req.logprobs is not None:
+        prompt = max(prompt or 0, req.logprobs)
+    return req.logprobs, prompt
 
 
 def message_text(m) -> str:
@@ -283,7 +304,16 @@ SUPPORTED = {
     "allowed_token_ids": "vLLM's: only these ids may be sampled",
     "bad_words": f"vLLM's: at most {MAX_BAD_WORDS} words, each never completed (with and "
     "without a leading space)",
-    "echo": "the prompt's text before the completion",
+    "echo": "the prompt's text before the completion; with `logprobs`, the prompt "
+    "tokens' logprobs before the completion's (the first prompt token's are null)",
+    "logprobs": f"chat: true for each token's logprob; completions: 0-{MAX_LOGPROBS} top "
+    "logprobs per token. The model's log-softmax before any sampling transform (vLLM's "
+    "`raw_logprobs`), token 1's computed by prefill and carried across the transfer",
+    "top_logprobs": f"0-{MAX_LOGPROBS}, with `logprobs`: true",
+    "return_tokens_as_token_ids": 'vLLM\'s: logprobs name each token "token_id:<id>", not its text',
+    "prompt_logprobs": f"vLLM's: 0-{MAX_LOGPROBS} top logprobs per prompt token, in vLLM's "
+    "shape (a choice's field for completions, the response's for chat); not with `stream`. "
+    "Such a prompt is not served from the prefix cache",
     "add_generation_prompt": "vLLM's; default true (false with `continue_final_message`)",
     "continue_final_message": "vLLM's: completes the last (assistant) message in place",
     "chat_template_kwargs": "vLLM's: variables for the model's chat template, not its own "

@@ -100,22 +100,29 @@ def completion(
     chat: bool,
     id: str,  # noqa: A002
     model: str,
-    choices: list[tuple[str, str | None]],
+    choices: list[tuple[str, str | None, dict | None, list | None]],
     usage: dict,
     created: int | None = None,
 ) -> bytes:
     """A whole (non-streamed) `chat.completion` or `text_completion` object, encoded;
-    `choices`: (text, finish reason) of each, in index order."""
-    out = []
-    for index, (text, finish_reason) in enumerate(choices):
+    `choices`: (text, finish reason, logprobs, vLLM's prompt_logprobs) of each, in index
+    order. Prompt logprobs are a completion choice's field, a chat response's own."""
+    out, prompt_lps = [], None
+    for index, (text, finish_reason, logprobs, prompt) in enumerate(choices):
         choice: dict = {"index": index}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
+            prompt_lps = prompt_lps or prompt
         else:
             choice["text"] = text
-        choice |= {"finish_reason": finish_reason or "stop", "logprobs": None}
+            if prompt is not None:
+                choice["prompt_logprobs"] = prompt
+        choice |= {"finish_reason": finish_reason or "stop", "logprobs": logprobs}
         out.append(choice)
-    return msgspec.json.encode(_response(id, _object(chat, False), model, created, out, usage))
+    body = _response(id, _object(chat, False), model, created, out, usage)
+    if prompt_lps is not None:
+        body["prompt_logprobs"] = prompt_lps
+    return msgspec.json.encode(body)
 
 
 def chunk(
@@ -127,6 +134,7 @@ def chunk(
     finish_reason: str | None,
     role: str | None = None,
     index: int = 0,
+    logprobs: dict | None = None,
 ) -> dict:
     """One streamed chunk, of choice `index`. A chat stream's first chunk passes
     role="assistant" (delta {"role": "assistant", "content": ""}); a finishing chunk
@@ -141,7 +149,7 @@ def chunk(
         choice["delta"] = delta
     else:
         choice["text"] = text or ""
-    choice |= {"finish_reason": finish_reason, "logprobs": None}
+    choice |= {"finish_reason": finish_reason, "logprobs": logprobs}
     return _response(id, _object(chat, True), model, created, [choice])
 
 

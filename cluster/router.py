@@ -35,6 +35,7 @@ from cluster.channels import DecodeChannels
 from cluster.config import HEAD_RESOURCE, Config
 from cluster.edge import SLOW_CLIENT
 from cluster.lifecycle import Lifecycle, RequestState, Unavailable
+from cluster.logprobs import LogprobFormat
 from cluster.metrics import RouterMetrics
 from cluster.pool import WorkerPool
 from cluster.protocol import AdmissionError
@@ -138,6 +139,7 @@ class Router:
         self.admission = Admission(
             self.cfg, PreTrainedTokenizerFast.from_pretrained(model_dir), model_dir
         )
+        self.logprob_format = LogprobFormat(self.admission.tokenizer)
         self.keys = ApiKeys(self.cfg.router)
         self._admission_threads = ThreadPoolExecutor(
             self.cfg.router.admission_threads, thread_name_prefix="admission"
@@ -371,7 +373,7 @@ class Router:
         if admitted.ignored:
             headers[IGNORED_HEADER] = responses.ignored_fields_header(admitted.ignored)
             log.debug("request %s: unknown fields ignored: %s", rid, headers[IGNORED_HEADER])
-        answer = Answer(rid, chat, states, [c.echo for c in choices])
+        answer = Answer(rid, chat, states, admitted, self.logprob_format)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return EventStream(
@@ -381,8 +383,8 @@ class Router:
                 headers=headers,
             )
         try:
-            async for i, piece, reason, n_out in merged(runs):
-                answer.add(i, piece, reason, n_out)
+            async for i, piece, reason, n_out, lps in merged(runs):
+                answer.add(i, piece, reason, n_out, lps)
         except Exception as e:  # noqa: BLE001 - typed failures become HTTP errors
             return self._failure(e, rid)
         body = responses.completion(
@@ -426,8 +428,9 @@ class Router:
         created, model, chat = int(time.time()), self.model_name, answer.chat
         events = merged(runs)
         try:
-            async for i, piece, reason, n_out in events:
-                if answer.first(i):  # its first chunk goes out with its first token (vLLM)
+            async for i, piece, reason, n_out, lps in events:
+                first = answer.first(i)
+                if first:  # its first chunk goes out with its first token (vLLM)
                     piece = answer.echo[i] + piece
                     if chat:
                         role = responses.chunk(
@@ -435,8 +438,11 @@ class Router:
                         )
                         yield responses.sse(role)
                 answer.add(i, "", reason, n_out)
-                if piece or reason:
-                    chunk = responses.chunk(chat, answer.id, model, created, piece, reason, index=i)
+                logprobs = answer.logprobs(i, lps, first) if lps or first else None
+                if piece or reason or logprobs:
+                    chunk = responses.chunk(
+                        chat, answer.id, model, created, piece, reason, index=i, logprobs=logprobs
+                    )
                     yield responses.sse(chunk)
             if include_usage:
                 usage = responses.usage_chunk(chat, answer.id, model, created, answer.usage())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import json
 import logging
 import os
 import signal
@@ -157,6 +158,16 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
@@ -217,6 +228,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     be.add_argument("--slo", help="targets for goodput, e.g. ttft=0.5,tpot=0.1 (seconds)")
     be.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
+    be.add_argument(
+        "--extra",
+        type=_json_object,
+        default={},
+        metavar="JSON",
+        help="fields added to every request, e.g. '{\"logprobs\": 5}'",
+    )
+    be.add_argument(
+        "--compare-extra",
+        type=_json_object,
+        metavar="JSON",
+        help="measure URL a second time with these fields added instead of --extra's "
+        "(side by side, like --compare): the cost of a request field",
+    )
     be.add_argument("--seed", type=int, default=0)
     be.add_argument("--out", default="bench-report", help="report directory")
     be.add_argument("--fail-on-error", action="store_true", help="exit 1 if any request failed")

@@ -71,6 +71,31 @@ def assert_idle(url: str) -> dict:
     return state
 
 
+def hf_logprobs(hf, ids: list[int]):
+    """Hugging Face's log-softmax at every position of `ids` (float32 [len(ids), vocab]):
+    row i is the distribution of token i + 1, the reference for logprobs."""
+    import torch
+
+    model, _ = hf
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+
+
+def assert_logprobs_match(ref, ids: list[int], entries, first: int, k: int, tol=1e-4) -> None:
+    """`entries` (wire.api.TokenLogprobs) are the logprobs of ids[first], ids[first+1]...
+    as `ref` (hf_logprobs of `ids`) has them: value, rank and the top k, within `tol`."""
+    assert len(entries) == len(ids) - first
+    for j, (lp, rank, top_ids, top_lps) in enumerate(entries):
+        row, tok = ref[first + j - 1], ids[first + j]
+        assert abs(lp - float(row[tok])) < tol, (first + j, lp, float(row[tok]))
+        assert abs(float(row.sort(descending=True).values[rank - 1]) - lp) < tol  # its rank
+        want = row.topk(k).values.tolist()
+        assert len(top_ids) == len(top_lps) == k
+        # The top k's values in order, and each id's own value (ties may order differently).
+        assert all(abs(a - b) < tol for a, b in zip(top_lps, want))
+        assert all(abs(float(row[t]) - v) < tol for t, v in zip(top_ids, top_lps))
+
+
 def hf_greedy(hf, ids: list[int], n: int, **generate) -> list[int]:
     """Hugging Face `generate`'s greedy continuation of `ids`: exactly `n` tokens
     (`generate`: more of its arguments, e.g. `repetition_penalty`, `logits_processor`)."""

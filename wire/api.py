@@ -83,6 +83,33 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
         return f"{self.group}-rank{rank}"
 
 
+# One position's logprobs: (logprob of its token, its rank (1 = most likely), the top
+# ids, their logprobs), from the model's raw log-softmax, before any sampling transform
+# (temperature, penalties, masks), as vLLM's default `raw_logprobs`.
+TokenLogprobs = tuple[float, int, list[int], list[float]]
+
+
+class Delta(msgspec.Struct):
+    """A request's new output on a decode output channel (and its merges): tokens,
+    the finish reason once it ended, and, when the request asked for them, each
+    token's logprobs (aligned with `tokens`) and, with the first token of a sequence
+    prefilled on decode, the prompt's (`prompt_logprobs`: tokens 1.. of the prompt)."""
+
+    tokens: list[int]
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: list[TokenLogprobs] | None = None
+
+    def extend(self, later: Delta) -> None:
+        """Append `later` (this request's next delta) to this one."""
+        self.tokens = self.tokens + later.tokens
+        self.finish_reason = later.finish_reason
+        if later.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + later.logprobs
+        if later.prompt_logprobs is not None:
+            self.prompt_logprobs = later.prompt_logprobs
+
+
 class PrefillResult(msgspec.Struct, frozen=True):
     request_id: str
     first_token: int
@@ -90,6 +117,8 @@ class PrefillResult(msgspec.Struct, frozen=True):
     handle: KVHandle | None  # None when finished: nothing to transfer
     queued_s: float = 0.0  # waited in prefill's queue before it was first scheduled
     cached_tokens: int = 0  # prompt tokens found in prefill's prefix cache
+    logprobs: TokenLogprobs | None = None  # the first token's, when asked for
+    prompt_logprobs: list[TokenLogprobs] | None = None  # tokens 1.. of the prompt, when asked
 
 
 class EngineStats(msgspec.Struct, frozen=True, kw_only=True):

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import ray
 
-from wire.api import WorkerError
+from wire.api import Delta, WorkerError
 
 
 class OutputChannel:
@@ -40,7 +40,7 @@ class OutputChannel:
         return len(self._queues)
 
     def open(self, request_id: str) -> asyncio.Queue:
-        """Items: (tokens, finish_reason) in order, or an exception when the channel fails."""
+        """Items: Deltas in order, or an exception when the channel fails."""
         q = self._queues[request_id] = asyncio.Queue()
         if self.error is not None:
             q.put_nowait(self.error)
@@ -55,8 +55,8 @@ class OutputChannel:
         submit: Callable[[], object],
         wait: Callable[[Callable[[], Awaitable]], Awaitable],
         grace_s: float = 5.0,
-    ) -> AsyncIterator[tuple[list[int], str | None]]:
-        """(tokens, finish_reason) of one request until it finishes. `submit()`
+    ) -> AsyncIterator[Delta]:
+        """The Deltas (tokens, finish reason, logprobs) of one request until it finishes. `submit()`
         sends its `generate` call (after its queue exists) and returns the call's
         ref: a failed call raises here. `wait(fn)` awaits `fn()` under the
         caller's bounds (deadline, watchdog). Tokens that queued up meanwhile are
@@ -97,12 +97,10 @@ class OutputChannel:
                     continue
                 if isinstance(item, BaseException):
                     raise item
-                tokens, reason = item
-                while reason is None and buf and isinstance(buf[0], tuple):
-                    more, reason = buf.popleft()
-                    tokens = tokens + more
-                yield tokens, reason
-                if reason is not None:
+                while item.finish_reason is None and buf and isinstance(buf[0], Delta):
+                    item.extend(buf.popleft())
+                yield item
+                if item.finish_reason is not None:
                     return
         finally:
             self.close(request_id)
@@ -120,10 +118,10 @@ class OutputChannel:
                 items = await ref
                 self.messages += 1
                 self._open.set()
-                for rid, tokens, reason in items:
+                for rid, delta in items:
                     q = self._queues.get(rid)
                     if q is not None:
-                        q.put_nowait((tokens, reason))
+                        q.put_nowait(delta)
             self.error = WorkerError(f"output channel {self.id} ended")
         except asyncio.CancelledError:
             self.error = WorkerError(f"output channel {self.id} closed")

@@ -36,3 +36,9 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     logit_bias: dict[int, float] = {}  # added to those ids' logits
     allowed_token_ids: list[int] = []  # only these may be sampled (empty: all)
     bad_words_ids: list[list[int]] = []  # a word's last token banned after its prefix
+    # Logprobs (wire.api.TokenLogprobs): None = not asked; k = each output token's own
+    # and the top k (0: its own only). `prompt_logprobs` the same for prompt tokens 1..,
+    # computed where the prompt is (prefill's, or decode's own local prefill); a prompt
+    # that asks for them is not served from, nor added to, the prefix cache.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None

@@ -20,6 +20,7 @@ from transfer.handle import KVHandle
 from wire.api import (
     XFER_BUCKETS,
     DecodeStats,
+    Delta,
     SequenceFailed,
     TransferStats,
     WorkerError,
@@ -75,15 +76,15 @@ class DecodeWorker(GroupLeader):
 
     # ---- API (event loop) -----------------------------------------------------
 
-    async def outputs(self, channel: str) -> AsyncIterator[list[tuple[str, list[int], str | None]]]:
+    async def outputs(self, channel: str) -> AsyncIterator[list[tuple[str, Delta]]]:
         """A router's output channel: one message per decode step (or fewer, when
         the router lags: whatever queued meanwhile is merged) carrying
-        (request id, new token ids, finish_reason) for every request that router
-        has decoding here, instead of one message per token per request. A
-        request's tokens go out once `stream_interval` of them have gathered or
+        (request id, its Delta: new tokens, finish reason, logprobs) for every request
+        that router has decoding here, instead of one message per token per request.
+        A request's tokens go out once `stream_interval` of them have gathered or
         it finished. When the channel closes (router gone), its requests are aborted."""
         q = self._channels.setdefault(channel, asyncio.Queue())
-        held: dict[str, list] = {}  # request id -> [tokens, reason] not sent yet
+        held: dict[str, Delta] = {}  # request id -> what is not sent yet
         interval = self.spec.stream_interval
         try:
             yield []  # open: requests may name this channel now
@@ -92,19 +93,22 @@ class DecodeWorker(GroupLeader):
                 while not q.empty():
                     steps.append(q.get_nowait())
                 for step in steps:
-                    for rid, tokens, reason in step:
-                        h = held.setdefault(rid, [[], None])
-                        h[0] += tokens
-                        h[1] = reason
-                for rid in [r for r, h in held.items() if h[1] is None and r not in self._streams]:
+                    for rid, delta in step:
+                        if rid in held:
+                            held[rid].extend(delta)
+                        else:
+                            held[rid] = delta
+                for rid in [
+                    r for r, d in held.items() if d.finish_reason is None and r not in self._streams
+                ]:
                     del held[rid]  # aborted while its tokens were held back
                 ready = [
                     rid
-                    for rid, (tokens, reason) in held.items()
-                    if reason is not None or len(tokens) >= interval
+                    for rid, d in held.items()
+                    if d.finish_reason is not None or len(d.tokens) >= interval
                 ]
                 if ready:
-                    yield [(rid, *held.pop(rid)) for rid in ready]
+                    yield [(rid, held.pop(rid)) for rid in ready]
         finally:
             self._channels.pop(channel, None)
             for rid, (sq, _) in list(self._streams.items()):
@@ -279,7 +283,10 @@ class DecodeWorker(GroupLeader):
 
     def on_outputs(self, outputs: list[StepOutput]) -> None:
         # One wake-up of the event loop per step, whatever the batch size.
-        items = [(o.seq.request_id, o.token, o.finish_reason, o.error) for o in outputs]
+        items = [
+            (o.seq.request_id, o.token, o.finish_reason, o.error, o.logprobs, o.prompt_logprobs)
+            for o in outputs
+        ]
         if items:
             self.loop.call_soon_threadsafe(self._deliver, items)
 
@@ -288,7 +295,7 @@ class DecodeWorker(GroupLeader):
         ends of the requests that finished or failed."""
         steps: dict[int, tuple[asyncio.Queue, list]] = {}  # channel -> this step's items
         ended, orphans = [], []
-        for rid, token, reason, error in items:
+        for rid, token, reason, error, lp, prompt_lps in items:
             stream = self._streams.get(rid)
             if stream is None:  # nobody waits for it any more: stop computing for it
                 if reason is None:
@@ -301,7 +308,9 @@ class DecodeWorker(GroupLeader):
             step = steps.get(id(q))
             if step is None:
                 step = steps[id(q)] = (q, [])
-            step[1].append((rid, [token] if token >= 0 else [], reason))
+            tokens = [token] if token >= 0 else []
+            lps = [lp] if lp is not None else None
+            step[1].append((rid, Delta(tokens, reason, lps, prompt_lps)))
             if reason is not None:
                 ended.append((rid, reason))
         for q, step_items in steps.values():

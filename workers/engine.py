@@ -28,9 +28,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from wire.api import TokenLogprobs
 from workers.kv_cache import BlockManager, NoFreeBlocks
 from workers.runner import ModelRunner
-from workers.sampler import SampleError, sample
+from workers.sampler import SampleError, logprobs_of, sample
 from workers.sequence import SeqStatus, Sequence, finish_reason
 
 
@@ -49,6 +50,9 @@ class StepOutput:
     token: int  # -1 when no token was produced
     finish_reason: str | None  # "error" with `error` set when this sequence alone failed
     error: SampleError | None = None
+    logprobs: TokenLogprobs | None = None  # the token's, when its params ask for them
+    # With the first token of a prompt computed here whose params ask for them.
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
 
 class Engine:
@@ -101,8 +105,10 @@ class Engine:
         prefix caching it is hashed here, and reuses cached blocks when scheduled."""
         self._register(seq)
         seq.added_at = time.monotonic()
-        if self.blocks.caching:
+        if self.blocks.caching and seq.params.prompt_logprobs is None:
             # Every full block but the one of its last token (computed for its logits).
+            # Not a prompt that asks for prompt logprobs: they need every position's
+            # logits, which a cached block never computes.
             seq.block_hashes = self.blocks.prefix_hashes(
                 seq.token_ids,
                 (seq.num_tokens - 1) // self.blocks.block_size,
@@ -424,13 +430,17 @@ class Engine:
         self._watch_for_stall()
         if not seqs:
             return outputs
+        every = [i for i, s in enumerate(seqs) if is_prefill and _wants_prompt_logprobs(s)]
+        starts = [s.num_cached for s in seqs]
         try:
-            logits = self.runner.forward(seqs, num_new)
+            logits, whole = self.runner.forward(seqs, num_new, every)
         except BaseException:
             if is_prefill:  # taken out of `waiting` for this step: back where they were
                 self.waiting.extendleft(reversed(seqs))
             raise
         self.steps += 1
+        for i in every:
+            _add_prompt_logprobs(seqs[i], whole[i], starts[i])
         for s, n in zip(seqs, num_new):
             s.num_cached += n
             if is_prefill and s.block_hashes:  # its prompt blocks this step completed
@@ -449,8 +459,8 @@ class Engine:
             return outputs
         if len(done) < len(seqs):
             logits = logits[done]
-        tokens = sample(logits, [seqs[i] for i in done], self.eos_ids)
-        for i, tok in zip(done, tokens):
+        tokens, lps = sample(logits, [seqs[i] for i in done], self.eos_ids)
+        for i, tok, lp in zip(done, tokens, lps):
             s = seqs[i]
             if isinstance(tok, SampleError):
                 s.finish_reason = "error"
@@ -467,5 +477,26 @@ class Engine:
             elif is_prefill and s not in self.running:
                 s.status = SeqStatus.RUNNING
                 self.running.append(s)
-            outputs.append(StepOutput(s, tok, reason))
+            prompt_lps = None
+            if is_prefill and s.params.prompt_logprobs is not None and s.num_output == 1:
+                prompt_lps = s.prompt_logprobs
+            outputs.append(StepOutput(s, tok, reason, None, lp, prompt_lps))
         return outputs
+
+
+def _wants_prompt_logprobs(s: Sequence) -> bool:
+    return s.params.prompt_logprobs is not None and len(s.prompt_logprobs) < s.num_prompt_tokens - 1
+
+
+def _add_prompt_logprobs(s: Sequence, rows, start: int) -> None:
+    """Logprobs of the prompt tokens this chunk's logits `rows` predict (row r, at
+    position start + r, predicts token start + r + 1), those not computed before (a
+    recomputation after preemption computes them again)."""
+    first = max(start + 1, len(s.prompt_logprobs) + 1)
+    last = min(start + len(rows), s.num_prompt_tokens - 1)
+    if first <= last:
+        s.prompt_logprobs += logprobs_of(
+            rows[first - 1 - start : last - start],
+            s.token_ids[first : last + 1],
+            s.params.prompt_logprobs,
+        )

@@ -26,9 +26,18 @@ if TYPE_CHECKING:
     from workers.engine import StepOutput
 
 
-def _timing(seq) -> tuple[float, int]:
-    """(seconds queued before first scheduled, prompt tokens found cached)."""
-    return seq.queued_s or 0.0, seq.cached_tokens
+def _result(out: StepOutput, handle=None) -> PrefillResult:
+    seq = out.seq
+    return PrefillResult(
+        seq.request_id,
+        out.token,
+        out.finish_reason,
+        handle,
+        queued_s=seq.queued_s or 0.0,  # before it was first scheduled
+        cached_tokens=seq.cached_tokens,  # prompt tokens found in the prefix cache
+        logprobs=out.logprobs,
+        prompt_logprobs=out.prompt_logprobs,
+    )
 
 
 @ray.remote
@@ -139,9 +148,7 @@ class PrefillWorker(GroupLeader):
             if out.error is not None:
                 results.append((rid, SequenceFailed(str(out.error), out.error.status)))
             elif out.finish_reason is not None:  # ended at its first token; blocks freed
-                results.append(
-                    (rid, PrefillResult(rid, out.token, out.finish_reason, None, *_timing(seq)))
-                )
+                results.append((rid, _result(out)))
             else:  # its blocks go to the sender, which frees them in every case
                 blocks, seq.block_table = seq.block_table, []
                 try:
@@ -149,7 +156,7 @@ class PrefillWorker(GroupLeader):
                 except TransferBackpressure as e:
                     results.append((rid, e))
                     continue
-                results.append((rid, PrefillResult(rid, out.token, None, handle, *_timing(seq))))
+                results.append((rid, _result(out, handle)))
         if results:  # one wake-up of the event loop per step
             self.loop.call_soon_threadsafe(self._deliver, results)
 

@@ -78,7 +78,7 @@ class ModelRunner:
         )
         self._gather_out = torch.empty(0, dtype=torch_dtype, device=self.device)  # see AttnContext
 
-    def plan(self, seqs: list[Sequence], num_new: list[int]) -> StepPlan:
+    def plan(self, seqs: list[Sequence], num_new: list[int], every: list[int]) -> StepPlan:
         """The step as plain lists: what rank 0 broadcasts to the other ranks."""
         bs = self.block_size
         starts = [s.num_cached for s in seqs]
@@ -87,6 +87,7 @@ class ModelRunner:
             tokens=[s.token_ids[st : st + n] for s, st, n in zip(seqs, starts, num_new)],
             starts=starts,
             tables=[s.block_table[:nblk] for s in seqs],
+            every=every,
         )
 
     def _context(self, plan: StepPlan):
@@ -155,17 +156,32 @@ class ModelRunner:
             q_index=q_index,
             out_index=out_index,
         )
-        last = None if T == B else (cu[1:] - 1).to(dev)
+        if plan.every:  # those sequences' every row, the others' last
+            whole = torch.zeros(B, dtype=torch.bool)
+            whole[plan.every] = True
+            last = torch.nonzero(whole[seq_of] | (torch.arange(T) == cu[1:][seq_of] - 1))[:, 0]
+            last = last.to(dev)
+        else:
+            last = None if T == B else (cu[1:] - 1).to(dev)
         return torch.tensor(ids, dtype=torch.long, device=dev), positions.to(dev), ctx, last
 
-    def forward(self, seqs: list[Sequence], num_new: list[int]) -> torch.Tensor:
-        """Compute KV for `num_new[i]` uncached tokens of each sequence and
-        return logits [B, vocab] for the last of them. Under tensor parallelism
+    def forward(
+        self, seqs: list[Sequence], num_new: list[int], every: list[int] | None = None
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Compute KV for `num_new[i]` uncached tokens of each sequence and return
+        logits [B, vocab] for the last of them, and, for each sequence index in
+        `every`, logits [num_new[i], vocab] for all of them. Under tensor parallelism
         this is rank 0: the other ranks get the plan first and run it too."""
-        plan = self.plan(seqs, num_new)
+        plan = self.plan(seqs, num_new, every or [])
         if self.tp is not None:
             self.tp.send(plan)
-        return self.run(plan)
+        logits = self.run(plan)
+        if not plan.every:
+            return logits, {}
+        whole = set(plan.every)
+        sizes = [n if b in whole else 1 for b, n in enumerate(num_new)]
+        parts = logits.split(sizes)
+        return torch.stack([p[-1] for p in parts]), {b: parts[b] for b in plan.every}
 
     def pack_weights(self) -> None:
         """Choose each linear layer's GEMM path by measuring on this CPU (workers/gemm.py;

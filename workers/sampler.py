@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from wire.api import TokenLogprobs
 from workers.sequence import Sequence
 
 
@@ -40,15 +41,34 @@ def _banned(seq: Sequence, eos_ids: tuple[int, ...], vocab: int) -> list[int]:
 
 
 @torch.inference_mode()
+def logprobs_of(logits: torch.Tensor, token_ids: list[int], k: int) -> list[TokenLogprobs]:
+    """Per row of raw `logits` [m, vocab]: the log-softmax at `token_ids[row]`, that
+    token's rank (1 = most likely) and the top `k` (ids, logprobs), most likely first."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, torch.tensor(token_ids, device=lp.device)[:, None])
+    ranks = ((lp > chosen).sum(dim=-1) + 1).tolist()
+    if k > 0:
+        top = lp.topk(min(k, lp.shape[-1]), dim=-1)
+        ids, lps = top.indices.tolist(), top.values.tolist()
+    else:
+        ids = lps = [[] for _ in token_ids]
+    return list(zip(chosen[:, 0].tolist(), ranks, ids, lps, strict=True))
+
+
+@torch.inference_mode()
 def sample(
     logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...]
-) -> list[int | SampleError]:
+) -> tuple[list[int | SampleError], list[TokenLogprobs | None]]:
     """One next token per sequence, or a SampleError for a sequence that cannot be
-    sampled (that sequence alone fails). Greedy rows (temperature 0) take argmax;
-    the rest sample with temperature, top-k and top-p, seeded per request.
+    sampled (that sequence alone fails), and the token's logprobs for a sequence that
+    asked for them (`params.logprobs`; None otherwise). Greedy rows (temperature 0)
+    take argmax; the rest sample with temperature, top-k and top-p, seeded per request.
     `logits` [len(seqs), vocab] is the caller's scratch: banned ids are set in place."""
     logits = logits.float()
     vocab = logits.shape[-1]
+    # Logprobs are of the raw logits (vLLM's default): copied before any transform.
+    asked = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+    raw = logits[asked] if asked else None
     out: list[int | SampleError | None] = [None] * len(seqs)
     # min_tokens: stop tokens are not allowed before the minimum is reached.
     rows, cols = [], []
@@ -94,7 +114,15 @@ def sample(
             out[i] = e
         except Exception as e:  # noqa: BLE001 - one sequence fails, never the batch
             out[i] = SampleError(f"sampling failed: {type(e).__name__}: {e}")
-    return out
+    lps: list[TokenLogprobs | None] = [None] * len(seqs)
+    rows = [j for j, i in enumerate(asked) if not isinstance(out[i], SampleError)]
+    if rows:
+        k = max(seqs[asked[j]].params.logprobs for j in rows)
+        got = logprobs_of(raw[rows], [out[asked[j]] for j in rows], k)
+        for j, (lp, rank, ids, top) in zip(rows, got, strict=True):
+            n = seqs[asked[j]].params.logprobs
+            lps[asked[j]] = (lp, rank, ids[:n], top[:n])
+    return out, lps
 
 
 def _processes(p) -> bool:

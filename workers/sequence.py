@@ -46,6 +46,8 @@ class Sequence:
         self.cached_tokens = 0
         # The sampler's per-sequence state (masks, seen tokens, counts): workers/sampler.py.
         self.sampling_cache: dict = {}
+        # params.prompt_logprobs: logprobs of prompt tokens 1.., filled chunk by chunk.
+        self.prompt_logprobs: list = []
 
     @property
     def num_tokens(self) -> int:

@@ -39,11 +39,14 @@ STORE_CONNECT_S = 3.0  # a follower reaching the leader's store (gone: a stale a
 
 class StepPlan(msgspec.Struct, array_like=True):
     """One forward, as plain lists: per sequence the step's new token ids, the
-    number of tokens already cached before them, and the block table prefix."""
+    number of tokens already cached before them, and the block table prefix; `every`:
+    the sequences whose logits are wanted at every new position (prompt logprobs),
+    not only at the last."""
 
     tokens: list[list[int]]
     starts: list[int]
     tables: list[list[int]]
+    every: list[int] = []
 
 
 _enc, _dec = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(StepPlan | None)

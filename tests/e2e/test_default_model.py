@@ -4,6 +4,7 @@ wheel) through the whole cluster: it answers, and greedy matches HF generate."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -14,12 +15,14 @@ from tests.support import (
     assert_idle,
     greedy_completion,
     hf_greedy,
+    hf_logprobs,
     load_test_config,
     metric,
     metric_above,
     running_cluster,
 )
 
+ROOT = Path(__file__).resolve().parents[2]
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
@@ -123,3 +126,71 @@ def test_engine_threads_run_with_the_configured_thread_count(cluster):
     ):
         for g in groups:
             assert ray.get(g.leader.stats.remote(), timeout=30).omp_threads == want
+
+
+def test_logprobs_on_both_paths_equal_hfs(cluster, hf):
+    """Completions echo + logprobs on the real model: a short prompt prefilled on decode
+    (its prompt logprobs computed there) and a longer one through prefill (prompt logprobs
+    and token 1's from prefill, across the transfer): within 1e-4 of HF's log-softmax."""
+    _, tok = hf
+    short = tok.encode("The capital of France is")
+    long = tok.encode("Name the capital of each country in Europe. " * 8)
+    assert len(short) <= cluster.config.router.max_local_prefill_tokens < len(long)
+    for ids in (short, long):
+        body = greedy_completion(ids, 8, model="SmolLM2-135M-Instruct")
+        body |= {"echo": True, "logprobs": 3, "return_tokens_as_token_ids": True}
+        r = httpx.post(f"{cluster.url}/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        lp = r.json()["choices"][0]["logprobs"]
+        all_ids = [int(t.removeprefix("token_id:")) for t in lp["tokens"]]
+        assert all_ids[: len(ids)] == ids and len(all_ids) == len(ids) + 8
+        ref = hf_logprobs(hf, all_ids)
+        for j in range(1, len(all_ids)):
+            want = float(ref[j - 1][all_ids[j]])
+            assert abs(lp["token_logprobs"][j] - want) < 1e-4, (len(ids), j)
+            top = sorted(lp["top_logprobs"][j].values(), reverse=True)[:3]
+            assert all(abs(a - b) < 1e-4 for a, b in zip(top, ref[j - 1].topk(3).values.tolist()))
+    assert_idle(cluster.url)
+
+
+def test_lm_eval_local_completions_scores_as_its_hf_model(cluster, monkeypatch):
+    """lm-evaluation-harness's `local-completions` model (echo + logprobs, token-id
+    prompts) against the cluster on a log-likelihood task shipped in tests/data/lm_eval:
+    the accuracy its `hf` model gets on the same weights (within 1 point), and each
+    choice's log-likelihood within 1e-3."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.chdir(ROOT)  # the task names its data file from the project root
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    tasks = TaskManager(include_path=str(ROOT / "tests/data/lm_eval"))
+    runs = {}
+    for name, args in (
+        (
+            "local-completions",
+            f"model=SmolLM2-135M-Instruct,base_url={cluster.url}/v1/completions,"
+            f"tokenizer={cluster.model_dir},tokenizer_backend=huggingface,num_concurrent=4,"
+            "max_retries=1",
+        ),
+        ("hf", f"pretrained={cluster.model_dir},dtype=float32,device=cpu,batch_size=8"),
+    ):
+        runs[name] = simple_evaluate(
+            model=name,
+            model_args=args,
+            tasks=["pdcluster_capitals"],
+            task_manager=tasks,
+            log_samples=True,
+        )
+    acc = {k: r["results"]["pdcluster_capitals"]["acc,none"] for k, r in runs.items()}
+    print(f"lm-eval pdcluster_capitals accuracy: {acc}")  # shown with pytest -s
+    assert acc["hf"] >= 0.5, acc  # the task means something for this model
+    assert abs(acc["local-completions"] - acc["hf"]) <= 0.01, acc
+    samples = [
+        sorted(r["samples"]["pdcluster_capitals"], key=lambda s: s["doc_id"]) for r in runs.values()
+    ]
+    for a, b in zip(*samples, strict=True):
+        for (la, _), (lb, _) in zip(
+            [x[0] for x in a["resps"]], [x[0] for x in b["resps"]], strict=True
+        ):
+            assert abs(la - lb) < 1e-3, (a["doc"], la, lb)
+    assert_idle(cluster.url)

@@ -22,6 +22,7 @@ from tests.support import (
     assert_idle,
     greedy_completion,
     hf_greedy,
+    hf_logprobs,
     load_test_config,
     running_cluster,
     sse_events,
@@ -283,6 +284,107 @@ def test_chat_options_vllm_users_send(cluster, client, hf):
     assert echo.choices[0].text.startswith("Once upon") and echo.usage.completion_tokens == 4
 
 
+def _chat_entries(content) -> list:
+    """openai's chat logprobs content as TokenLogprobs-like tuples (rank unknown: 1)."""
+    return [(e.logprob, 1, [], [t.logprob for t in e.top_logprobs]) for e in content]
+
+
+def _check(ref, ids, first, values, tops, k):
+    """`values` (and each token's top-k logprobs `tops`) of ids[first:] equal HF's."""
+    assert len(values) == len(ids) - first
+    for j, (v, top) in enumerate(zip(values, tops, strict=True)):
+        row = ref[first + j - 1]
+        assert abs(v - float(row[ids[first + j]])) < 1e-4, (j, v)
+        want = row.topk(k).values.tolist()
+        assert len(top) == len(want) and all(abs(a - b) < 1e-4 for a, b in zip(top, want))
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_logprobs_equal_hfs_through_the_disaggregated_path(cluster, client, hf, sampled):
+    """Chat logprobs + top_logprobs (streamed and not), completions logprobs with echo
+    (the prompt's first), and vLLM's prompt_logprobs: the model's raw log-softmax, token
+    1's from prefill across the transfer, the rest from decode, within 1e-4 of HF's on
+    the same ids, greedy and sampled (penalties and temperature do not change them)."""
+    _, tok = hf
+    n, k = 12, 5
+    sampling = (
+        {"temperature": 1.1, "seed": 5, "extra_body": {"repetition_penalty": 1.4}}
+        if sampled
+        else {"temperature": 0}
+    )
+    extra = {"skip_special_tokens": False, "min_tokens": n, **sampling.pop("extra_body", {})}
+    messages = [{"role": "user", "content": "Which logprobs does a prefill send?"}]
+    prompt = tok.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    kw = dict(model="tiny-llama", messages=messages, max_tokens=n, logprobs=True, top_logprobs=k)
+    full = client.chat.completions.create(**kw, **sampling, extra_body=extra)
+    content = full.choices[0].logprobs.content
+    # The sampled ids, as vLLM's return_tokens_as_token_ids names them: the same tokens.
+    as_ids = (
+        client.chat.completions.create(
+            **kw, **sampling, extra_body=extra | {"return_tokens_as_token_ids": True}
+        )
+        .choices[0]
+        .logprobs.content
+    )
+    out = [int(e.token.removeprefix("token_id:")) for e in as_ids]
+    assert [e.token for e in content] == [tok.decode([t]) for t in out]
+    assert full.choices[0].message.content == tok.decode(out, skip_special_tokens=False)
+    ids = list(prompt) + out
+    ref = hf_logprobs(hf, ids)
+    _check(
+        ref,
+        ids,
+        len(prompt),
+        [e.logprob for e in content],
+        [[t.logprob for t in e.top_logprobs] for e in content],
+        k,
+    )
+    assert all(e.bytes == list(e.token.encode()) for e in content)
+    streamed = []
+    for chunk in client.chat.completions.create(**kw, **sampling, extra_body=extra, stream=True):
+        for c in chunk.choices:
+            if c.logprobs is not None:
+                streamed += c.logprobs.content
+    assert [e.token for e in streamed] == [e.token for e in content]
+    assert all(abs(a.logprob - b.logprob) < 1e-4 for a, b in zip(streamed, content))
+
+    # Completions: echo + logprobs, and vLLM's prompt_logprobs, on the same ids (tokens
+    # named by id: distinct ids can decode to the same text, and top_logprobs is a map).
+    body = {"model": "tiny-llama", "prompt": list(prompt), "max_tokens": n, "echo": True}
+    body |= {"logprobs": 2, "prompt_logprobs": 3, **sampling, **extra}
+    r = httpx.post(f"{cluster.url}/v1/completions", timeout=30, json=body)
+    assert r.status_code == 200, r.text
+    text = r.json()["choices"][0]["logprobs"]
+    assert text["tokens"] == [tok.decode([t]) for t in ids]
+    offsets = text["text_offset"]
+    assert offsets[0] == 0 and all(
+        b - a == len(t) for a, b, t in zip(offsets, offsets[1:], text["tokens"])
+    )
+    r = httpx.post(
+        f"{cluster.url}/v1/completions",
+        timeout=30,
+        json=body | {"return_tokens_as_token_ids": True},
+    )
+    choice = r.json()["choices"][0]
+    lp = choice["logprobs"]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["tokens"] == [f"token_id:{t}" for t in ids]
+    for j, top in enumerate(lp["top_logprobs"][1:], start=1):
+        # the token's own and the top 2, each by id
+        assert f"token_id:{ids[j]}" in top and 2 <= len(top) <= 3
+    tops = [sorted(t.values(), reverse=True)[:2] for t in lp["top_logprobs"][1:]]
+    _check(ref, ids, 1, lp["token_logprobs"][1:], tops, 2)
+    pl = choice["prompt_logprobs"]
+    assert pl[0] is None and len(pl) == len(prompt)
+    for j, step in enumerate(pl[1:], start=1):
+        own = step[str(prompt[j])]
+        assert abs(own["logprob"] - float(ref[j - 1][prompt[j]])) < 1e-4
+        assert own["rank"] == int((ref[j - 1] > ref[j - 1][prompt[j]]).sum()) + 1
+    assert_idle(cluster.url)
+
+
 def test_the_first_stream_chunk_goes_out_with_the_first_token(cluster):
     """Prefill frozen for 1.5 s: a chat stream's first chunk (the one with the role)
     comes when the first token does, as vLLM's server sends it, not at admission; a
@@ -492,6 +594,23 @@ def test_bench_measures_the_endpoint_against_itself(cluster, tmp_path):
         assert 0.3 < point["ratio"]["goodput"] < 3, point["ratio"]
     assert (tmp_path / "goodput.png").stat().st_size > 10_000
     assert (tmp_path / "latency.png").stat().st_size > 10_000
+
+
+def test_bench_measures_the_cost_of_a_request_field(cluster, tmp_path):
+    """`pdcluster bench URL --compare-extra '{"logprobs": 5}'`: the same endpoint measured
+    twice side by side, once with the field in every request; every request succeeds."""
+    from pdcluster.cli import main
+
+    argv = ["bench", cluster.url, "--model", "tiny-llama", "--concurrency", "4"]
+    argv += ["--requests", "8", "--prompt-tokens", "4-12", "--max-tokens", "8"]
+    argv += ["--compare-extra", '{"logprobs": 5}', "--out", str(tmp_path), "--fail-on-error"]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    with_field = f'{cluster.url} {{"logprobs":5}}'
+    assert report["urls"] == [cluster.url, with_field]
+    for r in report["points"][0]["results"].values():
+        assert r["completed"] == 8 and r["failed"] == 0 and r["output_tok_s"] > 0
+    assert main(argv[:-5] + ["--compare", cluster.url, *argv[-5:]]) == 2  # one second target
 
 
 def test_idle_after_requests(cluster):

@@ -136,8 +136,8 @@ async def _stream(d, rid: str, submit) -> list[int]:
     out = []
     chan = OutputChannel(d, f"test-{rid}")
     try:
-        async for tokens, _ in chan.stream(rid, lambda: submit(chan), lambda fn: fn()):
-            out += tokens
+        async for delta in chan.stream(rid, lambda: submit(chan), lambda fn: fn()):
+            out += delta.tokens
     finally:
         chan.shutdown()
     return out

@@ -20,7 +20,7 @@ from cluster.lifecycle import Lifecycle, Unavailable
 from cluster.metrics import RouterMetrics
 from cluster.pool import WorkerPool
 from transfer.handle import KVHandle, TransferFailed
-from wire.api import PrefillResult, SequenceFailed, WorkerError
+from wire.api import Delta, PrefillResult, SequenceFailed, WorkerError
 from wire.sampling_params import SamplingParams
 
 OUTPUT = "the quick brown fox jumps"  # what the stand-in model writes, whatever the prompt
@@ -130,7 +130,7 @@ class FakeDecode:
                 n += 1
                 sent += 1
                 reason = "length" if n >= sp.max_tokens else None
-                self.streams[channel].put_nowait([(attempt_id, [self.model[n - 1]], reason)])
+                self.streams[channel].put_nowait([(attempt_id, Delta([self.model[n - 1]], reason))])
             return "length"
         finally:
             self.sequences.discard(attempt_id)
@@ -156,7 +156,7 @@ class Cluster:
         prompt_ids = list(prompt.encode())
         state = self.lifecycle.admit(f"req{id(prompt_ids)}", len(prompt_ids))
         text, reason, n = "", None, 0
-        async for piece, reason, n in self.lifecycle.run(
+        async for piece, reason, n, _ in self.lifecycle.run(
             state, prompt_ids, SamplingParams(max_tokens=max_tokens, temperature=0.0)
         ):
             text += piece

@@ -169,8 +169,6 @@ def test_missing_required_and_bad_json():
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"logprobs": True}, "logprobs"),
-        ({"top_logprobs": 3}, "top_logprobs"),
         ({"functions": [{"name": "f"}]}, "functions"),
         ({"echo": True}, "echo"),
     ],
@@ -189,12 +187,43 @@ def test_tool_choice_auto_without_tools_is_plain_text():
     [
         ({"best_of": 2}, "best_of"),
         ({"suffix": "end"}, "suffix"),
-        ({"logprobs": 1}, "logprobs"),
         ({"n": 3}, "n"),
     ],
 )
 def test_completion_unimplemented_fields_are_400(kw, param):
     assert comp_err(**kw).param == param
+
+
+@pytest.mark.parametrize(
+    "chat,kw,param",
+    [
+        (True, {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        (True, {"top_logprobs": 3}, "top_logprobs"),  # without logprobs: true
+        (True, {"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+        (False, {"logprobs": 21}, "logprobs"),
+        (False, {"logprobs": -1}, "logprobs"),
+        (False, {"prompt_logprobs": 21}, "prompt_logprobs"),
+        (False, {"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+        (True, {"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+    ],
+)
+def test_logprobs_ranges(chat, kw, param):
+    assert (chat_err if chat else comp_err)(**kw).param == param
+
+
+def test_logprobs_asked():
+    from cluster.policy import logprobs_asked
+
+    assert logprobs_asked(parse_chat(chat_body())) == (None, None)
+    assert logprobs_asked(parse_chat(chat_body(logprobs=True))) == (0, None)
+    assert logprobs_asked(parse_chat(chat_body(logprobs=True, top_logprobs=4))) == (4, None)
+    assert logprobs_asked(parse_chat(chat_body(logprobs=False, prompt_logprobs=2))) == (None, 2)
+    assert logprobs_asked(parse_completion(comp_body(logprobs=0))) == (0, None)
+    # echo with logprobs asks for the prompt's too, at the larger of the two counts
+    assert logprobs_asked(parse_completion(comp_body(logprobs=3, echo=True))) == (3, 3)
+    asked = parse_completion(comp_body(logprobs=1, echo=True, prompt_logprobs=5))
+    assert logprobs_asked(asked) == (1, 5)
+    assert logprobs_asked(parse_completion(comp_body(echo=True))) == (None, None)
 
 
 @pytest.mark.parametrize("role", ["tool", "bogus", "function"])
@@ -391,7 +420,7 @@ USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
 
 def test_chat_completion_parses_with_openai_types():
     c = ChatCompletion.model_validate_json(
-        responses.completion(True, "chatcmpl-ab12", "m", [("hello", "length")], USAGE)
+        responses.completion(True, "chatcmpl-ab12", "m", [("hello", "length", None, None)], USAGE)
     )
     assert c.object == "chat.completion" and c.choices[0].message.content == "hello"
     assert c.choices[0].message.role == "assistant" and c.choices[0].finish_reason == "length"
@@ -400,7 +429,7 @@ def test_chat_completion_parses_with_openai_types():
 
 def test_text_completion_parses_with_openai_types():
     c = Completion.model_validate_json(
-        responses.completion(False, "cmpl-1", "m", [("hi", "stop")], USAGE)
+        responses.completion(False, "cmpl-1", "m", [("hi", "stop", None, None)], USAGE)
     )
     assert c.object == "text_completion" and c.choices[0].text == "hi"
     assert c.choices[0].finish_reason == "stop" and c.usage.prompt_tokens == 3

@@ -342,7 +342,9 @@ def test_a_shared_1000_token_prefix_prefills_only_the_suffix(tiny_model_dir, mon
     computed = []
     forward = engine.runner.forward
     monkeypatch.setattr(
-        engine.runner, "forward", lambda seqs, n: computed.append(sum(n)) or forward(seqs, n)
+        engine.runner,
+        "forward",
+        lambda seqs, n, every: computed.append(sum(n)) or forward(seqs, n, every),
     )
     first, second = _shared_prefix_prompts(1000, 2)
     sp = SamplingParams(max_tokens=1, temperature=0.0)

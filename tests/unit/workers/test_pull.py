@@ -124,8 +124,8 @@ async def _channel(w: DecodeWorker, name: str = "ch"):
 
     async def pump():
         async for step in gen:
-            for rid, tokens, _ in step:
-                got.setdefault(rid, []).extend(tokens)
+            for rid, delta in step:
+                got.setdefault(rid, []).extend(delta.tokens)
 
     return asyncio.ensure_future(pump()), got
 

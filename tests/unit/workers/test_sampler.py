@@ -9,6 +9,13 @@ from workers.sampler import SampleError, sample
 from workers.sequence import Sequence, finish_reason
 
 EOS = (2,)
+
+
+def draw(logits: torch.Tensor, seqs: list[Sequence]) -> list:
+    """The tokens (or SampleErrors) `sample` draws for `seqs`."""
+    return sample(logits, seqs, EOS)[0]
+
+
 V = 50
 
 
@@ -24,21 +31,21 @@ def test_top_k_1_and_tiny_top_p_are_argmax():
     for s in range(20):
         x = logits(seed=s)
         best = int(x[0].argmax())
-        assert sample(x.clone(), [seq(temperature=1.0, top_k=1, seed=s)], EOS) == [best]
-        assert sample(x.clone(), [seq(temperature=1.0, top_p=1e-6, seed=s)], EOS) == [best]
+        assert draw(x.clone(), [seq(temperature=1.0, top_k=1, seed=s)]) == [best]
+        assert draw(x.clone(), [seq(temperature=1.0, top_p=1e-6, seed=s)]) == [best]
 
 
 def test_top_k_keeps_only_the_k_best():
     x = logits()
     top3 = set(torch.topk(x[0], 3).indices.tolist())
-    got = {sample(x.clone(), [seq(temperature=5.0, top_k=3, seed=s)], EOS)[0] for s in range(200)}
+    got = {draw(x.clone(), [seq(temperature=5.0, top_k=3, seed=s)])[0] for s in range(200)}
     assert got <= top3 and len(got) > 1
 
 
 def test_top_p_keeps_the_smallest_prefix_reaching_p():
     x = torch.full((1, V), -30.0)
     x[0, 10], x[0, 11], x[0, 12] = 2.0, 1.0, 0.0  # probs ~0.67, 0.24, 0.09
-    got = {sample(x.clone(), [seq(temperature=1.0, top_p=0.8, seed=s)], EOS)[0] for s in range(300)}
+    got = {draw(x.clone(), [seq(temperature=1.0, top_p=0.8, seed=s)])[0] for s in range(300)}
     assert got == {10, 11}
 
 
@@ -47,7 +54,7 @@ def test_seed_reproduces_and_differs_across_seeds():
 
     def run(seed):
         seqs = [seq(temperature=1.0, seed=seed) for _ in range(4)]
-        return [sample(x.clone(), seqs, EOS) for _ in range(10)]
+        return [draw(x.clone(), seqs) for _ in range(10)]
 
     assert run(1) == run(1)
     assert run(1) != run(2)
@@ -62,7 +69,7 @@ def test_min_tokens_bans_eos_and_stop_ids_until_reached():
         seq(temperature=0.0, min_tokens=3, stop_token_ids=[9]),
         seq([1, 1, 1], temperature=0.0, min_tokens=3, stop_token_ids=[9]),
     ]
-    assert sample(x.clone(), early, EOS) == [4, 2]
+    assert draw(x.clone(), early) == [4, 2]
 
 
 def test_ignore_eos_keeps_eos_from_stopping_but_not_stop_ids():
@@ -91,7 +98,7 @@ def test_a_poisoned_sequence_fails_alone_and_its_neighbours_sample():
     everything_greedy = seq(
         temperature=0.0, min_tokens=1, ignore_eos=True, stop_token_ids=list(range(V))
     )
-    out = sample(x.clone(), [bad_id, seq(temperature=0.0), everything, everything_greedy], EOS)
+    out = draw(x.clone(), [bad_id, seq(temperature=0.0), everything, everything_greedy])
     assert isinstance(out[0], SampleError) and out[0].status == 400
     assert "outside the vocabulary" in str(out[0])
     assert out[1] == int(x[1].argmax())
@@ -101,7 +108,7 @@ def test_a_poisoned_sequence_fails_alone_and_its_neighbours_sample():
 
 def test_sampling_never_returns_nan_driven_tokens():
     x = torch.full((1, V), float("nan"))
-    out = sample(x, [seq(temperature=0.7, seed=3)], EOS)
+    out = draw(x, [seq(temperature=0.7, seed=3)])
     assert isinstance(out[0], SampleError) and out[0].status == 500
 
 
@@ -178,8 +185,7 @@ def test_min_p_equals_hfs_warper():
         assert torch.equal(torch.isinf(got), torch.isinf(want))
         got_probs = {int(t) for t in torch.nonzero(~torch.isinf(got))}
         drawn = {
-            sample(x.clone(), [seq(temperature=1.0, min_p=min_p, seed=k)], EOS)[0]
-            for k in range(200)
+            draw(x.clone(), [seq(temperature=1.0, min_p=min_p, seed=k)])[0] for k in range(200)
         }
         assert drawn <= got_probs
 
@@ -188,11 +194,11 @@ def test_greedy_takes_the_argmax_after_processing_and_bad_ids_fail_alone():
     x = logits(seed=7)
     best = int(x[0].argmax())
     s = seq(temperature=0.0, logit_bias={best: -100.0})
-    assert sample(x.clone(), [s], EOS)[0] != best
+    assert draw(x.clone(), [s])[0] != best
     bad = seq(temperature=0.0, allowed_token_ids=[V + 5])
     ok = seq(temperature=0.0)
     x2 = logits(2, seed=7)
-    out = sample(x2.clone(), [bad, ok], EOS)
+    out = draw(x2.clone(), [bad, ok])
     assert isinstance(out[0], SampleError) and out[0].status == 400
     assert out[1] == int(x2[1].argmax())
 
@@ -204,7 +210,7 @@ def test_options_that_leave_nothing_to_sample_fail_that_sequence_with_a_400():
     for extra in ({"temperature": 0.0}, {"temperature": 0.9, "seed": 1}):
         bad = seq(allowed_token_ids=[EOS[0]], min_tokens=3, **extra)
         huge = seq([9], repetition_penalty=1e-300, **extra)
-        out = sample(logits(3, seed=8), [bad, huge, seq(**extra)], EOS)
+        out = draw(logits(3, seed=8), [bad, huge, seq(**extra)])
         assert isinstance(out[0], SampleError) and out[0].status == 400, out
         assert isinstance(out[1], SampleError) and out[1].status == 400, out
         assert isinstance(out[2], int)
