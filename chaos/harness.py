@@ -124,8 +124,10 @@ class Harness:
             seed=seed,
             # Half the prompts sampled with a seed, and with the penalties and min_p, whose
             # state both tiers compute from the sequence's tokens: corruption is checked
-            # for both kinds, across every fault's migrations and re-prefills.
+            # for both kinds, across every fault's migrations and re-prefills. They ask for
+            # logprobs too (token 1's cross the transfer; not compared, only carried).
             seeded={
+                "logprobs": 2,
                 "temperature": 0.8,
                 "top_p": 0.95,
                 "min_p": 0.02,

@@ -18,7 +18,7 @@ import msgspec
 from transformers import PreTrainedTokenizerBase
 
 from cluster.config import Config
-from cluster.policy import logprobs_asked, message_text, requested_max_tokens
+from cluster.policy import logprobs_asked, message_text, requested_max_tokens, runs_per_prompt
 from cluster.protocol import (
     AdmissionError,
     ChatCompletionRequest,
@@ -165,6 +165,7 @@ class Choice(msgspec.Struct, frozen=True):
     prompt_ids: list[int]
     params: SamplingParams
     echo: str = ""  # the prompt's text, sent before the completion (completions' `echo`)
+    prompt_index: int = 0  # which prompt of the request (n and best_of run each n times)
 
 
 class Admitted(msgspec.Struct, frozen=True):
@@ -226,7 +227,8 @@ class Admission:
         check_model(req.model, self.cfg.served_model_name)
         bad_words = self.bad_words_ids(req.bad_words or [])
         choices = []
-        for prompt in [None] if chat else req.prompt:
+        _, runs = runs_per_prompt(req)
+        for i, prompt in enumerate([None] if chat else req.prompt):
             prompt_ids = self.tokenize_chat(req) if chat else self.tokenize_prompt(prompt)
             params = to_sampling_params(
                 req,
@@ -240,7 +242,13 @@ class Admission:
             echo = ""
             if not chat and req.echo:
                 echo = prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
-            choices.append(Choice(prompt_ids, params, echo))
+            if runs > (req.n or 1) and params.logprobs is None:  # best_of ranks by them
+                params = msgspec.structs.replace(params, logprobs=0)
+            for j in range(runs):
+                # Run j samples its own stream: seed + j, as vLLM's parallel sampling.
+                seed = None if params.seed is None else params.seed + j
+                run = msgspec.structs.replace(params, seed=seed) if j else params
+                choices.append(Choice(prompt_ids, run, echo, i))
         return Admitted(req, choices, parsed.ignored)
 
     def bad_words_ids(self, words: list[str]) -> list[list[int]]:

@@ -10,6 +10,7 @@ from cluster import responses
 from cluster.admission import Admitted
 from cluster.lifecycle import RequestState
 from cluster.logprobs import LogprobFormat, Piece
+from cluster.policy import runs_per_prompt
 
 
 class Answer:
@@ -41,6 +42,7 @@ class Answer:
             self.k = None
         self.prompt_k = req.prompt_logprobs
         self.echo_logprobs = not chat and bool(req.echo) and req.logprobs is not None
+        self.n, self.runs = runs_per_prompt(req)  # returned and sampled per prompt
         self.pieces: list[list[Piece]] = [[] for _ in states]  # output logprobs so far
         self.offset = [0] * len(states)  # completions' text_offset so far (streamed)
 
@@ -82,7 +84,14 @@ class Answer:
         return self.fmt.prompt(self.choices_in[i].prompt_ids, entries, self.prompt_k)
 
     def choices(self) -> list[tuple[str, str | None, dict | None, list | None]]:
-        """(text, finish reason, logprobs, prompt logprobs) of each choice, in order."""
+        """(text, finish reason, logprobs, prompt logprobs) of each choice, in order: of
+        each prompt's runs (best_of), the n with the highest cumulative logprob."""
+        kept = []
+        for start in range(0, len(self.states), self.runs):
+            runs = list(range(start, start + self.runs))
+            if self.runs > self.n:
+                runs.sort(key=lambda i: -sum(e[0] for _, e in self.pieces[i]))
+            kept += runs[: self.n]
         return [
             (
                 self.text[i],
@@ -90,14 +99,16 @@ class Answer:
                 self.logprobs(i, self.pieces[i], True),
                 self.prompt_logprobs(i),
             )
-            for i in range(len(self.states))
+            for i in kept
         ]
 
     def usage(self) -> dict:
+        """Each prompt's tokens once (however many runs it has), every run's output."""
+        firsts = [s for i, s in enumerate(self.states) if i % self.runs == 0]
         return responses.usage(
-            sum(s.prompt_len for s in self.states),
+            sum(s.prompt_len for s in firsts),
             sum(self.n_out),
-            sum(s.cached_tokens for s in self.states),
+            sum(s.cached_tokens for s in firsts),
         )
 
 

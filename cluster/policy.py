@@ -26,6 +26,7 @@ MAX_LOGIT_BIAS = 300  # OpenAI's limit
 MAX_BAD_WORDS = 64
 MAX_PROMPTS = 64  # a /v1/completions batch: one choice each
 MAX_LOGPROBS = 20  # top logprobs per token (vLLM's default --max-logprobs)
+MAX_N = 128  # choices per prompt (OpenAI's limit for n); router.max_queued bounds the total
 # torch.Generator.manual_seed accepts [-2**63, 2**64).
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
 
@@ -64,7 +65,6 @@ def _empty(v: Any) -> bool:
 # field -> (accepted?, what is accepted). Fields not listed are either implemented
 # or ignorable (user, service_tier, metadata, store, parallel_tool_calls, priority...).
 COMMON_POLICY: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "n": (_is_none_or(1), "only n=1"),
     "response_format": (lambda v: v is None or v == {"type": "text"}, 'only {"type": "text"}'),
     "use_beam_search": (_is_none_or(False), "beam search is not implemented"),
     "length_penalty": (_is_none_or(1), "beam search is not implemented"),
@@ -95,7 +95,6 @@ CHAT_POLICY = {
 COMPLETION_POLICY = {
     **COMMON_POLICY,
     "suffix": (_empty, "suffix (insertion) is not implemented"),
-    "best_of": (_is_none_or(1), "only best_of=1"),
     "add_special_tokens": (_is_none_or(True), "special tokens are always added"),
 }
 
@@ -131,8 +130,14 @@ def check_ranges(req) -> None:
         cap = requested_max_tokens(req)
         if cap is not None and req.min_tokens > cap:
             raise bad("min_tokens", f"{req.min_tokens} is larger than max_tokens ({cap})")
-    if req.n is not None and req.n < 1:
-        raise bad("n", f"{req.n}; it must be at least 1")
+    if req.n is not None and not 1 <= req.n <= MAX_N:
+        raise bad("n", f"{req.n} is not in [1, {MAX_N}]")
+    best_of = getattr(req, "best_of", None)
+    if best_of is not None:
+        if not (req.n or 1) <= best_of <= MAX_N:
+            raise bad("best_of", f"{best_of} is not in [n, {MAX_N}] (n = {req.n or 1})")
+        if req.stream and best_of > (req.n or 1):
+            raise bad("best_of", "the best of several runs cannot be streamed")
     _check_logprobs(req)
     if req.seed is not None and not _SEED_MIN <= req.seed <= _SEED_MAX:
         raise bad("seed", f"{req.seed} is outside [-2**63, 2**64)")
@@ -191,6 +196,12 @@ def _check_logprobs(req) -> None:
         raise bad("top_logprobs", "it needs 'logprobs': true")
     if req.stream and req.prompt_logprobs is not None:  # as vLLM: not streamed
         raise bad("prompt_logprobs", "prompt logprobs are not available when streaming")
+
+
+def runs_per_prompt(req) -> tuple[int, int]:
+    """(choices returned per prompt, runs sampled per prompt): n, and best_of when set."""
+    n = req.n or 1
+    return n, max(n, getattr(req, "best_of", None) or n)
 
 
 def logprobs_asked(req) -> tuple[int | None, int | None]:
@@ -304,6 +315,10 @@ SUPPORTED = {
     "allowed_token_ids": "vLLM's: only these ids may be sampled",
     "bad_words": f"vLLM's: at most {MAX_BAD_WORDS} words, each never completed (with and "
     "without a leading space)",
+    "n": f"1-{MAX_N} choices per prompt, each its own sequence (its seed `seed` + its index, "
+    "as vLLM's); a batch of prompts gives n per prompt, prompt i's at indexes i*n..",
+    "best_of": f"completions: n-{MAX_N} runs per prompt, the n with the highest cumulative "
+    "logprob returned; not with `stream`",
     "echo": "the prompt's text before the completion; with `logprobs`, the prompt "
     "tokens' logprobs before the completion's (the first prompt token's are null)",
     "logprobs": f"chat: true for each token's logprob; completions: 0-{MAX_LOGPROBS} top "

@@ -385,6 +385,87 @@ def test_logprobs_equal_hfs_through_the_disaggregated_path(cluster, client, hf, 
     assert_idle(cluster.url)
 
 
+def test_n_choices_each_sample_their_own_seed_stream(cluster, client, hf):
+    """n = 3 seeded: choice j is the text a single request with seed + j gets (vLLM's
+    parallel sampling), streamed or not; greedy choices are HF's; a batch of prompts gives
+    n per prompt at indexes i*n + j, each prompt's tokens counted once in usage."""
+    _, tok = hf
+    messages = [{"role": "user", "content": "Three ways to say hello"}]
+    kw = dict(model="tiny-llama", messages=messages, max_tokens=10, temperature=0.9)
+    extra = {"min_tokens": 10, "skip_special_tokens": False}
+    out = client.chat.completions.create(**kw, n=3, seed=40, extra_body=extra)
+    single = [client.chat.completions.create(**kw, seed=40 + j, extra_body=extra) for j in range(3)]
+    alone = [r.choices[0] for r in single]
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    assert [c.message.content for c in out.choices] == [c.message.content for c in alone]
+    assert len({c.message.content for c in out.choices}) > 1  # three streams, not one
+    assert out.usage.completion_tokens == 30
+    assert out.usage.prompt_tokens == single[0].usage.prompt_tokens  # counted once
+    streamed = ["", "", ""]
+    for chunk in client.chat.completions.create(**kw, n=3, seed=40, stream=True, extra_body=extra):
+        for c in chunk.choices:
+            streamed[c.index] += c.delta.content or ""
+    assert streamed == [c.message.content for c in out.choices]
+
+    prompts = [PROMPTS[1], PROMPTS[2]]
+    want = [tok.decode(hf_greedy(hf, tok.encode(p), 6), skip_special_tokens=False) for p in prompts]
+    r = client.completions.create(
+        model="tiny-llama",
+        prompt=prompts,
+        n=2,
+        max_tokens=6,
+        temperature=0,
+        extra_body=extra | {"min_tokens": 6},
+    )
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert [c.text for c in r.choices] == [want[0], want[0], want[1], want[1]]
+    assert r.usage.prompt_tokens == sum(len(tok.encode(p)) for p in prompts)
+    assert r.usage.completion_tokens == 4 * 6
+    assert_idle(cluster.url)
+
+
+def test_best_of_returns_the_runs_with_the_highest_cumulative_logprob(cluster, client):
+    """best_of = 4, n = 2: the two of the four seeded runs (seed + j) whose sampled tokens
+    have the highest summed logprob, best first; logprobs only when asked for."""
+    kw = dict(model="tiny-llama", prompt="Pick the best", max_tokens=8, temperature=1.0)
+    extra = {"min_tokens": 8, "skip_special_tokens": False}
+    runs = [
+        client.completions.create(**kw, seed=9 + j, logprobs=0, extra_body=extra).choices[0]
+        for j in range(4)
+    ]
+    score = [sum(r.logprobs.token_logprobs) for r in runs]
+    best = sorted(range(4), key=lambda j: -score[j])[:2]
+    out = client.completions.create(**kw, seed=9, n=2, extra_body=extra | {"best_of": 4})
+    assert [c.text for c in out.choices] == [runs[j].text for j in best]
+    assert [c.index for c in out.choices] == [0, 1]
+    assert all(c.logprobs is None for c in out.choices)
+    assert out.usage.completion_tokens == 4 * 8  # every run was computed
+    assert_idle(cluster.url)
+
+
+def test_n8_streams_cancelled_mid_stream_leave_nothing_held(cluster):
+    """Clients that leave n = 8 streams mid-stream (chat and completions, through
+    prefill and a transfer each): every choice's blocks, leases, channel queues and
+    router entries are back at zero."""
+    bodies = [
+        ("chat/completions", {"messages": [{"role": "user", "content": "eight at once"}]}),
+        ("completions", {"prompt": [PROMPTS[3], PROMPTS[2]]}),  # 16 choices
+    ]
+    for path, body in bodies:
+        body |= {"model": "tiny-llama", "n": 8, "max_tokens": 300, "min_tokens": 300}
+        body |= {"stream": True, "temperature": 0.8, "seed": 1}
+        body["logprobs"] = 2 if path == "completions" else True
+        for _ in range(2):
+            with httpx.stream("POST", f"{cluster.url}/v1/{path}", json=body, timeout=30) as r:
+                assert r.status_code == 200
+                seen = 0
+                for line in r.iter_lines():
+                    seen += line.startswith("data: {")
+                    if seen >= 20:
+                        break  # the client leaves with every choice decoding
+    assert_idle(cluster.url)
+
+
 def test_the_first_stream_chunk_goes_out_with_the_first_token(cluster):
     """Prefill frozen for 1.5 s: a chat stream's first chunk (the one with the role)
     comes when the first token does, as vLLM's server sends it, not at admission; a

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# What a request field costs: configs/local.yaml up once, then for each field in FIELDS
+# `pdcluster bench --compare-extra FIELD` (the same endpoint without and with the field,
+# alternating which goes first) at 32 streams x 64 tokens. Run from anywhere.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/field_cost}
+DURATION=${DURATION:-60}
+FIELDS=${FIELDS:-'{"logprobs":5}'}
+NAME=SmolLM2-135M-Instruct
+mkdir -p "$OUT"
+.venv/bin/pdcluster up configs/local.yaml >"$OUT/pdcluster.log" 2>&1 &
+PDX_PID=$!
+trap 'kill -TERM $PDX_PID 2>/dev/null; wait $PDX_PID 2>/dev/null || true' EXIT
+source benchmarks/servers.sh
+wait_up http://127.0.0.1:8000
+for field in $FIELDS; do
+  name=$(echo "$field" | tr -cd 'a-z0-9_')
+  .venv/bin/pdcluster bench http://127.0.0.1:8000 --compare-extra "$field" --model "$NAME" \
+    --concurrency 32 --prompt-tokens 16-48 --max-tokens 64 --duration "$DURATION" \
+    --out "$OUT/$name"
+done
