@@ -192,6 +192,7 @@ def bench(
         f"{u} {json.dumps(x, separators=(',', ':'))}" if urls.count(u) > 1 and x else u
         for u, x in zip(urls, extras, strict=True)
     ]
+    names = [n if names.index(n) == j else f"{n} #{j + 1}" for j, n in enumerate(names)]
     prompts, lengths = workload.prompts()
     base = LoadShape(
         prompts=prompts,

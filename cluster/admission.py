@@ -18,7 +18,14 @@ import msgspec
 from transformers import PreTrainedTokenizerBase
 
 from cluster.config import Config
-from cluster.policy import logprobs_asked, message_text, requested_max_tokens, runs_per_prompt
+from cluster.policy import (
+    MAX_LOGPROBS,
+    echo_only,
+    logprobs_asked,
+    message_text,
+    requested_max_tokens,
+    runs_per_prompt,
+)
 from cluster.protocol import (
     AdmissionError,
     ChatCompletionRequest,
@@ -119,6 +126,8 @@ def to_sampling_params(
         )
     asked = requested_max_tokens(req)
     max_tokens = asked or default_max_tokens
+    if echo_only(req):  # the prompt scored: one token computed, none returned
+        asked = max_tokens = 1
     if max_tokens > room:
         if strict and asked is not None:
             raise context_length_exceeded(
@@ -249,7 +258,28 @@ class Admission:
                 seed = None if params.seed is None else params.seed + j
                 run = msgspec.structs.replace(params, seed=seed) if j else params
                 choices.append(Choice(prompt_ids, run, echo, i))
+        self._check_prompt_logprobs(choices, req)
         return Admitted(req, choices, parsed.ignored)
+
+    def _check_prompt_logprobs(self, choices: list[Choice], req) -> None:
+        """Prompt logprobs cost (prompt tokens x (k + 1)) entries, on the worker, on the
+        wire and in the router's answer: at most a full context's worth at the top k
+        allowed per request (a 64-prompt batch of long prompts would hold gigabytes)."""
+        k = choices[0].params.prompt_logprobs
+        if k is None:
+            return
+        cap = self.cfg.model.max_model_len * (MAX_LOGPROBS + 1)
+        asked = sum(len(c.prompt_ids) for c in choices) * (k + 1)
+        if asked > cap:
+            param = "prompt_logprobs" if req.prompt_logprobs is not None else "echo"
+            raise AdmissionError(
+                f"Invalid '{param}': prompt logprobs for {asked // (k + 1)} prompt tokens in "
+                f"all (with n and best_of) at {k} top logprobs each; at most "
+                f"{cap // (k + 1)} at that count (model.max_model_len x {MAX_LOGPROBS + 1} "
+                "entries)",
+                param,
+                "invalid_value",
+            )
 
     def bad_words_ids(self, words: list[str]) -> list[list[int]]:
         """Each bad word's token ids, as vLLM makes them: the word as given and with a

@@ -10,7 +10,7 @@ from cluster import responses
 from cluster.admission import Admitted
 from cluster.lifecycle import RequestState
 from cluster.logprobs import LogprobFormat, Piece
-from cluster.policy import runs_per_prompt
+from cluster.policy import echo_only, runs_per_prompt
 
 
 class Answer:
@@ -43,6 +43,7 @@ class Answer:
         self.prompt_k = req.prompt_logprobs
         self.echo_logprobs = not chat and bool(req.echo) and req.logprobs is not None
         self.n, self.runs = runs_per_prompt(req)  # returned and sampled per prompt
+        self.echo_only = echo_only(req)  # the prompt scored: the token computed is not shown
         self.pieces: list[list[Piece]] = [[] for _ in states]  # output logprobs so far
         self.offset = [0] * len(states)  # completions' text_offset so far (streamed)
 
@@ -51,6 +52,12 @@ class Answer:
         new = i not in self._started
         self._started.add(i)
         return new
+
+    def visible(
+        self, piece: str, n_out: int, lps: list[Piece] | None
+    ) -> tuple[str, int, list[Piece] | None]:
+        """What a choice shows of its new output: nothing when only its prompt is scored."""
+        return ("", 0, None) if self.echo_only else (piece, n_out, lps)
 
     def add(
         self, i: int, piece: str, reason: str | None, n_out: int, lps: list[Piece] | None = None
@@ -61,19 +68,23 @@ class Answer:
         if lps:
             self.pieces[i] += lps
 
-    def logprobs(self, i: int, lps: list[Piece] | None, first: bool) -> dict | None:
-        """Choice i's `logprobs` for these tokens (a chunk's, or the whole output's);
-        `first`: they are the choice's first, after the echoed prompt's when asked."""
+    def logprobs(
+        self, i: int, lps: list[Piece] | None, first: bool, stream: bool = True
+    ) -> dict | None:
+        """Choice i's `logprobs` for these tokens (a chunk's, or with `stream` False the
+        whole output's); `first`: they are the choice's first, after the echoed prompt's
+        when asked. A stream's text offsets go on from its previous chunk's."""
         if self.k is None:
             return None
         pieces = list(lps or [])
         if first and self.echo_logprobs:
             ids, entries = self.choices_in[i].prompt_ids, self.states[i].prompt_logprobs or []
-            pieces = [(ids[0], None), *zip(ids[1:], entries), *pieces]
+            pieces = [(ids[0], None), *zip(ids[1:], entries, strict=True), *pieces]
         if self.chat:
             return self.fmt.chat(pieces, self.k)
-        out = self.fmt.completion(pieces, self.k, self.offset[i])
-        self.offset[i] += sum(len(t) for t in out["tokens"])
+        out = self.fmt.completion(pieces, self.k, self.offset[i] if stream else 0)
+        if stream:
+            self.offset[i] += sum(len(t) for t in out["tokens"])
         return out
 
     def prompt_logprobs(self, i: int) -> list | None:
@@ -96,7 +107,7 @@ class Answer:
             (
                 self.text[i],
                 self.reason[i],
-                self.logprobs(i, self.pieces[i], True),
+                self.logprobs(i, self.pieces[i], True, stream=False),
                 self.prompt_logprobs(i),
             )
             for i in kept

@@ -75,6 +75,28 @@ class RequestState:
         return attempt_id
 
 
+def _apply_stops(
+    detok: IncrementalDetokenizer, stops: StopChecker, tokens: list[int], final: bool
+) -> tuple[str, int]:
+    """The text `tokens` add, cut at a stop string, and how many of them it took: with
+    stop strings, several tokens that came at once go one at a time, so the tokens kept
+    (their logprobs, the usage) end at the one that completed the stop string, as vLLM's.
+    `final`: the worker ended the sequence with the last of them."""
+    steps = [tokens[j : j + 1] for j in range(len(tokens))] if stops.stop and tokens else [tokens]
+    text, used = "", 0
+    for j, step in enumerate(steps):
+        used += len(step)
+        last = j == len(steps) - 1
+        piece = detok.push(step)
+        if last and final:
+            piece += detok.flush()
+        piece, stopped = stops.push(piece, final=last and final)
+        text += piece
+        if stopped:
+            break
+    return text, used
+
+
 class Lifecycle:
     """Runs this router's requests on its prefill and decode pools. `channel(i)`
     returns decode replica i's open output channel."""
@@ -131,15 +153,15 @@ class Lifecycle:
                     self.metrics.first_token(now - state.created, state.prompt_len)
                 self.metrics.tokens(len(tokens), now - last_at if n_out else None)
                 last_at = now
-                n_out += len(tokens)
-                text = detok.push(tokens)
                 if reason is not None:
-                    text += detok.flush()
                     state.worker_done = True  # the worker ended and freed the sequence itself
-                text, stopped = stops.push(text, final=reason is not None)
-                if stopped:
-                    reason = "stop"
-                lps = list(zip(tokens, delta.logprobs, strict=True)) if delta.logprobs else None
+                text, used = _apply_stops(detok, stops, tokens, reason is not None)
+                if stops.stopped:
+                    reason, tokens = "stop", tokens[:used]
+                n_out += len(tokens)
+                lps = None
+                if delta.logprobs:
+                    lps = list(zip(tokens, delta.logprobs[: len(tokens)], strict=True))
                 yield text, reason, n_out, lps
                 if reason is not None:
                     outcome = "ok"

@@ -122,8 +122,8 @@ def check_ranges(req) -> None:
         raise bad("top_k", f"{req.top_k}; use -1 (or 0) to disable, or a value >= 1")
     for name in ("max_tokens", "max_completion_tokens"):
         v = getattr(req, name, None)
-        if v is not None and v < 1:
-            raise bad(name, f"{v}; it must be at least 1")
+        if v is not None and v < 1 and not (v == 0 and echo_only(req)):
+            raise bad(name, f"{v}; it must be at least 1 (0 only with echo, to score a prompt)")
     if req.min_tokens is not None:
         if req.min_tokens < 0:
             raise bad("min_tokens", f"{req.min_tokens}; it must be at least 0")
@@ -196,6 +196,16 @@ def _check_logprobs(req) -> None:
         raise bad("top_logprobs", "it needs 'logprobs': true")
     if req.stream and req.prompt_logprobs is not None:  # as vLLM: not streamed
         raise bad("prompt_logprobs", "prompt logprobs are not available when streaming")
+
+
+def echo_only(req) -> bool:
+    """A completions request that only scores its prompt: `echo` with `max_tokens` 0
+    (OpenAI's legacy idiom; vLLM's too). One token is computed and not returned."""
+    return (
+        getattr(req, "echo", None) is True
+        and getattr(req, "prompt", None) is not None
+        and (req.max_tokens == 0)
+    )
 
 
 def runs_per_prompt(req) -> tuple[int, int]:
@@ -319,7 +329,8 @@ SUPPORTED = {
     "as vLLM's); a batch of prompts gives n per prompt, prompt i's at indexes i*n..",
     "best_of": f"completions: n-{MAX_N} runs per prompt, the n with the highest cumulative "
     "logprob returned; not with `stream`",
-    "echo": "the prompt's text before the completion; with `logprobs`, the prompt "
+    "echo": "the prompt's text before the completion (with `max_tokens` 0 the prompt alone, "
+    "scored: nothing generated is returned); with `logprobs`, the prompt "
     "tokens' logprobs before the completion's (the first prompt token's are null)",
     "logprobs": f"chat: true for each token's logprob; completions: 0-{MAX_LOGPROBS} top "
     "logprobs per token. The model's log-softmax before any sampling transform (vLLM's "

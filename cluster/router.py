@@ -384,6 +384,7 @@ class Router:
             )
         try:
             async for i, piece, reason, n_out, lps in merged(runs):
+                piece, n_out, lps = answer.visible(piece, n_out, lps)
                 answer.add(i, piece, reason, n_out, lps)
         except Exception as e:  # noqa: BLE001 - typed failures become HTTP errors
             return self._failure(e, rid)
@@ -429,6 +430,7 @@ class Router:
         events = merged(runs)
         try:
             async for i, piece, reason, n_out, lps in events:
+                piece, n_out, lps = answer.visible(piece, n_out, lps)
                 first = answer.first(i)
                 if first:  # its first chunk goes out with its first token (vLLM)
                     piece = answer.echo[i] + piece

@@ -101,11 +101,14 @@ class Delta(msgspec.Struct):
     prompt_logprobs: list[TokenLogprobs] | None = None
 
     def extend(self, later: Delta) -> None:
-        """Append `later` (this request's next delta) to this one."""
-        self.tokens = self.tokens + later.tokens
+        """Append `later` (this request's next delta) to this one, in place (a delta's
+        lists are its own: made by the worker for it, or decoded for it)."""
+        self.tokens += later.tokens
         self.finish_reason = later.finish_reason
         if later.logprobs is not None:
-            self.logprobs = (self.logprobs or []) + later.logprobs
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs += later.logprobs
         if later.prompt_logprobs is not None:
             self.prompt_logprobs = later.prompt_logprobs
 

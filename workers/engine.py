@@ -44,6 +44,9 @@ class _Held:
     since: float
 
 
+PROMPT_LOGPROB_ROWS = 512  # positions a step computes logits at for prompt logprobs
+
+
 @dataclass
 class StepOutput:
     seq: Sequence
@@ -352,6 +355,9 @@ class Engine:
 
     def _schedule_prefill(self) -> tuple[list[Sequence], list[int]]:
         seqs, num_new, budget = [], [], self.max_batched_tokens
+        # Prompt logprobs need logits at every position (rows x vocab floats): at most
+        # PROMPT_LOGPROB_ROWS of them a step, a long prompt's over several chunks.
+        rows = PROMPT_LOGPROB_ROWS
         # A place in the batch is kept for each pull in flight (`admit_pulls`): taking it,
         # a prompt would leave the pulled request parked in `waiting` holding its blocks.
         while (
@@ -379,6 +385,11 @@ class Engine:
                 seq.block_table = self.blocks.match(seq.block_hashes)
                 seq.num_cached = len(seq.block_table) * self.blocks.block_size
             n = min(seq.num_tokens - seq.num_cached, budget)
+            wants_rows = _wants_prompt_logprobs(seq)
+            if wants_rows:
+                if rows <= 0:
+                    break
+                n = min(n, rows)
             fits = self._grow(seq, seq.num_cached + n)
             if not fits and not self.running and not seqs:
                 fits = self._make_room(seq, seq.num_cached + n)
@@ -396,6 +407,7 @@ class Engine:
             seqs.append(seq)
             num_new.append(n)
             budget -= n
+            rows -= n if wants_rows else 0
         return seqs, num_new
 
     def _schedule_decode(self) -> list[Sequence]:
@@ -479,13 +491,19 @@ class Engine:
                 self.running.append(s)
             prompt_lps = None
             if is_prefill and s.params.prompt_logprobs is not None and s.num_output == 1:
-                prompt_lps = s.prompt_logprobs
+                # Handed over once; not kept for the sequence's life, nor computed again.
+                prompt_lps, s.prompt_logprobs = s.prompt_logprobs, []
+                s.prompt_logprobs_sent = True
             outputs.append(StepOutput(s, tok, reason, None, lp, prompt_lps))
         return outputs
 
 
 def _wants_prompt_logprobs(s: Sequence) -> bool:
-    return s.params.prompt_logprobs is not None and len(s.prompt_logprobs) < s.num_prompt_tokens - 1
+    return (
+        s.params.prompt_logprobs is not None
+        and not s.prompt_logprobs_sent
+        and len(s.prompt_logprobs) < s.num_prompt_tokens - 1
+    )
 
 
 def _add_prompt_logprobs(s: Sequence, rows, start: int) -> None:
@@ -494,9 +512,8 @@ def _add_prompt_logprobs(s: Sequence, rows, start: int) -> None:
     recomputation after preemption computes them again)."""
     first = max(start + 1, len(s.prompt_logprobs) + 1)
     last = min(start + len(rows), s.num_prompt_tokens - 1)
-    if first <= last:
+    for a in range(first, last + 1, 128):  # a slice at a time: bounded temporaries
+        b = min(a + 127, last)
         s.prompt_logprobs += logprobs_of(
-            rows[first - 1 - start : last - start],
-            s.token_ids[first : last + 1],
-            s.params.prompt_logprobs,
+            rows[a - 1 - start : b - start], s.token_ids[a : b + 1], s.params.prompt_logprobs
         )

@@ -48,6 +48,7 @@ class Sequence:
         self.sampling_cache: dict = {}
         # params.prompt_logprobs: logprobs of prompt tokens 1.., filled chunk by chunk.
         self.prompt_logprobs: list = []
+        self.prompt_logprobs_sent = False  # handed to its worker with the first token
 
     @property
     def num_tokens(self) -> int:

@@ -376,6 +376,20 @@ def test_logprobs_equal_hfs_through_the_disaggregated_path(cluster, client, hf, 
         assert f"token_id:{ids[j]}" in top and 2 <= len(top) <= 3
     tops = [sorted(t.values(), reverse=True)[:2] for t in lp["top_logprobs"][1:]]
     _check(ref, ids, 1, lp["token_logprobs"][1:], tops, 2)
+    # max_tokens 0 with echo scores the prompt alone (OpenAI's legacy idiom): the same
+    # prompt logprobs, nothing generated shown.
+    scored = httpx.post(
+        f"{cluster.url}/v1/completions",
+        timeout=30,
+        json=body | {"max_tokens": 0, "min_tokens": 0, "return_tokens_as_token_ids": True},
+    ).json()
+    only = scored["choices"][0]
+    assert only["text"] == tok.decode(prompt) and scored["usage"]["completion_tokens"] == 0
+    assert only["logprobs"]["tokens"] == [f"token_id:{t}" for t in prompt]
+    assert only["logprobs"]["token_logprobs"] == lp["token_logprobs"][: len(prompt)] or all(
+        abs(a - b) < 1e-4
+        for a, b in zip(only["logprobs"]["token_logprobs"][1:], lp["token_logprobs"][1:])
+    )
     pl = choice["prompt_logprobs"]
     assert pl[0] is None and len(pl) == len(prompt)
     for j, step in enumerate(pl[1:], start=1):

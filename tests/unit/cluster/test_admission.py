@@ -165,3 +165,37 @@ def test_client_input_that_breaks_the_template_or_ids_is_a_400_never_a_500(adm):
     assert ei.value.param == "tokens"
     ok = adm.admit(chat([USER], allowed_token_ids=[7] * 1000 + [3]), True)
     assert ok.choices[0].params.allowed_token_ids == [3, 7]  # each id once
+
+
+def comp(**kw) -> bytes:
+    return json.dumps({"model": "tiny-llama", **kw}).encode()
+
+
+def test_n_and_best_of_give_each_run_its_own_seed_and_best_of_ranks_by_logprobs(adm):
+    got = adm.admit(comp(prompt=["a", "b"], n=2, seed=7), False).choices
+    assert [(c.prompt_index, c.params.seed) for c in got] == [(0, 7), (0, 8), (1, 7), (1, 8)]
+    assert all(c.params.logprobs is None for c in got)
+    runs = adm.admit(comp(prompt="a", n=1, best_of=3), False).choices
+    assert len(runs) == 3 and all(c.params.logprobs == 0 for c in runs)  # to rank them
+    assert all(c.params.seed is None for c in runs)
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt(adm):
+    (c,) = adm.admit(comp(prompt="score me", echo=True, max_tokens=0, logprobs=1), False).choices
+    assert c.params.max_tokens == 1 and c.params.prompt_logprobs == 1
+    with pytest.raises(AdmissionError) as ei:
+        adm.admit(comp(prompt="score me", max_tokens=0), False)  # without echo: nothing to do
+    assert ei.value.param == "max_tokens"
+
+
+def test_prompt_logprobs_are_bounded_per_request(adm):
+    """At most max_model_len x 21 entries of prompt logprobs in one request's answer."""
+    prompt = list(range(3, 203))  # 200 tokens; tiny.yaml: max_model_len 512
+    ok = adm.admit(comp(prompt=[prompt] * 2, echo=True, logprobs=20, max_tokens=1), False)
+    assert len(ok.choices) == 2
+    with pytest.raises(AdmissionError) as ei:  # 3 x 200 x 21 > 512 x 21
+        adm.admit(comp(prompt=[prompt] * 3, echo=True, logprobs=20, max_tokens=1), False)
+    assert ei.value.param == "echo"
+    with pytest.raises(AdmissionError) as ei:
+        adm.admit(comp(prompt=prompt, prompt_logprobs=20, n=3, max_tokens=1), False)
+    assert ei.value.param == "prompt_logprobs"

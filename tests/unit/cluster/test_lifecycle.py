@@ -191,6 +191,29 @@ def run(cluster: Cluster, body):
     return asyncio.run(main())
 
 
+def test_a_stop_string_inside_a_merged_delta_cuts_its_tokens_and_logprobs(tok):
+    """Tokens that came at once (stream_interval, a lagging router) are checked one by
+    one: those after the token completing the stop string are dropped, their logprobs
+    and usage too."""
+    c = Cluster(tok)
+    ids = tok.encode("abXYZcd")
+    lp = [(-0.5, 1, [], [])] * len(ids)
+
+    async def tokens(state, prompt_ids, params):
+        yield Delta(ids, None, lp)
+
+    c.lifecycle._tokens = tokens
+
+    async def run():
+        state = c.lifecycle.admit("stop", 2)
+        sp = SamplingParams(max_tokens=20, stop=["XY"], logprobs=0)
+        return [e async for e in c.lifecycle.run(state, list(b"hi"), sp)]
+
+    ((text, reason, n_out, lps),) = asyncio.run(run())
+    assert (text, reason, n_out) == ("ab", "stop", 4)
+    assert [t for t, _ in lps] == ids[:4]
+
+
 def test_a_request_goes_prefill_then_decode_and_leaves_nothing_held(tok):
     c = Cluster(tok)
     text, reason, n = run(c, lambda c: c.complete())

@@ -103,3 +103,37 @@ def test_a_prompt_asking_for_prompt_logprobs_skips_the_prefix_cache(tiny_model_d
     assert seq.cached_tokens == 0 and engine.prefix_hit_tokens == 0
     ref = hf_logprobs(hf, p)
     assert_logprobs_match(ref, p, outs[0].prompt_logprobs, 1, 1)
+
+
+def test_prompt_logprobs_take_a_bounded_number_of_logit_rows_a_step(
+    tiny_model_dir, hf, monkeypatch
+):
+    """Logits at every prompt position cost rows x vocab floats: at most
+    PROMPT_LOGPROB_ROWS a step (a long prompt goes in chunks), the same values."""
+    import workers.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "PROMPT_LOGPROB_ROWS", 20)
+    runner = ModelRunner(tiny_model_dir, max_model_len=512, num_blocks=64, block_size=16)
+    engine = Engine(runner, BlockManager(64, 16), max_batched_tokens=512, max_running=8)
+    rows = []
+    forward = runner.forward
+    monkeypatch.setattr(
+        runner,
+        "forward",
+        lambda seqs, n, every: rows.append(sum(n[i] for i in every)) or forward(seqs, n, every),
+    )
+    p = prompts()[3]  # 130 tokens
+    sp = SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=3)
+    plain = Sequence("plain", prompts()[2], SamplingParams(max_tokens=2, temperature=0.0))
+    seq = Sequence("long", p, sp)
+    engine.add(seq)
+    engine.add(plain)
+    got = None
+    while engine.has_work:
+        for out in engine.step():
+            if out.prompt_logprobs is not None:
+                got = out.prompt_logprobs
+    assert max(rows) <= 20 and sum(rows) == len(p)  # 7 chunks, each row once
+    assert seq.prompt_logprobs == [] and seq.prompt_logprobs_sent  # not kept after
+    assert_logprobs_match(hf_logprobs(hf, p), p, got, 1, 3)
+    assert engine.blocks.num_used == 0
