@@ -78,7 +78,7 @@ class Answer:
             return None
         pieces = list(lps or [])
         if first and self.echo_logprobs:
-            ids, entries = self.choices_in[i].prompt_ids, self.states[i].prompt_logprobs or []
+            ids, entries = self.choices_in[i].prompt_ids, self._prompt_entries(i)
             pieces = [(ids[0], None), *zip(ids[1:], entries, strict=True), *pieces]
         if self.chat:
             return self.fmt.chat(pieces, self.k)
@@ -91,8 +91,17 @@ class Answer:
         """vLLM's `prompt_logprobs` of choice i, when asked for."""
         if self.prompt_k is None:
             return None
-        entries = self.states[i].prompt_logprobs or []
-        return self.fmt.prompt(self.choices_in[i].prompt_ids, entries, self.prompt_k)
+        return self.fmt.prompt(
+            self.choices_in[i].prompt_ids, self._prompt_entries(i), self.prompt_k
+        )
+
+    def _prompt_entries(self, i: int) -> list:
+        """Choice i's prompt logprobs: its own, or, forked from its prompt's first run
+        (which had them with its first token, before any fork began), that run's."""
+        own = self.states[i].prompt_logprobs
+        if own is None:
+            own = self.states[i - i % self.runs].prompt_logprobs
+        return own or []
 
     def choices(self) -> list[tuple[str, str | None, dict | None, list | None]]:
         """(text, finish reason, logprobs, prompt logprobs) of each choice, in order: of

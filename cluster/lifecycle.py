@@ -45,6 +45,37 @@ class NoPrefillWorker(Exception):
 WORKER_LOST = (RayActorError, ActorUnavailableError, WorkerError, WorkerStalled)
 
 
+class Fork:
+    """One prompt's n choices (n > 1, best_of): choice 0 is prefilled, and its KV pulled,
+    once; the others join it on its decode replica (`DecodeWorker.generate_fork`) and
+    fork from its KV when it lands. Choice 0 says where (`announce`) as soon as its
+    decode call is sent, or that there is nowhere (`give_up`: a local prefill, a first
+    token that ended it, a failure): then each goes on its own."""
+
+    def __init__(self) -> None:
+        self._where: asyncio.Future | None = None
+
+    def _future(self) -> asyncio.Future:
+        if self._where is None:
+            self._where = asyncio.get_running_loop().create_future()
+        return self._where
+
+    def announce(self, replica: int, attempt_id: str) -> None:
+        if not self._future().done():
+            self._where.set_result((replica, attempt_id))
+
+    def give_up(self) -> None:
+        if not self._future().done():
+            self._where.set_result(None)
+
+    async def where(self, timeout: float) -> tuple[int, str] | None:
+        """(decode replica, choice 0's attempt id) to fork from, or None."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._future()), timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            return None
+
+
 @dataclass
 class RequestState:
     """The router's entry for one request; exists while its lifecycle runs."""
@@ -134,16 +165,22 @@ class Lifecycle:
         )
 
     async def run(
-        self, state: RequestState, prompt_ids: list[int], params: SamplingParams
+        self,
+        state: RequestState,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        fork: Fork | None = None,
+        choice: int = 0,
     ) -> AsyncIterator[tuple[str, str | None, int, list[tuple[int, TokenLogprobs]] | None]]:
         """Yield (text delta, finish_reason, completion tokens so far, and when asked
         for, (token id, its logprobs) of each new token); the prompt's logprobs, when
-        asked for, are in `state.prompt_logprobs` by the first yield."""
+        asked for, are in `state.prompt_logprobs` by the first yield. With `fork`, this is
+        choice `choice` of a prompt's n, sharing choice 0's prefill and KV (`Fork`)."""
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
         stops = StopChecker(params.stop, params.include_stop_str_in_output)
         n_out, outcome, reason, last_at = 0, "error", None, 0.0
         try:
-            async for delta in self._tokens(state, prompt_ids, params):
+            async for delta in self._tokens(state, prompt_ids, params, fork, choice):
                 tokens, reason = delta.tokens, delta.finish_reason
                 if delta.prompt_logprobs is not None:
                     state.prompt_logprobs = delta.prompt_logprobs
@@ -196,18 +233,105 @@ class Lifecycle:
         log.warning("request %s: %s failed (%r); retrying", state.request_id, kind, e)
 
     async def _tokens(
-        self, state: RequestState, prompt_ids: list[int], params: SamplingParams
+        self,
+        state: RequestState,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        fork: Fork | None = None,
+        choice: int = 0,
     ) -> AsyncIterator[Delta]:
         """Token ids (and logprobs) as they are produced, surviving worker loss: a failed prefill
         is retried elsewhere and a failed transfer re-prefills (both count against
         router.max_retries); a decode lost mid-stream is migrated (router.max_migrations):
         prompt + tokens so far re-prefilled on a prefill worker, continued on another
-        decode worker."""
+        decode worker. A fork's choices > 0 first try to fork from choice 0's KV."""
         produced: list[int] = []
         migrations = 0
         avoid: set[int] = set()  # prefill replicas whose KV transfer failed
         lost: set[int] = set()  # decode replicas this request was lost on
+        if fork is not None and choice > 0:
+            where = await fork.where(self.remaining(state))
+            if where is not None:
+                try:
+                    async for delta in self._forked(state, prompt_ids, params, where, lost):
+                        produced.extend(delta.tokens)
+                        yield delta
+                        if delta.finish_reason is not None:
+                            return
+                    raise WorkerError("decode stream ended without a finish reason")
+                except TransferError as e:  # not forked (too late, a failed pull): on its own
+                    if produced:
+                        raise Unavailable("KV transfer failed after tokens were sent") from None
+                    self.metrics.retries.labels("fork").inc()  # no retry of its budget spent
+                    log.info("request %s: not forked (%r); served on its own", state.request_id, e)
+                except WORKER_LOST as e:
+                    migrations += 1
+                    self.metrics.migrations.inc()
+                    log.warning(
+                        "request %s: forked decode lost (%r); migrating", state.request_id, e
+                    )
+            fork = None
+        try:
+            async for delta in self._own(
+                state, prompt_ids, params, fork, produced, migrations, avoid, lost
+            ):
+                yield delta
+        finally:
+            if fork is not None:
+                fork.give_up()
+
+    async def _forked(
+        self,
+        state: RequestState,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        where: tuple[int, str],
+        lost: set[int],
+    ) -> AsyncIterator[Delta]:
+        """A choice > 0 forked from choice 0's KV on its decode replica: its first token
+        computed there (not by prefill), so no prompt logprobs (choice 0 has them)."""
+        i, parent = where
+        state.stage = "decode"
+        attempt_id = state.new_attempt()
+        sp = params
+        if params.prompt_logprobs is not None:
+            sp = msgspec.structs.replace(params, prompt_logprobs=None)
+        state.decodes.add((i, attempt_id))
+
+        def wait(fn):
+            return self.decode.call(i, fn(), self.remaining(state))
+
+        def submit():
+            left = self.remaining(state)
+            return self.decode.handle(i).generate_fork.remote(
+                attempt_id, chan.id, parent, prompt_ids, sp, left
+            )
+
+        with self.decode.hold(i):
+            try:
+                chan = await wait(lambda: self.channel(i))
+                async for item in chan.stream(attempt_id, submit, wait):
+                    yield item
+            except WORKER_LOST:
+                lost.add(i)
+                raise
+
+    async def _own(
+        self,
+        state: RequestState,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        fork: Fork | None,
+        produced: list[int],
+        migrations: int,
+        avoid: set[int],
+        lost: set[int],
+    ) -> AsyncIterator[Delta]:
+        """The request's own attempts (prefill, transfer, decode; retries, migrations);
+        with `fork`, it is choice 0, and announces its first decode call to the others."""
         while True:
+            if fork is not None and state.attempts:  # a retry: the first attempt is over
+                fork.give_up()
             # A migration re-prefills prompt + tokens so far; the workers count those
             # tokens as output (max_tokens, min_tokens, a seeded draw's index).
             before = list(produced)
@@ -241,7 +365,7 @@ class Lifecycle:
             got_tokens = False
             try:
                 async for delta in self._decode(
-                    state, attempt_id, prompt_ids, before, res, got_at, p, sp, lost
+                    state, attempt_id, prompt_ids, before, res, got_at, p, sp, lost, fork
                 ):
                     got_tokens = True
                     produced.extend(delta.tokens)
@@ -315,6 +439,7 @@ class Lifecycle:
         p: int | None,
         sp: SamplingParams,
         lost: set[int],
+        fork: Fork | None = None,
     ) -> AsyncIterator[Delta]:
         """Decode on the healthy replica with the most free blocks, other than those
         this request was lost on (`lost`, added to here) while another is healthy: a
@@ -334,13 +459,15 @@ class Lifecycle:
             left = self.remaining(state)
             h = self.decode.handle(i)  # now: the actor may have been found again meanwhile
             if res is None:
+                if fork is not None:  # prefilled on decode: nothing pulled to fork from
+                    fork.give_up()
                 return h.generate_local.remote(attempt_id, chan.id, prompt_ids, sp, left, before)
             handle = res.handle
             if handle.ttl_s > 0:  # what is left of the lease, counted on our clock
                 handle = msgspec.structs.replace(
                     handle, ttl_s=max(0.0, handle.ttl_s - (time.monotonic() - got_at))
                 )
-            return h.generate.remote(
+            ref = h.generate.remote(
                 attempt_id,
                 chan.id,
                 prompt_ids,
@@ -351,6 +478,9 @@ class Lifecycle:
                 self.prefill.handle(p),
                 before,
             )
+            if fork is not None and not before:  # the other choices fork from this pull
+                fork.announce(i, attempt_id)
+            return ref
 
         with self.decode.hold(i):
             try:

@@ -34,7 +34,7 @@ from cluster.auth import ApiKeys
 from cluster.channels import DecodeChannels
 from cluster.config import HEAD_RESOURCE, Config
 from cluster.edge import SLOW_CLIENT
-from cluster.lifecycle import Lifecycle, RequestState, Unavailable
+from cluster.lifecycle import Fork, Lifecycle, RequestState, Unavailable
 from cluster.logprobs import LogprobFormat
 from cluster.metrics import RouterMetrics
 from cluster.pool import WorkerPool
@@ -361,11 +361,17 @@ class Router:
         if len(choices) > 1 and (full := self._queue_full(len(choices))) is not None:
             return full
         states, runs = [], []
+        per_prompt = len(choices) // len({c.prompt_index for c in choices})
+        fork = None
         for i, choice in enumerate(choices):
             state = self.lifecycle.admit(
                 rid if len(choices) == 1 else f"{rid}-c{i}", len(choice.prompt_ids)
             )
-            events = self.lifecycle.run(state, choice.prompt_ids, choice.params)
+            if per_prompt > 1 and i % per_prompt == 0:  # n > 1: one prefill, one pull
+                fork = Fork()
+            events = self.lifecycle.run(
+                state, choice.prompt_ids, choice.params, fork, i % per_prompt
+            )
             weakref.finalize(events, self.lifecycle.requests.pop, state.request_id, None)
             states.append(state)
             runs.append(events)

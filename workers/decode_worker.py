@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import ray
 
-from transfer.handle import KVHandle
+from transfer.handle import KVHandle, TransferFailed
 from wire.api import (
     XFER_BUCKETS,
     DecodeStats,
@@ -29,7 +29,7 @@ from wire.api import (
 from wire.sampling_params import SamplingParams
 from workers.leader import GroupLeader
 from workers.pull import Pull
-from workers.sequence import Sequence
+from workers.sequence import ForkTooLate, Sequence
 
 if TYPE_CHECKING:
     from workers.engine import StepOutput
@@ -193,6 +193,29 @@ class DecodeWorker(GroupLeader):
         seq = Sequence(request_id, prompt_ids, params, output_ids)
         return await self._run(seq, q, decode)
 
+    async def generate_fork(
+        self,
+        request_id: str,
+        channel: str,
+        parent_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        timeout_s: float,
+    ) -> str:
+        """Another choice (n > 1) of the request whose KV `generate` pulls here as
+        `parent_id`: forked from that KV when it lands (`Engine.add_fork`: the prompt's
+        blocks shared, its last one copied), its first token computed here with its own
+        params (its own seed); tokens go out on `channel`. TransferFailed when the
+        parent's KV has landed already or never will: the router serves it on its own."""
+        deadline = time.monotonic() + timeout_s
+
+        async def decode(done: asyncio.Future) -> str:
+            return await _until(done, deadline, request_id)
+
+        q = self._open(request_id, channel)
+        seq = Sequence(request_id, prompt_ids, params)
+        return await self._run(seq, q, decode, fork_of=parent_id)
+
     async def abort(self, request_id: str) -> None:
         """Stop decoding a request (the router's backstop; idempotent)."""
         self._end(request_id, WorkerError(f"request {request_id} aborted"))
@@ -221,7 +244,9 @@ class DecodeWorker(GroupLeader):
             raise WorkerError(f"request {request_id} is already decoding here")
         return q
 
-    async def _run(self, seq: Sequence, q: asyncio.Queue, body, pulled: bool = False) -> str:
+    async def _run(
+        self, seq: Sequence, q: asyncio.Queue, body, pulled: bool = False, fork_of=None
+    ) -> str:
         """Register `seq`'s stream on `q`, hand it to the engine and run `body(done)`;
         on any exit before it finished, abort it there (which frees its blocks, or
         marks them to be freed when its transfer ends)."""
@@ -229,7 +254,7 @@ class DecodeWorker(GroupLeader):
         done = self.loop.create_future()
         self._streams[rid] = (q, done)
         finished = False
-        self.thread.call(lambda: self._add(seq, pulled))
+        self.thread.call(lambda: self._add(seq, pulled, fork_of))
         try:
             reason = await body(done)
             finished = True
@@ -256,7 +281,9 @@ class DecodeWorker(GroupLeader):
                     fut.set_result(result)
 
     def _refused(self, request_id: str, exc: Exception) -> None:
-        self._end(request_id, WorkerError(str(exc)))
+        self._end(
+            request_id, (TransferFailed if isinstance(exc, ForkTooLate) else WorkerError)(str(exc))
+        )
 
     def _blocks_ready(self, admitted: list[tuple[str, list[int]]]) -> None:
         for rid, blocks in admitted:
@@ -268,7 +295,17 @@ class DecodeWorker(GroupLeader):
 
     # ---- engine thread ------------------------------------------------------
 
+    def _forks_failed(self) -> None:  # engine thread
+        """Forks whose parent's KV did not land here: their calls raise TransferFailed."""
+        failed, self.engine.failed_forks = self.engine.failed_forks, []
+        if failed:
+            err = "its parent's KV did not land here"
+            self.loop.call_soon_threadsafe(
+                lambda: [self._end(r, TransferFailed(f"fork {r}: {err}")) for r in failed]
+            )
+
     def before_step(self) -> None:
+        self._forks_failed()
         admitted = self.engine.admit_pulls()
         if admitted:
             self.loop.call_soon_threadsafe(

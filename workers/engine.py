@@ -32,7 +32,7 @@ from wire.api import TokenLogprobs
 from workers.kv_cache import BlockManager, NoFreeBlocks
 from workers.runner import ModelRunner
 from workers.sampler import SampleError, logprobs_of, sample
-from workers.sequence import SeqStatus, Sequence, finish_reason
+from workers.sequence import ForkTooLate, SeqStatus, Sequence, finish_reason
 
 
 @dataclass
@@ -100,6 +100,11 @@ class Engine:
         self.prefix_queried_tokens = 0
         self.prefix_hit_tokens = 0
         self.preemptions = 0  # running sequences whose blocks were taken back, ever
+        # Forks (`add_fork`): block copies (source, destination) the next forward makes
+        # before it runs, by the forked sequence's id (each holds a reference on its
+        # source until then), and forks that ended unforked, for their worker to fail.
+        self._copies: dict[str, tuple[int, int]] = {}
+        self.failed_forks: list[str] = []
 
     # ---- admission -------------------------------------------------------
 
@@ -154,6 +159,50 @@ class Engine:
             admitted.append(seq)
         return admitted
 
+    def add_fork(self, seq: Sequence, parent_id: str) -> None:
+        """Decode: another choice of the pulled request `parent_id` (n > 1), with the same
+        tokens but the one prefill sampled for the parent. When the parent's KV lands it is
+        forked from it (`pull_done`): it shares the parent's full blocks and gets its own
+        copy of the block its last token is in, which it recomputes for its own first
+        token. ForkTooLate when the parent's KV has landed already (or it is unknown):
+        the caller serves it on its own instead."""
+        parent = self.seqs.get(parent_id)
+        if parent is None or parent.status not in (
+            SeqStatus.WAITING_FOR_BLOCKS,
+            SeqStatus.PULLING,
+        ):
+            raise ForkTooLate(f"{seq.request_id}: no pull of {parent_id} is pending here")
+        if seq.token_ids != parent.token_ids[:-1] or seq.num_output != parent.num_output - 1:
+            raise ValueError(f"{seq.request_id} is not a fork of {parent_id}: other tokens")
+        self._register(seq)
+        seq.status = SeqStatus.WAITING_FOR_BLOCKS  # in no queue: it waits on its parent
+        seq.fork_of = parent
+        parent.forks.append(seq)
+
+    def _fork(self, parent: Sequence, seq: Sequence) -> bool:
+        """`seq` joins `waiting` on `parent`'s landed KV; False when no block is free."""
+        last = (seq.num_tokens - 1) // self.blocks.block_size  # holds its last token
+        try:
+            (copy,) = self.blocks.allocate(1)
+        except NoFreeBlocks:
+            return False
+        src = parent.block_table[last]
+        self.blocks.share([*parent.block_table[:last], src])  # src: until it is copied
+        self._copies[seq.request_id] = (src, copy)
+        seq.block_table = [*parent.block_table[:last], copy]
+        seq.num_cached = seq.num_tokens - 1
+        seq.fork_of = None
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
+        return True
+
+    def _fail_forks(self, seq: Sequence) -> None:
+        forks, seq.forks = seq.forks, []
+        for f in forks:
+            f.fork_of = None
+            self._drop(f)
+            self.failed_forks.append(f.request_id)
+
     def pull_done(self, request_id: str, ok: bool, writers: int = 0) -> None:
         """The pull into a PULLING sequence's blocks has ended. On success the sequence
         joins the batch; otherwise, or if it was aborted meanwhile, it ends here and its
@@ -164,6 +213,12 @@ class Engine:
         if seq is None or seq.status is not SeqStatus.PULLING:
             return
         self.num_pulling -= 1
+        if ok:  # its forks share the landed KV, even when the parent itself has left
+            forks, seq.forks = seq.forks, []
+            for f in forks:
+                if not self._fork(seq, f):
+                    seq.forks.append(f)
+        self._fail_forks(seq)
         if seq.aborted or not ok:
             writers -= self._ended_early.pop(request_id, 0)
             if writers > 0:
@@ -262,6 +317,10 @@ class Engine:
         if self.seqs.get(seq.request_id) is seq:
             del self.seqs[seq.request_id]
         self._ended_early.pop(seq.request_id, None)
+        if seq.fork_of is not None:  # a fork still waiting on its parent
+            seq.fork_of.forks.remove(seq)
+            seq.fork_of = None
+        self._fail_forks(seq)
         self._release_blocks(seq)
         seq.status = SeqStatus.FINISHED
 
@@ -334,6 +393,9 @@ class Engine:
         self.waiting.appendleft(seq)
 
     def _release_blocks(self, seq: Sequence) -> None:
+        copy = self._copies.pop(seq.request_id, None)
+        if copy is not None:  # forked, not copied yet: the copy is not needed now
+            self.blocks.free([copy[0]])
         if seq.block_table:
             self.blocks.free(seq.block_table)
         seq.block_table = []
@@ -444,12 +506,16 @@ class Engine:
             return outputs
         every = [i for i, s in enumerate(seqs) if is_prefill and _wants_prompt_logprobs(s)]
         starts = [s.num_cached for s in seqs]
+        copies, self._copies = self._copies, {}
         try:
-            logits, whole = self.runner.forward(seqs, num_new, every)
+            logits, whole = self.runner.forward(seqs, num_new, every, list(copies.values()))
         except BaseException:
             if is_prefill:  # taken out of `waiting` for this step: back where they were
                 self.waiting.extendleft(reversed(seqs))
             raise
+        finally:
+            if copies:  # made (or the step failed, and every sequence with it)
+                self.blocks.free([src for src, _ in copies.values()])
         self.steps += 1
         for i in every:
             _add_prompt_logprobs(seqs[i], whole[i], starts[i])

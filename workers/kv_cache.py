@@ -91,6 +91,15 @@ class BlockManager:
                 ids.append(i)
             return ids
 
+    def share(self, ids: list[int]) -> None:
+        """One more reference on each held block (a forked sequence shares them)."""
+        with self._lock:
+            bad = [i for i in ids if i not in self._refs]
+            if bad:
+                raise ValueError(f"sharing KV blocks that are not allocated: {bad[:8]}")
+            for i in ids:
+                self._refs[i] += 1
+
     def free(self, ids: list[int]) -> None:
         """Drop one reference on each block; a block left unheld is free again (kept
         as evictable cache while it has a hash)."""

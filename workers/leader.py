@@ -130,10 +130,16 @@ class GroupLeader:
 
     # ---- engine thread ---------------------------------------------------
 
-    def _add(self, seq: Sequence, pulled: bool = False) -> None:  # engine thread
-        """Hand a sequence to the engine; a refusal fails that request alone."""
+    def _add(
+        self, seq: Sequence, pulled: bool = False, fork_of: str | None = None
+    ) -> None:  # engine thread
+        """Hand a sequence to the engine (`fork_of`: to fork from that pulled request's
+        KV); a refusal fails that request alone."""
         try:
-            (self.engine.add_pulled if pulled else self.engine.add)(seq)
+            if fork_of is not None:
+                self.engine.add_fork(seq, fork_of)
+            else:
+                (self.engine.add_pulled if pulled else self.engine.add)(seq)
         except ValueError as e:
             self.loop.call_soon_threadsafe(self._refused, seq.request_id, e)
 

@@ -78,7 +78,13 @@ class ModelRunner:
         )
         self._gather_out = torch.empty(0, dtype=torch_dtype, device=self.device)  # see AttnContext
 
-    def plan(self, seqs: list[Sequence], num_new: list[int], every: list[int]) -> StepPlan:
+    def plan(
+        self,
+        seqs: list[Sequence],
+        num_new: list[int],
+        every: list[int],
+        copies: list[tuple[int, int]] | None = None,
+    ) -> StepPlan:
         """The step as plain lists: what rank 0 broadcasts to the other ranks."""
         bs = self.block_size
         starts = [s.num_cached for s in seqs]
@@ -88,6 +94,7 @@ class ModelRunner:
             starts=starts,
             tables=[s.block_table[:nblk] for s in seqs],
             every=every,
+            copies=copies or [],
         )
 
     def _context(self, plan: StepPlan):
@@ -166,13 +173,18 @@ class ModelRunner:
         return torch.tensor(ids, dtype=torch.long, device=dev), positions.to(dev), ctx, last
 
     def forward(
-        self, seqs: list[Sequence], num_new: list[int], every: list[int] | None = None
+        self,
+        seqs: list[Sequence],
+        num_new: list[int],
+        every: list[int] | None = None,
+        copies: list[tuple[int, int]] | None = None,
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Compute KV for `num_new[i]` uncached tokens of each sequence and return
         logits [B, vocab] for the last of them, and, for each sequence index in
         `every`, logits [num_new[i], vocab] for all of them. Under tensor parallelism
-        this is rank 0: the other ranks get the plan first and run it too."""
-        plan = self.plan(seqs, num_new, every or [])
+        this is rank 0: the other ranks get the plan first and run it too. `copies`:
+        KV blocks (source, destination) copied before the forward, on every rank."""
+        plan = self.plan(seqs, num_new, every or [], copies)
         if self.tp is not None:
             self.tp.send(plan)
         logits = self.run(plan)
@@ -200,6 +212,8 @@ class ModelRunner:
         """One forward over `plan` on this rank's shard (every rank calls it)."""
         self.pack_weights()
         try:
+            for src, dst in plan.copies:
+                self.kv_pool[dst].copy_(self.kv_pool[src])
             input_ids, positions, ctx, last = self._context(plan)
             hidden = self.model(input_ids, positions, ctx)
             return self.model.logits(hidden if last is None else hidden.index_select(0, last))

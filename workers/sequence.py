@@ -7,6 +7,10 @@ import enum
 from wire.sampling_params import SamplingParams
 
 
+class ForkTooLate(ValueError):
+    """A fork's parent is not waiting for its KV here (`Engine.add_fork`)."""
+
+
 class SeqStatus(enum.Enum):
     WAITING = "waiting"  # needs (re)computation of KV for tokens not yet cached
     RUNNING = "running"  # all but the last token cached; decodes one token a step
@@ -49,6 +53,10 @@ class Sequence:
         # params.prompt_logprobs: logprobs of prompt tokens 1.., filled chunk by chunk.
         self.prompt_logprobs: list = []
         self.prompt_logprobs_sent = False  # handed to its worker with the first token
+        # n > 1 on decode (Engine.add_fork): a pulled sequence's forks waiting for its KV,
+        # and a fork's parent until it is forked.
+        self.forks: list[Sequence] = []
+        self.fork_of: Sequence | None = None
 
     @property
     def num_tokens(self) -> int:

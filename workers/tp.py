@@ -41,12 +41,14 @@ class StepPlan(msgspec.Struct, array_like=True):
     """One forward, as plain lists: per sequence the step's new token ids, the
     number of tokens already cached before them, and the block table prefix; `every`:
     the sequences whose logits are wanted at every new position (prompt logprobs),
-    not only at the last."""
+    not only at the last; `copies`: KV blocks every rank copies before the forward (a
+    forked sequence's own copy of its parent's block)."""
 
     tokens: list[list[int]]
     starts: list[int]
     tables: list[list[int]]
     every: list[int] = []
+    copies: list[tuple[int, int]] = []  # KV blocks (source, destination) copied first
 
 
 _enc, _dec = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(StepPlan | None)

@@ -171,9 +171,10 @@ def test_64_streams_disconnect_at_random_points(cluster):
 async def _streams(
     url: str, prompts: list[str], max_tokens: int, on_progress=None, logprobs: bool = False
 ) -> list:
-    """Stream every prompt (greedy, and every other one sampled with a seed); once all
-    are sent, run `on_progress` (in a thread). Each stream's text, or with `logprobs`
-    (text, each token's logprob and top 2)."""
+    """Stream every prompt (greedy, and every other one sampled with a seed; prompts 2 and
+    5 with n = 3: choices forked on decode); once all are sent, run `on_progress` (in a
+    thread). Each stream's text (its choices' joined by NUL), or with `logprobs`
+    (text, each token's logprob and top 2, choice by choice)."""
 
     async def one(i: int, client: httpx.AsyncClient):
         # Every other stream is sampled with a seed: its text, too, must not depend on
@@ -185,19 +186,24 @@ async def _streams(
             stream=True,
             ignore_eos=True,
             skip_special_tokens=False,
+            n=3 if i % 3 == 2 else 1,
             **sampling,
             **({"logprobs": True, "top_logprobs": 2} if logprobs else {}),
         )
-        text, lps = [], []
+        text: dict[int, list] = {}
+        lps: dict[int, list] = {}
         async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
             assert r.status_code == 200
             async for chunk in sse_events(r):
                 assert "error" not in chunk, chunk
                 for ch in chunk["choices"]:
-                    text.append(ch["delta"].get("content") or "")
+                    text.setdefault(ch["index"], []).append(ch["delta"].get("content") or "")
                     for e in (ch["logprobs"] or {}).get("content", []):
-                        lps.append((e["logprob"], [t["logprob"] for t in e["top_logprobs"]]))
-        return ("".join(text), lps) if logprobs else "".join(text)
+                        lps.setdefault(ch["index"], []).append(
+                            (e["logprob"], [t["logprob"] for t in e["top_logprobs"]])
+                        )
+        joined = "\0".join("".join(text[k]) for k in sorted(text))
+        return (joined, [x for k in sorted(lps) for x in lps[k]]) if logprobs else joined
 
     async with httpx.AsyncClient(timeout=60) as client:
         tasks = [asyncio.create_task(one(i, client)) for i in range(len(prompts))]
@@ -254,8 +260,8 @@ def test_decode_killed_mid_stream_streams_complete_with_same_text(cluster):
 
     got = asyncio.run(_streams(cluster.url, PROMPTS, 300, on_progress=kill, logprobs=True))
     assert killed and [t for t, _ in got] == [t for t, _ in want]
-    for (_, g), (_, w) in zip(got, want):
-        assert len(g) == 300 and _same_logprobs(g, w)
+    for i, ((_, g), (_, w)) in enumerate(zip(got, want)):
+        assert len(g) == (900 if i % 3 == 2 else 300) and _same_logprobs(g, w)
     metric_above(cluster.url, "pdcluster_migrations_total", before)
     wait_healthy(cluster.url)
     assert_idle(cluster.url)

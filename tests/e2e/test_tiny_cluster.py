@@ -24,11 +24,14 @@ from tests.support import (
     hf_greedy,
     hf_logprobs,
     load_test_config,
+    metric,
+    metric_above,
     running_cluster,
     sse_events,
 )
 
 N_TOKENS = 24
+FORK_FALLBACKS = 'pdcluster_retries_total{reason="fork"}'  # n > 1 choices served alone
 MAX_BODY = 1024 * 1024
 ABUSE_PERIOD_S = 1.0
 
@@ -399,15 +402,33 @@ def test_logprobs_equal_hfs_through_the_disaggregated_path(cluster, client, hf, 
     assert_idle(cluster.url)
 
 
+def _settled(url: str, name: str) -> float:
+    """A worker-polled count once later polls no longer change it (earlier requests'
+    counts reach /metrics with the router's next poll of the workers)."""
+    last = metric(url, name)
+    while True:
+        time.sleep(1.0)
+        now = metric(url, name)
+        if now == last:
+            return now
+        last = now
+
+
 def test_n_choices_each_sample_their_own_seed_stream(cluster, client, hf):
     """n = 3 seeded: choice j is the text a single request with seed + j gets (vLLM's
-    parallel sampling), streamed or not; greedy choices are HF's; a batch of prompts gives
-    n per prompt at indexes i*n + j, each prompt's tokens counted once in usage."""
+    parallel sampling), streamed or not, though the prompt is prefilled and its KV pulled
+    once (the other choices fork from it on decode); greedy choices are HF's; a batch of
+    prompts gives n per prompt at indexes i*n + j, each prompt's tokens counted once."""
     _, tok = hf
     messages = [{"role": "user", "content": "Three ways to say hello"}]
     kw = dict(model="tiny-llama", messages=messages, max_tokens=10, temperature=0.9)
     extra = {"min_tokens": 10, "skip_special_tokens": False}
+    pulls = "pdcluster_kv_transfer_seconds_count"
+    pulled, unforked = _settled(cluster.url, pulls), metric(cluster.url, FORK_FALLBACKS)
     out = client.chat.completions.create(**kw, n=3, seed=40, extra_body=extra)
+    metric_above(cluster.url, pulls, pulled)
+    assert _settled(cluster.url, pulls) == pulled + 1
+    assert metric(cluster.url, FORK_FALLBACKS) == unforked
     single = [client.chat.completions.create(**kw, seed=40 + j, extra_body=extra) for j in range(3)]
     alone = [r.choices[0] for r in single]
     assert [c.index for c in out.choices] == [0, 1, 2]

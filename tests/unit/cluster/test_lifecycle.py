@@ -199,7 +199,7 @@ def test_a_stop_string_inside_a_merged_delta_cuts_its_tokens_and_logprobs(tok):
     ids = tok.encode("abXYZcd")
     lp = [(-0.5, 1, [], [])] * len(ids)
 
-    async def tokens(state, prompt_ids, params):
+    async def tokens(state, prompt_ids, params, *fork):
         yield Delta(ids, None, lp)
 
     c.lifecycle._tokens = tokens

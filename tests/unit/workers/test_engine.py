@@ -344,7 +344,7 @@ def test_a_shared_1000_token_prefix_prefills_only_the_suffix(tiny_model_dir, mon
     monkeypatch.setattr(
         engine.runner,
         "forward",
-        lambda seqs, n, every: computed.append(sum(n)) or forward(seqs, n, every),
+        lambda seqs, n, *rest: computed.append(sum(n)) or forward(seqs, n, *rest),
     )
     first, second = _shared_prefix_prompts(1000, 2)
     sp = SamplingParams(max_tokens=1, temperature=0.0)

@@ -120,7 +120,9 @@ def test_prompt_logprobs_take_a_bounded_number_of_logit_rows_a_step(
     monkeypatch.setattr(
         runner,
         "forward",
-        lambda seqs, n, every: rows.append(sum(n[i] for i in every)) or forward(seqs, n, every),
+        lambda seqs, n, every, *rest: (
+            rows.append(sum(n[i] for i in every)) or forward(seqs, n, every, *rest)
+        ),
     )
     p = prompts()[3]  # 130 tokens
     sp = SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=3)
