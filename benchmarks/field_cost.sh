@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # What a request field costs: configs/local.yaml up once, then for each field in FIELDS
 # `pdcluster bench --compare-extra FIELD` (the same endpoint without and with the field,
-# alternating which goes first) at 32 streams x 64 tokens. Run from anywhere.
+# alternating which goes first) at 32 streams x 64 tokens. Run from anywhere. SUFFIX names
+# the run's directory apart (e.g. PROMPT_TOKENS=150-250 SUFFIX=_long).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/field_cost}
 DURATION=${DURATION:-60}
 FIELDS=${FIELDS:-'{"logprobs":5}'}
+PROMPT_TOKENS=${PROMPT_TOKENS:-16-48}  # "words"; configs/local.yaml prefills <= 64 tokens on decode
 NAME=SmolLM2-135M-Instruct
 mkdir -p "$OUT"
 .venv/bin/pdcluster up configs/local.yaml >"$OUT/pdcluster.log" 2>&1 &
@@ -17,6 +19,6 @@ wait_up http://127.0.0.1:8000
 for field in $FIELDS; do
   name=$(echo "$field" | tr -cd 'a-z0-9_')
   .venv/bin/pdcluster bench http://127.0.0.1:8000 --compare-extra "$field" --model "$NAME" \
-    --concurrency 32 --prompt-tokens 16-48 --max-tokens 64 --duration "$DURATION" \
-    --out "$OUT/$name"
+    --concurrency 32 --prompt-tokens "$PROMPT_TOKENS" --max-tokens 64 --duration "$DURATION" \
+    --out "$OUT/$name${SUFFIX:-}"
 done

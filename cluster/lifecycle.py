@@ -179,15 +179,18 @@ class Lifecycle:
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
         stops = StopChecker(params.stop, params.include_stop_str_in_output)
         n_out, outcome, reason, last_at = 0, "error", None, 0.0
+        deltas = None
         try:
-            async for delta in self._tokens(state, prompt_ids, params, fork, choice):
+            async for delta in (deltas := self._tokens(state, prompt_ids, params, fork, choice)):
                 tokens, reason = delta.tokens, delta.finish_reason
                 if delta.prompt_logprobs is not None:
                     state.prompt_logprobs = delta.prompt_logprobs
                 now = time.time()
                 if n_out == 0:
                     state.first_token_at = now
-                    self.metrics.first_token(now - state.created, state.prompt_len)
+                    # A prompt's tokens count once, however many choices it has.
+                    prompt_tokens = state.prompt_len if choice == 0 else 0
+                    self.metrics.first_token(now - state.created, prompt_tokens)
                 self.metrics.tokens(len(tokens), now - last_at if n_out else None)
                 last_at = now
                 if reason is not None:
@@ -212,6 +215,8 @@ class Lifecycle:
             outcome = "timeout"
             raise
         finally:
+            if deltas is not None:  # closed now: its own finally (a fork's give_up) runs
+                await deltas.aclose()
             if state.slow_client:
                 outcome = "slow_client"
             self.requests.pop(state.request_id, None)
@@ -265,11 +270,14 @@ class Lifecycle:
                     self.metrics.retries.labels("fork").inc()  # no retry of its budget spent
                     log.info("request %s: not forked (%r); served on its own", state.request_id, e)
                 except WORKER_LOST as e:
-                    migrations += 1
-                    self.metrics.migrations.inc()
-                    log.warning(
-                        "request %s: forked decode lost (%r); migrating", state.request_id, e
-                    )
+                    if produced:  # lost mid-stream: a migration, as any other
+                        if self.cfg.max_migrations < 1:
+                            raise Unavailable("decode failed after 0 migrations") from None
+                        migrations += 1
+                        self.metrics.migrations.inc()
+                    else:  # refused or lost before its first token: served on its own
+                        self.metrics.retries.labels("fork").inc()
+                    log.warning("request %s: forked decode lost (%r)", state.request_id, e)
             fork = None
         try:
             async for delta in self._own(
@@ -355,6 +363,8 @@ class Lifecycle:
                     state.queued_s, state.cached_tokens = res.queued_s, res.cached_tokens
                     self.metrics.queued(res.queued_s)
                 produced.append(res.first_token)
+                if fork is not None and res.finish_reason is not None:
+                    fork.give_up()  # ended at its first token: nothing to fork from
                 lps = [res.logprobs] if res.logprobs is not None else None
                 yield Delta([res.first_token], res.finish_reason, lps, res.prompt_logprobs)
                 if res.finish_reason is not None:

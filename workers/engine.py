@@ -167,14 +167,19 @@ class Engine:
         token. ForkTooLate when the parent's KV has landed already (or it is unknown):
         the caller serves it on its own instead."""
         parent = self.seqs.get(parent_id)
-        if parent is None or parent.status not in (
-            SeqStatus.WAITING_FOR_BLOCKS,
-            SeqStatus.PULLING,
+        if (
+            parent is None
+            or parent.fork_of is not None
+            or parent.status not in (SeqStatus.WAITING_FOR_BLOCKS, SeqStatus.PULLING)
         ):
             raise ForkTooLate(f"{seq.request_id}: no pull of {parent_id} is pending here")
         if seq.token_ids != parent.token_ids[:-1] or seq.num_output != parent.num_output - 1:
             raise ValueError(f"{seq.request_id} is not a fork of {parent_id}: other tokens")
         self._register(seq)
+        # It ranks as its parent: older than any pull after it, so it never waits, with
+        # the blocks it shares, behind one that needs them (admit_pulls, _make_room).
+        seq.arrival = parent.arrival
+        seq.added_at = time.monotonic()
         seq.status = SeqStatus.WAITING_FOR_BLOCKS  # in no queue: it waits on its parent
         seq.fork_of = parent
         parent.forks.append(seq)

@@ -404,6 +404,7 @@ def test_no_healthy_prefill_falls_back_to_decode_local_prefill(cluster):
         plain | knobs,
         plain | knobs | {"temperature": 0.9, "seed": 7, "min_p": 0.05},
         plain | knobs | lps,  # the same logprobs, token 1's computed by decode here
+        plain | {"n": 3, "temperature": 0.9, "seed": 11},  # choices prefilled each alone
     ]
     want = [
         httpx.post(f"{cluster.url}/v1/chat/completions", timeout=30, json=b).json() for b in bodies
@@ -426,13 +427,15 @@ def test_no_healthy_prefill_falls_back_to_decode_local_prefill(cluster):
                 pass  # killed by the watchdog and restarted by Ray
     for g, w in zip(got, want, strict=True):
         assert g.status_code == 200, g.text
-        assert g.json()["choices"][0]["message"]["content"] == w["choices"][0]["message"]["content"]
+        texts = [[c["message"]["content"] for c in r["choices"]] for r in (g.json(), w)]
+        assert texts[0] == texts[1]
+    assert len(texts[0]) == 3 and len(set(texts[0])) > 1
     lp = [
         [
             (e["logprob"], [t["logprob"] for t in e["top_logprobs"]])
             for e in r["logprobs"]["content"]
         ]
-        for r in (got[-1].json()["choices"][0], want[-1]["choices"][0])
+        for r in (got[-2].json()["choices"][0], want[-2]["choices"][0])
     ]
     assert len(lp[0]) == 24 and _same_logprobs(*lp)
     metric_above(cluster.url, 'pdcluster_retries_total{reason="decode_local"}', before)

@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerFast
 
 from cluster.channels import DecodeChannels
 from cluster.config import RouterConfig
-from cluster.lifecycle import Lifecycle, Unavailable
+from cluster.lifecycle import Fork, Lifecycle, Unavailable
 from cluster.metrics import RouterMetrics
 from cluster.pool import WorkerPool
 from transfer.handle import KVHandle, TransferFailed
@@ -91,6 +91,9 @@ class FakeDecode:
         self.outputs = _Method(self._outputs)
         self.generate = _Method(self._generate)
         self.generate_local = _Method(self._generate_local)
+        self.generate_fork = _Method(self._generate_fork)
+        self.forks: list[str] = []  # generate_fork calls (attempt ids)
+        self.refuse_forks = False
         self.abort = _Method(self.sequences.discard)
         self.started: list[tuple[str, list[int]]] = []  # (attempt id, tokens before)
 
@@ -107,6 +110,13 @@ class FakeDecode:
             raise TransferFailed("pull failed")
         p.leases.discard(attempt_id)  # the pull claimed it and told prefill it is done
         return await self._decode(attempt_id, channel, sp, len(before) + 1)
+
+    async def _generate_fork(self, attempt_id, channel, parent, prompt_ids, sp, left):
+        self.forks.append(attempt_id)
+        await asyncio.sleep(0.01)
+        if self.refuse_forks:
+            raise WorkerError("no output channel here")
+        return await self._decode(attempt_id, channel, sp, 0)  # its first token computed here
 
     async def _generate_local(self, attempt_id, channel, prompt_ids, sp, left, before):
         return await self._decode(attempt_id, channel, sp, len(before))
@@ -212,6 +222,43 @@ def test_a_stop_string_inside_a_merged_delta_cuts_its_tokens_and_logprobs(tok):
     ((text, reason, n_out, lps),) = asyncio.run(run())
     assert (text, reason, n_out) == ("ab", "stop", 4)
     assert [t for t, _ in lps] == ids[:4]
+
+
+async def _choices(c: Cluster, n: int, max_tokens: int) -> list[str]:
+    """One prompt's n choices (as the router runs them: one Fork), their texts."""
+    prompt_ids, fork = list(b"a prompt for n choices"), Fork()
+
+    async def one(j: int) -> str:
+        state = c.lifecycle.admit(f"n-c{j}", len(prompt_ids))
+        sp = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+        return "".join([e[0] async for e in c.lifecycle.run(state, prompt_ids, sp, fork, j)])
+
+    return await asyncio.gather(*[one(j) for j in range(n)])
+
+
+def test_n_choices_share_one_prefill_and_fork_on_its_decode_replica(tok):
+    c = Cluster(tok)
+    assert run(c, lambda c: _choices(c, 3, 8)) == [OUTPUT[:8]] * 3
+    assert sum(len(p.calls) for p in c.prefills) == 1  # one prefill, one KV handle
+    (d,) = [d for d in c.decodes if d.forks]  # the others went where choice 0 decodes
+    assert len(d.forks) == 2 and c.held() == NOTHING
+
+
+def test_choices_not_forked_are_served_alone_within_their_budgets(tok):
+    """A refused fork costs neither a migration nor a retry (max_migrations 0 and
+    max_retries 0 here): the choice is prefilled and decoded on its own."""
+    c = Cluster(tok, max_migrations=0, max_retries=0)
+    for d in c.decodes:
+        d.refuse_forks = True
+    assert run(c, lambda c: _choices(c, 3, 6)) == [OUTPUT[:6]] * 3
+    assert sum(len(p.calls) for p in c.prefills) == 3 and c.held() == NOTHING
+    assert c.retries("fork") == 2
+
+
+def test_choice_0_ending_at_its_first_token_lets_the_others_go_at_once(tok):
+    c = Cluster(tok)
+    assert run(c, lambda c: _choices(c, 3, 1)) == [OUTPUT[:1]] * 3
+    assert not any(d.forks for d in c.decodes) and c.held() == NOTHING
 
 
 def test_a_request_goes_prefill_then_decode_and_leaves_nothing_held(tok):

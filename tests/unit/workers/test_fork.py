@@ -18,7 +18,8 @@ N = 12
 
 
 def params(**kw) -> SamplingParams:
-    return SamplingParams(max_tokens=N, min_tokens=N, **kw)
+    kw.setdefault("max_tokens", N)
+    return SamplingParams(min_tokens=kw["max_tokens"], **kw)
 
 
 KINDS = [
@@ -150,3 +151,25 @@ def test_copies_run_on_every_rank_before_the_forward(tiny_model_dir):
     torch.testing.assert_close(pool[dst][..., :4, :], pool[src][..., :4, :])
     run(e)
     assert e.blocks.num_used == 0
+
+
+def test_a_fork_waits_its_parents_turn_not_behind_newer_pulls(tiny_model_dir):
+    """A fork ranks as its parent (arrived before any later pull): it must not wait, with
+    the blocks it shares, behind a pull that came between the parent and the fork and
+    needs those blocks (the engine wedged: nothing running, the pull never admitted)."""
+    e = engine(tiny_model_dir, num_blocks=8)
+    e.stall_after_s = 5.0
+    parent = Sequence("p", PROMPT, params(temperature=0.0, max_tokens=3), output_ids=[7])
+    e.add_pulled(parent)
+    x = Sequence("x", list(range(3, 93)), params(temperature=0.0), output_ids=[7])
+    e.add_pulled(x)  # 6 blocks: admitted only once the fork and the parent are done
+    e.add_fork(Sequence("f", PROMPT, params(temperature=0.0, max_tokens=3)), "p")
+    land(e, parent)
+    e.pull_done("p", True)
+    for _ in range(40):
+        for s in e.admit_pulls():
+            e.pull_done(s.request_id, True)  # its KV: what a pull writes is not checked here
+        if not e.has_work and not e.kv_waiting:
+            break
+        e.step()
+    assert not e.kv_waiting and not e.seqs and e.blocks.num_used == 0
