@@ -198,7 +198,10 @@ class Engine:
         seq.num_cached = seq.num_tokens - 1
         seq.fork_of = None
         seq.status = SeqStatus.WAITING
-        self.waiting.append(seq)
+        # In arrival order (its parent's), ahead of newer prompts: behind them, it would
+        # wait for a newer pull that waits for it (admit_pulls), a wedge.
+        at = next((k for k, w in enumerate(self.waiting) if w.arrival > seq.arrival), None)
+        self.waiting.insert(len(self.waiting) if at is None else at, seq)
         return True
 
     def _fail_forks(self, seq: Sequence) -> None:

@@ -1,13 +1,14 @@
 """The scheduler under random operation sequences (hypothesis), against the real
 `Engine`, `BlockManager` and the tiny model's `ModelRunner`.
 
-Operations: `add` (a prompt decode prefills itself), `add_pulled`, `admit_pulls`,
-`pull_done` (ok or not), `abort`, `step`, with prefix caching on and off, and pools
+Operations: `add` (a prompt decode prefills itself), `add_pulled`, `add_fork` (another
+choice of a pulled request, n > 1), `admit_pulls`, `pull_done` (ok or not), `abort`,
+`step`, with prefix caching on and off, and pools
 from the smallest the config allows (kv_blocks * block_size == max_model_len) up.
 After every operation:
 - every block is free, cached, or held, and a held block's references are exactly
-  the live sequences whose block tables name it (nothing leaked, nothing shared
-  that should not be);
+  the live sequences whose block tables name it, plus a fork's pending copy of its
+  source (nothing leaked, nothing shared that should not be);
 - every live sequence is in exactly the queue its status says;
 - a prompt newer than a pull still waiting for blocks never starts ahead of it.
 At the end of every example, with no new arrivals, a bounded number of passes of
@@ -118,6 +119,30 @@ class Scheduler(RuleBasedStateMachine):
     def add_pulled(self, data):
         self.engine.add_pulled(self._seq(data, pulled=True))
 
+    def _parents(self) -> list[Sequence]:
+        """Pulled requests whose KV has not landed: forks may still join them."""
+        return [
+            s
+            for s in self.engine.seqs.values()
+            if s.fork_of is None
+            and s.num_output
+            and s.status in (SeqStatus.WAITING_FOR_BLOCKS, SeqStatus.PULLING)
+        ]
+
+    @precondition(lambda self: self._parents())
+    @rule(data=st.data())
+    def add_fork(self, data):
+        parent = data.draw(st.sampled_from(self._parents()), label="fork of")
+        prompt = parent.token_ids[: parent.num_prompt_tokens]
+        left = self.max_model_len - len(prompt)
+        sp = SamplingParams(
+            max_tokens=data.draw(st.integers(1, min(left, 12)), label="max_tokens"),
+            temperature=0.0,
+            ignore_eos=True,
+        )
+        self.n += 1
+        self.engine.add_fork(Sequence(f"r{self.n}", prompt, sp), parent.request_id)
+
     @rule()
     def admit_pulls(self):
         for s in self.engine.admit_pulls():
@@ -180,6 +205,8 @@ class Scheduler(RuleBasedStateMachine):
         waiting_pulls = [s.arrival for s in e.kv_waiting]
         oldest_pull = min(waiting_pulls, default=None)
         e.step()
+        assert not set(e.failed_forks) & set(e.seqs)  # failed forks are gone
+        e.failed_forks.clear()  # what the worker does: it fails their calls
         for s in list(e.seqs.values()):
             rid = s.request_id
             if s.num_cached and rid in self.local and rid not in self.started:
@@ -204,6 +231,9 @@ class Scheduler(RuleBasedStateMachine):
             assert len(set(s.block_table)) == len(s.block_table), s.block_table
             for b in s.block_table:
                 holders[b] = holders.get(b, 0) + 1
+        for rid, (src, dst) in e._copies.items():  # a fork holds its source until copied
+            assert dst in e.seqs[rid].block_table
+            holders[src] = holders.get(src, 0) + 1
         assert holders == bm._refs, (holders, bm._refs)
         free, cached = set(bm._free), set(bm._evictable)
         assert len(free) == len(bm._free) and not (free & cached)
@@ -226,6 +256,9 @@ class Scheduler(RuleBasedStateMachine):
             if s.status is SeqStatus.PULLING:
                 assert not any(s in q for q in where.values())
                 assert s.block_table
+            elif s.fork_of is not None:  # a fork waiting on its parent: in no queue
+                assert not any(s in q for q in where.values()) and not s.block_table
+                assert s in s.fork_of.forks and e.seqs.get(s.fork_of.request_id) is s.fork_of
             else:
                 assert s in where[s.status], (s.request_id, s.status)
         assert all(s.request_id in e.seqs for s in queued)
