@@ -304,25 +304,15 @@ class Lifecycle:
         sp = params
         if params.prompt_logprobs is not None:
             sp = msgspec.structs.replace(params, prompt_logprobs=None)
-        state.decodes.add((i, attempt_id))
 
-        def wait(fn):
-            return self.decode.call(i, fn(), self.remaining(state))
-
-        def submit():
+        def submit(chan: OutputChannel):
             left = self.remaining(state)
             return self.decode.handle(i).generate_fork.remote(
                 attempt_id, chan.id, parent, prompt_ids, sp, left
             )
 
-        with self.decode.hold(i):
-            try:
-                chan = await wait(lambda: self.channel(i))
-                async for item in chan.stream(attempt_id, submit, wait):
-                    yield item
-            except WORKER_LOST:
-                lost.add(i)
-                raise
+        async for item in self._on_decode(i, state, attempt_id, submit, lost):
+            yield item
 
     async def _own(
         self,
@@ -458,13 +448,8 @@ class Lifecycle:
         i = self.decode.pick(avoid=lost)
         if i is None:
             raise Unavailable("no healthy decode worker")
-        state.decodes.add((i, attempt_id))
 
-        def wait(fn):
-            left = self.remaining(state)  # before fn(): it may raise
-            return self.decode.call(i, fn(), left)
-
-        def submit():
+        def submit(chan: OutputChannel):
             # Time left, not a time stamp: the worker's clock is never compared with ours.
             left = self.remaining(state)
             h = self.decode.handle(i)  # now: the actor may have been found again meanwhile
@@ -492,10 +477,29 @@ class Lifecycle:
                 fork.announce(i, attempt_id)
             return ref
 
+        async for item in self._on_decode(i, state, attempt_id, submit, lost):
+            yield item
+
+    async def _on_decode(
+        self,
+        i: int,
+        state: RequestState,
+        attempt_id: str,
+        submit: Callable[[OutputChannel], object],
+        lost: set[int],
+    ) -> AsyncIterator[Delta]:
+        """Attempt `attempt_id` on decode replica i, through its output channel:
+        `submit(chan)` sends the call; a replica lost meanwhile goes into `lost`."""
+        state.decodes.add((i, attempt_id))
+
+        def wait(fn):
+            left = self.remaining(state)  # before fn(): it may raise
+            return self.decode.call(i, fn(), left)
+
         with self.decode.hold(i):
             try:
                 chan = await wait(lambda: self.channel(i))
-                async for item in chan.stream(attempt_id, submit, wait):
+                async for item in chan.stream(attempt_id, lambda: submit(chan), wait):
                     yield item
             except WORKER_LOST:
                 lost.add(i)
