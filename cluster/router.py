@@ -92,7 +92,10 @@ class EventStream(StreamingResponse):
 
     async def listen_for_disconnect(self, receive) -> None:
         while True:
-            message = await receive()
+            try:
+                message = await receive()
+            except Exception:  # noqa: BLE001 - the proxy is gone (a stop): as a disconnect
+                return
             if message["type"] == SLOW_CLIENT:
                 for state in self.states:
                     state.slow_client = True

@@ -48,3 +48,20 @@ def test_unread_counts_the_kernels_send_queue_and_survives_a_closed_socket():
         b.close()
     assert a.fileno() == -1
     assert EdgeProtocol.unread(SimpleNamespace(transport=_Transport(a, 7))) == 7
+
+
+def test_a_stream_whose_proxy_is_gone_ends_as_a_disconnect():
+    """A stop kills Serve's proxy while streams are open: the stream's wait for a
+    disconnect ends quietly instead of raising (a stack dump on Ctrl-C)."""
+    import asyncio
+
+    from cluster.router import EventStream
+
+    async def gone():
+        raise RuntimeError("The actor died unexpectedly before finishing this task.")
+
+    async def body():
+        yield b""
+
+    stream = EventStream(body(), [], media_type="text/event-stream")
+    asyncio.run(asyncio.wait_for(stream.listen_for_disconnect(gone), 5))
