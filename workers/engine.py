@@ -161,28 +161,41 @@ class Engine:
 
     def add_fork(self, seq: Sequence, parent_id: str) -> None:
         """Decode: another choice of the pulled request `parent_id` (n > 1), with the same
-        tokens but the one prefill sampled for the parent. When the parent's KV lands it is
-        forked from it (`pull_done`): it shares the parent's full blocks and gets its own
-        copy of the block its last token is in, which it recomputes for its own first
-        token. ForkTooLate when the parent's KV has landed already (or it is unknown):
-        the caller serves it on its own instead."""
+        tokens but the one prefill sampled for the parent. It is forked from the parent's
+        KV (`_fork`): when that lands (`pull_done`), or at once if it has landed and the
+        parent still holds it (running, or queued with its prompt cached). It shares the
+        parent's full blocks and gets its own copy of the block its last token is in,
+        which it recomputes for its own first token (positions after it in the copy are
+        the parent's, overwritten as the fork writes its own and never read before).
+        ForkTooLate when there is nothing to fork from (the parent ended, was preempted,
+        or no block is free): the caller serves it on its own."""
         parent = self.seqs.get(parent_id)
+        if parent is None or parent.fork_of is not None:
+            raise ForkTooLate(f"{seq.request_id}: {parent_id} is not decoding here")
         if (
-            parent is None
-            or parent.fork_of is not None
-            or parent.status not in (SeqStatus.WAITING_FOR_BLOCKS, SeqStatus.PULLING)
+            seq.token_ids != parent.token_ids[: seq.num_tokens]
+            or seq.num_prompt_tokens != parent.num_prompt_tokens
+            or seq.num_output
         ):
-            raise ForkTooLate(f"{seq.request_id}: no pull of {parent_id} is pending here")
-        if seq.token_ids != parent.token_ids[:-1] or seq.num_output != parent.num_output - 1:
             raise ValueError(f"{seq.request_id} is not a fork of {parent_id}: other tokens")
+        pending = parent.status in (SeqStatus.WAITING_FOR_BLOCKS, SeqStatus.PULLING)
+        landed = parent.status in (SeqStatus.RUNNING, SeqStatus.WAITING) and (
+            parent.num_cached >= seq.num_tokens
+        )
+        if not (pending or landed):
+            raise ForkTooLate(f"{seq.request_id}: {parent_id} holds no KV to fork from")
         self._register(seq)
         # It ranks as its parent: older than any pull after it, so it never waits, with
         # the blocks it shares, behind one that needs them (admit_pulls, _make_room).
         seq.arrival = parent.arrival
         seq.added_at = time.monotonic()
-        seq.status = SeqStatus.WAITING_FOR_BLOCKS  # in no queue: it waits on its parent
-        seq.fork_of = parent
-        parent.forks.append(seq)
+        if pending:
+            seq.status = SeqStatus.WAITING_FOR_BLOCKS  # in no queue: it waits on its parent
+            seq.fork_of = parent
+            parent.forks.append(seq)
+        elif not self._fork(parent, seq):
+            del self.seqs[seq.request_id]
+            raise ForkTooLate(f"{seq.request_id}: no KV block free for its copy")
 
     def _fork(self, parent: Sequence, seq: Sequence) -> bool:
         """`seq` joins `waiting` on `parent`'s landed KV; False when no block is free."""

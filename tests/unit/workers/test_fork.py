@@ -101,7 +101,7 @@ def test_forks_that_cannot_be_made_end_and_nothing_leaks(tiny_model_dir):
     e.abort("p")  # the parent leaves while its pull runs: its forks still get the KV
     e.pull_done("p", True)
     assert "p" not in e.seqs and {"p-2", "p-3"} <= set(e.seqs)
-    with pytest.raises(ForkTooLate):  # the KV has landed: too late to fork
+    with pytest.raises(ForkTooLate):  # the parent has ended: nothing to fork from
         e.add_fork(Sequence("late", PROMPT, KINDS[1]), "p")
     run(e)
     assert e.blocks.num_used == 0 and not e.seqs and not e.failed_forks
@@ -173,3 +173,22 @@ def test_a_fork_waits_its_parents_turn_not_behind_newer_pulls(tiny_model_dir):
             break
         e.step()
     assert not e.kv_waiting and not e.seqs and e.blocks.num_used == 0
+
+
+def test_a_fork_that_comes_after_the_kv_landed_forks_from_the_running_parent(tiny_model_dir):
+    """The fork's call can reach decode after its parent's pull has ended (the pull won
+    the race): it forks from the parent's blocks while the parent decodes, and gets the
+    text it gets alone."""
+    want = [alone(tiny_model_dir, sp) for sp in KINDS[:2]]
+    e = engine(tiny_model_dir)
+    parent = Sequence("p", PROMPT, KINDS[0], output_ids=[want[0][0][0]])
+    e.add_pulled(parent)
+    land(e, parent)
+    e.pull_done("p", True)
+    for _ in range(3):
+        e.step()  # the parent decodes: its copy of the last block has later tokens now
+    fork = Sequence("p-1", PROMPT, KINDS[1])
+    e.add_fork(fork, "p")
+    run(e)
+    assert parent.output_ids == want[0][0] and fork.output_ids == want[1][0]
+    assert e.blocks.num_used == 0 and not e.seqs

@@ -39,7 +39,7 @@ from wire.sampling_params import SamplingParams
 from workers.engine import Engine
 from workers.kv_cache import BlockManager
 from workers.runner import ModelRunner
-from workers.sequence import SeqStatus, Sequence
+from workers.sequence import ForkTooLate, SeqStatus, Sequence
 
 EXAMPLES = int(os.environ.get("PDCLUSTER_HYPOTHESIS_EXAMPLES", "150"))
 settings.register_profile(
@@ -120,13 +120,11 @@ class Scheduler(RuleBasedStateMachine):
         self.engine.add_pulled(self._seq(data, pulled=True))
 
     def _parents(self) -> list[Sequence]:
-        """Pulled requests whose KV has not landed: forks may still join them."""
+        """Pulled requests forks may join: their KV still to land, or landed and held."""
         return [
             s
             for s in self.engine.seqs.values()
-            if s.fork_of is None
-            and s.num_output
-            and s.status in (SeqStatus.WAITING_FOR_BLOCKS, SeqStatus.PULLING)
+            if s.fork_of is None and s.num_output and s.status is not SeqStatus.FINISHED
         ]
 
     @precondition(lambda self: self._parents())
@@ -141,7 +139,10 @@ class Scheduler(RuleBasedStateMachine):
             ignore_eos=True,
         )
         self.n += 1
-        self.engine.add_fork(Sequence(f"r{self.n}", prompt, sp), parent.request_id)
+        try:
+            self.engine.add_fork(Sequence(f"r{self.n}", prompt, sp), parent.request_id)
+        except ForkTooLate:  # preempted, or no block for its copy: served on its own
+            pass
 
     @rule()
     def admit_pulls(self):
