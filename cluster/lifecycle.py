@@ -52,26 +52,21 @@ class Fork:
     decode call is sent, or that there is nowhere (`give_up`: a local prefill, a first
     token that ended it, a failure): then each goes on its own."""
 
-    def __init__(self) -> None:
-        self._where: asyncio.Future | None = None
-
-    def _future(self) -> asyncio.Future:
-        if self._where is None:
-            self._where = asyncio.get_running_loop().create_future()
-        return self._where
+    def __init__(self) -> None:  # on the router's event loop
+        self._where: asyncio.Future = asyncio.get_running_loop().create_future()
 
     def announce(self, replica: int, attempt_id: str) -> None:
-        if not self._future().done():
+        if not self._where.done():
             self._where.set_result((replica, attempt_id))
 
     def give_up(self) -> None:
-        if not self._future().done():
+        if not self._where.done():
             self._where.set_result(None)
 
     async def where(self, timeout: float) -> tuple[int, str] | None:
         """(decode replica, choice 0's attempt id) to fork from, or None."""
         try:
-            return await asyncio.wait_for(asyncio.shield(self._future()), timeout)
+            return await asyncio.wait_for(asyncio.shield(self._where), timeout)
         except (asyncio.TimeoutError, TimeoutError):
             return None
 

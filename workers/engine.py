@@ -526,7 +526,7 @@ class Engine:
         if not seqs:
             return outputs
         every = [i for i, s in enumerate(seqs) if is_prefill and _wants_prompt_logprobs(s)]
-        starts = [s.num_cached for s in seqs]
+        starts = {i: seqs[i].num_cached for i in every}  # where their rows begin
         copies, self._copies = self._copies, {}
         try:
             logits, whole = self.runner.forward(seqs, num_new, every, list(copies.values()))

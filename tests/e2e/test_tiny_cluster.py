@@ -478,6 +478,17 @@ def test_best_of_returns_the_runs_with_the_highest_cumulative_logprob(cluster, c
     assert_idle(cluster.url)
 
 
+def _leave_after(url: str, body: dict, events: int) -> None:
+    """Stream `body` and leave (close the connection) after `events` data events."""
+    with httpx.stream("POST", url, json=body, timeout=30) as r:
+        assert r.status_code == 200
+        seen = 0
+        for line in r.iter_lines():
+            seen += line.startswith("data: {")
+            if seen >= events:
+                break
+
+
 def test_n8_streams_cancelled_mid_stream_leave_nothing_held(cluster):
     """Clients that leave n = 8 streams mid-stream (chat and completions, through
     prefill and a transfer each): every choice's blocks, leases, channel queues and
@@ -491,13 +502,7 @@ def test_n8_streams_cancelled_mid_stream_leave_nothing_held(cluster):
         body |= {"stream": True, "temperature": 0.8, "seed": 1}
         body["logprobs"] = 2 if path == "completions" else True
         for _ in range(2):
-            with httpx.stream("POST", f"{cluster.url}/v1/{path}", json=body, timeout=30) as r:
-                assert r.status_code == 200
-                seen = 0
-                for line in r.iter_lines():
-                    seen += line.startswith("data: {")
-                    if seen >= 20:
-                        break  # the client leaves with every choice decoding
+            _leave_after(f"{cluster.url}/v1/{path}", body, 20)  # every choice decoding
     assert_idle(cluster.url)
 
 
@@ -556,12 +561,7 @@ def test_a_batch_of_prompts_is_one_choice_each_greedy_equal_to_hf(cluster, clien
             texts[c.index] += c.text
     assert texts == want
     body = {**kw, **extra, "stream": True, "max_tokens": 400, "min_tokens": 400}
-    with httpx.stream("POST", f"{cluster.url}/v1/completions", json=body, timeout=30) as r:
-        seen = 0
-        for line in r.iter_lines():
-            seen += line.startswith("data: {")
-            if seen >= 6:
-                break  # the client leaves with three choices decoding
+    _leave_after(f"{cluster.url}/v1/completions", body, 6)  # three choices decoding
     assert_idle(cluster.url)
 
 
