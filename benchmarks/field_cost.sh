@@ -17,7 +17,7 @@ trap 'kill -TERM $PDX_PID 2>/dev/null; wait $PDX_PID 2>/dev/null || true' EXIT
 source benchmarks/servers.sh
 wait_up http://127.0.0.1:8000
 for field in $FIELDS; do
-  name=$(echo "$field" | tr -cd 'a-z0-9_')
+  name=${LABEL:-$(echo "$field" | tr -cd 'a-z0-9_')}  # LABEL names a long field's directory
   .venv/bin/pdcluster bench http://127.0.0.1:8000 --compare-extra "$field" --model "$NAME" \
     --concurrency 32 --prompt-tokens "$PROMPT_TOKENS" --max-tokens 64 --duration "$DURATION" \
     --out "$OUT/$name${SUFFIX:-}"

@@ -126,6 +126,9 @@ class Harness:
             # state both tiers compute from the sequence's tokens: corruption is checked
             # for both kinds, across every fault's migrations and re-prefills. They ask for
             # logprobs too (token 1's cross the transfer; not compared, only carried).
+            # A quarter of the prompts ask for a JSON schema, an eighth force a tool call:
+            # every answer must validate, across every fault's migrations.
+            formats=True,
             seeded={
                 "logprobs": 2,
                 "temperature": 0.8,
@@ -173,12 +176,17 @@ class Harness:
                 texts[r.prompt] = r.text
             elif texts[r.prompt] != r.text:
                 mismatched += 1
-        if len(texts) < n:
-            raise RuntimeError(f"baseline: only {len(texts)} of {n} prompts completed")
         failed = [r.error for r in load.records if not r.completed]
         if failed:
             raise RuntimeError(
                 f"baseline (no fault) had failures: {Counter(failed).most_common(3)}"
+            )
+        if len(texts) < n:
+            raise RuntimeError(f"baseline: only {len(texts)} of {n} prompts completed")
+        invalid = sum(1 for r in load.records if r.valid is False)
+        if invalid:
+            raise RuntimeError(
+                f"baseline (no fault): {invalid} structured answers did not validate"
             )
         steady = [r for r in load.records if r.end >= load.started_at + WINDOW_S]
         span = load.stopped_at - load.started_at - WINDOW_S
@@ -358,13 +366,14 @@ class Harness:
 
 def tally(res: Result, records: list[Record], texts: dict, w: Window) -> None:
     """Count each request into `res` once: succeeded, hung, corrupted or failed, and of
-    the failures, those in flight at the fault."""
+    the failures, those in flight at the fault. A structured answer that does not
+    validate against its schema is corrupted, whatever its text."""
     errors = Counter()
     for r in records:
         res.sent += 1
         if r.hung:
             res.hung += 1
-        elif r.completed and r.text == texts[r.prompt]:
+        elif r.completed and r.text == texts[r.prompt] and r.valid is not False:
             res.succeeded += 1
         elif r.completed:
             res.corrupted += 1

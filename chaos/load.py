@@ -36,6 +36,9 @@ class Record:
     chunk_times: list[float] = field(default_factory=list)
     hung: bool = False  # no end by LoadShape.hung_after_s
     rejected: bool = False  # sent LoadShape.rejected_prompt, which must be refused
+    # A structured request (LoadShape.formats): whether its text (a tool call's
+    # arguments) parsed and validated against its schema; None for other requests.
+    valid: bool | None = None
 
     @property
     def refused(self) -> bool:
@@ -80,6 +83,56 @@ class LoadShape:
     # over the context that must get a 400: refusals cost admission work and memory too.
     rejected_share: float = 0.0
     rejected_prompt: str = ""
+    # Structured output: prompts whose index is 2 mod 4 ask for a JSON schema, 4 mod 8
+    # for a forced tool call whose arguments follow it (both through the chat endpoint,
+    # greedy, ended by their format): each answer must parse and validate.
+    formats: bool = False
+
+
+def format_schema(max_tokens: int, wrapped: bool) -> dict:
+    """A JSON schema any model's answer fits in `max_tokens` (a token is at least one
+    character): a list of one-letter directions, `{"way": [...]}` when `wrapped` (a
+    tool's arguments)."""
+    most = max(1, (max_tokens - (11 if wrapped else 2)) // 5)
+    way = {"type": "array", "items": {"enum": ["n", "s", "e", "w"]}, "minItems": 1}
+    way["maxItems"] = most
+    if not wrapped:
+        return way
+    return {
+        "type": "object",
+        "properties": {"way": way},
+        "required": ["way"],
+        "additionalProperties": False,
+    }
+
+
+def format_kind(shape: LoadShape, prompt: int) -> str | None:
+    if not shape.formats or prompt % 4 == 1 or prompt % 4 == 3:
+        return None
+    return "json" if prompt % 4 == 2 else "tool" if prompt % 8 == 4 else None
+
+
+def format_fields(kind: str, max_tokens: int) -> dict:
+    schema = format_schema(max_tokens, kind == "tool")
+    if kind == "json":
+        return {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "way", "schema": schema},
+            }
+        }
+    tool = {"type": "function", "function": {"name": "go", "parameters": schema}}
+    return {"tools": [tool], "tool_choice": {"type": "function", "function": {"name": "go"}}}
+
+
+def format_valid(kind: str, text: str, max_tokens: int) -> bool:
+    import jsonschema
+
+    try:
+        jsonschema.validate(json.loads(text), format_schema(max_tokens, kind == "tool"))
+    except (ValueError, jsonschema.ValidationError):
+        return False
+    return True
 
 
 def make_prompts(n: int, seed: int = 0, min_words: int = 4, max_words: int = 40) -> list[str]:
@@ -214,24 +267,33 @@ class Load:
             rejected=int((i + 1) * share) > int(i * share),
         )
         self.records.append(rec)
-        chat = s.endpoint.endswith("/chat/completions")
+        kind = None if rec.rejected else format_kind(s, rec.prompt)
+        endpoint = "/v1/chat/completions" if kind else s.endpoint
+        chat = endpoint.endswith("/chat/completions")
         prompt = s.rejected_prompt if rec.rejected else s.prompts[rec.prompt]
+        max_tokens = s.lengths[rec.prompt] if s.lengths else s.max_tokens
         body = {
             "model": s.model,
-            "max_tokens": s.lengths[rec.prompt] if s.lengths else s.max_tokens,
+            "max_tokens": max_tokens,
             "stream": s.stream,
             **({"stream_options": {"include_usage": True}} if s.stream else {}),
             **s.body,
         }
         if s.seeded is not None and rec.prompt % 2:
             body.update(s.seeded, seed=rec.prompt)
+        if kind is not None:  # ended by its format, not at max_tokens
+            body.pop("ignore_eos", None)
+            body.update(format_fields(kind, max_tokens))
         if chat:
             body["messages"] = [{"role": "user", "content": prompt}]
         else:
             body["prompt"] = prompt
         try:
             async with asyncio.timeout(s.hung_after_s):
-                await (self._stream if s.stream else self._whole)(client, body, rec, chat)
+                run = self._stream if s.stream else self._whole
+                await run(client, endpoint, body, rec, chat)
+            if kind is not None and rec.completed:
+                rec.valid = format_valid(kind, rec.text, max_tokens)
         except TimeoutError:
             rec.hung = True
             rec.error = f"hung: no end after {s.hung_after_s:.0f}s"
@@ -242,15 +304,23 @@ class Load:
         finally:
             rec.end = time.time()
 
-    async def _whole(self, client: httpx.AsyncClient, body: dict, rec: Record, chat: bool) -> None:
-        r = await client.post(self.url + self.shape.endpoint, json=body)
+    async def _whole(
+        self, client: httpx.AsyncClient, endpoint: str, body: dict, rec: Record, chat: bool
+    ) -> None:
+        r = await client.post(self.url + endpoint, json=body)
         rec.status = r.status_code
         if r.status_code != 200:
             rec.error = f"{r.status_code} {_message(r.content)}"
             return
         msg = r.json()
         choice = msg["choices"][0]
-        rec.text = (choice["message"]["content"] if chat else choice["text"]) or ""
+        if chat:  # a tool call's arguments count as its text
+            calls = choice["message"].get("tool_calls") or []
+            rec.text = choice["message"]["content"] or "".join(
+                c["function"]["arguments"] for c in calls
+            )
+        else:
+            rec.text = choice["text"]
         rec.finish_reason = choice.get("finish_reason")
         rec.tokens = msg["usage"]["completion_tokens"]
         rec.prompt_tokens = msg["usage"]["prompt_tokens"]
@@ -258,8 +328,10 @@ class Load:
         if rec.finish_reason is None:
             rec.error = "answer without a finish reason"
 
-    async def _stream(self, client: httpx.AsyncClient, body: dict, rec: Record, chat: bool) -> None:
-        async with client.stream("POST", self.url + self.shape.endpoint, json=body) as r:
+    async def _stream(
+        self, client: httpx.AsyncClient, endpoint: str, body: dict, rec: Record, chat: bool
+    ) -> None:
+        async with client.stream("POST", self.url + endpoint, json=body) as r:
             rec.status = r.status_code
             if r.status_code != 200:
                 rec.error = f"{r.status_code} {_message(await r.aread())}"
@@ -287,7 +359,7 @@ class Load:
                         rec.tokens = msg["usage"].get("completion_tokens", rec.tokens)
                         rec.prompt_tokens = msg["usage"].get("prompt_tokens", 0)
                     for ch in msg.get("choices") or []:
-                        piece = (ch.get("delta") or {}).get("content") if chat else ch.get("text")
+                        piece = _delta_text(ch) if chat else ch.get("text")
                         now = time.time()
                         if piece:
                             parts.append(piece)
@@ -298,6 +370,15 @@ class Load:
                             rec.finish_reason = ch["finish_reason"]
             rec.text = "".join(parts)
             rec.error = "stream cut off"
+
+
+def _delta_text(choice: dict) -> str:
+    """A chat chunk's text: its content, and its tool calls' argument deltas."""
+    delta = choice.get("delta") or {}
+    calls = delta.get("tool_calls") or []
+    return (delta.get("content") or "") + "".join(
+        c.get("function", {}).get("arguments") or "" for c in calls
+    )
 
 
 def percentile(values: list[float], q: float) -> float | None:

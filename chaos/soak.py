@@ -172,7 +172,7 @@ def soak(target: Target, duration: float, out_dir: str, *, seed: int = 0, progre
         elif r.rejected:
             kind = "rejected" if r.refused else "failed"
         elif r.completed:
-            kind = "ok" if r.text == texts[r.prompt] else "corrupted"
+            kind = "ok" if r.text == texts[r.prompt] and r.valid is not False else "corrupted"
         else:
             kind = "failed"
         outcome[kind] += 1

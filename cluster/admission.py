@@ -17,6 +17,7 @@ import jinja2
 import msgspec
 from transformers import PreTrainedTokenizerBase
 
+from cluster import structured, tools
 from cluster.config import Config
 from cluster.policy import (
     MAX_LOGPROBS,
@@ -63,6 +64,15 @@ def model_vocab_size(model_dir: str, default: int) -> int:
         return default
 
 
+def model_eos_ids(model_dir: str) -> list[int]:
+    """The ids that end a generation (generation_config.json's eos_token_id)."""
+    try:
+        eos = json.loads((Path(model_dir) / "generation_config.json").read_text())["eos_token_id"]
+    except (OSError, KeyError, ValueError, TypeError):
+        return []
+    return [int(t) for t in (eos if isinstance(eos, list) else [eos])]
+
+
 def context_length_exceeded(max_model_len: int, what: str, param: str) -> AdmissionError:
     """The one error for a request that does not fit the model's context: OpenAI's
     sentence, then `what` ("but the prompt has ...", or a new "However, ..." sentence)."""
@@ -80,6 +90,7 @@ def to_sampling_params(
     strict: bool,
     vocab_size: int | None = None,
     bad_words_ids: list[list[int]] | None = None,
+    grammar: str | None = None,
 ) -> SamplingParams:
     """Resolve defaults and the context window into the workers' SamplingParams.
 
@@ -164,6 +175,7 @@ def to_sampling_params(
         bad_words_ids=list(bad_words_ids or []),
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
+        grammar=grammar,
     )
 
 
@@ -183,6 +195,7 @@ class Admitted(msgspec.Struct, frozen=True):
     request: ChatCompletionRequest | CompletionRequest
     choices: list[Choice]
     ignored: tuple[str, ...] = ()  # unknown fields of the body, ignored
+    tools: tools.ToolPlan | None = None  # chat: what its tools ask of the answer
 
 
 def check_model(name: str | None, served: str) -> None:
@@ -204,6 +217,12 @@ class Admission:
         self.vocab_size = min(len(tokenizer), model_vocab_size(model_dir, len(tokenizer)))
         # Longest text one token can stand for (byte-level BPE: its string's length).
         self.max_token_chars = max(len(t) for t in tokenizer.get_vocab())
+        self.grammars = structured.Validator(
+            tokenizer, model_vocab_size(model_dir, len(tokenizer)), model_eos_ids(model_dir)
+        )
+        # A template that renders tools itself gets them as Hugging Face passes them;
+        # any other gets them from cluster/tools.py in the model family's format.
+        self.template_renders_tools = "tools" in (tokenizer.chat_template or "")
 
     async def read_body(self, request) -> bytes:
         """The request body, refused (413) as soon as it passes router.max_body_bytes:
@@ -235,10 +254,14 @@ class Admission:
         req = parsed.request
         check_model(req.model, self.cfg.served_model_name)
         bad_words = self.bad_words_ids(req.bad_words or [])
+        plan = tools.plan(req, self.cfg.model.tool_call_parser) if chat else None
+        asked = structured.grammar_of(req, tools.grammar(plan))
+        if asked is not None:
+            self.grammars.check(asked[1], asked[0])
         choices = []
         _, runs = runs_per_prompt(req)
         for i, prompt in enumerate([None] if chat else req.prompt):
-            prompt_ids = self.tokenize_chat(req) if chat else self.tokenize_prompt(prompt)
+            prompt_ids = self.tokenize_chat(req, plan) if chat else self.tokenize_prompt(prompt)
             params = to_sampling_params(
                 req,
                 prompt_len=len(prompt_ids),
@@ -247,6 +270,7 @@ class Admission:
                 strict=r.strict_max_tokens,
                 vocab_size=self.vocab_size,
                 bad_words_ids=bad_words,
+                grammar=None if asked is None else asked[1],
             )
             echo = ""
             if not chat and req.echo:
@@ -259,7 +283,7 @@ class Admission:
                 run = msgspec.structs.replace(params, seed=seed) if j else params
                 choices.append(Choice(prompt_ids, run, echo, i))
         self._check_prompt_logprobs(choices, req)
-        return Admitted(req, choices, parsed.ignored)
+        return Admitted(req, choices, parsed.ignored, plan)
 
     def _check_prompt_logprobs(self, choices: list[Choice], req) -> None:
         """Prompt logprobs cost (prompt tokens x (k + 1)) entries, on the worker, on the
@@ -306,18 +330,16 @@ class Admission:
                 where,
             )
 
-    def tokenize_chat(self, req) -> list[int]:
-        """Chat messages through the model's chat template, as token ids."""
-        # vLLM's `developer` role is the system role to a chat template.
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": message_text(m)}
-            for m in req.messages
-        ]
+    def tokenize_chat(self, req, plan: tools.ToolPlan | None = None) -> list[int]:
+        """Chat messages (and the tools `plan` shows) through the model's chat template,
+        as token ids."""
+        messages, tool_kwargs = self._template_messages(req, plan)
         kwargs = dict(req.chat_template_kwargs or {})
         # Everything the template gets counts, not only the content.
         self._refuse_untokenizable(
-            sum(len(m["role"]) + len(m["content"]) for m in messages)
-            + len(msgspec.json.encode(kwargs)),
+            sum(len(m["role"]) + len(m["content"] or "") for m in messages)
+            + len(msgspec.json.encode(kwargs))
+            + len(msgspec.json.encode(tool_kwargs)),
             chat=True,
         )
         reserved = sorted(kwargs.keys() & _TEMPLATE_PARAMETERS)
@@ -338,6 +360,7 @@ class Admission:
                 continue_final_message=bool(req.continue_final_message),
                 tokenize=True,
                 return_dict=False,
+                **tool_kwargs,
                 **kwargs,
             )
         except jinja2.TemplateSyntaxError:
@@ -359,6 +382,37 @@ class Admission:
                 "invalid_value",
             ) from None
         return list(ids)
+
+    def _template_messages(self, req, plan: tools.ToolPlan | None) -> tuple[list[dict], dict]:
+        """The messages as the template takes them, and the tools it is passed (when it
+        renders them). vLLM's `developer` role is the system role to a template."""
+        shown = plan is not None and plan.mode != "none"
+        renders = self.template_renders_tools
+        messages = []
+        for m in req.messages:
+            role, content = "system" if m.role == "developer" else m.role, message_text(m)
+            if renders and (m.role == "tool" or m.tool_calls):
+                msg = {"role": role, "content": content or None}
+                if m.tool_calls:
+                    msg["tool_calls"] = m.tool_calls
+                if m.tool_call_id is not None:
+                    msg["tool_call_id"] = m.tool_call_id
+                messages.append(msg)
+            elif m.role == "tool" or m.tool_calls:
+                parser = self.cfg.model.tool_call_parser
+                messages.append(tools.history_message(m, content, parser))
+            else:
+                messages.append({"role": role, "content": content})
+        if not shown:
+            return messages, {}
+        if renders:
+            return messages, {"tools": plan.tools}
+        text = tools.preamble(plan)
+        if messages and messages[0]["role"] == "system":
+            messages[0] = {"role": "system", "content": f"{messages[0]['content']}\n\n{text}"}
+        else:
+            messages.insert(0, {"role": "system", "content": text})
+        return messages, {}
 
     def tokenize_prompt(self, prompt: str | list[int], special_tokens: bool = True) -> list[int]:
         """One completions prompt: token ids as given (checked), or a string's ids."""

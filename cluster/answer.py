@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from cluster import responses
+from cluster import responses, tools
 from cluster.admission import Admitted
 from cluster.lifecycle import RequestState
 from cluster.logprobs import LogprobFormat, Piece
@@ -46,6 +46,8 @@ class Answer:
         self.echo_only = echo_only(req)  # the prompt scored: the token computed is not shown
         self.pieces: list[list[Piece]] = [[] for _ in states]  # output logprobs so far
         self.offset = [0] * len(states)  # completions' text_offset so far (streamed)
+        self.tools = admitted.tools  # chat with tools: text read back as calls
+        self._tool_streams = [tools.ToolStream(self.tools) for _ in states] if self.tools else []
 
     def first(self, i: int) -> bool:
         """Whether this is choice i's first event (and mark it seen)."""
@@ -58,6 +60,20 @@ class Answer:
     ) -> tuple[str, int, list[Piece] | None]:
         """What a choice shows of its new output: nothing when only its prompt is scored."""
         return ("", 0, None) if self.echo_only else (piece, n_out, lps)
+
+    def stream_tools(
+        self, i: int, piece: str, reason: str | None
+    ) -> tuple[str, list[dict] | None, str | None]:
+        """A streamed choice's (content, tool-call deltas, finish reason) for its new text."""
+        if not self.tools:
+            return piece, None, reason
+        stream = self._tool_streams[i]
+        piece, calls = stream.feed(piece)
+        if reason is not None:
+            more, last = stream.finish()
+            piece, calls = piece + more, calls + last
+            reason = tools.finish_reason(self.tools, reason, stream.calls)
+        return piece, calls or None, reason
 
     def add(
         self, i: int, piece: str, reason: str | None, n_out: int, lps: list[Piece] | None = None
@@ -103,24 +119,25 @@ class Answer:
             own = self.states[i - i % self.runs].prompt_logprobs
         return own or []
 
-    def choices(self) -> list[tuple[str, str | None, dict | None, list | None]]:
-        """(text, finish reason, logprobs, prompt logprobs) of each choice, in order: of
-        each prompt's runs (best_of), the n with the highest cumulative logprob."""
+    def choices(self) -> list[tuple]:
+        """(text, finish reason, logprobs, prompt logprobs, tool calls) of each choice, in
+        order: of each prompt's runs (best_of), the n with the highest cumulative logprob.
+        With tools, the text is the content left besides the calls (None when none)."""
         kept = []
         for start in range(0, len(self.states), self.runs):
             runs = list(range(start, start + self.runs))
             if self.runs > self.n:
                 runs.sort(key=lambda i: -sum(e[0] for _, e in self.pieces[i]))
             kept += runs[: self.n]
-        return [
-            (
-                self.text[i],
-                self.reason[i],
-                self.logprobs(i, self.pieces[i], True, stream=False),
-                self.prompt_logprobs(i),
-            )
-            for i in kept
-        ]
+        out = []
+        for i in kept:
+            text, reason, calls = self.text[i], self.reason[i], None
+            if self.tools:
+                text, calls = tools.parse(text, self.tools)
+                reason = tools.finish_reason(self.tools, reason, calls)
+            lps = self.logprobs(i, self.pieces[i], True, stream=False)
+            out.append((text, reason, lps, self.prompt_logprobs(i), calls))
+        return out
 
     def usage(self) -> dict:
         """Each prompt's tokens once (however many runs it has), every run's output."""

@@ -54,6 +54,15 @@ class ModelConfig(_Strict):
         Literal["float32", "float16", "bfloat16"],
         Meta(description="dtype of the weights and the KV cache"),
     ] = "float32"
+    tool_call_parser: Annotated[
+        Literal["hermes", "llama3_json"],
+        Meta(
+            description="how the model family writes tool calls, read when `tool_choice` is "
+            '"auto" and written for templates that do not render tools: `hermes` '
+            "(`<tool_call>` tags around a JSON call or list of calls: Hermes, Qwen, SmolLM2), "
+            "`llama3_json` (a bare JSON call, Llama 3.1+)"
+        ),
+    ] = "hermes"
     max_model_len: Annotated[
         int, Meta(ge=16, description="prompt + output tokens per sequence")
     ] = 2048

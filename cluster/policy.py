@@ -3,7 +3,7 @@ defines but does not implement, value ranges, and chat messages.
 
 * a defined field pdcluster does not implement is accepted when ignoring it changes
   nothing the client relies on (``user``, ``service_tier``, ``metadata`` ...) and is a
-  400 when it would (``n`` > 1, ``tools``, ``response_format`` json, ``logprobs`` ...):
+  400 when it would (beam search, ``functions``, audio ...):
   see ``CHAT_POLICY`` / ``COMPLETION_POLICY``;
 * ill-typed and out-of-range values are a 400 naming the parameter.
 """
@@ -65,22 +65,14 @@ def _empty(v: Any) -> bool:
 # field -> (accepted?, what is accepted). Fields not listed are either implemented
 # or ignorable (user, service_tier, metadata, store, parallel_tool_calls, priority...).
 COMMON_POLICY: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "response_format": (lambda v: v is None or v == {"type": "text"}, 'only {"type": "text"}'),
     "use_beam_search": (_is_none_or(False), "beam search is not implemented"),
     "length_penalty": (_is_none_or(1), "beam search is not implemented"),
     "truncate_prompt_tokens": (_is_none_or(), "prompt truncation is not implemented"),
     "logits_processors": (_empty, "not implemented"),
-    "guided_json": (_is_none_or(), "guided decoding is not implemented"),
-    "guided_regex": (_is_none_or(), "guided decoding is not implemented"),
-    "guided_choice": (_is_none_or(), "guided decoding is not implemented"),
-    "guided_grammar": (_is_none_or(), "guided decoding is not implemented"),
-    "structured_outputs": (_is_none_or(), "guided decoding is not implemented"),
     "spaces_between_special_tokens": (_is_none_or(True), "only true"),
 }
 CHAT_POLICY = {
     **COMMON_POLICY,
-    "tools": (_empty, "tool calling is not implemented"),
-    # tool_choice is checked in _apply_policy: "auto" with no tools is plain text.
     "functions": (_empty, "function calling is not implemented"),
     "function_call": (lambda v: v is None or v == "none", "function calling is not implemented"),
     "audio": (_is_none_or(), "audio output is not implemented"),
@@ -104,10 +96,6 @@ def apply_policy(req, policy: dict) -> None:
         v = getattr(req, name)
         if not ok(v):
             raise _unsupported(name, v, allowed)
-    if hasattr(req, "messages"):  # chat
-        tc = req.tool_choice
-        if not (tc is None or tc == "none" or (tc == "auto" and not req.tools)):
-            raise _unsupported("tool_choice", tc, "tool calling is not implemented")
 
 
 def check_ranges(req) -> None:
@@ -235,7 +223,7 @@ def message_text(m) -> str:
     return "\n".join(p.text or "" for p in m.content)
 
 
-_ROLES = ("system", "developer", "user", "assistant")
+_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 def check_messages(req) -> None:
@@ -253,17 +241,20 @@ def check_messages(req) -> None:
     for i, m in enumerate(req.messages):
         where = f"messages[{i}]"
         if m.role not in _ROLES:
-            hint = " (tools are not implemented)" if m.role == "tool" else ""
             raise AdmissionError(
-                f"Invalid '{where}.role': {m.role!r}; expected one of {', '.join(_ROLES)}{hint}",
+                f"Invalid '{where}.role': {m.role!r}; expected one of {', '.join(_ROLES)}",
                 f"{where}.role",
                 "invalid_value",
             )
-        if m.tool_calls or m.function_call is not None or m.tool_call_id is not None:
+        if m.function_call is not None:
             raise _unsupported(
+                f"{where}.function_call", m.function_call, "the older functions API; use tools"
+            )
+        if m.tool_calls and (m.role != "assistant" or not _calls_ok(m.tool_calls)):
+            raise bad(
                 f"{where}.tool_calls",
-                m.tool_calls or m.function_call or m.tool_call_id,
-                "tool calling is not implemented",
+                "an assistant's list of {'id', 'type': 'function', 'function': {'name', "
+                "'arguments'}}",
             )
         if m.audio is not None:
             raise _unsupported(f"{where}.audio", m.audio, "audio is not implemented")
@@ -286,6 +277,16 @@ def check_messages(req) -> None:
                     )
 
 
+def _calls_ok(calls) -> bool:
+    return all(
+        isinstance(c, dict)
+        and isinstance(c.get("function"), dict)
+        and isinstance(c["function"].get("name"), str)
+        and isinstance(c["function"].get("arguments", ""), str | dict)
+        for c in calls
+    )
+
+
 def requested_max_tokens(req) -> int | None:
     """The completion length the client asked for (max_completion_tokens first), if any."""
     return getattr(req, "max_completion_tokens", None) or req.max_tokens
@@ -297,8 +298,8 @@ def requested_max_tokens(req) -> int | None:
 SUPPORTED = {
     "model": "must name the served model (`router.model_name`); any other is a 404 "
     "`model_not_found`",
-    "messages": "roles system, developer (templated as system), user, assistant; string "
-    "content or text parts",
+    "messages": "roles system, developer (templated as system), user, assistant (with "
+    "`tool_calls`), tool; string content or text parts",
     "prompt": "a string, token ids, or a one-element list of either",
     "max_tokens": "clamped to the room left in `model.max_model_len` (a 400 with "
     "`router.strict_max_tokens`); default `router.default_max_tokens`",
@@ -344,17 +345,30 @@ SUPPORTED = {
     "continue_final_message": "vLLM's: completes the last (assistant) message in place",
     "chat_template_kwargs": "vLLM's: variables for the model's chat template, not its own "
     "arguments",
-    "tool_choice": '"none", or "auto" without tools (tool calls are not implemented)',
+    "response_format": '`{"type": "json_object"}` or `{"type": "json_schema", "json_schema": '
+    '{"name", "schema"}}`: the output is masked to the schema on every worker (llguidance), '
+    "across a migration too; a schema it cannot compile is a 400 naming the reason",
+    "structured_outputs": "vLLM's: one of `json` (a schema), `regex`, `choice` (strings), "
+    "`grammar` (Lark or GBNF), `json_object`",
+    "guided_json": "vLLM's older name of `structured_outputs.json`",
+    "guided_regex": "vLLM's older name of `structured_outputs.regex`",
+    "guided_choice": "vLLM's older name of `structured_outputs.choice`",
+    "guided_grammar": "vLLM's older name of `structured_outputs.grammar`",
+    "tools": "function tools (at most 128); templates that do not render tools get them "
+    "in the model family's format (`model.tool_call_parser`)",
+    "tool_choice": '"none" (tools not shown), "auto" (the default with tools: calls read by '
+    '`model.tool_call_parser`), "required" and a named function (enforced by structured '
+    "output, on any model); streamed calls come as OpenAI's tool-call deltas",
+    "parallel_tool_calls": 'false: at most one call with "required"',
 }
 IGNORED = {
     "user": "an end-user id for the provider's abuse tracking",
     "service_tier": "one tier here",
     "metadata": "stored completions are not kept",
     "store": "stored completions are not kept",
-    "parallel_tool_calls": "tool calls are not implemented (tools are a 400)",
     "priority": "vLLM's priority scheduling; requests are served in arrival order",
     "request_id": "vLLM's; the router names each request itself (`pdcluster-request-id`)",
-    "guided_decoding_backend": "guided decoding is not implemented (its fields are a 400)",
+    "guided_decoding_backend": "llguidance is the one backend",
     "prediction": "predicted outputs only speed up a provider; the text is the same",
     "prompt_cache_key": "a routing hint; prefix caching is automatic",
     "prompt_cache_options": "a routing hint; prefix caching is automatic",

@@ -100,18 +100,21 @@ def completion(
     chat: bool,
     id: str,  # noqa: A002
     model: str,
-    choices: list[tuple[str, str | None, dict | None, list | None]],
+    choices: list[tuple],
     usage: dict,
     created: int | None = None,
 ) -> bytes:
     """A whole (non-streamed) `chat.completion` or `text_completion` object, encoded;
-    `choices`: (text, finish reason, logprobs, vLLM's prompt_logprobs) of each, in index
-    order. Prompt logprobs are a completion choice's field, a chat response's own."""
+    `choices`: (text, finish reason, logprobs, vLLM's prompt_logprobs, tool calls) of
+    each, in index order. Prompt logprobs are a completion choice's field, a chat
+    response's own."""
     out, prompt_lps = [], None
-    for index, (text, finish_reason, logprobs, prompt) in enumerate(choices):
+    for index, (text, finish_reason, logprobs, prompt, calls) in enumerate(choices):
         choice: dict = {"index": index}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
+            if calls:
+                choice["message"]["tool_calls"] = calls
             prompt_lps = prompt_lps or prompt
         else:
             choice["text"] = text
@@ -135,10 +138,12 @@ def chunk(
     role: str | None = None,
     index: int = 0,
     logprobs: dict | None = None,
+    tool_calls: list[dict] | None = None,
 ) -> dict:
     """One streamed chunk, of choice `index`. A chat stream's first chunk passes
     role="assistant" (delta {"role": "assistant", "content": ""}); a finishing chunk
-    carries finish_reason and whatever text came with it (an empty delta when none)."""
+    carries finish_reason and whatever text came with it (an empty delta when none);
+    `tool_calls`: OpenAI's tool-call deltas."""
     choice: dict = {"index": index}
     if chat:
         delta: dict = {}
@@ -146,6 +151,8 @@ def chunk(
             delta = {"role": role, "content": text or ""}
         elif text:
             delta = {"content": text}
+        if tool_calls:
+            delta["tool_calls"] = tool_calls
         choice["delta"] = delta
     else:
         choice["text"] = text or ""

@@ -449,10 +449,19 @@ class Router:
                         )
                         yield responses.sse(role)
                 answer.add(i, "", reason, n_out)
+                piece, calls, reason = answer.stream_tools(i, piece, reason)
                 logprobs = answer.logprobs(i, lps, first) if lps or first else None
-                if piece or reason or logprobs:
+                if piece or reason or logprobs or calls:
                     chunk = responses.chunk(
-                        chat, answer.id, model, created, piece, reason, index=i, logprobs=logprobs
+                        chat,
+                        answer.id,
+                        model,
+                        created,
+                        piece,
+                        reason,
+                        index=i,
+                        logprobs=logprobs,
+                        tool_calls=calls,
                     )
                     yield responses.sse(chunk)
             if include_usage:

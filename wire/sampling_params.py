@@ -42,3 +42,7 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # that asks for them is not served from, nor added to, the prefix cache.
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    # Structured output: an llguidance grammar (`LLMatcher.grammar_from_*`, a JSON schema,
+    # regex, choice or Lark grammar, made by cluster/structured.py). Every worker that
+    # samples for the request masks its logits with it, replaying the output so far.
+    grammar: str | None = None

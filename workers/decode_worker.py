@@ -56,6 +56,8 @@ class DecodeWorker(GroupLeader):
         self._channels: dict[str, asyncio.Queue] = {}
         self._streams: dict[str, tuple[asyncio.Queue, asyncio.Future]] = {}
         self._pulls: dict[str, Pull] = {}  # pulled requests still waiting for blocks
+        # Requests whose grammar compiles before they register: id -> aborted meanwhile.
+        self._compiling: dict[str, bool] = {}
         self.transfers_pending = 0
         # Counters the router publishes as pdcluster_kv_transfer_* metrics.
         self.transfer_counts = {
@@ -155,8 +157,8 @@ class DecodeWorker(GroupLeader):
                 f"decode-{self.spec.replica}: {handle.num_tokens} tokens cannot "
                 f"fit in {self.spec.kv_blocks} KV blocks"
             )
+        seq = await self._sequence(request_id, prompt_ids, params, [*output_ids, first_token])
         q = self._open(request_id, channel)
-        seq = Sequence(request_id, prompt_ids, params, output_ids=[*output_ids, first_token])
         pull = self._pulls[request_id] = Pull(
             self, request_id, handle, prefill, deadline, lease_expires
         )
@@ -189,8 +191,8 @@ class DecodeWorker(GroupLeader):
         async def decode(done: asyncio.Future) -> str:
             return await _until(done, deadline, request_id)
 
+        seq = await self._sequence(request_id, prompt_ids, params, output_ids)
         q = self._open(request_id, channel)
-        seq = Sequence(request_id, prompt_ids, params, output_ids)
         return await self._run(seq, q, decode)
 
     async def generate_fork(
@@ -212,12 +214,28 @@ class DecodeWorker(GroupLeader):
         async def decode(done: asyncio.Future) -> str:
             return await _until(done, deadline, request_id)
 
+        seq = await self._sequence(request_id, prompt_ids, params)
         q = self._open(request_id, channel)
-        seq = Sequence(request_id, prompt_ids, params)
         return await self._run(seq, q, decode, fork_of=parent_id)
+
+    async def _sequence(self, request_id: str, *args) -> Sequence:
+        """`sequence()`, refused (WorkerError) when the request was aborted while its
+        grammar compiled: it is not registered yet, so the abort found nothing to end."""
+        if request_id in self._compiling:
+            raise WorkerError(f"request {request_id} is already decoding here")
+        self._compiling[request_id] = False
+        try:
+            seq = await self.sequence(request_id, *args)
+        finally:
+            aborted = self._compiling.pop(request_id)
+        if aborted:
+            raise WorkerError(f"request {request_id} aborted")
+        return seq
 
     async def abort(self, request_id: str) -> None:
         """Stop decoding a request (the router's backstop; idempotent)."""
+        if request_id in self._compiling:
+            self._compiling[request_id] = True
         self._end(request_id, WorkerError(f"request {request_id} aborted"))
         self.thread.call(lambda: self.engine.abort(request_id))
 

@@ -23,8 +23,9 @@ import ray
 
 from transfer.faults import FaultConfig, FaultInjector
 from transfer.handle import RankKV
-from wire.api import EngineStats, WorkerSpec
+from wire.api import EngineStats, SequenceFailed, WorkerSpec
 from wire.host import process_usage
+from wire.sampling_params import SamplingParams
 from workers.sequence import Sequence
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ class GroupLeader:
             load_runner,
             make_backend,
         )
+        from workers.grammar import Grammars
         from workers.kv_cache import BlockManager
         from workers.tp import TPGroup
 
@@ -71,6 +73,9 @@ class GroupLeader:
             stall_after_s=2 * spec.transfer_timeout_s + 10.0 if spec.role == "decode" else None,
         )
         self.agent = make_backend(spec, self.runner.kv_pool)
+        args = self.runner.args
+        self.grammars = Grammars(self.runner.model_dir, args.vocab_size, args.eos_token_ids)
+        self.grammars.warm()
         self.loop = asyncio.get_event_loop()
         # Ranks 1..: their KV described with no blocks (filled per handle), their actors.
         self.tp_peers: list[RankKV] = []
@@ -83,6 +88,25 @@ class GroupLeader:
         self._init_role()
         self.snapshot = self._engine_stats()  # no other thread yet: safe to build here
         self.thread = EngineThread(self, num_threads=spec.num_threads, setup=setup)
+
+    async def sequence(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        output_ids: list[int] | None = None,
+    ) -> Sequence:
+        """A request's sequence for this engine, its grammar's matcher compiled (off
+        this event loop and the model thread). SequenceFailed (400) when it cannot be."""
+        seq = Sequence(request_id, prompt_ids, params, output_ids)
+        if params.grammar is not None:
+            from workers.grammar import GrammarError
+
+            try:
+                seq.matcher = await self.grammars.matcher(params.grammar)
+            except GrammarError as e:
+                raise SequenceFailed(f"the requested format cannot be compiled: {e}", 400) from None
+        return seq
 
     def _init_role(self) -> None:
         """Role state that the engine thread's callbacks use; made before it starts."""

@@ -20,7 +20,6 @@ from wire.api import (
 )
 from wire.sampling_params import SamplingParams
 from workers.leader import GroupLeader
-from workers.sequence import Sequence
 
 if TYPE_CHECKING:
     from workers.engine import StepOutput
@@ -82,9 +81,10 @@ class PrefillWorker(GroupLeader):
         if request_id in self._futures:
             raise WorkerError(f"request {request_id} is already being prefilled here")
         fut = self._futures[request_id] = self.loop.create_future()
-        seq = Sequence(request_id, prompt_ids, params, output_ids)
-        self.thread.call(lambda: self._add(seq))
         try:
+            seq = await self.sequence(request_id, prompt_ids, params, output_ids)
+            if not fut.done():  # not released while its grammar compiled
+                self.thread.call(lambda: self._add(seq))
             return await fut
         except BaseException:
             # Cancelled, released or failed: whatever this request holds goes back.

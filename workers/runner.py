@@ -49,6 +49,7 @@ class ModelRunner:
     ):
         keep_freed_memory()
         self.args = ModelArgs.from_hf_dir(model_dir)
+        self.model_dir = str(model_dir)  # the tokenizer's too (structured output)
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.device = torch.device(device)

@@ -8,6 +8,7 @@ import math
 import torch
 
 from wire.api import TokenLogprobs
+from workers.grammar import masks as grammar_masks
 from workers.sequence import Sequence
 
 
@@ -70,6 +71,14 @@ def sample(
     asked = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     raw = logits[asked] if asked else None
     out: list[int | SampleError | None] = [None] * len(seqs)
+    # Structured output first: a grammar's mask, then what the request adds on top.
+    processed = [i for i, s in enumerate(seqs) if s.matcher is not None]
+    if processed:
+        allowed, failed = grammar_masks(seqs, processed, vocab)
+        for i, why in failed.items():
+            out[i] = SampleError(f"the output cannot follow the requested format: {why}", 400)
+        idx = torch.tensor(processed, device=logits.device)
+        logits[idx] = logits[idx].masked_fill(~allowed.to(logits.device), float("-inf"))
     # min_tokens: stop tokens are not allowed before the minimum is reached.
     rows, cols = [], []
     for i, s in enumerate(seqs):
@@ -82,12 +91,12 @@ def sample(
         cols += banned
     if rows:
         logits[rows, cols] = float("-inf")
-    processed = []
     for i, s in enumerate(seqs):
         if out[i] is None and _processes(s.params):
             try:
                 _process_row(logits[i], s, vocab)
-                processed.append(i)
+                if s.matcher is None:
+                    processed.append(i)
             except SampleError as e:
                 out[i] = e
             except Exception as e:  # noqa: BLE001 - one sequence fails, never the batch
@@ -95,7 +104,8 @@ def sample(
     if processed:  # one read for them all (a device sync per row would cost a step)
         tops = logits[processed].max(dim=-1).values.tolist()
         for i, top in zip(processed, tops, strict=True):
-            if not math.isfinite(top):  # all banned (-inf), or a penalty overflowed (+inf)
+            # All masked or banned (-inf), or a penalty overflowed (+inf).
+            if out[i] is None and not math.isfinite(top):
                 out[i] = SampleError("the sampling parameters leave no token to sample", 400)
     greedy = None
     if any(s.params.temperature == 0.0 for s in seqs):

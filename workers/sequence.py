@@ -50,6 +50,10 @@ class Sequence:
         self.cached_tokens = 0
         # The sampler's per-sequence state (masks, seen tokens, counts): workers/sampler.py.
         self.sampling_cache: dict = {}
+        # params.grammar's matcher (workers/grammar.py), compiled by the worker before the
+        # sequence reaches its engine; the sampler advances it over the output tokens, so
+        # a sequence that arrives with output (prefill's token 1, a migration) replays it.
+        self.matcher = None
         # params.prompt_logprobs: logprobs of prompt tokens 1.., filled chunk by chunk.
         self.prompt_logprobs: list = []
         self.prompt_logprobs_sent = False  # handed to its worker with the first token

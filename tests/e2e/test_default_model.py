@@ -3,10 +3,14 @@ wheel) through the whole cluster: it answers, and greedy matches HF generate."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import httpx
+import jsonschema
+import llguidance
+import numpy as np
 import openai
 import pytest
 import torch
@@ -21,6 +25,7 @@ from tests.support import (
     metric_above,
     running_cluster,
 )
+from wire.grammar import JSON_OPTIONS
 
 ROOT = Path(__file__).resolve().parents[2]
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -193,4 +198,79 @@ def test_lm_eval_local_completions_scores_as_its_hf_model(cluster, monkeypatch):
             [x[0] for x in a["resps"]], [x[0] for x in b["resps"]], strict=True
         ):
             assert abs(la - lb) < 1e-3, (a["doc"], la, lb)
+    assert_idle(cluster.url)
+
+
+CAPITAL = {
+    "type": "object",
+    "properties": {
+        "country": {"type": "string", "maxLength": 24},
+        "capital": {"type": "string", "maxLength": 24},
+    },
+    "required": ["country", "capital"],
+    "additionalProperties": False,
+}
+
+
+class GrammarMask:
+    """Hugging Face's side of the anchor: llguidance's mask for the same grammar on HF's
+    logits (a `generate` logits processor), its matcher fed HF's own tokens."""
+
+    def __init__(self, grammar: str, model_dir: str, vocab: int, eos: list[int], n_prompt: int):
+        text = (Path(model_dir) / "tokenizer.json").read_text()
+        self.m = llguidance.LLMatcher(
+            llguidance.LLTokenizer(text, n_vocab=vocab, eos_token=eos), grammar
+        )
+        self.n, self.vocab = n_prompt, vocab
+
+    def __call__(self, input_ids, scores):
+        out = input_ids[0, self.n :].tolist()
+        if out:
+            assert self.m.consume_token(out[-1])
+        bits = np.frombuffer(self.m.compute_bitmask(), dtype=np.uint8)
+        allowed = np.unpackbits(bits, bitorder="little")[: scores.shape[-1]].astype(bool)
+        return scores.masked_fill(~torch.from_numpy(allowed), float("-inf"))
+
+
+def test_json_schema_on_both_paths_equals_hf_generate_under_the_same_mask(cluster, hf):
+    """A JSON schema on the real model, greedy: a short prompt prefilled on decode (masked
+    there alone), a longer one through prefill (token 1 masked there) and a transfer.
+    Each is HF `generate`'s text under the same llguidance mask, token for token, and
+    validates against its schema."""
+    model, tok = hf
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(CAPITAL, JSON_OPTIONS)
+    eos = model.generation_config.eos_token_id
+    eos = list(eos) if isinstance(eos, list) else [eos]
+    short = tok.encode("Paris is the capital of which country? In JSON:")
+    long = tok.encode("Name the capital of each country in Europe. " * 8 + "France, in JSON:")
+    assert len(short) <= cluster.config.router.max_local_prefill_tokens < len(long)
+    local0 = metric(cluster.url, "pdcluster_local_prefills_total")
+    for ids in (short, long):
+        mask = GrammarMask(grammar, cluster.model_dir, model.config.vocab_size, eos, len(ids))
+        with torch.no_grad():
+            out = model.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=80,
+                do_sample=False,
+                logits_processor=[mask],
+                pad_token_id=0,
+            )
+        want = tok.decode(out[0, len(ids) :], skip_special_tokens=True)
+        body = {
+            "model": "SmolLM2-135M-Instruct",
+            "prompt": ids,
+            "max_tokens": 80,
+            "temperature": 0,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "c", "schema": CAPITAL},
+            },
+        }
+        r = httpx.post(f"{cluster.url}/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["text"] == want and choice["finish_reason"] == "stop", (choice, want)
+        jsonschema.validate(json.loads(choice["text"]), CAPITAL)
+    assert metric(cluster.url, "pdcluster_local_prefills_total") == local0 + 1
     assert_idle(cluster.url)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import re
@@ -11,6 +12,7 @@ import signal
 import time
 
 import httpx
+import jsonschema
 import pytest
 import ray
 
@@ -29,8 +31,10 @@ WATCHDOG_S = 3.0
 
 @pytest.fixture(scope="module")
 def cluster():
+    # A 1,024-token context: the tiny tokenizer spells a tool list byte by byte.
     cfg = load_test_config(
         "tiny.yaml",
+        model={"max_model_len": 1024},
         prefill={"replicas": 2},
         decode={"replicas": 2},
         router={
@@ -67,7 +71,7 @@ def chat(content: str, **kw) -> dict:
 
 
 BAD = [
-    ("over-long prompt", chat("x" * 700, max_tokens=2)),
+    ("over-long prompt", chat("x" * 1100, max_tokens=2)),
     ("negative max_tokens", chat("hi", max_tokens=-1)),
     ("wrong type", chat("hi", max_tokens="two")),
     ("a field not implemented", chat("hi", max_tokens=2, use_beam_search=True)),
@@ -169,12 +173,18 @@ def test_64_streams_disconnect_at_random_points(cluster):
 
 
 async def _streams(
-    url: str, prompts: list[str], max_tokens: int, on_progress=None, logprobs: bool = False
+    url: str,
+    prompts: list[str],
+    max_tokens: int,
+    on_progress=None,
+    logprobs: bool = False,
+    extra=None,
 ) -> list:
     """Stream every prompt (greedy, and every other one sampled with a seed; prompts 2 and
     5 with n = 3: choices forked on decode); once all are sent, run `on_progress` (in a
-    thread). Each stream's text (its choices' joined by NUL), or with `logprobs`
-    (text, each token's logprob and top 2, choice by choice)."""
+    thread). Each stream's text (its choices' joined by NUL; a tool call's arguments
+    count as text), or with `logprobs` (text, each token's logprob and top 2, choice by
+    choice). `extra(i)`: fields for stream i (a format: then it ends where that ends)."""
 
     async def one(i: int, client: httpx.AsyncClient):
         # Every other stream is sampled with a seed: its text, too, must not depend on
@@ -190,6 +200,9 @@ async def _streams(
             **sampling,
             **({"logprobs": True, "top_logprobs": 2} if logprobs else {}),
         )
+        if extra is not None:
+            del body["ignore_eos"], body["skip_special_tokens"]  # ends where its format ends
+            body.update(extra(i))
         text: dict[int, list] = {}
         lps: dict[int, list] = {}
         async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
@@ -197,7 +210,10 @@ async def _streams(
             async for chunk in sse_events(r):
                 assert "error" not in chunk, chunk
                 for ch in chunk["choices"]:
-                    text.setdefault(ch["index"], []).append(ch["delta"].get("content") or "")
+                    delta = ch["delta"]
+                    args = [c["function"].get("arguments") for c in delta.get("tool_calls", [])]
+                    piece = (delta.get("content") or "") + "".join(a or "" for a in args)
+                    text.setdefault(ch["index"], []).append(piece)
                     for e in (ch["logprobs"] or {}).get("content", []):
                         lps.setdefault(ch["index"], []).append(
                             (e["logprob"], [t["logprob"] for t in e["top_logprobs"]])
@@ -262,6 +278,60 @@ def test_decode_killed_mid_stream_streams_complete_with_same_text(cluster):
     assert killed and [t for t, _ in got] == [t for t, _ in want]
     for i, ((_, g), (_, w)) in enumerate(zip(got, want)):
         assert len(g) == (900 if i % 3 == 2 else 300) and _same_logprobs(g, w)
+    metric_above(cluster.url, "pdcluster_migrations_total", before)
+    wait_healthy(cluster.url)
+    assert_idle(cluster.url)
+
+
+WAY = {"enum": ["north", "south", "east", "west"]}
+ROUTE = {"type": "array", "items": WAY, "minItems": 30, "maxItems": 40}  # ~300 tokens
+GO = {
+    "type": "function",
+    "function": {
+        "name": "go",
+        "parameters": {
+            "type": "object",
+            "properties": {"route": ROUTE},
+            "required": ["route"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def _format(i: int) -> dict:
+    """Stream i's format: a JSON schema, vLLM's structured_outputs, or a forced call."""
+    if i % 3 == 0:
+        return {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "r", "schema": ROUTE},
+            }
+        }
+    if i % 3 == 1:
+        return {"structured_outputs": {"json": ROUTE}}
+    return {"tools": [GO], "tool_choice": {"type": "function", "function": {"name": "go"}}}
+
+
+def test_structured_streams_killed_mid_stream_keep_the_same_valid_json(cluster):
+    """A decode killed mid-stream: JSON-schema streams and forced tool calls (greedy,
+    seeded, n = 3) migrate with their grammar state replayed from the tokens so far:
+    the same text as without the fault, and every answer validates against its schema."""
+    want = asyncio.run(_streams(cluster.url, PROMPTS, 400, extra=_format))
+    before = metric(cluster.url, "pdcluster_migrations_total")
+    killed = []
+
+    def kill():
+        g = _decoding_replica(cluster)
+        ray.kill(g.leader, no_restart=False)
+        killed.append(g)
+
+    got = asyncio.run(_streams(cluster.url, PROMPTS, 400, on_progress=kill, extra=_format))
+    assert killed and got == want
+    for i, text in enumerate(got):
+        for answer in text.split("\0"):
+            value = json.loads(answer)
+            jsonschema.validate(value["route"] if i % 3 == 2 else value, ROUTE)
     metric_above(cluster.url, "pdcluster_migrations_total", before)
     wait_healthy(cluster.url)
     assert_idle(cluster.url)
@@ -405,6 +475,9 @@ def test_no_healthy_prefill_falls_back_to_decode_local_prefill(cluster):
         plain | knobs | {"temperature": 0.9, "seed": 7, "min_p": 0.05},
         plain | knobs | lps,  # the same logprobs, token 1's computed by decode here
         plain | {"n": 3, "temperature": 0.9, "seed": 11},  # choices prefilled each alone
+        # A format: masked by decode alone, the same as masked by prefill then decode.
+        chat("fallback please", max_tokens=400, temperature=0.9, seed=3) | _format(0),
+        chat("fallback please", max_tokens=400, temperature=0) | _format(2),
     ]
     want = [
         httpx.post(f"{cluster.url}/v1/chat/completions", timeout=30, json=b).json() for b in bodies
@@ -429,13 +502,19 @@ def test_no_healthy_prefill_falls_back_to_decode_local_prefill(cluster):
         assert g.status_code == 200, g.text
         texts = [[c["message"]["content"] for c in r["choices"]] for r in (g.json(), w)]
         assert texts[0] == texts[1]
+    route = got[5].json()["choices"][0]["message"]["content"]  # the last two: a format each
+    jsonschema.validate(json.loads(route), ROUTE)
+    calls = [r["choices"][0]["message"]["tool_calls"] for r in (got[-1].json(), want[-1])]
+    assert [c["function"] for c in calls[0]] == [c["function"] for c in calls[1]]
+    jsonschema.validate(json.loads(calls[0][0]["function"]["arguments"])["route"], ROUTE)
+    texts = [[c["message"]["content"] for c in r["choices"]] for r in (got[4].json(), want[4])]
     assert len(texts[0]) == 3 and len(set(texts[0])) > 1
     lp = [
         [
             (e["logprob"], [t["logprob"] for t in e["top_logprobs"]])
             for e in r["logprobs"]["content"]
         ]
-        for r in (got[-2].json()["choices"][0], want[-2]["choices"][0])
+        for r in (got[3].json()["choices"][0], want[3]["choices"][0])
     ]
     assert len(lp[0]) == 24 and _same_logprobs(*lp)
     metric_above(cluster.url, 'pdcluster_retries_total{reason="decode_local"}', before)

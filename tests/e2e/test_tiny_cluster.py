@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
+from typing import Literal
 
 import httpx
+import jsonschema
 import openai
 import pytest
 import ray
 import torch
+from langchain_openai import ChatOpenAI
+from pydantic import BaseModel, Field
 
 from tests.support import (
     assert_idle,
@@ -39,8 +44,10 @@ ABUSE_PERIOD_S = 1.0
 @pytest.fixture(scope="module")
 def cluster():
     # A short deadline and a watchdog that stays out of the way of the deadline test.
+    # A 1,024-token context: the tiny tokenizer spells a tool list byte by byte.
     cfg = load_test_config(
         "tiny.yaml",
+        model={"max_model_len": 1024},
         router={
             "request_timeout_s": 5,
             "watchdog_s": 60,
@@ -572,11 +579,11 @@ def test_bad_input_is_4xx_openai_shape(cluster, client):
     r = httpx.post(
         f"{cluster.url}/v1/completions",
         timeout=10,
-        json={"model": "tiny-llama", "prompt": "x" * 600, "max_tokens": 4},
+        json={"model": "tiny-llama", "prompt": "x" * 1100, "max_tokens": 4},
     )
     assert r.status_code == 400
     err = r.json()["error"]
-    assert set(err) >= {"message", "type", "param", "code"} and "512" in err["message"]
+    assert set(err) >= {"message", "type", "param", "code"} and "1024" in err["message"]
 
 
 def test_ignore_eos_runs_to_max_tokens(cluster):
@@ -727,6 +734,212 @@ def test_bench_measures_the_cost_of_a_request_field(cluster, tmp_path):
     for r in report["points"][0]["results"].values():
         assert r["completed"] == 8 and r["failed"] == 0 and r["output_tok_s"] > 0
     assert main(argv[:-5] + ["--compare", cluster.url, *argv[-5:]]) == 2  # one second target
+
+
+class Person(BaseModel):
+    """A schema whose every field is bounded: the random model must end it."""
+
+    name: str = Field(max_length=6)
+    age: int = Field(ge=0, le=99)
+    color: Literal["red", "green"]
+
+
+CITY = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 8}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {"name": "get_weather", "description": "a city's weather", "parameters": CITY},
+}
+TIME_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {"type": "object", "properties": {}, "additionalProperties": False},
+    },
+}
+ASK = [{"role": "user", "content": "Who is it, and what is the weather there?"}]
+
+
+def test_structured_output_with_the_openai_sdk_through_the_disaggregated_path(cluster, client):
+    """`parse` with a Pydantic model, whole and streamed (the same greedy text), seeded
+    sampling, and vLLM's fields on both endpoints: the random model, masked on prefill
+    (token 1) and decode (the rest), writes only what the format allows."""
+    kw = dict(model="tiny-llama", messages=ASK, response_format=Person, max_tokens=80)
+    whole = client.chat.completions.parse(**kw, temperature=0)
+    person = whole.choices[0].message.parsed
+    assert isinstance(person, Person) and whole.choices[0].finish_reason == "stop"
+    with client.chat.completions.stream(**kw, temperature=0) as stream:
+        for _ in stream:
+            pass
+        streamed = stream.get_final_completion()
+    assert streamed.choices[0].message.parsed == person
+    for seed in range(3):
+        got = client.chat.completions.parse(**kw, temperature=1.0, seed=seed)
+        assert isinstance(got.choices[0].message.parsed, Person)
+    chat = client.chat.completions.create(
+        model="tiny-llama",
+        messages=ASK,
+        max_tokens=20,
+        temperature=0.9,
+        seed=1,
+        extra_body={"structured_outputs": {"choice": ["sunny", "rain", "fog"]}},
+    )
+    assert chat.choices[0].message.content in ("sunny", "rain", "fog")
+    comp = client.completions.create(
+        model="tiny-llama",
+        prompt="a number:",
+        max_tokens=20,
+        temperature=0,
+        extra_body={"guided_regex": "[1-9][0-9]{2}-[a-z]{2}"},
+    )
+    assert re.fullmatch(r"[1-9][0-9]{2}-[a-z]{2}", comp.choices[0].text), comp.choices[0].text
+    jsons = client.completions.create(
+        model="tiny-llama",
+        prompt="json:",
+        max_tokens=80,
+        temperature=0,
+        n=2,
+        seed=3,
+        extra_body={"structured_outputs": {"json": Person.model_json_schema()}},
+    )
+    for c in jsons.choices:  # n = 2: the second choice forked on decode, masked alike
+        Person.model_validate_json(c.text)
+    assert_idle(cluster.url)
+
+
+def _streamed_calls(url: str, body: dict) -> tuple[list[dict], str, str]:
+    """A streamed chat's tool calls, assembled from OpenAI's deltas as the SDK does;
+    its content and finish reason."""
+    calls: dict[int, dict] = {}
+    content, reason = "", None
+    with httpx.stream(
+        "POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=60
+    ) as r:
+        assert r.status_code == 200, r.read()
+        events = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+        for event in events:
+            for ch in event["choices"]:
+                delta = ch["delta"]
+                content += delta.get("content") or ""
+                for d in delta.get("tool_calls") or []:
+                    c = calls.setdefault(d["index"], {"id": None, "name": "", "arguments": ""})
+                    c["id"] = c["id"] or d.get("id")
+                    c["name"] += d.get("function", {}).get("name") or ""
+                    c["arguments"] += d.get("function", {}).get("arguments") or ""
+                reason = ch["finish_reason"] or reason
+    return [calls[k] for k in sorted(calls)], content, reason
+
+
+@pytest.mark.parametrize("choice", ["named", "required", "required-one"])
+def test_forced_tool_calls_whole_and_streamed(cluster, client, choice):
+    """`tool_choice` named and required are enforced by structured output, so even a
+    random model calls: arguments parse and match the function's schema; the streamed
+    deltas add up to the whole answer (greedy); finish reasons are OpenAI's."""
+    tool_choice = {"type": "function", "function": {"name": "get_weather"}}
+    extra = {}
+    if choice != "named":
+        tool_choice, extra = (
+            "required",
+            ({"parallel_tool_calls": False} if choice == "required-one" else {}),
+        )
+    body = dict(
+        model="tiny-llama",
+        messages=ASK,
+        tools=[WEATHER_TOOL, TIME_TOOL],
+        tool_choice=tool_choice,
+        max_tokens=120,
+        temperature=0,
+        **extra,
+    )
+    whole = client.chat.completions.create(**body)
+    msg, reason = whole.choices[0].message, whole.choices[0].finish_reason
+    assert msg.tool_calls and reason == ("stop" if choice == "named" else "tool_calls")
+    if choice != "required":
+        assert len(msg.tool_calls) == 1
+    for c in msg.tool_calls:
+        args = json.loads(c.function.arguments)
+        if c.function.name == "get_weather":
+            jsonschema.validate(args, CITY)
+        else:
+            assert c.function.name == "get_time" and args == {}
+    calls, content, s_reason = _streamed_calls(cluster.url, body)
+    assert s_reason == reason and not content
+    assert [(c["name"], c["arguments"]) for c in calls] == [
+        (c.function.name, c.function.arguments) for c in msg.tool_calls
+    ]
+    assert all(c["id"].startswith("call_") for c in calls)
+
+
+def test_tool_history_auto_and_langchain(cluster, client):
+    """A conversation with a call and its result; "auto" on a model that answers in
+    text gives content and no calls; langchain-openai's `with_structured_output` and
+    `bind_tools` with a forced tool, as an agent framework sends them."""
+    history = ASK + [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
+    ]
+    auto = client.chat.completions.create(
+        model="tiny-llama", messages=history, tools=[WEATHER_TOOL], max_tokens=16, temperature=0
+    )
+    assert auto.choices[0].finish_reason == "length" and auto.choices[0].message.content
+    assert auto.choices[0].message.tool_calls is None
+    # "auto" read by the hermes parser: a format makes the random model write a call.
+    call = (
+        r"Let me see\.\n<tool_call>\n"
+        r'\{"name": "get_weather", "arguments": \{"city": "(Oslo|Rome)"\}\}\n</tool_call>'
+    )
+    body = dict(
+        model="tiny-llama", messages=history, tools=[WEATHER_TOOL], max_tokens=100, temperature=0
+    )
+    got = client.chat.completions.create(**body, extra_body={"guided_regex": call})
+    msg = got.choices[0].message
+    assert got.choices[0].finish_reason == "tool_calls" and msg.content == "Let me see."
+    assert [c.function.name for c in msg.tool_calls] == ["get_weather"]
+    assert json.loads(msg.tool_calls[0].function.arguments)["city"] in ("Oslo", "Rome")
+    calls, content, reason = _streamed_calls(cluster.url, {**body, "guided_regex": call})
+    assert (content.strip(), reason) == ("Let me see.", "tool_calls")
+    assert [(c["name"], c["arguments"]) for c in calls] == [
+        (c.function.name, c.function.arguments) for c in msg.tool_calls
+    ]
+    llm = ChatOpenAI(
+        base_url=f"{cluster.url}/v1",
+        api_key="unused",
+        model="tiny-llama",
+        temperature=0,
+        max_tokens=80,
+        max_retries=0,
+    )
+    person = llm.with_structured_output(Person).invoke("Describe someone.")
+    assert isinstance(person, Person)
+    called = llm.bind_tools([WEATHER_TOOL], tool_choice="get_weather").invoke("Weather?")
+    assert called.tool_calls and called.tool_calls[0]["name"] == "get_weather"
+    jsonschema.validate(called.tool_calls[0]["args"], CITY)
+    assert_idle(cluster.url)
+
+
+def test_a_format_that_cannot_be_compiled_is_a_400_that_allocates_nothing(cluster, client):
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.chat.completions.create(model="tiny-llama", messages=ASK, response_format=bad)
+    err = ei.value.body
+    assert err["param"] == "response_format" and "strin" in err["message"]
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny-llama", prompt="x", extra_body={"guided_regex": "(a"})
+    assert_idle(cluster.url)
 
 
 def test_idle_after_requests(cluster):

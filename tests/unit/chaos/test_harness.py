@@ -307,3 +307,26 @@ def test_load_sends_a_share_of_over_long_prompts_and_expects_them_refused(endpoi
     assert all(r.refused and not r.completed for r in records if r.rejected)
     assert all(r.completed and r.text == "hello" for r in records if not r.rejected)
     assert len(over_long_prompt(64).split()) == 65
+
+
+def test_a_structured_answer_that_does_not_validate_is_corrupted():
+    """The chaos load's JSON-schema and tool-call requests: the same text as the
+    baseline is not enough, the answer must validate against its schema too."""
+    from chaos.load import format_fields, format_kind, format_schema, format_valid
+    from chaos.scenarios import Window
+
+    shape = LoadShape(prompts=["p"] * 8, max_tokens=32, model="m", formats=True)
+    kinds = [format_kind(shape, i) for i in range(8)]
+    assert kinds == [None, None, "json", None, "tool", None, "json", None]
+    assert format_valid("json", '["n", "s"]', 32) and not format_valid("json", '["n", ', 32)
+    assert format_valid("tool", '{"way": ["w"]}', 32) and not format_valid("tool", '["w"]', 32)
+    worst = '{"way": [' + ", ".join(
+        ['"n"'] * format_schema(32, True)["properties"]["way"]["maxItems"]
+    )
+    assert len(worst + "]}") <= 32  # any tokenizer's answer fits max_tokens
+    assert "response_format" in format_fields("json", 32) and "tools" in format_fields("tool", 32)
+    records = [_done(0, 90.0), _done(1, 91.0)]
+    records[0].valid, records[1].valid = True, False
+    res = harness.Result("kill-decode", "x")
+    harness.tally(res, records, {0: "t"}, Window(100.0, 100.0, "decode"))
+    assert (res.succeeded, res.corrupted) == (1, 1)

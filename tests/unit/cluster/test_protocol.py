@@ -11,7 +11,7 @@ from openai._models import construct_type
 from openai.types import Completion, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from cluster import policy, protocol, responses
+from cluster import policy, protocol, responses, structured
 from cluster.admission import to_sampling_params
 from wire.sampling_params import SamplingParams
 
@@ -166,9 +166,8 @@ def test_missing_required_and_bad_json():
     [
         ({"n": 0}, "n"),
         ({"n": 129}, "n"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"tool_choice": "required"}, "tool_choice"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"use_beam_search": True}, "use_beam_search"),
+        ({"function_call": "auto"}, "function_call"),
         ({"functions": [{"name": "f"}]}, "functions"),
         ({"echo": True}, "echo"),
     ],
@@ -226,7 +225,7 @@ def test_logprobs_asked():
     assert logprobs_asked(parse_completion(comp_body(echo=True))) == (None, None)
 
 
-@pytest.mark.parametrize("role", ["tool", "bogus", "function"])
+@pytest.mark.parametrize("role", ["bogus", "function"])
 def test_bad_roles_are_400(role):
     e = chat_err(messages=[{"role": role, "content": "x"}])
     assert e.param == "messages[0].role"
@@ -420,7 +419,9 @@ USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
 
 def test_chat_completion_parses_with_openai_types():
     c = ChatCompletion.model_validate_json(
-        responses.completion(True, "chatcmpl-ab12", "m", [("hello", "length", None, None)], USAGE)
+        responses.completion(
+            True, "chatcmpl-ab12", "m", [("hello", "length", None, None, None)], USAGE
+        )
     )
     assert c.object == "chat.completion" and c.choices[0].message.content == "hello"
     assert c.choices[0].message.role == "assistant" and c.choices[0].finish_reason == "length"
@@ -429,7 +430,7 @@ def test_chat_completion_parses_with_openai_types():
 
 def test_text_completion_parses_with_openai_types():
     c = Completion.model_validate_json(
-        responses.completion(False, "cmpl-1", "m", [("hi", "stop", None, None)], USAGE)
+        responses.completion(False, "cmpl-1", "m", [("hi", "stop", None, None, None)], USAGE)
     )
     assert c.object == "text_completion" and c.choices[0].text == "hi"
     assert c.choices[0].finish_reason == "stop" and c.usage.prompt_tokens == 3
@@ -533,7 +534,12 @@ def test_deep_nesting_is_400_not_recursion_error():
     # Just inside what decodes: refused by policy, and the message still shows a value.
     ok_depth = "[" * 900 + "]" * 900
     with pytest.raises(protocol.AdmissionError) as ei:
-        parse_chat(chat_body(response_format="@").replace(b'"@"', ok_depth.encode()))
+        parse_chat(chat_body(logits_processors="@").replace(b'"@"', ok_depth.encode()))
+    assert ei.value.param == "logits_processors"
+    with pytest.raises(protocol.AdmissionError) as ei:  # and by structured output
+        structured.grammar_of(
+            parse_chat(chat_body(response_format="@").replace(b'"@"', ok_depth.encode()))
+        )
     assert ei.value.param == "response_format"
 
 

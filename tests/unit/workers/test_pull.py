@@ -22,6 +22,7 @@ from wire.sampling_params import SamplingParams
 from workers.decode_worker import DecodeWorker
 from workers.engine import Engine
 from workers.engine_thread import EngineThread
+from workers.grammar import Grammars
 from workers.kv_cache import BlockManager
 from workers.runner import ModelRunner
 from workers.sequence import Sequence
@@ -52,6 +53,7 @@ def _decode(model_dir, loop, num_blocks=16, timeout_s=2.0) -> DecodeWorker:
     w.agent = NixlTransferAgent("decode", w.runner.kv_pool)
     w.loop = loop
     w.tp_peers, w._followers = [], None
+    w.grammars = Grammars(w.runner.model_dir, w.runner.args.vocab_size, w.runner.args.eos_token_ids)
     w._init_role()
     w.snapshot = w._engine_stats()
     w.thread = EngineThread(w, num_threads=1)
@@ -245,6 +247,44 @@ def test_pulls_from_a_peer_still_connecting_leave_the_pull_threads_to_others(tin
             # Each ends: served once the handshake returned, or out of time before it.
             assert result == "length" or isinstance(result, TransferError), result
         assert await _settled(w, bad) == (0, 0) and good.leases() == 0
+        pump.cancel()
+        w.thread.stop()
+
+    asyncio.run(main())
+
+
+def test_an_abort_while_the_grammar_compiles_is_not_lost(tiny_model_dir):
+    """A request with a format compiles its grammar before it registers on decode; the
+    router's abort in that window finds nothing to end, so without a record of it the
+    request would decode afterwards, holding blocks and a batch place, with nobody
+    reading (a cold review reproduced it; this test failed before the fix)."""
+    import llguidance
+
+    async def main():
+        w = _decode(tiny_model_dir, asyncio.get_running_loop())
+        pump, got = await _channel(w)
+        gate, compile_ = asyncio.Event(), w.grammars.matcher
+
+        async def slow(grammar):
+            await gate.wait()
+            return await compile_(grammar)
+
+        w.grammars.matcher = slow
+        sp = msgspec.structs.replace(
+            SP, ignore_eos=False, grammar=llguidance.grammar_from("regex", "a{2}")
+        )
+        run = asyncio.ensure_future(w.generate_local("r1", "ch", PROMPT, sp, 20.0))
+        while "r1" not in w._compiling:
+            await asyncio.sleep(0.01)
+        await w.abort("r1")
+        gate.set()
+        with pytest.raises(WorkerError, match="aborted"):
+            await run
+        await asyncio.sleep(0.2)
+        assert "r1" not in w._streams and not w.engine.seqs and w.blocks.num_used == 0
+        assert "r1" not in got and not w._compiling
+        # The same request id may come again (a retry) and is served.
+        assert await w.generate_local("r1", "ch", PROMPT, sp, 20.0) == "stop"
         pump.cancel()
         w.thread.stop()
 
