@@ -26,7 +26,6 @@ VALIDATED_CACHE = 256  # grammars validated per router replica, most recent kept
 # structured_outputs keys that change nothing here: vLLM's backend choice and fallback,
 # and its whitespace switch (JSON never has free whitespace here).
 _SO_HARMLESS = {"backend", "disable_fallback", "disable_any_whitespace"}
-_SO_KINDS = ("json", "regex", "choice", "grammar", "json_object")
 
 
 def json_grammar(schema: Any, param: str) -> str:
@@ -86,31 +85,34 @@ def _from_response_format(rf: Any) -> str | None:
     raise bad("response_format", 'its type is one of "text", "json_object", "json_schema"')
 
 
+# What each kind of structured_outputs (and each guided_<kind>) is made into.
+_KINDS = {
+    "json": json_grammar,
+    "regex": lambda v, param: _text_grammar("regex", v, param),
+    "choice": _choice,
+    "grammar": lambda v, param: _text_grammar("grammar", v, param),
+    "json_object": lambda _, param: json_grammar({"type": "object"}, param),
+}
+
+
 def _from_structured_outputs(so: Any) -> str | None:
     if so is None:
         return None
     if not isinstance(so, dict):
         raise bad("structured_outputs", "an object with one of json, regex, choice, grammar")
     given = {k: v for k, v in so.items() if v is not None and v is not False}
-    other = sorted(set(given) - set(_SO_KINDS) - _SO_HARMLESS)
+    other = sorted(set(given) - set(_KINDS) - _SO_HARMLESS)
     if other:
         raise bad(f"structured_outputs.{other[0]}"[:80], "not supported by pdcluster")
-    kinds = [k for k in _SO_KINDS if k in given]
+    kinds = [k for k in _KINDS if k in given]
     if len(kinds) != 1:
         raise bad(
             "structured_outputs",
             "exactly one of json, regex, choice, grammar, json_object"
             + (f" (got {', '.join(kinds)})" if kinds else ""),
         )
-    kind, value = kinds[0], given[kinds[0]]
-    param = f"structured_outputs.{kind}"
-    if kind == "json":
-        return json_grammar(value, param)
-    if kind == "json_object":
-        return json_grammar({"type": "object"}, param)
-    if kind == "choice":
-        return _choice(value, param)
-    return _text_grammar(kind, value, param)
+    kind = kinds[0]
+    return _KINDS[kind](given[kind], f"structured_outputs.{kind}")
 
 
 def grammar_of(req, tool_grammar: str | None = None) -> tuple[str, str] | None:
@@ -119,20 +121,12 @@ def grammar_of(req, tool_grammar: str | None = None) -> tuple[str, str] | None:
     asked = {
         "response_format": _from_response_format(req.response_format),
         "structured_outputs": _from_structured_outputs(req.structured_outputs),
-        "guided_json": None
-        if req.guided_json is None
-        else json_grammar(req.guided_json, "guided_json"),
-        "guided_regex": None
-        if req.guided_regex is None
-        else _text_grammar("regex", req.guided_regex, "guided_regex"),
-        "guided_choice": None
-        if req.guided_choice is None
-        else _choice(req.guided_choice, "guided_choice"),
-        "guided_grammar": None
-        if req.guided_grammar is None
-        else _text_grammar("grammar", req.guided_grammar, "guided_grammar"),
-        "tool_choice": tool_grammar,
     }
+    for kind in ("json", "regex", "choice", "grammar"):  # vLLM's older names
+        field = f"guided_{kind}"
+        value = getattr(req, field)
+        asked[field] = None if value is None else _KINDS[kind](value, field)
+    asked["tool_choice"] = tool_grammar
     given = [k for k, v in asked.items() if v is not None]
     if len(given) > 1:
         raise AdmissionError(

@@ -185,36 +185,32 @@ def _as_calls(items: Any, names: set[str]) -> list[dict] | None:
     return calls or None
 
 
+def _calls_in(parts: list[str], names: set[str]) -> list[dict] | None:
+    """The calls the JSON texts `parts` hold, or None when one is not a call."""
+    calls: list[dict] = []
+    for part in parts:
+        try:
+            got = _as_calls(json.loads(part), names)
+        except ValueError:
+            return None
+        if got is None:
+            return None
+        calls += got
+    return calls
+
+
 def _parse_auto(text: str, p: ToolPlan) -> tuple[str | None, list[dict] | None]:
     """(content, calls) of an "auto" answer; all text when it holds no call that parses."""
     names = {t["function"]["name"] for t in p.tools}
     if p.parser == "llama3_json":
         stripped = text.strip()
-        if not stripped.startswith("{"):
-            return text, None
-        calls: list[dict] = []
-        for part in stripped.split(";"):
-            try:
-                got = _as_calls(json.loads(part), names)
-            except ValueError:
-                return text, None
-            if got is None:
-                return text, None
-            calls += got
-        return None, calls
+        calls = _calls_in(stripped.split(";"), names) if stripped.startswith("{") else None
+        return (None, calls) if calls else (text, None)
     start = text.find(TAG)
     if start < 0:
         return text, None
-    calls = []
-    for block in re.findall(rf"{TAG}(.*?)(?:{END}|$)", text[start:], re.S):
-        try:
-            got = _as_calls(json.loads(block), names)
-        except ValueError:
-            return text, None
-        if got is None:
-            return text, None
-        calls += got
-    return (text[:start].strip() or None), calls
+    calls = _calls_in(re.findall(rf"{TAG}(.*?)(?:{END}|$)", text[start:], re.S), names)
+    return ((text[:start].strip() or None), calls) if calls else (text, None)
 
 
 def parse(text: str, p: ToolPlan) -> tuple[str | None, list[dict] | None]:

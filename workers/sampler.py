@@ -77,8 +77,12 @@ def sample(
         allowed, failed = grammar_masks(seqs, processed, vocab)
         for i, why in failed.items():
             out[i] = SampleError(f"the output cannot follow the requested format: {why}", 400)
-        idx = torch.tensor(processed, device=logits.device)
-        logits[idx] = logits[idx].masked_fill(~allowed.to(logits.device), float("-inf"))
+        banned = ~allowed.to(logits.device)
+        if len(processed) == len(seqs):  # in place: half the time of an indexed copy
+            logits.masked_fill_(banned, float("-inf"))
+        else:
+            for j, i in enumerate(processed):
+                logits[i].masked_fill_(banned[j], float("-inf"))
     # min_tokens: stop tokens are not allowed before the minimum is reached.
     rows, cols = [], []
     for i, s in enumerate(seqs):

@@ -262,10 +262,10 @@ def _same_logprobs(got: list, want: list, tol: float = 1e-3) -> bool:
     return True
 
 
-def test_decode_killed_mid_stream_streams_complete_with_same_text(cluster):
-    """... and the same logprobs: token 1's from prefill, the rest from decode, those
-    after the migration from the re-prefill and the new decode replica."""
-    want = asyncio.run(_streams(cluster.url, PROMPTS, 300, logprobs=True))
+def _without_and_with_a_decode_killed(cluster, max_tokens: int, **kw) -> tuple[list, list]:
+    """`_streams` once without a fault, then again with a decoding replica killed once
+    every stream is sent; the migrations counter must move."""
+    want = asyncio.run(_streams(cluster.url, PROMPTS, max_tokens, **kw))
     before = metric(cluster.url, "pdcluster_migrations_total")
     killed = []
 
@@ -274,11 +274,19 @@ def test_decode_killed_mid_stream_streams_complete_with_same_text(cluster):
         ray.kill(g.leader, no_restart=False)
         killed.append(g)
 
-    got = asyncio.run(_streams(cluster.url, PROMPTS, 300, on_progress=kill, logprobs=True))
-    assert killed and [t for t, _ in got] == [t for t, _ in want]
+    got = asyncio.run(_streams(cluster.url, PROMPTS, max_tokens, on_progress=kill, **kw))
+    assert killed
+    metric_above(cluster.url, "pdcluster_migrations_total", before)
+    return want, got
+
+
+def test_decode_killed_mid_stream_streams_complete_with_same_text(cluster):
+    """... and the same logprobs: token 1's from prefill, the rest from decode, those
+    after the migration from the re-prefill and the new decode replica."""
+    want, got = _without_and_with_a_decode_killed(cluster, 300, logprobs=True)
+    assert [t for t, _ in got] == [t for t, _ in want]
     for i, ((_, g), (_, w)) in enumerate(zip(got, want)):
         assert len(g) == (900 if i % 3 == 2 else 300) and _same_logprobs(g, w)
-    metric_above(cluster.url, "pdcluster_migrations_total", before)
     wait_healthy(cluster.url)
     assert_idle(cluster.url)
 
@@ -300,7 +308,7 @@ GO = {
 
 
 def _format(i: int) -> dict:
-    """Stream i's format: a JSON schema, vLLM's structured_outputs, or a forced call."""
+    """Stream i's format: a JSON schema, a required call, or a named call."""
     if i % 3 == 0:
         return {
             "response_format": {
@@ -308,31 +316,21 @@ def _format(i: int) -> dict:
                 "json_schema": {"name": "r", "schema": ROUTE},
             }
         }
-    if i % 3 == 1:
-        return {"structured_outputs": {"json": ROUTE}}
+    if i % 3 == 1:  # one call: a random model would go on calling within max_tokens
+        return {"tools": [GO], "tool_choice": "required", "parallel_tool_calls": False}
     return {"tools": [GO], "tool_choice": {"type": "function", "function": {"name": "go"}}}
 
 
 def test_structured_streams_killed_mid_stream_keep_the_same_valid_json(cluster):
-    """A decode killed mid-stream: JSON-schema streams and forced tool calls (greedy,
-    seeded, n = 3) migrate with their grammar state replayed from the tokens so far:
+    """A decode killed mid-stream: JSON-schema streams and required and named tool calls
+    (greedy, seeded, n = 3) migrate with their grammar state replayed from the tokens so far:
     the same text as without the fault, and every answer validates against its schema."""
-    want = asyncio.run(_streams(cluster.url, PROMPTS, 400, extra=_format))
-    before = metric(cluster.url, "pdcluster_migrations_total")
-    killed = []
-
-    def kill():
-        g = _decoding_replica(cluster)
-        ray.kill(g.leader, no_restart=False)
-        killed.append(g)
-
-    got = asyncio.run(_streams(cluster.url, PROMPTS, 400, on_progress=kill, extra=_format))
-    assert killed and got == want
+    want, got = _without_and_with_a_decode_killed(cluster, 500, extra=_format)
+    assert got == want
     for i, text in enumerate(got):
-        for answer in text.split("\0"):
+        for answer in text.split("\0"):  # a call's text is its arguments
             value = json.loads(answer)
-            jsonschema.validate(value["route"] if i % 3 == 2 else value, ROUTE)
-    metric_above(cluster.url, "pdcluster_migrations_total", before)
+            jsonschema.validate(value["route"] if i % 3 else value, ROUTE)
     wait_healthy(cluster.url)
     assert_idle(cluster.url)
 
