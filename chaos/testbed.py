@@ -50,6 +50,8 @@ class Testbed:
     """`nodes` hosts named after configured nodes, on `subnet` (private, at least
     len(nodes) + 2 addresses)."""
 
+    __test__ = False  # not a pytest test class, whatever its name
+
     def __init__(self, name: str, nodes: list[str], subnet: str = "10.231.0.0/24"):
         net = ipaddress.ip_network(subnet)
         if not net.is_private:
