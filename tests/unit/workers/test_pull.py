@@ -263,9 +263,10 @@ def test_an_abort_while_the_grammar_compiles_is_not_lost(tiny_model_dir):
     async def main():
         w = _decode(tiny_model_dir, asyncio.get_running_loop())
         pump, got = await _channel(w)
-        gate, compile_ = asyncio.Event(), w.grammars.matcher
+        entered, gate, compile_ = asyncio.Event(), asyncio.Event(), w.grammars.matcher
 
         async def slow(grammar):
+            entered.set()
             await gate.wait()
             return await compile_(grammar)
 
@@ -274,12 +275,11 @@ def test_an_abort_while_the_grammar_compiles_is_not_lost(tiny_model_dir):
             SP, ignore_eos=False, grammar=llguidance.grammar_from("regex", "a{2}")
         )
         run = asyncio.ensure_future(w.generate_local("r1", "ch", PROMPT, sp, 20.0))
-        while "r1" not in w._compiling:
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(entered.wait(), 10)
         await w.abort("r1")
         gate.set()
         with pytest.raises(WorkerError, match="aborted"):
-            await run
+            await asyncio.wait_for(run, 10)
         await asyncio.sleep(0.2)
         assert "r1" not in w._streams and not w.engine.seqs and w.blocks.num_used == 0
         assert "r1" not in got and not w._compiling
