@@ -218,7 +218,7 @@ class Admission:
         # Longest text one token can stand for (byte-level BPE: its string's length).
         self.max_token_chars = max(len(t) for t in tokenizer.get_vocab())
         self.grammars = structured.Validator(
-            tokenizer, model_vocab_size(model_dir, len(tokenizer)), model_eos_ids(model_dir)
+            model_dir, model_vocab_size(model_dir, len(tokenizer)), model_eos_ids(model_dir)
         )
         # A template that renders tools itself gets them as Hugging Face passes them;
         # any other gets them from cluster/tools.py in the model family's format.

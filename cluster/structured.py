@@ -20,6 +20,7 @@ from typing import Any
 from cluster.policy import bad
 from cluster.protocol import AdmissionError
 from wire.grammar import JSON_OPTIONS, MAX_GRAMMAR_BYTES, big_stack_executor, digest, probe
+from wire.grammar import tokenizer as llg_tokenizer
 
 MAX_CHOICES = 1024
 VALIDATED_CACHE = 256  # grammars validated per router replica, most recent kept
@@ -155,8 +156,8 @@ class Validator:
     the results of the most recent VALIDATED_CACHE kept by digest. The tokenizer
     llguidance needs is built at the first grammar (~0.4 s for a 49k vocabulary)."""
 
-    def __init__(self, tokenizer, vocab_size: int, eos_ids: list[int]):
-        self._hf, self._vocab, self._eos = tokenizer, vocab_size, eos_ids
+    def __init__(self, model_dir: str, vocab_size: int, eos_ids: list[int]):
+        self._model_dir, self._vocab, self._eos = model_dir, vocab_size, eos_ids
         self._tokenizer = None
         self._seen: OrderedDict[bytes, str] = OrderedDict()  # digest -> error ("" = valid)
         self._lock = threading.Lock()
@@ -181,11 +182,7 @@ class Validator:
 
     def _probe(self, grammar: str) -> str:  # the large-stack thread
         if self._tokenizer is None:
-            import llguidance.hf
-
-            self._tokenizer = llguidance.hf.from_tokenizer(
-                self._hf, n_vocab=self._vocab, eos_token=self._eos or None
-            )
+            self._tokenizer = llg_tokenizer(self._model_dir, self._vocab, self._eos)
         try:
             probe(self._tokenizer, grammar)
         except ValueError as e:

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from wire.grammar import big_stack_executor, digest, error_text, probe
+from wire.grammar import tokenizer as llg_tokenizer
 from workers.sequence import Sequence
 
 CACHE_SIZE = 16  # compiled grammars kept per worker (each within wire.grammar.LIMITS)
@@ -68,12 +68,7 @@ class Grammars:
         """llguidance's tokenizer, from the model's tokenizer.json (no transformers
         import in a worker)."""
         if self._tokenizer is None:
-            import llguidance
-
-            text = (Path(self.model_dir) / "tokenizer.json").read_text()
-            self._tokenizer = llguidance.LLTokenizer(
-                text, n_vocab=self.vocab_size, eos_token=list(self.eos_ids)
-            )
+            self._tokenizer = llg_tokenizer(self.model_dir, self.vocab_size, self.eos_ids)
         return self._tokenizer
 
 
