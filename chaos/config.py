@@ -92,6 +92,45 @@ class SoakConfig(_Strict):
     ] = 0
 
 
+class TestbedConfig(_Strict):
+    """`pdcluster testbed` and `pdcluster chaos --testbed`: every node in a network
+    namespace of its own (chaos/testbed.py)."""
+
+    name: Annotated[
+        str,
+        Meta(
+            pattern=r"^[a-z0-9]{1,8}$",
+            description="names the testbed's namespaces (`pdtb-<name>-<i>`): two testbeds "
+            "with different names can run side by side",
+        ),
+    ] = "pd"
+    subnet: Annotated[
+        str,
+        Meta(
+            description="the private IPv4 range the hosts' addresses come from; nothing "
+            "outside it is ever contacted"
+        ),
+    ] = "10.231.0.0/24"
+    dead_after_s: Annotated[
+        int,
+        Meta(
+            ge=3,
+            le=60,
+            description="Ray's GCS declares a node dead after this many seconds without an "
+            "answer to its health checks (one a second); Ray's default is about 65 s",
+        ),
+    ] = 10
+    partition_s: Annotated[
+        float,
+        Meta(
+            gt=0,
+            description="how long a network fault that Ray should survive lasts (at most half "
+            "of dead_after_s: a healed TCP connection resumes only at its next retransmission, "
+            "seconds later); the cut-from-head scenario lasts dead_after_s + this",
+        ),
+    ] = 4.0
+
+
 class ChaosConfig(_Strict):
     """`pdcluster chaos`: load shape, fault lengths and thresholds."""
 
@@ -144,6 +183,9 @@ class ChaosConfig(_Strict):
         ),
     ] = {}
     soak: Annotated[SoakConfig, Meta(description="the soak's bounds")] = SoakConfig()
+    testbed: Annotated[
+        TestbedConfig, Meta(description="the network-namespace testbed (`--testbed`)")
+    ] = TestbedConfig()
 
 
 class ChaosRunConfig(Config):
@@ -157,8 +199,22 @@ class ChaosRunConfig(Config):
 
 
 def _check_chaos(c: ChaosConfig) -> None:
-    """Scenario overrides: known scenarios, threshold fields, each of its field's kind."""
+    """Scenario overrides: known scenarios, threshold fields, each of its field's kind;
+    the testbed's range and fault lengths."""
+    import ipaddress
+
     from chaos.scenarios import SCENARIOS
+
+    try:
+        net = ipaddress.ip_network(c.testbed.subnet)
+    except ValueError as e:
+        need(False, "chaos.testbed.subnet", f"an IPv4 network ({e})")
+    need(net.version == 4 and net.is_private, "chaos.testbed.subnet", "a private IPv4 range")
+    need(
+        c.testbed.partition_s <= c.testbed.dead_after_s / 2,
+        "chaos.testbed.partition_s",
+        "at most half of chaos.testbed.dead_after_s",
+    )
 
     fields = set(Thresholds.__struct_fields__)
     for name, over in c.scenarios.items():

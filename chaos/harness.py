@@ -71,6 +71,12 @@ class Result:
     head_cpu: float | None = None
     head_cpu_by: dict = field(default_factory=dict)
     leaked: dict = field(default_factory=dict)
+    # Testbed: processes from before the fault still running once settled (must be none),
+    # and the time from the fault's end until Ray's, the router's and the workers' views
+    # of who is alive agreed.
+    fenced: int = 0  # processes the fault fenced off (Window.fenced)
+    stale: list = field(default_factory=list)
+    views_agree_s: float | None = None
     settled: bool = True
     unsettled_reason: str = ""
     rss_mb_before: dict = field(default_factory=dict)
@@ -298,6 +304,9 @@ class Harness:
                 self.t.restore_lost()  # the next scenario has every node again
         ok, state, why = self.t.wait_settled(c.settle_s)
         res.settled, res.unsettled_reason = ok, why
+        res.fenced = len(w.fenced)
+        if ok and self.t.testbed is not None:
+            self._views(res, w)
         res.leaked = {k: state[k] for k in ZERO_KEYS if state and state[k]} if state else {}
         res.rss_mb_after = rss_mb(state)
         self._check(res, th)
@@ -314,6 +323,26 @@ class Harness:
             + (f"; missed: {'; '.join(res.failures)}" if res.failures else "")
         )
         return res
+
+    def _views(self, res: Result, w: Window) -> None:
+        """Testbed only: the fenced processes gone, and every view of who is alive the
+        same, within settle_s."""
+        import psutil
+
+        deadline = time.monotonic() + self.cfg.chaos.settle_s
+        while True:
+            res.stale = [p for p in w.fenced if _running(psutil, p)]
+            why = self.t.views_disagree()
+            if not why and not res.stale:
+                res.views_agree_s = round(time.time() - w.end, 2)
+                return
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        if res.stale:
+            res.failures.append(f"processes from before the fault still run: {res.stale}")
+        if why:
+            res.failures.append(f"views of who is alive disagree: {why}")
 
     # ---- judging -----------------------------------------------------------
 
@@ -402,6 +431,13 @@ def recovery_time(records: list[Record], since: float, now: float, base: float) 
             return t
         t += 0.5
     return None
+
+
+def _running(psutil, pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _round(v):

@@ -17,8 +17,20 @@ def chaos_main(cfg: ChaosRunConfig, args) -> int:
     from chaos.target import Target
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    rc = None
-    if args.url:
+    rc = bed = None
+    if getattr(args, "testbed", False):
+        from chaos.testbed_ray import RayTestbed
+        from cluster.launcher import start
+
+        bed = RayTestbed(cfg)
+        try:
+            bed.up()  # this thread is then in the head's namespace
+            rc = start(bed.cluster_config(), log_to_driver=False)
+        except BaseException:
+            bed.down()
+            raise
+        target = Target(cfg, rc.url, rc, testbed=bed)
+    elif args.url:
         from cluster.launcher import NAMESPACE
 
         ray.init(address=args.ray_address, namespace=NAMESPACE, log_to_driver=False)
@@ -53,3 +65,5 @@ def chaos_main(cfg: ChaosRunConfig, args) -> int:
             rc.shutdown()
         elif ray.is_initialized():
             ray.shutdown()
+        if bed is not None:
+            bed.down()

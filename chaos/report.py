@@ -97,6 +97,16 @@ def markdown(rep: dict) -> str:
                 f"req/s; the head's Ray processes afterwards, idle: "
                 f"{_f(s['head_cpu'], '{:.1%}')} of a core ({by})."
             )
+        if s.get("views_agree_s") is not None:
+            fenced = (
+                f"the {s['fenced']} processes of the node from before the fault gone; "
+                if s.get("fenced")
+                else ""
+            )
+            lines.append(
+                f"  Testbed: {fenced}Ray's, the router's and the workers' views of who is "
+                f"alive agreed {s['views_agree_s']:.1f}s after the fault ended."
+            )
         if s["errors"]:
             errs = "; ".join(f"{n} x `{m}`" for m, n in s["errors"].items())
             lines.append(f"  Failed requests: {errs}.")

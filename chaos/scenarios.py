@@ -27,6 +27,9 @@ class Window:
     target: str = ""  # what was hit, for the report
     last: float | None = None  # several faults: the start of the last one
     lost: dict[str, int] = field(default_factory=dict)  # role -> replicas lost for good
+    # Processes from before the fault that must be gone once the cluster has settled
+    # (a node Ray declared dead: its old raylet tree, fenced off).
+    fenced: list[int] = field(default_factory=list)
 
     @property
     def recover_from(self) -> float:
@@ -43,6 +46,7 @@ class Scenario:
     params: dict = field(default_factory=dict)
     # Why this scenario does not apply to a config (None: it does).
     needs: Callable[[object], str | None] = lambda cfg: None
+    network: bool = False  # a network fault: runs on a testbed only
 
 
 def _replica(t: Target, role: str, rng: random.Random) -> int:
@@ -100,10 +104,10 @@ def lose_nodes(t: Target, sc: Scenario, rng: random.Random) -> Window:
     """SIGKILL a node of each role in `roles`, one after another, and bring none back:
     there is no spare node to move to, so the survivors serve alone. The fault ends when
     Ray has marked the nodes dead (what follows is the cluster without them). The harness
-    measures the head's CPU afterwards, then restores the nodes (local clusters only: on
-    a real one, the operator or KubeRay would replace a pod)."""
-    if t.rc is None or t.rc.local is None:
-        raise Skip("needs a local cluster started by the harness, which restores the nodes")
+    measures the head's CPU afterwards, then restores the nodes (local clusters and
+    testbeds only: on a real one, the operator or KubeRay would replace a pod)."""
+    if (t.rc is None or t.rc.local is None) and t.testbed is None:
+        raise Skip("needs a local cluster or testbed started by the harness (it restores nodes)")
     picks = []
     for role in sc.params["roles"]:
         if t.replicas(role) < 2:
@@ -177,6 +181,83 @@ def transfer_faults(t: Target, sc: Scenario, rng: random.Random) -> Window:
         t.set_faults(None)
     rates = ", ".join(f"{k}={v}" for k, v in sc.params.items())
     return Window(start, time.time(), f"every worker: {rates}")
+
+
+# ---- network faults (`pdcluster chaos --testbed`: chaos/testbed_ray.py) ------------
+
+
+def _bed(t: Target):
+    if t.testbed is None:
+        raise Skip("a network fault: needs a testbed (`pdcluster chaos --testbed`)")
+    return t.testbed
+
+
+def isolate_node(t: Target, sc: Scenario, rng: random.Random) -> Window:
+    """A node's link down for `partition_s` (less than Ray's `dead_after_s`), then up."""
+    bed = _bed(t)
+    i = _replica(t, sc.role, rng)
+    host = t.host(sc.role, i)
+    start = time.time()
+    try:
+        bed.isolate(host)
+        time.sleep(bed.tc.partition_s)
+    finally:
+        bed.isolate(host, False)
+    return Window(start, time.time(), f"node {host.node} ({sc.role}-{i}'s), link down")
+
+
+def cut_links(t: Target, sc: Scenario, rng: random.Random) -> Window:
+    """Drop the packets between one replica of `sc.params["cut"]`'s first role and every
+    node of its second role ("head": the router's node, Ray's GCS), for `partition_s`;
+    with `one_way`, only what the first sends. Every other path stays up."""
+    bed = _bed(t)
+    first, second = sc.params["cut"]
+    i = _replica(t, first, rng)
+    a = t.host(first, i)
+    if second == "head":
+        others = [bed.head]
+    else:
+        others = [t.host(second, j) for j in range(t.replicas(second))]
+    both = not sc.params.get("one_way", False)
+    start = time.time()
+    try:
+        for b in others:
+            bed.cut(a, b, both=both)
+        time.sleep(bed.tc.partition_s)
+    finally:
+        for b in others:
+            bed.cut(a, b, on=False, both=both)
+    arrow = "<->" if both else "->"
+    names = ", ".join(b.node for b in others)
+    return Window(start, time.time(), f"node {a.node} ({first}-{i}'s) {arrow} {names}: dropped")
+
+
+def cut_from_head(t: Target, sc: Scenario, rng: random.Random) -> Window:
+    """A worker node cut from the head (Ray's GCS and the router) until Ray declares it
+    dead, then healed; it still reaches the other workers. Its old raylet tree must be
+    gone once the cluster settles (fenced): Ray's GCS refuses the old node when it
+    returns, its raylet exits, and the node comes back as a new one."""
+    bed = _bed(t)
+    i = _replica(t, sc.role, rng)
+    info = t.info(sc.role, i)
+    host = t.host(sc.role, i)
+    old = t.get(t.agent(info["node_id"]).node_processes.remote())
+    t.drop_agent(info["node_id"])  # its node will be a new one
+    start = time.time()
+    try:
+        bed.cut(host, bed.head)
+        dead = t.wait_dead([info["node_id"]], bed.tc.dead_after_s + 30)
+        time.sleep(max(0.0, start + bed.tc.dead_after_s + bed.tc.partition_s - time.time()))
+    finally:
+        bed.cut(host, bed.head, on=False)
+    end = time.time()
+    return Window(
+        start,
+        end,
+        f"node {host.node} ({sc.role}-{i}'s) cut from the head; Ray declared it dead after "
+        f"{dead - start:.1f}s",
+        fenced=old,
+    )
 
 
 MIXED_POOL = (
@@ -286,5 +367,52 @@ SCENARIOS: dict[str, Scenario] = {
             params={"expire_rate": 0.05},
         ),
         Scenario("mixed", "three faults drawn from a seeded schedule", mixed, params={"faults": 3}),
+        # Network faults: on a testbed only (each skips elsewhere, saying so).
+        Scenario(
+            "isolate-decode-node",
+            "a decode node's link down for testbed.partition_s, then up",
+            isolate_node,
+            "decode",
+            network=True,
+        ),
+        Scenario(
+            "isolate-prefill-node",
+            "a prefill node's link down for testbed.partition_s, then up",
+            isolate_node,
+            "prefill",
+            network=True,
+        ),
+        Scenario(
+            "cut-prefill-decode",
+            "a prefill node and every decode node drop each other's packets; both still "
+            "reach the head and the router",
+            cut_links,
+            params={"cut": ("prefill", "decode")},
+            network=True,
+        ),
+        Scenario(
+            "one-way-loss",
+            "what a prefill node sends to the decode nodes is dropped; the other way works",
+            cut_links,
+            params={"cut": ("prefill", "decode"), "one_way": True},
+            network=True,
+        ),
+        Scenario(
+            "cut-router-decode",
+            "a decode node and the router's node (the head) drop each other's packets while "
+            "streams are open",
+            cut_links,
+            "decode",
+            {"cut": ("decode", "head")},
+            network=True,
+        ),
+        Scenario(
+            "cut-decode-from-head",
+            "a decode node cut from the head until Ray declares it dead, then healed: its "
+            "old processes must be gone (fenced) and it rejoins as a new node",
+            cut_from_head,
+            "decode",
+            network=True,
+        ),
     )
 }

@@ -33,13 +33,15 @@ class Target:
     itself; a local one lets it replace a node it killed (on a real cluster that is
     the operator's or KubeRay's job)."""
 
-    def __init__(self, cfg: ChaosRunConfig, url: str, rc=None):
+    def __init__(self, cfg: ChaosRunConfig, url: str, rc=None, testbed=None):
         self.cfg, self.chaos, self.url, self.rc = cfg, cfg.chaos, url.rstrip("/"), rc
+        self.testbed = testbed  # chaos/testbed_ray.py's RayTestbed: network faults
         self.http = httpx.Client(timeout=10)
         self._agents: dict[str, object] = {}
         self._info: dict[tuple[str, int, int], dict] = {}
         self._timers: list[threading.Thread] = []
-        self.lost_nodes: list[str] = []  # killed and not replaced (restore_lost brings them back)
+        # Killed and not replaced (restore_lost brings them back): node ids; testbed hosts.
+        self.lost_nodes: list = []
 
     def close(self) -> None:
         """Stop the node agents this harness started."""
@@ -89,6 +91,36 @@ class Target:
     def router_node(self) -> str:
         return self.state()["router_node_id"]
 
+    def host(self, role: str, i: int):
+        """The testbed host that replica `i` of `role` runs on."""
+        return self._host_of_node(self.info(role, i)["node_id"])
+
+    def _host_of_node(self, node_id: str):
+        address = next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id)
+        return self.testbed.host_at(address)
+
+    def views_disagree(self) -> str:
+        """'' when Ray's view of who is alive, the router's and the workers' own agree:
+        Ray holds alive every node of the testbed and no other, /health counts every
+        replica healthy, and each replica's leader answers from a node Ray holds alive.
+        Otherwise what differs."""
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        want = len(self.testbed.net.hosts)
+        if len(alive) != want:
+            return f"Ray holds {len(alive)} nodes alive, the testbed has {want}"
+        h = self.health()
+        if not h or any(h[f"{r}_healthy"] < self.replicas(r) for r in ("prefill", "decode")):
+            return f"/health: {h}"
+        for role in ("prefill", "decode"):
+            for i in range(self.replicas(role)):
+                try:
+                    node = self.get(self.rank_handle(role, i).ready.remote(), 10)["node_id"]
+                except Exception as e:  # noqa: BLE001 - restarting, or its node is gone
+                    return f"{role}-{i}: {e!r}"
+                if node not in alive:
+                    return f"{role}-{i} answers from node {node[:8]}, which Ray holds dead"
+        return ""
+
     # ---- acting ------------------------------------------------------------
 
     def agent(self, node_id: str):
@@ -101,11 +133,23 @@ class Target:
             self.get(a.node_id.remote())
         return a
 
+    def drop_agent(self, node_id: str) -> None:
+        """Forget `node_id`'s agent (its node is going away)."""
+        self._agents.pop(node_id, None)
+
     def kill_node(self, node_id: str, replace: bool = True) -> float:
         """SIGKILL a node; a local one comes back after node_down_s unless `replace` is
-        False (then restore_lost brings it back)."""
+        False (then restore_lost brings it back). On a testbed a node's loop restarts it
+        after node_down_s; not replaced, its host loses every process (its power off)."""
         if node_id == ray.get_runtime_context().get_node_id():
             raise Skip("refusing to kill the node this harness runs on")
+        if self.testbed is not None and not replace:
+            host = self._host_of_node(node_id)
+            start = time.time()
+            self.testbed.power(host, on=False)
+            self._agents.pop(node_id, None)
+            self.lost_nodes.append(host)
+            return start
         agent = self.agent(node_id)
         start = time.time()
         agent.kill_node.remote()  # no answer: the agent dies with its node
@@ -128,9 +172,13 @@ class Target:
         return time.time()
 
     def restore_lost(self) -> None:
-        """Bring back every node lost for good (local clusters), now, one at a time (two
-        local nodes starting at once can pick the same port)."""
+        """Bring back every node lost for good (local clusters, testbed hosts), now, one
+        at a time (two local nodes starting at once can pick the same port)."""
         lost, self.lost_nodes = self.lost_nodes, []
+        if self.testbed is not None:
+            for host in lost:
+                self.testbed.power(host, on=True)
+            return
         self._replace_later(lost, 0.0)
 
     def _replace_later(self, node_ids: list[str], after_s: float) -> None:

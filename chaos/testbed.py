@@ -91,10 +91,7 @@ class Testbed:
         """Remove everything this testbed's name made: processes started in its
         namespaces, then the namespaces (their links and bridge go with them), then its
         state file. Safe to call at any time, any number of times."""
-        for ns in sorted(n for n in namespaces() if n.startswith(self.prefix)):
-            self._kill_in(ns)
-            _ip("netns", "del", ns, check=False)
-        self.state.unlink(missing_ok=True)
+        remove(self.name)
 
     def _record(self) -> None:
         STATE_DIR.mkdir(parents=True, exist_ok=True)
@@ -103,10 +100,12 @@ class Testbed:
         )
 
     @staticmethod
-    def _kill_in(ns: str) -> None:
-        """SIGKILL every process whose network namespace is `ns` (`ip netns pids`)."""
+    def kill_in(ns: str) -> None:
+        """SIGKILL every process whose network namespace is `ns` (`ip netns pids`), but
+        this one (a driver that entered the namespace)."""
         for _ in range(20):
             pids = [int(p) for p in _ip("netns", "pids", ns, check=False).stdout.split()]
+            pids = [p for p in pids if p != os.getpid()]
             if not pids:
                 return
             for pid in pids:
@@ -135,3 +134,22 @@ class Testbed:
 def leftovers() -> list[str]:
     """Namespaces any testbed left on the machine."""
     return sorted(n for n in namespaces() if n.startswith(PREFIX))
+
+
+def remove(name: str | None = None) -> int:
+    """Remove testbed `name` (every testbed when None) as `Testbed.down` does, from what
+    is on the machine alone: its namespaces, their processes, its state file and its Ray
+    temp dir. How many namespaces it removed."""
+    import shutil
+    import tempfile
+
+    prefix = f"{PREFIX}{name}-" if name else PREFIX
+    found = [n for n in namespaces() if n.startswith(prefix)]
+    for ns in sorted(found):
+        Testbed.kill_in(ns)
+        _ip("netns", "del", ns, check=False)
+    for f in STATE_DIR.glob(f"{name or '*'}.json"):
+        f.unlink(missing_ok=True)
+    for d in Path(tempfile.gettempdir()).glob(f"{prefix}*ray"):
+        shutil.rmtree(d, ignore_errors=True)
+    return len(found)

@@ -1,5 +1,5 @@
 """`pdcluster` command line: `up CONFIG`, `chaos CONFIG`, `bench URL`, `status URL`,
-`fetch-model [SOURCE]`, `check-config CONFIG`."""
+`fetch-model [SOURCE]`, `check-config CONFIG`, `testbed up|down`."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from cluster.config import ConfigError
 
 SHUTDOWN_S = 10.0  # the orderly stop's bound; the reaper does the rest
 _stopping = False
+_last_words: list = []  # run before a stop that ran out of time ends this process
 
 
 def _request_stop(signum, frame) -> None:
@@ -45,6 +46,8 @@ def _end_within(seconds: float) -> None:
     daemons = [p for p in psutil.Process().children() if not _reaper(p)]
     while time.monotonic() < deadline and all(_running(p) for p in daemons):
         time.sleep(0.1)
+    for fn in _last_words:
+        fn()
     os._exit(0)
 
 
@@ -66,6 +69,12 @@ def _up(args: argparse.Namespace) -> int:
     # Before any import that touches Ray: a bad config starts nothing. A `chaos:` section
     # is checked too (one file serves `up` and `chaos`), then left out of what starts.
     cfg = cluster_config(load_chaos_config(args.config))
+    return _serve(cfg)
+
+
+def _serve(cfg, bed=None) -> int:
+    """Start the cluster, serve until SIGTERM or Ctrl-C, stop it. With `bed` (a
+    RayTestbed), on the testbed, which is removed at the end, whatever happens."""
     signal.signal(signal.SIGTERM, _request_stop)
     signal.signal(signal.SIGINT, _request_stop)
     # Read when Ray is imported: without it the driver's core worker takes SIGTERM first,
@@ -74,24 +83,56 @@ def _up(args: argparse.Namespace) -> int:
     os.environ["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"] = "1"
     faulthandler.enable()
     rc = None
+    if bed is not None:
+        _last_words.append(bed.down)
     try:
         from cluster.launcher import start
 
         os.environ.pop("RAY_DISABLE_FAILURE_SIGNAL_HANDLER")
         t0 = time.monotonic()
+        if bed is not None:
+            bed.up()
+            cfg = bed.cluster_config()
         rc = start(cfg)
         print(
             f"pdcluster: serving {cfg.served_model_name} at {rc.url} "
             f"(started in {time.monotonic() - t0:.1f}s); Ctrl-C to stop",
             flush=True,
         )
+        if bed is not None:
+            hosts = ", ".join(f"{h.node} {h.address}" for h in bed.net.hosts)
+            print(
+                f"pdcluster: testbed {bed.tc.name}: {hosts}; clients run inside the head's "
+                f"namespace: ip netns exec {bed.head.netns} ...",
+                flush=True,
+            )
         while True:
             time.sleep(1)
     except KeyboardInterrupt:  # the stop asked for; during start-up, start() has cleaned up
         print("pdcluster: stopped" if rc is None else "pdcluster: shutting down", flush=True)
         if rc is not None:
             rc.shutdown()
+    finally:
+        if bed is not None:
+            bed.down()
     return 0
+
+
+def _testbed(args: argparse.Namespace) -> int:
+    if args.action == "down":
+        from chaos.testbed import remove
+
+        name = load_chaos_config(args.config).chaos.testbed.name if args.config else None
+        left = remove(name)
+        print(f"pdcluster: testbed removed ({left} namespaces)")
+        return 0
+    if args.config is None:
+        print("pdcluster: testbed up needs CONFIG", file=sys.stderr)
+        return 2
+    cfg = load_chaos_config(args.config)
+    from chaos.testbed_ray import RayTestbed
+
+    return _serve(cfg, RayTestbed(cfg))
 
 
 def _chaos(args: argparse.Namespace) -> int:
@@ -196,6 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     ch.add_argument("--ray-address", help="attach: its Ray address (e.g. auto, ray://h:10001)")
     ch.add_argument("--soak", type=float, metavar="SECONDS", help="soak: long load, rare faults")
     ch.add_argument("--list", action="store_true", help="list the scenarios")
+    ch.add_argument(
+        "--testbed",
+        action="store_true",
+        help="run the cluster on a testbed of network namespaces (needs root), with the "
+        "network scenarios",
+    )
     ch.set_defaults(fn=_chaos)
     st = sub.add_parser(
         "status", help="a short summary of a running cluster (its /health, /debug/state)"
@@ -252,6 +299,17 @@ def main(argv: list[str] | None = None) -> int:
     fm.add_argument("--cache-dir", help="model cache (default: the config's model.cache_dir)")
     fm.add_argument("--print-path", action="store_true", help="print only the model's directory")
     fm.set_defaults(fn=_fetch)
+    tb = sub.add_parser(
+        "testbed",
+        help="a cluster on a testbed of network namespaces, one per node (needs root)",
+        description="`up CONFIG`: one network namespace per configured node and one for the "
+        "head (router, Ray's GCS), on a bridge, with addresses from `chaos.testbed.subnet`; "
+        "Ray and pdcluster started across them; removed on Ctrl-C. `down [CONFIG]`: remove "
+        "what a testbed left (that config's, or every testbed's), after a crash too.",
+    )
+    tb.add_argument("action", choices=("up", "down"))
+    tb.add_argument("config", nargs="?")
+    tb.set_defaults(fn=_testbed)
     cc = sub.add_parser("check-config", help="validate a config file")
     cc.add_argument("config")
     cc.set_defaults(fn=_check)

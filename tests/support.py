@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import time
 from pathlib import Path
 
 import httpx
+import pytest
 import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -215,3 +217,23 @@ def metric(url: str, name: str) -> float:
         for s in f.samples
         if s.name == base and want.items() <= s.labels.items()
     )
+
+
+def _netns_missing() -> str | None:
+    """Why this machine cannot make network namespaces (chaos/testbed.py), or None."""
+    from chaos import testbed
+
+    probe = f"{testbed.PREFIX}probe"
+    try:
+        made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, timeout=10)
+    except FileNotFoundError:
+        return "no iproute2 (`ip`)"
+    if made.returncode:
+        return f"`ip netns add` refused: {made.stderr.decode().strip()} (needs CAP_NET_ADMIN)"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=10)
+    return None
+
+
+NETNS_MISSING = _netns_missing()
+# The testbed's tests: skipped, saying why, where network namespaces cannot be made.
+needs_netns = pytest.mark.skipif(NETNS_MISSING is not None, reason=NETNS_MISSING or "")

@@ -88,8 +88,10 @@ def _state(pid: int) -> str:
 
 
 # kill-tp-rank needs TP > 1: tests/e2e/test_tensor_parallel_cluster.py runs it on its
-# TP=2 cluster; this one is TP=1.
-@pytest.mark.parametrize("name", [n for n in SCENARIOS if n != "kill-tp-rank"])
+# TP=2 cluster; this one is TP=1. The network faults run on a testbed: test_network.py.
+@pytest.mark.parametrize(
+    "name", [n for n, s in SCENARIOS.items() if n != "kill-tp-rank" and not s.network]
+)
 def test_scenario_meets_its_thresholds(chaos, name):
     h, monitor = chaos
     res = h.run_scenario(SCENARIOS[name], monitor)

@@ -27,7 +27,7 @@ import pytest
 
 from tests.support import assert_idle, load_test_config, running_cluster
 
-DURATION_S = float(os.environ.get("PDCLUSTER_MIXED_LOAD_S", "90"))
+DURATION_S = float(os.environ.get("PDCLUSTER_MIXED_LOAD_S", "45"))
 # A long request's end-to-end time, at most (measured on a 2-core AMD EPYC: max 9-12 s;
 # benchmarks/README.md). A starved pull would wait for router.request_timeout_s (120 s).
 LONG_E2E_BOUND_S = 40.0

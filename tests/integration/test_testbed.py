@@ -16,25 +16,9 @@ import pytest
 
 from chaos import testbed
 from chaos.testbed import Testbed
+from tests.support import needs_netns
 
 pytestmark = pytest.mark.integration
-
-
-def _why_not() -> str | None:
-    """Why this machine cannot make network namespaces, or None."""
-    probe = f"{testbed.PREFIX}probe"
-    try:
-        made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, timeout=10)
-    except FileNotFoundError:
-        return "no iproute2 (`ip`)"
-    if made.returncode:
-        return f"`ip netns add` refused: {made.stderr.decode().strip()} (needs CAP_NET_ADMIN)"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=10)
-    return None
-
-
-WHY_NOT = _why_not()
-needs_netns = pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,167 @@
+"""The network scenarios, short, as a user runs them: `pdcluster chaos CONFIG --testbed`
+starts the tiny-model cluster of configs/chaos.yaml (2 prefill + 2 decode) on a testbed
+of network namespaces (a host per node, the head on its own, KV over UCX's TCP between
+them) and cuts links under load. Each scenario must meet its thresholds (success rate,
+none hung, none corrupted, recovery, nothing leaked) and, after the heal, every view of
+who is alive (Ray's, the router's, the workers') must agree with no process from before
+a node's death still running. The run must leave no namespace, process or file; so must
+`pdcluster testbed down` after a `testbed up` killed midway."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from chaos import testbed
+from chaos.scenarios import SCENARIOS
+from tests.support import ROOT, _merge, needs_netns
+
+pytestmark = needs_netns
+
+NETWORK = [n for n, s in SCENARIOS.items() if s.network]
+SHORT = {
+    "router": {"port": 8024},
+    "chaos": {
+        "baseline_s": 6,
+        "warmup_s": 3,
+        "node_down_s": 3,
+        # As in test_scenarios.py: 60 s on these shared cores (20 s in configs/chaos.yaml).
+        "thresholds": {"max_recovery_s": 60},
+        "testbed": {"name": "ct", "subnet": "10.231.7.0/24", "dead_after_s": 8, "partition_s": 3},
+    },
+}
+CLI = [sys.executable, "-m", "pdcluster.cli"]
+
+
+def _config(path: Path, over: dict) -> Path:
+    data = yaml.safe_load((ROOT / "configs" / "chaos.yaml").read_text())
+    path.write_text(yaml.safe_dump(_merge(data, over)))
+    return path
+
+
+def _left(name: str) -> dict:
+    """What testbed `name` left on the machine: namespaces, Ray processes that name its
+    temp dir, the temp dir, the state file."""
+    prefix = f"{testbed.PREFIX}{name}-"
+    procs = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if f"{prefix}ray" in cmd and p.info["status"] != psutil.STATUS_ZOMBIE:
+            procs.append((p.pid, cmd[:80]))
+    tmp = Path("/tmp") / f"{prefix}ray"
+    return {
+        "namespaces": [n for n in testbed.namespaces() if n.startswith(prefix)],
+        "processes": procs,
+        "dirs": [str(tmp)] if tmp.exists() else [],
+        "state": [str(p) for p in testbed.STATE_DIR.glob(f"{name}.json")],
+    }
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("testbed-chaos")
+    cfg = _config(out / "chaos.yaml", SHORT)
+    argv = [*CLI, "chaos", str(cfg), "--testbed", "--seed", "1", "--out", str(out / "report")]
+    for name in NETWORK:
+        argv += ["--scenario", name]
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=900, cwd=ROOT)
+        print(p.stdout[-6000:], p.stderr[-3000:])
+        report = json.loads((out / "report" / "report.json").read_text())
+        yield p, {s["name"]: s for s in report["scenarios"]}, out / "report"
+    finally:
+        testbed.remove("ct")
+
+
+@pytest.mark.parametrize("name", NETWORK)
+def test_network_scenario_meets_its_thresholds(run, name):
+    _, scenarios, _ = run
+    s = scenarios[name]
+    assert s["skipped"] is None, s["skipped"]
+    assert s["passed"], (s["failures"], s["errors"], s["target"])
+    assert s["sent"] > 0 and s["hung"] == 0 and s["corrupted"] == 0 and not s["leaked"]
+    # After the heal: every view agrees, and nothing from before a fenced node still runs.
+    assert s["views_agree_s"] is not None and s["stale"] == []
+
+
+def test_a_node_cut_from_the_head_is_declared_dead_and_its_old_processes_are_fenced(run):
+    """Ray declares the cut node dead (its GCS then refuses it); after the heal its old
+    raylet and workers are gone, the node rejoins as a new one and its replica is placed
+    there again, and the router serves through it (every replica healthy)."""
+    _, scenarios, _ = run
+    s = scenarios["cut-decode-from-head"]
+    assert "Ray declared it dead" in s["target"], s["target"]
+    assert s["fenced"] >= 2 and s["stale"] == [], s  # at least the raylet and the worker
+    assert s["healthy_again_s"] is not None
+
+
+def test_the_run_passes_writes_its_report_and_leaves_nothing(run):
+    p, scenarios, report = run
+    assert p.returncode == 0, p.stdout[-3000:]
+    assert "PASS" in p.stdout
+    md = (report / "report.md").read_text()
+    for name in NETWORK:
+        png = report / scenarios[name]["timeline"]
+        assert f"| {name} |" in md and png.read_bytes()[:4] == b"\x89PNG"
+    assert _left("ct") == {"namespaces": [], "processes": [], "dirs": [], "state": []}
+
+
+def test_testbed_down_after_testbed_up_was_killed_midway(tmp_path):
+    """SIGKILL `pdcluster testbed up` once Ray runs in every namespace (before pdcluster
+    is up): `pdcluster testbed down` then removes every namespace, process and file it
+    made, and a second `down` has nothing left to do."""
+    bed = {"name": "ck", "subnet": "10.231.8.0/24"}
+    over = {"chaos": {"testbed": bed}, "router": {"port": 8025}}
+    cfg = _config(tmp_path / "chaos.yaml", over)
+    up = subprocess.Popen([*CLI, "testbed", "up", str(cfg)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    pids: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        hosts = [f"{testbed.PREFIX}ck-{i}" for i in range(5)]  # the head and 4 nodes
+        while time.monotonic() < deadline:
+            inside = {h: _pids_in(h) - {up.pid} for h in hosts}
+            if all(inside.values()) and len(_left("ck")["processes"]) >= 5:
+                pids = set().union(*inside.values())
+                break
+            assert up.poll() is None, "testbed up ended before Ray was up"
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"Ray not up in every namespace: {_left('ck')}")
+        up.send_signal(signal.SIGKILL)
+        up.wait(10)
+        assert _left("ck")["namespaces"]  # the kill left it all behind
+        down = subprocess.run([*CLI, "testbed", "down", str(cfg)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+        assert down.returncode == 0, down.stderr
+        assert "(6 namespaces)" in down.stdout, down.stdout  # 5 hosts and the bridge
+        assert _left("ck") == {"namespaces": [], "processes": [], "dirs": [], "state": []}
+        assert not [p for p in pids if psutil.pid_exists(p) and _alive(p)]
+        again = subprocess.run([*CLI, "testbed", "down", str(cfg)], cwd=ROOT, capture_output=True,
+                               text=True, timeout=60)  # fmt: skip
+        assert again.returncode == 0 and "(0 namespaces)" in again.stdout, again.stdout
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+        testbed.remove("ck")
+
+
+def _pids_in(netns: str) -> set[int]:
+    out = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True)
+    return {int(p) for p in out.stdout.split()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
