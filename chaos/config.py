@@ -124,11 +124,11 @@ class TestbedConfig(_Strict):
         float,
         Meta(
             gt=0,
-            description="how long a network fault that Ray should survive lasts (at most half "
-            "of dead_after_s: a healed TCP connection resumes only at its next retransmission, "
-            "seconds later); the cut-from-head scenario lasts dead_after_s + this",
+            description="how long a network fault that Ray should survive lasts (at most a "
+            "third of dead_after_s: a healed TCP connection resumes only at its next "
+            "retransmission, seconds later); the cut-from-head scenario lasts dead_after_s + this",
         ),
-    ] = 4.0
+    ] = 3.0
 
 
 class ChaosConfig(_Strict):
@@ -204,16 +204,22 @@ def _check_chaos(c: ChaosConfig) -> None:
     import ipaddress
 
     from chaos.scenarios import SCENARIOS
+    from chaos.testbed import usable
 
     try:
         net = ipaddress.ip_network(c.testbed.subnet)
     except ValueError as e:
         need(False, "chaos.testbed.subnet", f"an IPv4 network ({e})")
-    need(net.version == 4 and net.is_private, "chaos.testbed.subnet", "a private IPv4 range")
     need(
-        c.testbed.partition_s <= c.testbed.dead_after_s / 2,
+        usable(net),
+        "chaos.testbed.subnet",
+        "a private IPv4 range (not loopback, link-local or reserved)",
+    )
+    need(
+        c.testbed.partition_s <= c.testbed.dead_after_s / 3,
         "chaos.testbed.partition_s",
-        "at most half of chaos.testbed.dead_after_s",
+        f"at most a third of chaos.testbed.dead_after_s ({c.testbed.dead_after_s}): a healed "
+        "TCP connection resumes only at its next retransmission",
     )
 
     fields = set(Thresholds.__struct_fields__)

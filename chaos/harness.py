@@ -325,24 +325,30 @@ class Harness:
         return res
 
     def _views(self, res: Result, w: Window) -> None:
-        """Testbed only: the fenced processes gone, and every view of who is alive the
-        same, within settle_s."""
-        import psutil
-
-        deadline = time.monotonic() + self.cfg.chaos.settle_s
+        """Testbed only: the fenced processes gone, the nodes the fault had to spare still
+        alive in Ray's view, and every view of who is alive the same, by the fault's end
+        + settle_s."""
+        bed = self.t.testbed
+        deadline = w.end + self.cfg.chaos.settle_s
         while True:
-            res.stale = [p for p in w.fenced if _running(psutil, p)]
+            res.stale = bed.still_running(w.fenced)
             why = self.t.views_disagree()
             if not why and not res.stale:
                 res.views_agree_s = round(time.time() - w.end, 2)
-                return
-            if time.monotonic() > deadline:
+                break
+            if time.time() > deadline:
                 break
             time.sleep(0.5)
         if res.stale:
             res.failures.append(f"processes from before the fault still run: {res.stale}")
         if why:
             res.failures.append(f"views of who is alive disagree: {why}")
+        import ray
+
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        lost = [n[:8] for n in w.survivors if n not in alive]
+        if lost:
+            res.failures.append(f"Ray declared {lost} dead during a fault it should outlast")
 
     # ---- judging -----------------------------------------------------------
 
@@ -431,13 +437,6 @@ def recovery_time(records: list[Record], since: float, now: float, base: float) 
             return t
         t += 0.5
     return None
-
-
-def _running(psutil, pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 def _round(v):

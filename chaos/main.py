@@ -11,7 +11,9 @@ from chaos.config import ChaosRunConfig, cluster_config
 from chaos.scenarios import SCENARIOS
 
 
-def chaos_main(cfg: ChaosRunConfig, args) -> int:
+def chaos_main(cfg: ChaosRunConfig, args, last_words: list | None = None) -> int:
+    """`last_words`: where to put what must run even when a stop cuts this short (the
+    testbed's removal)."""
     import logging
 
     from chaos.target import Target
@@ -23,6 +25,8 @@ def chaos_main(cfg: ChaosRunConfig, args) -> int:
         from cluster.launcher import start
 
         bed = RayTestbed(cfg)
+        if last_words is not None:
+            last_words.append(bed.down)
         try:
             bed.up()  # this thread is then in the head's namespace
             rc = start(bed.cluster_config(), log_to_driver=False)
@@ -60,10 +64,12 @@ def chaos_main(cfg: ChaosRunConfig, args) -> int:
         )
         return 0 if passed else 1
     finally:
-        target.close()
-        if rc is not None:
-            rc.shutdown()
-        elif ray.is_initialized():
-            ray.shutdown()
-        if bed is not None:
-            bed.down()
+        try:
+            target.close()
+            if rc is not None:
+                rc.shutdown()
+            elif ray.is_initialized():
+                ray.shutdown()
+        finally:
+            if bed is not None:
+                bed.down()

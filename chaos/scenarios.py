@@ -28,8 +28,10 @@ class Window:
     last: float | None = None  # several faults: the start of the last one
     lost: dict[str, int] = field(default_factory=dict)  # role -> replicas lost for good
     # Processes from before the fault that must be gone once the cluster has settled
-    # (a node Ray declared dead: its old raylet tree, fenced off).
-    fenced: list[int] = field(default_factory=list)
+    # (a node Ray declared dead: its old raylet tree, fenced off): [pid, start time].
+    fenced: list = field(default_factory=list)
+    # Ray nodes the fault must not cost their life (a partition shorter than Ray's bound).
+    survivors: list[str] = field(default_factory=list)
 
     @property
     def recover_from(self) -> float:
@@ -122,7 +124,7 @@ def lose_nodes(t: Target, sc: Scenario, rng: random.Random) -> Window:
             time.sleep(sc.params["gap_s"])
         starts.append(t.kill_node(node, replace=False))
         lost[role] = lost.get(role, 0) + 1
-    end = t.wait_dead([node for _, _, node in picks], t.chaos.settle_s)
+    end = t.wait_dead([node for _, _, node in picks], t.chaos.settle_s) or time.time()
     hit = "; ".join(f"node {node[:8]} of {role}-{i}" for role, i, node in picks)
     # Recovery counts from there: before it, Ray still took the nodes for alive.
     return Window(starts[0], end, f"{hit}, not replaced", last=end, lost=lost)
@@ -203,7 +205,12 @@ def isolate_node(t: Target, sc: Scenario, rng: random.Random) -> Window:
         time.sleep(bed.tc.partition_s)
     finally:
         bed.isolate(host, False)
-    return Window(start, time.time(), f"node {host.node} ({sc.role}-{i}'s), link down")
+    return Window(
+        start,
+        time.time(),
+        f"node {host.node} ({sc.role}-{i}'s), link down",
+        survivors=[t.info(sc.role, i)["node_id"]],
+    )
 
 
 def cut_links(t: Target, sc: Scenario, rng: random.Random) -> Window:
@@ -216,8 +223,11 @@ def cut_links(t: Target, sc: Scenario, rng: random.Random) -> Window:
     a = t.host(first, i)
     if second == "head":
         others = [bed.head]
-    else:
-        others = [t.host(second, j) for j in range(t.replicas(second))]
+    else:  # each host once, and not `a` itself (a node may carry both roles)
+        others = list(dict.fromkeys(t.host(second, j) for j in range(t.replicas(second))))
+        others = [b for b in others if b != a]
+    if not others:
+        raise Skip(f"every {second} replica shares {first}-{i}'s node")
     both = not sc.params.get("one_way", False)
     start = time.time()
     try:
@@ -229,7 +239,12 @@ def cut_links(t: Target, sc: Scenario, rng: random.Random) -> Window:
             bed.cut(a, b, on=False, both=both)
     arrow = "<->" if both else "->"
     names = ", ".join(b.node for b in others)
-    return Window(start, time.time(), f"node {a.node} ({first}-{i}'s) {arrow} {names}: dropped")
+    return Window(
+        start,
+        time.time(),
+        f"node {a.node} ({first}-{i}'s) {arrow} {names}: dropped",
+        survivors=[t.info(first, i)["node_id"]],
+    )
 
 
 def cut_from_head(t: Target, sc: Scenario, rng: random.Random) -> Window:
@@ -241,12 +256,16 @@ def cut_from_head(t: Target, sc: Scenario, rng: random.Random) -> Window:
     i = _replica(t, sc.role, rng)
     info = t.info(sc.role, i)
     host = t.host(sc.role, i)
-    old = t.get(t.agent(info["node_id"]).node_processes.remote())
+    old = bed.started(t.get(t.agent(info["node_id"]).node_processes.remote()))
     t.drop_agent(info["node_id"])  # its node will be a new one
     start = time.time()
     try:
         bed.cut(host, bed.head)
         dead = t.wait_dead([info["node_id"]], bed.tc.dead_after_s + 30)
+        if dead is None:
+            raise RuntimeError(
+                f"Ray did not declare {host.node} dead within {bed.tc.dead_after_s + 30}s"
+            )
         time.sleep(max(0.0, start + bed.tc.dead_after_s + bed.tc.partition_s - time.time()))
     finally:
         bed.cut(host, bed.head, on=False)

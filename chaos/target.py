@@ -101,13 +101,15 @@ class Target:
 
     def views_disagree(self) -> str:
         """'' when Ray's view of who is alive, the router's and the workers' own agree:
-        Ray holds alive every node of the testbed and no other, /health counts every
+        Ray holds alive one node on each testbed host and no other, /health counts every
         replica healthy, and each replica's leader answers from a node Ray holds alive.
         Otherwise what differs."""
-        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-        want = len(self.testbed.net.hosts)
-        if len(alive) != want:
-            return f"Ray holds {len(alive)} nodes alive, the testbed has {want}"
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        alive = {n["NodeID"] for n in nodes}
+        held = sorted(n["NodeManagerAddress"] for n in nodes)
+        want = sorted(h.address for h in self.testbed.net.hosts)
+        if held != want:
+            return f"Ray holds nodes alive at {held}, the testbed's hosts are {want}"
         h = self.health()
         if not h or any(h[f"{r}_healthy"] < self.replicas(r) for r in ("prefill", "decode")):
             return f"/health: {h}"
@@ -160,23 +162,23 @@ class Target:
             self._replace_later([node_id], self.chaos.node_down_s)
         return start
 
-    def wait_dead(self, node_ids: list[str], timeout: float) -> float:
+    def wait_dead(self, node_ids: list[str], timeout: float) -> float | None:
         """When Ray had marked every one of `node_ids` dead (its GCS takes seconds to
-        notice a killed raylet); the time of giving up after `timeout`."""
+        notice a killed raylet); None if it had not after `timeout`."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
             if not alive & set(node_ids):
-                break
+                return time.time()
             time.sleep(0.25)
-        return time.time()
+        return None
 
     def restore_lost(self) -> None:
         """Bring back every node lost for good (local clusters, testbed hosts), now, one
         at a time (two local nodes starting at once can pick the same port)."""
         lost, self.lost_nodes = self.lost_nodes, []
         if self.testbed is not None:
-            for host in lost:
+            for host in dict.fromkeys(lost):
                 self.testbed.power(host, on=True)
             return
         self._replace_later(lost, 0.0)

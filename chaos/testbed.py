@@ -17,8 +17,10 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ from pathlib import Path
 STATE_DIR = Path(os.environ.get("PDCLUSTER_TESTBED_STATE", "/run/pdcluster-testbed"))
 PREFIX = "pdtb-"
 BRIDGE = "br0"
+_removing = threading.Lock()  # one removal at a time (a stop's and a failed start's)
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,16 @@ class Host:
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=10)
+
+
+def usable(net) -> bool:
+    """A private IPv4 range that can carry traffic between namespaces (not loopback,
+    link-local, reserved or unspecified)."""
+    return (
+        net.version == 4
+        and net.is_private
+        and not (net.is_loopback or net.is_link_local or net.is_reserved or net.is_unspecified)
+    )
 
 
 def namespaces() -> set[str]:
@@ -53,8 +66,10 @@ class Testbed:
     __test__ = False  # not a pytest test class, whatever its name
 
     def __init__(self, name: str, nodes: list[str], subnet: str = "10.231.0.0/24"):
+        if not re.fullmatch(r"[a-z0-9]{1,8}", name):
+            raise ValueError(f"testbed name {name!r}: 1-8 lowercase letters and digits")
         net = ipaddress.ip_network(subnet)
-        if not net.is_private:
+        if not usable(net):
             raise ValueError(f"testbed subnet {subnet} is not a private range")
         if len(nodes) + 2 > net.num_addresses or len(set(nodes)) != len(nodes):
             raise ValueError(f"{len(nodes)} distinct node names do not fit {subnet}")
@@ -66,19 +81,30 @@ class Testbed:
             Host(node, f"{self.prefix}{i}", str(hosts[i]), f"p{i}") for i, node in enumerate(nodes)
         ]
         self.state = STATE_DIR / f"{name}.json"
+        # Once `down` has begun, nothing more is made or started (a stop that comes while
+        # `up` runs on another thread must not miss what `up` makes after it looked).
+        self._lock = threading.Lock()
+        self.closed = False
 
     # ---- up / down -----------------------------------------------------------
 
     def up(self) -> list[Host]:
-        """Make the namespaces, the bridge and one link per host; addresses up."""
-        self.down()  # whatever a crashed run left under this name
+        """Make the namespaces, the bridge and one link per host; addresses up. Refused
+        while another live process owns a testbed of this name."""
+        owner = _owner(self.name)
+        if owner is not None:
+            raise RuntimeError(
+                f"testbed {self.name!r} is in use by pid {owner}; stop it, or "
+                f"`pdcluster testbed down --force`"
+            )
+        remove(self.name)  # whatever a crashed run left under this name
         self._record()
-        _ip("netns", "add", self.bridge_ns)
+        self._make("netns", "add", self.bridge_ns)
         _ip("-n", self.bridge_ns, "link", "add", BRIDGE, "type", "bridge")
         _ip("-n", self.bridge_ns, "link", "set", BRIDGE, "up")
         _ip("-n", self.bridge_ns, "link", "set", "lo", "up")
         for h in self.hosts:
-            _ip("netns", "add", h.netns)
+            self._make("netns", "add", h.netns)
             _ip("link", "add", "eth0", "netns", h.netns, "type", "veth", "peer", "name", h.peer,
                 "netns", self.bridge_ns)  # fmt: skip
             _ip("-n", self.bridge_ns, "link", "set", h.peer, "master", BRIDGE, "up")
@@ -87,39 +113,74 @@ class Testbed:
             _ip("-n", h.netns, "link", "set", "lo", "up")
         return self.hosts
 
+    def _make(self, *args: str) -> None:
+        with self._lock:
+            if self.closed:
+                raise RuntimeError(f"testbed {self.name!r} is being removed")
+            _ip(*args)
+
     def down(self) -> None:
         """Remove everything this testbed's name made: processes started in its
         namespaces, then the namespaces (their links and bridge go with them), then its
-        state file. Safe to call at any time, any number of times."""
-        remove(self.name)
+        state file. Safe to call at any time, from any thread, any number of times."""
+        with self._lock:
+            self.closed = True
+        remove(self.name, force=True)
 
     def _record(self) -> None:
         STATE_DIR.mkdir(parents=True, exist_ok=True)
+        me = os.getpid()
         self.state.write_text(
-            json.dumps({"name": self.name, "prefix": self.prefix, "subnet": str(self.subnet)})
+            json.dumps(
+                {
+                    "name": self.name,
+                    "prefix": self.prefix,
+                    "subnet": str(self.subnet),
+                    "pid": me,
+                    "started": _started(me),
+                }
+            )  # fmt: skip
         )
 
     @staticmethod
-    def kill_in(ns: str) -> None:
+    def kill_in(ns: str) -> list[int]:
         """SIGKILL every process whose network namespace is `ns` (`ip netns pids`), but
-        this one (a driver that entered the namespace)."""
-        for _ in range(20):
-            pids = [int(p) for p in _ip("netns", "pids", ns, check=False).stdout.split()]
-            pids = [p for p in pids if p != os.getpid()]
+        this one (a driver that entered the namespace) and the `ip` that lists them.
+        The pids still there after 5 s (none, normally)."""
+        pids: list[int] = []
+        for _ in range(50):
+            ls = subprocess.Popen(["ip", "netns", "pids", ns], stdout=subprocess.PIPE, text=True)
+            out, _ = ls.communicate(timeout=10)
+            if ls.returncode != 0:
+                if ns not in namespaces():
+                    return []
+                time.sleep(0.1)  # a listing that failed is not an empty namespace
+                continue
+            pids = [p for p in map(int, out.split()) if p not in (os.getpid(), ls.pid)]
             if not pids:
-                return
+                return []
             for pid in pids:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
             time.sleep(0.1)
+        return pids
+
+    @staticmethod
+    def pids_in(ns: str) -> list[int]:
+        """The processes in `ns`, but this one."""
+        out = _ip("netns", "pids", ns, check=False).stdout.split()
+        return [p for p in map(int, out) if p != os.getpid()]
 
     # ---- use -------------------------------------------------------------------
 
     def run(self, host: Host, argv: list[str], **popen) -> subprocess.Popen:
         """Start `argv` inside `host`'s namespace."""
-        return subprocess.Popen(["ip", "netns", "exec", host.netns, *argv], **popen)
+        with self._lock:
+            if self.closed:
+                raise RuntimeError(f"testbed {self.name!r} is being removed")
+            return subprocess.Popen(["ip", "netns", "exec", host.netns, *argv], **popen)
 
     def set_link(self, host: Host, up: bool) -> None:
         """Cut `host` off from every other host (its link down), or heal it."""
@@ -136,20 +197,50 @@ def leftovers() -> list[str]:
     return sorted(n for n in namespaces() if n.startswith(PREFIX))
 
 
-def remove(name: str | None = None) -> int:
+def _started(pid: int) -> float | None:
+    try:
+        return float(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _owner(name: str) -> int | None:
+    """The live process, other than this one, that made testbed `name`, or None."""
+    try:
+        state = json.loads((STATE_DIR / f"{name}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    pid = state.get("pid")
+    if not pid or pid == os.getpid() or _started(pid) != state.get("started"):
+        return None  # gone, or its pid reused
+    return pid
+
+
+def remove(name: str | None = None, force: bool = False) -> tuple[int, list[str]]:
     """Remove testbed `name` (every testbed when None) as `Testbed.down` does, from what
     is on the machine alone: its namespaces, their processes, its state file and its Ray
-    temp dir. How many namespaces it removed."""
+    temp dir. A testbed whose maker still runs is left alone unless `force`. Returns how
+    many namespaces were removed and the names of the testbeds left in use."""
     import shutil
     import tempfile
 
-    prefix = f"{PREFIX}{name}-" if name else PREFIX
-    found = [n for n in namespaces() if n.startswith(prefix)]
-    for ns in sorted(found):
-        Testbed.kill_in(ns)
-        _ip("netns", "del", ns, check=False)
-    for f in STATE_DIR.glob(f"{name or '*'}.json"):
-        f.unlink(missing_ok=True)
-    for d in Path(tempfile.gettempdir()).glob(f"{prefix}*ray"):
-        shutil.rmtree(d, ignore_errors=True)
-    return len(found)
+    with _removing:
+        prefix = f"{PREFIX}{name}-" if name else PREFIX
+        found = sorted(n for n in namespaces() if n.startswith(prefix))
+        names = {name} if name else {n[len(PREFIX) :].split("-")[0] for n in found}
+        names |= {f.stem for f in STATE_DIR.glob("*.json")} if name is None else set()
+        busy = sorted(n for n in names if not force and _owner(n) is not None)
+        removed = 0
+        for ns in found:
+            if ns[len(PREFIX) :].split("-")[0] in busy:
+                continue
+            left = Testbed.kill_in(ns)
+            if left:
+                raise RuntimeError(f"{ns}: processes {left} survived SIGKILL; not removed")
+            _ip("netns", "del", ns, check=False)
+            removed += 1
+        for n in names - set(busy):
+            (STATE_DIR / f"{n}.json").unlink(missing_ok=True)
+            for d in Path(tempfile.gettempdir()).glob(f"{PREFIX}{n}-*ray"):
+                shutil.rmtree(d, ignore_errors=True)
+        return removed, busy

@@ -21,19 +21,21 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import msgspec
 
 from chaos.config import ChaosRunConfig, TestbedConfig, cluster_config
-from chaos.testbed import Host, Testbed
-from cluster.config import HEAD_RESOURCE, Config
+from chaos.testbed import Host, Testbed, _started
+from cluster.config import HEAD_RESOURCE, Config, need
 
 HEAD = "head"
 GCS_PORT = 6379
@@ -50,6 +52,7 @@ def ray_env(tc: TestbedConfig) -> dict[str, str]:
         "UCX_TLS": "tcp",
         "UCX_NET_DEVICES": "eth0",
         "GLOO_SOCKET_IFNAME": "eth0",  # tensor-parallel collectives
+        "PDCLUSTER_TESTBED": tc.name,  # marks every process of the testbed (leak checks)
         # A failed check takes its period and its timeout (measured: 8 failures at
         # 1 s + 1 s declared a node dead after 16 s): one a second here.
         "RAY_health_check_period_ms": "500",
@@ -79,7 +82,16 @@ class RayTestbed:
     def __init__(self, cfg: ChaosRunConfig):
         self.cfg, self.tc = cfg, cfg.chaos.testbed
         self.nodes = {n.name: n for n in cfg.cluster.nodes}
-        self.net = Testbed(self.tc.name, [HEAD, *self.nodes], self.tc.subnet)
+        for name in self.nodes:  # they name hosts, log files and Ray temp dirs
+            need(
+                re.fullmatch(r"[A-Za-z0-9_.-]{1,40}", name) is not None and name != HEAD,
+                f"cluster.nodes.{name}",
+                f"on a testbed, a name of letters, digits, '_', '.', '-', and not {HEAD!r}",
+            )
+        try:
+            self.net = Testbed(self.tc.name, [HEAD, *self.nodes], self.tc.subnet)
+        except ValueError as e:
+            need(False, "chaos.testbed.subnet", f"room for the head, every node and a bridge ({e})")
         self.head = self.net.hosts[0]
         self.address = f"{self.head.address}:{GCS_PORT}"
         self.dir = Path(tempfile.gettempdir()) / f"{self.net.prefix}ray"
@@ -113,6 +125,9 @@ class RayTestbed:
             self.net.up()
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir.mkdir(parents=True)
+            # Threads that exist now would stay in this namespace, and reach nothing.
+            if threading.active_count() > 1:
+                raise RuntimeError("enter the head's namespace before starting threads")
             enter(self.head.netns)
             head = subprocess.run(
                 [RAY, "start", "--head", f"--port={GCS_PORT}",
@@ -179,11 +194,21 @@ class RayTestbed:
 
     def power(self, host: Host, on: bool) -> None:
         """Every process on `host` SIGKILLed, its restart loop too (a node lost for good),
-        or its node started again."""
-        if on:
-            self._supervise(host, self.nodes[host.node])
-        else:
+        or its node started again (unless something runs there already)."""
+        if not on:
             self.net.kill_in(host.netns)
+        elif not self.net.pids_in(host.netns):
+            self._supervise(host, self.nodes[host.node])
+
+    @staticmethod
+    def started(pids: list[int]) -> list[list]:
+        """[pid, start time] of each of `pids` still running (see `still_running`)."""
+        return [[p, t] for p in pids if (t := _started(p)) is not None]
+
+    @staticmethod
+    def still_running(procs: list[list]) -> list[int]:
+        """The pids of `procs` ([pid, start time]) that run still, as the same process."""
+        return [p for p, t in procs if _started(p) == t and not _zombie(p)]
 
     def isolate(self, host: Host, on: bool = True) -> None:
         """`host` cut off from every other host (its link down), or healed."""
@@ -194,3 +219,10 @@ class RayTestbed:
         self.net.blackhole(a, b, on)
         if both:
             self.net.blackhole(b, a, on)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    except OSError:
+        return True

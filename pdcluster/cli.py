@@ -43,11 +43,14 @@ def _end_within(seconds: float) -> None:
     going down on their own and an orderly stop could only hang. The reaper
     (cluster/reaper.py) kills whatever is left."""
     deadline = time.monotonic() + seconds
-    daemons = [p for p in psutil.Process().children() if not _reaper(p)]
+    daemons = [p for p in psutil.Process().children() if not _reaper(p) and not _ip(p)]
     while time.monotonic() < deadline and all(_running(p) for p in daemons):
         time.sleep(0.1)
     for fn in _last_words:
-        fn()
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - ending anyway; say what was left
+            logging.exception("while stopping")
     os._exit(0)
 
 
@@ -55,6 +58,14 @@ def _reaper(p: psutil.Process) -> bool:
     try:
         return "cluster.reaper" in p.cmdline()
     except psutil.Error:  # ended already (a zombie has no command line)
+        return False
+
+
+def _ip(p: psutil.Process) -> bool:
+    """A short-lived `ip` command of the testbed's, not a daemon."""
+    try:
+        return p.name() == "ip"
+    except psutil.Error:
         return False
 
 
@@ -72,11 +83,16 @@ def _up(args: argparse.Namespace) -> int:
     return _serve(cfg)
 
 
+def _stoppable() -> None:
+    """SIGTERM and Ctrl-C stop this process (exit status 0, within SHUTDOWN_S)."""
+    signal.signal(signal.SIGTERM, _request_stop)
+    signal.signal(signal.SIGINT, _request_stop)
+
+
 def _serve(cfg, bed=None) -> int:
     """Start the cluster, serve until SIGTERM or Ctrl-C, stop it. With `bed` (a
     RayTestbed), on the testbed, which is removed at the end, whatever happens."""
-    signal.signal(signal.SIGTERM, _request_stop)
-    signal.signal(signal.SIGINT, _request_stop)
+    _stoppable()
     # Read when Ray is imported: without it the driver's core worker takes SIGTERM first,
     # prints a stack dump and aborts (status 134). Not passed on to the cluster's processes.
     # A real crash (SIGSEGV, SIGABRT) of this process still leaves its Python traceback.
@@ -123,8 +139,15 @@ def _testbed(args: argparse.Namespace) -> int:
         from chaos.testbed import remove
 
         name = load_chaos_config(args.config).chaos.testbed.name if args.config else None
-        left = remove(name)
-        print(f"pdcluster: testbed removed ({left} namespaces)")
+        removed, busy = remove(name, force=args.force)
+        print(f"pdcluster: testbed removed ({removed} namespaces)")
+        if busy:
+            print(
+                f"pdcluster: left {', '.join(busy)}: in use by a running pdcluster (--force "
+                "removes it anyway)",
+                file=sys.stderr,
+            )
+            return 1
         return 0
     if args.config is None:
         print("pdcluster: testbed up needs CONFIG", file=sys.stderr)
@@ -154,9 +177,17 @@ def _chaos(args: argparse.Namespace) -> int:
     if (args.url is None) != (args.ray_address is None):
         print("pdcluster: --url and --ray-address go together (attach)", file=sys.stderr)
         return 2
-    from chaos.main import chaos_main
+    if args.testbed and args.url:
+        print("pdcluster: --testbed starts its own cluster: no --url", file=sys.stderr)
+        return 2
+    _stoppable()
+    try:
+        from chaos.main import chaos_main
 
-    return chaos_main(cfg, args)
+        return chaos_main(cfg, args, _last_words)
+    except KeyboardInterrupt:  # the stop asked for: chaos_main has stopped what it started
+        print("pdcluster chaos: stopped", flush=True)
+        return 0
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -309,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     tb.add_argument("action", choices=("up", "down"))
     tb.add_argument("config", nargs="?")
+    tb.add_argument("--force", action="store_true", help="down: even a testbed still in use")
     tb.set_defaults(fn=_testbed)
     cc = sub.add_parser("check-config", help="validate a config file")
     cc.add_argument("config")

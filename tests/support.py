@@ -223,7 +223,7 @@ def _netns_missing() -> str | None:
     """Why this machine cannot make network namespaces (chaos/testbed.py), or None."""
     from chaos import testbed
 
-    probe = f"{testbed.PREFIX}probe"
+    probe = f"{testbed.PREFIX}probe{os.getpid()}"  # a killed run's probe never blocks the next
     try:
         made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, timeout=10)
     except FileNotFoundError:

@@ -36,7 +36,7 @@ SHORT = {
         "node_down_s": 3,
         # As in test_scenarios.py: 60 s on these shared cores (20 s in configs/chaos.yaml).
         "thresholds": {"max_recovery_s": 60},
-        "testbed": {"name": "ct", "subnet": "10.231.7.0/24", "dead_after_s": 8, "partition_s": 3},
+        "testbed": {"name": "ct", "subnet": "10.231.17.0/24", "dead_after_s": 9, "partition_s": 3},
     },
 }
 CLI = [sys.executable, "-m", "pdcluster.cli"]
@@ -49,14 +49,18 @@ def _config(path: Path, over: dict) -> Path:
 
 
 def _left(name: str) -> dict:
-    """What testbed `name` left on the machine: namespaces, Ray processes that name its
-    temp dir, the temp dir, the state file."""
+    """What testbed `name` left on the machine: namespaces, processes (every process the
+    testbed starts carries PDCLUSTER_TESTBED=<name> in its environment, Ray's workers
+    too, whatever they call themselves), the temp dir, the state file."""
     prefix = f"{testbed.PREFIX}{name}-"
     procs = []
-    for p in psutil.process_iter(["cmdline", "status"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if f"{prefix}ray" in cmd and p.info["status"] != psutil.STATUS_ZOMBIE:
-            procs.append((p.pid, cmd[:80]))
+    for p in psutil.process_iter(["name", "status"]):
+        try:
+            mine = p.environ().get("PDCLUSTER_TESTBED") == name
+        except psutil.Error:
+            continue
+        if mine and p.info["status"] != psutil.STATUS_ZOMBIE:
+            procs.append((p.pid, p.info["name"]))
     tmp = Path("/tmp") / f"{prefix}ray"
     return {
         "namespaces": [n for n in testbed.namespaces() if n.startswith(prefix)],
@@ -116,10 +120,11 @@ def test_the_run_passes_writes_its_report_and_leaves_nothing(run):
 
 
 def test_testbed_down_after_testbed_up_was_killed_midway(tmp_path):
-    """SIGKILL `pdcluster testbed up` once Ray runs in every namespace (before pdcluster
-    is up): `pdcluster testbed down` then removes every namespace, process and file it
-    made, and a second `down` has nothing left to do."""
-    bed = {"name": "ck", "subnet": "10.231.8.0/24"}
+    """While `pdcluster testbed up` runs, `testbed down` refuses to remove its testbed
+    (without --force). SIGKILL it once Ray runs in every namespace (before pdcluster is
+    up): `pdcluster testbed down` then removes every namespace, process and file it made,
+    and a second `down` has nothing left to do."""
+    bed = {"name": "ck", "subnet": "10.231.18.0/24"}
     over = {"chaos": {"testbed": bed}, "router": {"port": 8025}}
     cfg = _config(tmp_path / "chaos.yaml", over)
     up = subprocess.Popen([*CLI, "testbed", "up", str(cfg)], cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -137,6 +142,10 @@ def test_testbed_down_after_testbed_up_was_killed_midway(tmp_path):
             time.sleep(0.5)
         else:
             raise AssertionError(f"Ray not up in every namespace: {_left('ck')}")
+        busy = subprocess.run([*CLI, "testbed", "down", str(cfg)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60)  # fmt: skip
+        assert busy.returncode == 1 and "in use" in busy.stderr, (busy.stdout, busy.stderr)
+        assert len(_left("ck")["namespaces"]) == 6 and up.poll() is None
         up.send_signal(signal.SIGKILL)
         up.wait(10)
         assert _left("ck")["namespaces"]  # the kill left it all behind
