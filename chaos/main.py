@@ -20,6 +20,7 @@ def chaos_main(cfg: ChaosRunConfig, args, last_words: list | None = None) -> int
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
     rc = bed = None
+    stopped = False
     if getattr(args, "testbed", False):
         from chaos.testbed_ray import RayTestbed
         from cluster.launcher import start
@@ -63,13 +64,22 @@ def chaos_main(cfg: ChaosRunConfig, args, last_words: list | None = None) -> int
             f"report in {args.out}/report.md"
         )
         return 0 if passed else 1
+    except KeyboardInterrupt:
+        # A stop: the harness's threads (the fault, the load) may still call Ray, and
+        # one that does after ray.shutdown aborts this process before the testbed is
+        # removed. So no orderly stop: the testbed's removal ends every process of its
+        # cluster; the caller then ends this one at once, and a local cluster's reaper
+        # (cluster/reaper.py) stops what is left of it.
+        stopped = True
+        raise
     finally:
         try:
-            target.close()
-            if rc is not None:
-                rc.shutdown()
-            elif ray.is_initialized():
-                ray.shutdown()
+            if not stopped:
+                target.close()
+                if rc is not None:
+                    rc.shutdown()
+                elif ray.is_initialized():
+                    ray.shutdown()
         finally:
             if bed is not None:
                 bed.down()

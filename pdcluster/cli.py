@@ -185,9 +185,11 @@ def _chaos(args: argparse.Namespace) -> int:
         from chaos.main import chaos_main
 
         return chaos_main(cfg, args, _last_words)
-    except KeyboardInterrupt:  # the stop asked for: chaos_main has stopped what it started
+    except KeyboardInterrupt:  # the stop asked for: chaos_main removed its testbed, if any
         print("pdcluster chaos: stopped", flush=True)
-        return 0
+        # At once: threads of the harness may still call Ray, whose shutdown at exit
+        # would wait for a GCS that is gone. A local cluster's reaper stops its nodes.
+        os._exit(0)
 
 
 def _status(args: argparse.Namespace) -> int:
