@@ -362,6 +362,8 @@ class Lifecycle:
                 async for delta in self._decode(
                     state, attempt_id, prompt_ids, before, res, got_at, p, sp, lost, fork
                 ):
+                    if not got_tokens and p is not None:  # its KV came through
+                        self.prefill.transfer_ok(p)
                     got_tokens = True
                     produced.extend(delta.tokens)
                     yield delta
@@ -371,6 +373,8 @@ class Lifecycle:
             except TransferError as e:
                 if got_tokens:
                     raise Unavailable("KV transfer failed after tokens were sent") from None
+                if p is not None:
+                    self.prefill.transfer_failed(p)  # new requests may avoid it for a while
                 self._retry(state, "transfer", e, f"KV transfer failed {state.retries + 1} times")
                 if p is not None:
                     avoid.add(p)  # re-prefill elsewhere while another replica is healthy

@@ -31,6 +31,8 @@ SILENT_POLL_S = 2.0  # poll period of a replica silent for longer than the watch
 IDENTIFY_TIMEOUT_S = 10.0  # asking a new worker process for its start time
 KILL_WAIT_S = 60.0  # a kill task on the worker's node (its start there, a stalled node)
 GONE_POLL_S = 10.0  # and of one taken to be gone for good
+TRANSFER_AVOID_S = 5.0  # new work avoids a prefill replica this long after 2 failed pulls
+TRANSFER_AVOID_MAX_S = 60.0  # in a row, doubling with each further failure, up to this
 NAMESPACE = "pdcluster"  # of the workers' named actors, `pdcluster-<role>-<i>-rank<r>`
 
 
@@ -58,6 +60,10 @@ class Replica:
     # (node, pid, start time) of the process that last answered, once it has said when
     # it started (asked once per new process): what a kill of it names.
     ident: tuple[str, int, int | None] | None = None
+    # Prefill: KV transfers from it that failed in a row, and until when new work avoids
+    # it for that (decode may not reach it: a partition the router's own polls miss).
+    transfer_fails: int = 0
+    transfer_avoid_until: float = 0.0
     identifying: asyncio.Future | None = None
     lost: asyncio.Event = field(default_factory=asyncio.Event)  # set when it goes unhealthy
     # At most one stats() call in flight (a dead node's calls would otherwise pile up in
@@ -128,10 +134,30 @@ class WorkerPool:
         if not ok:
             return None
         answering = [i for i in ok if not self.suspect(i)]
-        ok = [i for i in answering if i not in avoid] or answering or ok
+        now = time.monotonic()
+        ok = (
+            [i for i in answering if i not in avoid and reps[i].transfer_avoid_until <= now]
+            or answering
+            or ok
+        )
         if self.role == "prefill":
             return min(ok, key=lambda i: (reps[i].load + reps[i].engine("queued_tokens"), i))
         return min(ok, key=lambda i: (-reps[i].engine("free_blocks"), reps[i].load, i))
+
+    def transfer_failed(self, i: int) -> None:
+        """A KV transfer from prefill replica i failed. From the second failure in a
+        row (one alone may be chance), new work avoids it while another replica is
+        healthy, for TRANSFER_AVOID_S, doubling with each further failure in a row up
+        to TRANSFER_AVOID_MAX_S. A transfer that succeeds ends it (transfer_ok)."""
+        r = self.replicas[i]
+        r.transfer_fails += 1
+        if r.transfer_fails >= 2:
+            wait = min(TRANSFER_AVOID_MAX_S, TRANSFER_AVOID_S * 2 ** (r.transfer_fails - 2))
+            r.transfer_avoid_until = time.monotonic() + wait
+
+    def transfer_ok(self, i: int) -> None:
+        r = self.replicas[i]
+        r.transfer_fails, r.transfer_avoid_until = 0, 0.0
 
     @contextlib.contextmanager
     def hold(self, i: int, amount: int = 1) -> Iterator[None]:

@@ -288,6 +288,31 @@ def test_a_failed_transfer_re_prefills_elsewhere_under_a_new_attempt_id(tok):
     assert c.retries("transfer") == 1 and c.held() == NOTHING  # the failed lease released
 
 
+def test_new_requests_avoid_a_prefill_replica_whose_pulls_keep_failing(tok):
+    """Decode cannot pull from prefill 0 (a partition the router's own polls do not see:
+    prefill 0 still answers them). One failed pull may be chance: the next request still
+    goes there. After two in a row, new requests go to prefill 1 at once, instead of each
+    waiting out its pull first; once the avoidance has passed, prefill 0 is tried again,
+    and a pull that succeeds ends it."""
+    c = Cluster(tok, max_retries=2)
+    first, second = c.prefills
+    seen = []
+
+    async def requests(c):
+        for n in range(4):
+            if n < 2:
+                c.decodes[0].fail_pulls = 1
+            if n == 3:
+                c.prefill.replicas[0].transfer_avoid_until = 0.0  # the avoidance has passed
+            assert (await c.complete())[0] == OUTPUT
+            seen.append((len(first.calls), len(second.calls)))
+
+    run(c, requests)
+    # Failed on 0, then on 1 (twice); straight to 1; then 0 again.
+    assert seen == [(1, 1), (2, 2), (2, 3), (3, 3)], seen
+    assert c.prefill.replicas[0].transfer_fails == 0 and c.held() == NOTHING
+
+
 def test_prefill_and_transfer_failures_share_one_retry_budget(tok):
     """router.max_retries counts every retry of the request: one spent on a refused
     prefill leaves none for a failed transfer, which is then a 503."""
