@@ -273,6 +273,8 @@ class Harness:
         self.say(f"[{sc.name}] {sc.about}")
         load = self._run_load(sc.name, until)
         fault.join(c.stall_s + c.transfer_fault_s + 60)
+        if window and window[0].undo is not None:
+            window[0].undo()  # a fault left in place for the whole load (and an error too)
         if error:
             self.t.restore_lost()  # a fault that failed part-way
             if isinstance(error[0], Skip):

@@ -32,6 +32,9 @@ class Window:
     fenced: list = field(default_factory=list)
     # Ray nodes the fault must not cost their life (a partition shorter than Ray's bound).
     survivors: list[str] = field(default_factory=list)
+    # A fault left in place while the load runs (a partition that does not heal): undone
+    # once the load has ended, before the cluster must settle.
+    undo: Callable[[], None] | None = None
 
     @property
     def recover_from(self) -> float:
@@ -216,7 +219,9 @@ def isolate_node(t: Target, sc: Scenario, rng: random.Random) -> Window:
 def cut_links(t: Target, sc: Scenario, rng: random.Random) -> Window:
     """Drop the packets between one replica of `sc.params["cut"]`'s first role and every
     node of its second role ("head": the router's node, Ray's GCS), for `partition_s`;
-    with `one_way`, only what the first sends. Every other path stays up."""
+    with `one_way`, only what the first sends. Every other path stays up. With
+    `for_good`, the cut stays for the rest of the load (the cluster must recover without
+    it healing) and is healed only once the load has ended."""
     bed = _bed(t)
     first, second = sc.params["cut"]
     i = _replica(t, first, rng)
@@ -229,21 +234,30 @@ def cut_links(t: Target, sc: Scenario, rng: random.Random) -> Window:
     if not others:
         raise Skip(f"every {second} replica shares {first}-{i}'s node")
     both = not sc.params.get("one_way", False)
+
+    def heal():
+        for b in others:
+            bed.cut(a, b, on=False, both=both)
+
     start = time.time()
     try:
         for b in others:
             bed.cut(a, b, both=both)
         time.sleep(bed.tc.partition_s)
-    finally:
-        for b in others:
-            bed.cut(a, b, on=False, both=both)
+    except BaseException:
+        heal()
+        raise
+    if not sc.params.get("for_good"):
+        heal()
     arrow = "<->" if both else "->"
     names = ", ".join(b.node for b in others)
     return Window(
         start,
         time.time(),
-        f"node {a.node} ({first}-{i}'s) {arrow} {names}: dropped",
+        f"node {a.node} ({first}-{i}'s) {arrow} {names}: dropped"
+        + (", not healed until the load ended" if sc.params.get("for_good") else ""),
         survivors=[t.info(first, i)["node_id"]],
+        undo=heal if sc.params.get("for_good") else None,
     )
 
 
@@ -407,6 +421,14 @@ SCENARIOS: dict[str, Scenario] = {
             "reach the head and the router",
             cut_links,
             params={"cut": ("prefill", "decode")},
+            network=True,
+        ),
+        Scenario(
+            "cut-prefill-decode-for-good",
+            "a prefill node and every decode node drop each other's packets for the rest of "
+            "the load: the cluster must recover while it lasts",
+            cut_links,
+            params={"cut": ("prefill", "decode"), "for_good": True},
             network=True,
         ),
         Scenario(
