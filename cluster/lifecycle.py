@@ -25,7 +25,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError, TaskCancelledEr
 from cluster.config import RouterConfig
 from cluster.detokenizer import IncrementalDetokenizer, StopChecker
 from cluster.pool import WorkerPool, WorkerStalled
-from transfer.handle import TransferError
+from transfer.handle import TransferError, TransferFailed, TransferTimeout
 from wire.api import Delta, TokenLogprobs, WorkerError, time_left
 from wire.channel import OutputChannel
 from wire.sampling_params import SamplingParams
@@ -373,8 +373,10 @@ class Lifecycle:
             except TransferError as e:
                 if got_tokens:
                     raise Unavailable("KV transfer failed after tokens were sent") from None
-                if p is not None:
-                    self.prefill.transfer_failed(p)  # new requests may avoid it for a while
+                if p is not None and isinstance(e, (TransferTimeout, TransferFailed)):
+                    # Decode may not reach it (an expired lease or a full pool says nothing
+                    # of that): new requests may avoid it for a while.
+                    self.prefill.transfer_failed(p)
                 self._retry(state, "transfer", e, f"KV transfer failed {state.retries + 1} times")
                 if p is not None:
                     avoid.add(p)  # re-prefill elsewhere while another replica is healthy

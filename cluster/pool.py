@@ -145,7 +145,8 @@ class WorkerPool:
         return min(ok, key=lambda i: (-reps[i].engine("free_blocks"), reps[i].load, i))
 
     def transfer_failed(self, i: int) -> None:
-        """A KV transfer from prefill replica i failed. From the second failure in a
+        """A KV transfer from prefill replica i failed or timed out (not an expired
+        lease or a full decode pool: those say nothing of the path). From the second failure in a
         row (one alone may be chance), new work avoids it while another replica is
         healthy, for TRANSFER_AVOID_S, doubling with each further failure in a row up
         to TRANSFER_AVOID_MAX_S. A transfer that succeeds ends it (transfer_ok)."""
