@@ -273,8 +273,10 @@ class Harness:
         self.say(f"[{sc.name}] {sc.about}")
         load = self._run_load(sc.name, until)
         fault.join(c.stall_s + c.transfer_fault_s + 60)
+        healed = None
         if window and window[0].undo is not None:
             window[0].undo()  # a fault left in place for the whole load (and an error too)
+            healed = time.time()
         if error:
             self.t.restore_lost()  # a fault that failed part-way
             if isinstance(error[0], Skip):
@@ -308,7 +310,7 @@ class Harness:
         res.settled, res.unsettled_reason = ok, why
         res.fenced = len(w.fenced)
         if ok and self.t.testbed is not None:
-            self._views(res, w)
+            self._views(res, w, healed or w.end)
         res.leaked = {k: state[k] for k in ZERO_KEYS if state and state[k]} if state else {}
         res.rss_mb_after = rss_mb(state)
         self._check(res, th)
@@ -326,17 +328,17 @@ class Harness:
         )
         return res
 
-    def _views(self, res: Result, w: Window) -> None:
+    def _views(self, res: Result, w: Window, healed: float) -> None:
         """Testbed only: the fenced processes gone, the nodes the fault had to spare still
-        alive in Ray's view, and every view of who is alive the same, by the fault's end
-        + settle_s."""
+        alive in Ray's view, and every view of who is alive the same, by `healed` (the
+        fault's end, or the heal of one left in place for the load) + settle_s."""
         bed = self.t.testbed
-        deadline = w.end + self.cfg.chaos.settle_s
+        deadline = healed + self.cfg.chaos.settle_s
         while True:
             res.stale = bed.still_running(w.fenced)
             why = self.t.views_disagree()
             if not why and not res.stale:
-                res.views_agree_s = round(time.time() - w.end, 2)
+                res.views_agree_s = round(time.time() - healed, 2)
                 break
             if time.time() > deadline:
                 break

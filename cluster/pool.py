@@ -137,6 +137,7 @@ class WorkerPool:
         now = time.monotonic()
         ok = (
             [i for i in answering if i not in avoid and reps[i].transfer_avoid_until <= now]
+            or [i for i in answering if i not in avoid]  # the request's own avoid comes first
             or answering
             or ok
         )
@@ -150,11 +151,14 @@ class WorkerPool:
         row (one alone may be chance), new work avoids it while another replica is
         healthy, for TRANSFER_AVOID_S, doubling with each further failure in a row up
         to TRANSFER_AVOID_MAX_S. A transfer that succeeds ends it (transfer_ok)."""
-        r = self.replicas[i]
+        r, now = self.replicas[i], time.monotonic()
+        if r.transfer_avoid_until > now:
+            return  # pulls already in flight when it began: no more evidence, no longer wait
         r.transfer_fails += 1
         if r.transfer_fails >= 2:
-            wait = min(TRANSFER_AVOID_MAX_S, TRANSFER_AVOID_S * 2 ** (r.transfer_fails - 2))
-            r.transfer_avoid_until = time.monotonic() + wait
+            doublings = min(r.transfer_fails - 2, 4)  # 5, 10, 20, 40, then 60 s
+            wait = min(TRANSFER_AVOID_MAX_S, TRANSFER_AVOID_S * 2**doublings)
+            r.transfer_avoid_until = now + wait
 
     def transfer_ok(self, i: int) -> None:
         r = self.replicas[i]
@@ -208,6 +212,7 @@ class WorkerPool:
         r.healthy, r.reason = healthy, reason
         if healthy:
             r.lost = asyncio.Event()
+            r.transfer_fails, r.transfer_avoid_until = 0, 0.0  # a new start, maybe elsewhere
             log.warning("%s-%d healthy again", self.role, i)
         else:
             r.lost.set()
@@ -428,5 +433,7 @@ class WorkerPool:
             "polls": r.polls,
             "reason": r.reason,
             "load": r.load,
+            # Prefill: seconds new work still avoids it after failed pulls (0: not avoided).
+            "transfer_avoided_s": round(max(0.0, r.transfer_avoid_until - time.monotonic()), 1),
             "stats": msgspec.to_builtins(stats) if stats is not None else None,
         }

@@ -46,12 +46,17 @@ def _end_within(seconds: float) -> None:
     daemons = [p for p in psutil.Process().children() if not _reaper(p) and not _ip(p)]
     while time.monotonic() < deadline and all(_running(p) for p in daemons):
         time.sleep(0.1)
+    _say_last_words()
+    os._exit(0)
+
+
+def _say_last_words() -> None:
+    """What must run before a stop ends this process (a testbed's removal: idempotent)."""
     for fn in _last_words:
         try:
             fn()
         except Exception:  # noqa: BLE001 - ending anyway; say what was left
             logging.exception("while stopping")
-    os._exit(0)
 
 
 def _reaper(p: psutil.Process) -> bool:
@@ -186,6 +191,7 @@ def _chaos(args: argparse.Namespace) -> int:
 
         return chaos_main(cfg, args, _last_words)
     except KeyboardInterrupt:  # the stop asked for: chaos_main removed its testbed, if any
+        _say_last_words()  # in case the stop cut chaos_main's own removal short
         print("pdcluster chaos: stopped", flush=True)
         # At once: threads of the harness may still call Ray, whose shutdown at exit
         # would wait for a GCS that is gone. A local cluster's reaper stops its nodes.

@@ -301,3 +301,33 @@ def test_a_router_started_after_a_worker_was_replaced_calls_the_new_actor_first(
 
     pool = asyncio.run(run())
     assert pool.handle(0) is fresh and _healthy(pool) == [True, True] and pool.pick() == 0
+
+
+def test_a_prefill_replica_decode_cannot_pull_from_is_avoided_for_a_bounded_time():
+    """One failed pull may be chance; two in a row and new work avoids the replica for
+    5 s. Pulls that were in flight when the avoidance began do not lengthen it; repeated
+    avoidances double it up to 60 s (never beyond, however many); a request's own
+    `avoid` set weighs first; a pull that succeeds ends it, and so does a restart."""
+    pool = worker_pool.WorkerPool("prefill", [object(), object()], 5.0, RouterMetrics(), 0.25)
+    r = pool.replicas[0]
+    pool.transfer_failed(0)
+    assert pool.pick() == 0 and r.transfer_avoid_until == 0.0
+    pool.transfer_failed(0)
+    left = r.transfer_avoid_until - time.monotonic()
+    assert pool.pick() == 1 and 4.5 < left <= 5.0
+    until = r.transfer_avoid_until
+    pool.transfer_failed(0)  # in flight when it began
+    assert r.transfer_avoid_until == until and r.transfer_fails == 2
+    assert pool.pick(avoid={1}) == 0  # the request's own retry goes elsewhere than 1
+    waits = []
+    for _ in range(2000):  # a replica that never serves a pull again
+        r.transfer_avoid_until = 0.0  # the avoidance has passed
+        pool.transfer_failed(0)
+        waits.append(round(r.transfer_avoid_until - time.monotonic()))
+    assert waits[:5] == [10, 20, 40, 60, 60] and max(waits) == 60
+    pool.transfer_ok(0)
+    assert pool.pick() == 0 and r.transfer_fails == 0
+    pool.transfer_failed(0), pool.transfer_failed(0)
+    pool._mark(0, False, "restarting")
+    pool._mark(0, True)  # back: a new process, maybe on another node
+    assert r.transfer_avoid_until == 0.0 and r.transfer_fails == 0
