@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cluster.reaper import proc_stat
+
 STATE_DIR = Path(os.environ.get("PDCLUSTER_TESTBED_STATE", "/run/pdcluster-testbed"))
 PREFIX = "pdtb-"
 BRIDGE = "br0"
@@ -137,26 +139,23 @@ class Testbed:
                     "prefix": self.prefix,
                     "subnet": str(self.subnet),
                     "pid": me,
-                    "started": _started(me),
+                    "started": proc_stat(me)[1],
                 }
             )  # fmt: skip
         )
 
     @staticmethod
     def kill_in(ns: str) -> list[int]:
-        """SIGKILL every process whose network namespace is `ns` (`ip netns pids`), but
-        this one (a driver that entered the namespace) and the `ip` that lists them.
-        The pids still there after 5 s (none, normally)."""
+        """SIGKILL every process in `ns` (`pids_in`). The pids still there after 5 s
+        (none, normally)."""
         pids: list[int] = []
         for _ in range(50):
-            ls = subprocess.Popen(["ip", "netns", "pids", ns], stdout=subprocess.PIPE, text=True)
-            out, _ = ls.communicate(timeout=10)
-            if ls.returncode != 0:
+            pids = Testbed.pids_in(ns)
+            if pids is None:
                 if ns not in namespaces():
                     return []
                 time.sleep(0.1)  # a listing that failed is not an empty namespace
                 continue
-            pids = [p for p in map(int, out.split()) if p not in (os.getpid(), ls.pid)]
             if not pids:
                 return []
             for pid in pids:
@@ -165,13 +164,18 @@ class Testbed:
                 except ProcessLookupError:
                     pass
             time.sleep(0.1)
-        return pids
+        return pids or []
 
     @staticmethod
-    def pids_in(ns: str) -> list[int]:
-        """The processes in `ns`, but this one."""
-        out = _ip("netns", "pids", ns, check=False).stdout.split()
-        return [p for p in map(int, out) if p != os.getpid()]
+    def pids_in(ns: str) -> list[int] | None:
+        """The processes whose network namespace is `ns` (`ip netns pids`), but this one
+        (a driver that entered it) and the `ip` that lists them; None if the listing
+        failed."""
+        ls = subprocess.Popen(["ip", "netns", "pids", ns], stdout=subprocess.PIPE, text=True)
+        out, _ = ls.communicate(timeout=10)
+        if ls.returncode != 0:
+            return None
+        return [p for p in map(int, out.split()) if p not in (os.getpid(), ls.pid)]
 
     # ---- use -------------------------------------------------------------------
 
@@ -197,13 +201,6 @@ def leftovers() -> list[str]:
     return sorted(n for n in namespaces() if n.startswith(PREFIX))
 
 
-def _started(pid: int) -> float | None:
-    try:
-        return float(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def _owner(name: str) -> int | None:
     """The live process, other than this one, that made testbed `name`, or None."""
     try:
@@ -211,7 +208,10 @@ def _owner(name: str) -> int | None:
     except (OSError, ValueError):
         return None
     pid = state.get("pid")
-    if not pid or pid == os.getpid() or _started(pid) != state.get("started"):
+    if not isinstance(pid, int) or pid <= 1 or pid == os.getpid():
+        return None
+    st = proc_stat(pid)
+    if st is None or st[1] != state.get("started"):
         return None  # gone, or its pid reused
     return pid
 

@@ -34,8 +34,9 @@ from pathlib import Path
 import msgspec
 
 from chaos.config import ChaosRunConfig, TestbedConfig, cluster_config
-from chaos.testbed import Host, Testbed, _started
+from chaos.testbed import Host, Testbed
 from cluster.config import HEAD_RESOURCE, Config, need
+from cluster.reaper import proc_stat
 
 HEAD = "head"
 GCS_PORT = 6379
@@ -197,18 +198,18 @@ class RayTestbed:
         or its node started again (unless something runs there already)."""
         if not on:
             self.net.kill_in(host.netns)
-        elif not self.net.pids_in(host.netns):
+        elif self.net.pids_in(host.netns) == []:
             self._supervise(host, self.nodes[host.node])
 
     @staticmethod
     def started(pids: list[int]) -> list[list]:
         """[pid, start time] of each of `pids` still running (see `still_running`)."""
-        return [[p, t] for p in pids if (t := _started(p)) is not None]
+        return [[p, st[1]] for p in pids if (st := proc_stat(p)) is not None]
 
     @staticmethod
     def still_running(procs: list[list]) -> list[int]:
         """The pids of `procs` ([pid, start time]) that run still, as the same process."""
-        return [p for p, t in procs if _started(p) == t and not _zombie(p)]
+        return [p for p, t in procs if (st := proc_stat(p)) is not None and st[1] == t]
 
     def isolate(self, host: Host, on: bool = True) -> None:
         """`host` cut off from every other host (its link down), or healed."""
@@ -219,10 +220,3 @@ class RayTestbed:
         self.net.blackhole(a, b, on)
         if both:
             self.net.blackhole(b, a, on)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
-    except OSError:
-        return True

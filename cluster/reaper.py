@@ -24,7 +24,7 @@ GRACE_S = 2.0
 _RAY = ("raylet", "gcs_server", "ray::", "ray/_private", "ray/dashboard", "ray/autoscaler")
 
 
-def _stat(pid: int) -> tuple[int, int] | None:
+def proc_stat(pid: int) -> tuple[int, int] | None:
     """(parent pid, start time) of a live process, None if it is gone or a zombie."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -39,7 +39,7 @@ def _ray_descendants(root: int) -> dict[int, int]:
     children: dict[int, list[int]] = {}
     starts: dict[int, int] = {}
     for d in os.listdir("/proc"):
-        if d.isdigit() and (st := _stat(int(d))) is not None:
+        if d.isdigit() and (st := proc_stat(int(d))) is not None:
             children.setdefault(st[0], []).append(int(d))
             starts[int(d)] = st[1]
     found, todo = {}, [root]
@@ -59,7 +59,7 @@ def _ray_descendants(root: int) -> dict[int, int]:
 def _signal_alive(seen: dict[int, int], sig: int) -> int:
     n = 0
     for pid, start in seen.items():
-        st = _stat(pid)
+        st = proc_stat(pid)
         if st is not None and st[1] == start:
             try:
                 os.kill(pid, sig)
@@ -84,7 +84,7 @@ def main() -> int:
     if _signal_alive(seen, signal.SIGTERM):
         deadline = time.monotonic() + GRACE_S
         while time.monotonic() < deadline and any(
-            (st := _stat(p)) is not None and st[1] == s for p, s in seen.items()
+            (st := proc_stat(p)) is not None and st[1] == s for p, s in seen.items()
         ):
             time.sleep(0.1)
         _signal_alive(seen, signal.SIGKILL)

@@ -140,7 +140,7 @@ def test_testbed_down_after_testbed_up_was_killed_midway(tmp_path):
         deadline = time.monotonic() + 120
         hosts = [f"{testbed.PREFIX}ck-{i}" for i in range(5)]  # the head and 4 nodes
         while time.monotonic() < deadline:
-            inside = {h: set(testbed.Testbed.pids_in(h)) - {up.pid} for h in hosts}
+            inside = {h: set(testbed.Testbed.pids_in(h) or []) - {up.pid} for h in hosts}
             if all(inside.values()) and len(_left("ck")["processes"]) >= 5:
                 pids = set().union(*inside.values())
                 break
