@@ -2,7 +2,7 @@
 own interface and private address on a bridge that lives in a namespace of its own.
 
 Traffic between two nodes then crosses a real network boundary, which can be cut the way
-real networks fail (a link down, packets dropped one way by a blackhole route) instead of
+real networks fail (a link down; packets dropped silently, one way or both) instead of
 only by killing processes. Needs root (CAP_NET_ADMIN) and iproute2.
 
 Everything a testbed makes is named from its prefix (`pdtb-<name>-`) and recorded in a
@@ -30,6 +30,12 @@ from cluster.reaper import proc_stat
 STATE_DIR = Path(os.environ.get("PDCLUSTER_TESTBED_STATE", "/run/pdcluster-testbed"))
 PREFIX = "pdtb-"
 BRIDGE = "br0"
+# A locally administered MAC that no interface owns: frames sent to it cross the bridge
+# and every host drops them, so a sender told to use it for a peer loses its packets the
+# way a lossy link does (no error, no refusal). A blackhole route would not do: the
+# sender's own kernel refuses it at once (connect() fails with EINVAL), which no real
+# partition does.
+NOWHERE = "02:00:00:00:00:00"
 _removing = threading.Lock()  # one removal at a time (a stop's and a failed start's)
 
 
@@ -190,10 +196,14 @@ class Testbed:
         """Cut `host` off from every other host (its link down), or heal it."""
         _ip("-n", host.netns, "link", "set", "eth0", "up" if up else "down")
 
-    def blackhole(self, host: Host, dst: Host, on: bool = True) -> None:
-        """Drop what `host` sends to `dst` (one way: `dst` can still send to `host`)."""
-        _ip("-n", host.netns, "route", "add" if on else "del", "blackhole", f"{dst.address}/32",
-            check=on)  # fmt: skip
+    def drop(self, host: Host, dst: Host, on: bool = True) -> None:
+        """Silently drop what `host` sends to `dst`, or stop dropping it (one way: `dst`
+        can still send to `host`). `host` addresses `dst`'s packets to NOWHERE."""
+        if on:
+            _ip("-n", host.netns, "neigh", "replace", dst.address, "lladdr", NOWHERE,
+                "dev", "eth0", "nud", "permanent")  # fmt: skip
+        else:  # the next packet resolves `dst` again
+            _ip("-n", host.netns, "neigh", "del", dst.address, "dev", "eth0", check=False)
 
 
 def leftovers() -> list[str]:

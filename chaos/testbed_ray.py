@@ -217,6 +217,6 @@ class RayTestbed:
 
     def cut(self, a: Host, b: Host, on: bool = True, both: bool = True) -> None:
         """Drop what `a` sends to `b` (and, with `both`, what `b` sends to `a`)."""
-        self.net.blackhole(a, b, on)
+        self.net.drop(a, b, on)
         if both:
-            self.net.blackhole(b, a, on)
+            self.net.drop(b, a, on)

@@ -10,6 +10,7 @@ Every wait is bounded by a deadline, and the peer cache is bounded (LESSONS 4-5)
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
@@ -41,6 +42,15 @@ _MAX_SLEEP_S = 2e-3
 
 _ctor_lock = threading.Lock()
 
+# UCX's TCP transport connects to a new peer with a blocking connect() by default, inside
+# NIXL's handshake (`add_remote_agent`) and under the agent's own mutex and UCX worker's
+# lock: a peer whose packets are dropped then holds every pull of this process, from
+# every peer, for the kernel's SYN retries (about 2 min), and the progress thread spins
+# on the lock meanwhile. Non-blocking, the handshake returns at once and the READ ends
+# by its deadline like any other (tests/integration/test_network_deadlines.py). Read
+# when the agent is made; an operator's own setting wins.
+UCX_DEFAULTS = {"UCX_TCP_CONN_NB": "y"}
+
 
 def _new_agent(name: str) -> nixl_agent:
     """A UCX nixl_agent whose progress thread polls every PROGRESS_DELAY_US.
@@ -59,6 +69,8 @@ def _new_agent(name: str) -> nixl_agent:
         sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT,
     )
     binding_agent = nixl_api.nixlBind.nixlAgent
+    for key, value in UCX_DEFAULTS.items():
+        os.environ.setdefault(key, value)
 
     def with_delay(agent_name, agent_config):
         agent_config.pthrDelay = PROGRESS_DELAY_US

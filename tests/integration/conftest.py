@@ -1,11 +1,14 @@
 """A Ray cluster for a worker-level module (head + a prefill and a decode node),
-shared by that module's tests: Ray is slow to start on two cores."""
+shared by that module's tests: Ray is slow to start on two cores; and a state
+directory of its own for a test that builds a network testbed."""
 
 from __future__ import annotations
 
 import pytest
 import ray
 from ray.cluster_utils import Cluster
+
+from chaos import testbed
 
 
 @pytest.fixture(scope="module")
@@ -24,3 +27,10 @@ def ray_nodes():
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+@pytest.fixture
+def state_dir(tmp_path, monkeypatch):
+    """Testbed state files of this test only: a test's testbed never meets a user's."""
+    monkeypatch.setattr(testbed, "STATE_DIR", tmp_path / "state")
+    return tmp_path / "state"

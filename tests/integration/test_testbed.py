@@ -1,6 +1,7 @@
 """The network testbed (chaos/testbed.py) on this machine's kernel: hosts in their own
 network namespaces reach each other over a bridge; a link cut isolates one host until it
-heals; a blackhole route drops one direction only; and `down` leaves no namespace, link,
+heals; a drop loses one direction's packets silently (the sender sees no error, as on a
+lossy link); and `down` leaves no namespace, link,
 process or state file behind, after a clean run, after a run killed midway, and when
 called again."""
 
@@ -21,12 +22,6 @@ from tests.support import needs_netns
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(autouse=True)
-def state_dir(tmp_path, monkeypatch):
-    monkeypatch.setattr(testbed, "STATE_DIR", tmp_path / "state")
-    return tmp_path / "state"
-
-
 # A one-datagram receiver: prints what arrives within a second.
 RECV = textwrap.dedent(
     """
@@ -40,6 +35,19 @@ RECV = textwrap.dedent(
         print("nothing", flush=True)
     """
 )
+# A TCP connect: how it ends within a second.
+CONNECT = textwrap.dedent(
+    """
+    import errno, socket, sys
+    try:
+        socket.create_connection((sys.argv[1], 9), timeout=1.0)
+        print("connected")
+    except socket.timeout:
+        print("timeout")
+    except OSError as e:
+        print(errno.errorcode.get(e.errno, e.errno))
+    """
+)
 SEND = "import socket, sys; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'hi', (sys.argv[1], 9999))"  # noqa: E501
 
 
@@ -50,6 +58,13 @@ def datagram_arrives(tb: Testbed, src, dst) -> bool:
     assert recv.stdout.readline().strip() == "ready"
     tb.run(src, [sys.executable, "-c", SEND, dst.address]).wait(timeout=10)
     return recv.communicate(timeout=10)[0].strip() == "hi"
+
+
+def connect(tb: Testbed, src, dst) -> str:
+    run = tb.run(
+        src, [sys.executable, "-c", CONNECT, dst.address], stdout=subprocess.PIPE, text=True
+    )
+    return run.communicate(timeout=10)[0].strip()
 
 
 @needs_netns
@@ -66,11 +81,14 @@ def test_hosts_reach_each_other_and_faults_cut_what_they_should(state_dir):
         assert reach(head, decode)
         tb.set_link(prefill, True)
         assert reach(head, prefill)
-        tb.blackhole(prefill, decode)  # one way: prefill -> decode dropped, not the reverse
+        assert connect(tb, prefill, decode) == "ECONNREFUSED"  # nothing listens on port 9
+        tb.drop(prefill, decode)  # one way: prefill -> decode dropped, not the reverse
         assert not datagram_arrives(tb, prefill, decode)
         assert datagram_arrives(tb, decode, prefill)
-        tb.blackhole(prefill, decode, on=False)
+        assert connect(tb, prefill, decode) == "timeout"  # silence, not a local error
+        tb.drop(prefill, decode, on=False)
         assert datagram_arrives(tb, prefill, decode)
+        assert connect(tb, prefill, decode) == "ECONNREFUSED"
     finally:
         tb.down()
     assert not [n for n in testbed.leftovers() if n.startswith(tb.prefix)]
