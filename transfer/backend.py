@@ -28,6 +28,8 @@ class TransferBackend(abc.ABC):
     #: True when a completed pull notifies the prefill side by itself
     #: (`poll_notifs`); otherwise the puller releases the lease explicitly.
     notifies: bool
+    #: Longest a copy given up in flight (ReadLate) may still write our blocks.
+    late_write_s: float = 0.0
 
     @abc.abstractmethod
     def rank_kv(self, block_ids: list[int]) -> RankKV:
@@ -44,14 +46,15 @@ class TransferBackend(abc.ABC):
         tag: str = "",
     ) -> int:
         """Decode side: copy `src`'s blocks into ours within `timeout_s`; bytes moved.
-        `tag` names the blocks in `release_stuck` if the copy raises ReadStuck."""
+        `tag` names the blocks in `release_stuck` if the copy raises ReadStuck or
+        ReadLate."""
 
     def poll_notifs(self) -> list[bytes]:
         return []
 
     def release_stuck(self) -> list[str]:
-        """Retry releasing READs that raised `ReadStuck`; the tags of those released
-        now (their blocks are safe to reuse)."""
+        """The tags of READs that raised `ReadStuck` or `ReadLate` whose blocks are
+        safe to reuse now."""
         return []
 
     def connecting(self, src: RankKV):

@@ -28,6 +28,14 @@ class ReadStuck(TransferFailed):
     `release_stuck()` returns the pull's tag (or the process ends)."""
 
 
+class ReadLate(TransferTimeout):
+    """A READ given up at its deadline while still in flight. NIXL let it go, but the
+    transport may still write its data into the local blocks: over TCP, the peer's
+    retransmission lands once a partition heals (seen on the testbed, seconds later).
+    The blocks stay out of use until the backend's `release_stuck()` returns the pull's
+    tag, once no write can come any more (`NixlTransferAgent.late_write_s`)."""
+
+
 class LeaseExpired(TransferError):
     """The prefill side's lease on the blocks ran out before decode pulled them."""
 

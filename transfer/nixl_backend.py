@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -24,6 +25,7 @@ from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
 from transfer.backend import TransferBackend
 from transfer.handle import (
     RankKV,
+    ReadLate,
     ReadStuck,
     TransferError,
     TransferFailed,
@@ -42,14 +44,35 @@ _MAX_SLEEP_S = 2e-3
 
 _ctor_lock = threading.Lock()
 
-# UCX's TCP transport connects to a new peer with a blocking connect() by default, inside
-# NIXL's handshake (`add_remote_agent`) and under the agent's own mutex and UCX worker's
-# lock: a peer whose packets are dropped then holds every pull of this process, from
-# every peer, for the kernel's SYN retries (about 2 min), and the progress thread spins
-# on the lock meanwhile. Non-blocking, the handshake returns at once and the READ ends
-# by its deadline like any other (tests/integration/test_network_deadlines.py). Read
-# when the agent is made; an operator's own setting wins.
-UCX_DEFAULTS = {"UCX_TCP_CONN_NB": "y"}
+# UCX's TCP transport, made safe to lose packets on (the testbed found both; each has a
+# test in tests/integration/test_network_deadlines.py). An operator's own setting wins.
+# - It connects to a new peer with a blocking connect() by default, inside NIXL's
+#   handshake (`add_remote_agent`), under the agent's own mutex and UCX worker's lock: a
+#   peer whose packets are dropped then held every pull of this process, from every
+#   peer, for the kernel's SYN retries (about 2 min). Non-blocking, the handshake returns
+#   at once and the READ ends by its deadline like any other.
+# - A READ given up at its deadline is not over: once a partition heals, TCP delivers the
+#   peer's reply, and UCX writes it into the blocks, which by then hold another request's
+#   KV. A connection whose data goes unacknowledged for TCP_USER_TIMEOUT_S is closed by
+#   the kernel, so no write comes later than twice that after the READ was posted (the
+#   request's retransmissions, then the reply's): `late_write_s` holds the blocks that
+#   long.
+TCP_USER_TIMEOUT_S = 8.0
+UCX_DEFAULTS = {"UCX_TCP_CONN_NB": "y", "UCX_TCP_USER_TIMEOUT": f"{TCP_USER_TIMEOUT_S:g}s"}
+# What a connection that is never closed may still deliver: the kernel gives up on
+# unacknowledged data after about 15 minutes (tcp_retries2).
+_NO_TCP_BOUND_S = 930.0
+
+
+def late_write_s() -> float:
+    """How long after a READ was posted its data may still land in the local blocks:
+    twice UCX's TCP user timeout, as this process sets it, plus 2 s of slack."""
+    value = os.environ.get("UCX_TCP_USER_TIMEOUT", UCX_DEFAULTS["UCX_TCP_USER_TIMEOUT"])
+    m = re.fullmatch(r"\s*([0-9.]+)\s*(ms|s|m)?\s*", value)
+    if m is None:  # "inf", or a form not parsed here: no bound from UCX
+        return _NO_TCP_BOUND_S
+    seconds = float(m.group(1)) * {"ms": 1e-3, "s": 1.0, "m": 60.0, None: 1.0}[m.group(2)]
+    return min(2 * seconds + 2.0, _NO_TCP_BOUND_S) if seconds > 0 else _NO_TCP_BOUND_S
 
 
 def _new_agent(name: str) -> nixl_agent:
@@ -161,11 +184,13 @@ class NixlTransferAgent(TransferBackend):
         # Agents being disconnected: a new handshake with one waits for it to end (an
         # old disconnect must not remove the new connection).
         self._forgetting: dict[str, threading.Event] = {}
-        # READs NIXL refused to release (ReadStuck): (xfer, tag), retried by release_stuck.
-        self._stuck: list[tuple[object, str]] = []
+        # READs that may still write their blocks: (xfer or None once NIXL let it go, tag,
+        # not before), handed back by release_stuck (ReadStuck, ReadLate).
+        self._stuck: list[tuple[object, str, float]] = []
         self._closed = False
 
         self._agent = _new_agent(self.name)
+        self.late_write_s = late_write_s()  # after _new_agent: UCX's settings are in place
         self._reg = self._agent.register_memory(pool)
         self._local = self._agent.prep_xfer_dlist(
             "NIXL_INIT_AGENT",
@@ -214,10 +239,10 @@ class NixlTransferAgent(TransferBackend):
         Bounded by `timeout_s` (TransferTimeout), the handshake with a new peer
         included: no READ starts after the deadline, even when the handshake itself
         returned late (the connection is kept for the next pull). Any NIXL/UCX error,
-        an unreachable peer or bad metadata raise TransferFailed; a READ that cannot
-        be released raises ReadStuck: its blocks stay unsafe until `release_stuck`
-        returns `tag`. `notif` is delivered to the remote agent when the READ
-        completes. Returns bytes moved.
+        an unreachable peer or bad metadata raise TransferFailed. A READ given up at
+        the deadline raises ReadLate, one that cannot be released ReadStuck: either way
+        its blocks stay unsafe until `release_stuck` returns `tag`. `notif` is
+        delivered to the remote agent when the READ completes. Returns bytes moved.
         """
         check_blocks_match(src, local_block_ids, self.block_bytes, self.block_shape)
         _check_ids(local_block_ids, self.num_blocks, "local")
@@ -269,6 +294,7 @@ class NixlTransferAgent(TransferBackend):
         except Exception as e:
             raise TransferFailed(f"cannot prepare READ from {src.agent_name}: {e!r}") from None
         state, error = "ERR", None
+        posted = time.monotonic()
         try:
             state = self._agent.transfer(xfer)
             sleep = _FIRST_SLEEP_S
@@ -284,20 +310,24 @@ class NixlTransferAgent(TransferBackend):
         if state == "DONE":
             xfer.release()
             return
-        self._abort(xfer, peer, tag)
+        until = posted + self.late_write_s
+        self._abort(xfer, peer, tag, until)
         n = len(local_ids)
-        if state == "PROC":
-            raise TransferTimeout(
+        if state == "PROC":  # still in flight: its reply may yet land (LATE_WRITE)
+            with self._lock:
+                self._stuck.append((None, tag, until))
+            raise ReadLate(
                 f"READ of {n} blocks from {src.agent_name} did not finish within {timeout_s}s"
+                f"; its blocks are held {self.late_write_s:g}s from its start"
             )
         raise TransferFailed(
             f"READ of {n} blocks from {src.agent_name} failed"
             + (f": {error!r}" if error else " (NIXL state ERR)")
         )
 
-    def _abort(self, xfer, peer: _Peer, tag: str) -> None:
-        """Release an unfinished or failed xfer so nothing keeps writing our blocks;
-        ReadStuck when NIXL will not let it go."""
+    def _abort(self, xfer, peer: _Peer, tag: str, until: float) -> None:
+        """Release an unfinished or failed xfer; ReadStuck when NIXL will not let it go
+        (then held until it does, and not before `until`)."""
         try:
             xfer.release()
             return
@@ -314,7 +344,7 @@ class NixlTransferAgent(TransferBackend):
         except Exception as e:
             error = e
         with self._lock:
-            self._stuck.append((xfer, tag))
+            self._stuck.append((xfer, tag, until))
         log.error("cannot release NIXL xfer to %s after disconnect: %r", peer.name, error)
         raise ReadStuck(
             f"READ from {peer.name} could not be released ({error!r}): its blocks stay "
@@ -322,16 +352,22 @@ class NixlTransferAgent(TransferBackend):
         )
 
     def release_stuck(self) -> list[str]:
-        """Retry releasing every stuck READ; the tags of those NIXL let go now."""
+        """The tags of held READs whose blocks are safe now: past the time their data
+        could still land, and let go by NIXL (retried here)."""
+        now = time.monotonic()
         with self._lock:
             stuck, self._stuck = self._stuck, []
         released, left = [], []
-        for xfer, tag in stuck:
+        for xfer, tag, until in stuck:
+            if now < until:
+                left.append((xfer, tag, until))
+                continue
             try:
-                xfer.release()
+                if xfer is not None:
+                    xfer.release()
                 released.append(tag)
             except Exception:  # noqa: BLE001 - still stuck: tried again next time
-                left.append((xfer, tag))
+                left.append((xfer, tag, until))
         with self._lock:
             self._stuck = left + self._stuck
         return released
@@ -521,8 +557,15 @@ class NixlTransferAgent(TransferBackend):
         self._pool = None
 
     def release_stuck_all(self) -> list:
-        """One last try for every stuck READ; those NIXL still refuses."""
-        self.release_stuck()
+        """One last try for every held READ, due or not (the agent is closing); the
+        xfers NIXL still refuses."""
         with self._lock:
-            left, self._stuck = [xfer for xfer, _ in self._stuck], []
+            stuck, self._stuck = self._stuck, []
+        left = []
+        for xfer, _, _ in stuck:
+            try:
+                if xfer is not None:
+                    xfer.release()
+            except Exception:  # noqa: BLE001 - reported by close
+                left.append(xfer)
         return left

@@ -61,18 +61,19 @@ class GroupLeader:
         self.node_id = ray.get_runtime_context().get_node_id()
         self.runner = load_runner(spec)
         self.blocks = BlockManager(spec.kv_blocks, spec.block_size, spec.prefix_caching)
+        self.agent = make_backend(spec, self.runner.kv_pool)
+        # Decode blocked with nothing running, past the longest a pull (claim + READ) and
+        # its grace, or a READ given up in flight, can hold blocks: stalled. Prefill's
+        # blocks wait on leases, which expire by themselves.
+        hold_s = max(2 * spec.transfer_timeout_s, spec.transfer_timeout_s + self.agent.late_write_s)
         self.engine = Engine(
             self.runner,
             self.blocks,
             max_batched_tokens=spec.max_batched_tokens,
             max_running=spec.max_running,
             prefill_only=spec.role == "prefill",
-            # Decode blocked with nothing running, past the longest a pull (claim + READ)
-            # and its grace can hold blocks: stalled. Prefill's blocks wait on leases,
-            # which expire by themselves.
-            stall_after_s=2 * spec.transfer_timeout_s + 10.0 if spec.role == "decode" else None,
+            stall_after_s=hold_s + 10.0 if spec.role == "decode" else None,
         )
-        self.agent = make_backend(spec, self.runner.kv_pool)
         args = self.runner.args
         self.grammars = Grammars(self.runner.model_dir, args.vocab_size, args.eos_token_ids)
         self.grammars.warm()

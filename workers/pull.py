@@ -25,6 +25,7 @@ from transfer.handle import (
     KVHandle,
     LeaseExpired,
     RankKV,
+    ReadLate,
     ReadStuck,
     TransferError,
     TransferFailed,
@@ -34,6 +35,9 @@ from wire.api import XFER_BUCKETS, time_left
 
 if TYPE_CHECKING:
     from workers.decode_worker import DecodeWorker
+
+# A READ that ended so: its blocks are held until the backend's `release_stuck` names it.
+HELD = (ReadStuck, ReadLate)
 
 # How long past its deadline a pull waits for its READs to end before giving up on
 # them (their blocks then stay held until they do end).
@@ -241,7 +245,7 @@ class Pull:
             # and the blocks stay held until it ends (`_hold`).
             _, late = await asyncio.wait(jobs, timeout=max(0.0, left()) + PULL_GRACE_S)
             results = [j.exception() or j.result() for j in jobs if j.done()]
-            stuck = [r for r in results if isinstance(r, ReadStuck)]
+            stuck = [r for r in results if isinstance(r, HELD)]
             if late or stuck:
                 self._hold(late, stuck)
                 if late:
@@ -264,17 +268,17 @@ class Pull:
         counts["seconds"] += dt
         counts["buckets"][bisect.bisect_left(XFER_BUCKETS, dt)] += 1
 
-    def _hold(self, late: set[asyncio.Future], stuck: list[ReadStuck]) -> None:
-        """The pull ends while its blocks may still be written: by READs NIXL would not
-        release (`stuck`: each a writer until `release_stuck` returns this request's
-        tag, on the engine thread) and by jobs still running (`late`: a writer until it
-        ends, unless it ends stuck)."""
+    def _hold(self, late: set[asyncio.Future], stuck: list[TransferError]) -> None:
+        """The pull ends while its blocks may still be written: by READs given up in
+        flight or that NIXL would not release (`stuck`: each a writer until
+        `release_stuck` returns this request's tag, on the engine thread) and by jobs
+        still running (`late`: a writer until it ends, unless it ends held)."""
         w, rid = self.w, self.request_id
         self.writers = len(late) + len(stuck)
 
         def ended(job: asyncio.Future) -> None:
             e = None if job.cancelled() else job.exception()
-            if not isinstance(e, ReadStuck):  # a stuck one ends in `release_stuck`
+            if not isinstance(e, HELD):  # a held one ends in `release_stuck`
                 w.thread.call(lambda: w.engine.writer_done(rid))
 
         for job in late:

@@ -52,14 +52,20 @@ class RankWorker:
     def pull(self, src: RankKV, blocks: list[int], deadline: float) -> int:
         """READ rank r's shard into `blocks` by `deadline` (time.monotonic(), set by the
         leader on this node: one clock for every process of a node): a call that starts
-        after it reads nothing (TransferTimeout). A
-        READ NIXL will not release ends this process: the leader frees these block ids
-        on every rank, and only a new process is sure nothing writes them any more."""
-        from transfer.handle import ReadStuck
+        after it reads nothing (TransferTimeout). The leader holds the blocks until this
+        call answers: a READ given up in flight (ReadLate) answers only once its data can
+        no longer land. A READ NIXL will not release ends this process: the leader frees
+        these block ids on every rank, and only a new process is sure nothing writes
+        them any more."""
+        from transfer.handle import ReadLate, ReadStuck, TransferTimeout
         from workers.tp import exit_for_restart
 
         try:
             return self.agent.pull(src, blocks, timeout_s=deadline - time.monotonic())
+        except ReadLate as e:
+            time.sleep(self.agent.late_write_s)  # a thread of its own (max_concurrency)
+            self.agent.release_stuck()
+            raise TransferTimeout(str(e)) from None
         except ReadStuck as e:
             exit_for_restart("a KV READ NIXL would not release", e)
 

@@ -7,11 +7,16 @@ JSON line per command, each on a thread of its own so that one call that waits o
 network holds up none of the others:
 
 - `{"op": "pull", "id": k, "kv": ..., "at": i, "timeout": s}`: READ the blocks of `kv`
-  into ours from block `i` on; answers `ok`, the error's type, the seconds it took and
-  a digest of the blocks it wrote.
+  into ours from block `i` on (tagged `k`); answers `ok`, the error's type, the seconds
+  it took and a digest of the blocks it wrote.
 - `{"op": "notifs", "id": k}`: `poll_notifs` (how long the call took; how many
   notifications arrived since the start).
-- `{"op": "digest", "id": k}`: the READs NIXL holds stuck and the peers it caches.
+- `{"op": "digest", "id": k, "at": i}`: a digest of our blocks from `i` on, and the
+  peers the agent caches.
+- `{"op": "fill", "id": k, "at": i, "value": v}`: our blocks from `i` on set to `v`, as
+  when the engine gives them to another request.
+- `{"op": "release", "id": k}`: `release_stuck()` (the ids of pulls whose blocks are safe
+  again) and how many READs are still held.
 
 The first line it prints holds `RankKV` of its blocks 0 to HALF - 1 and their digest.
 """
@@ -59,9 +64,9 @@ def main(name: str, seed: int) -> None:
         t0, reply = time.monotonic(), {"id": cmd["id"]}
         if cmd["op"] == "pull":
             src = pickle.loads(base64.b64decode(cmd["kv"]))
-            blocks = list(range(cmd["at"], cmd["at"] + HALF))
+            blocks, tag = list(range(cmd["at"], cmd["at"] + HALF)), str(cmd["id"])
             try:
-                agent.pull(src, blocks, timeout_s=cmd["timeout"], notif=b"done")
+                agent.pull(src, blocks, timeout_s=cmd["timeout"], notif=b"done", tag=tag)
                 reply["ok"] = True
             except Exception as e:  # noqa: BLE001 - the test reads which one
                 reply.update(ok=False, error=type(e).__name__, message=str(e))
@@ -71,7 +76,12 @@ def main(name: str, seed: int) -> None:
                 notified[0] += len(agent.poll_notifs())
                 reply["n"] = notified[0]
         elif cmd["op"] == "digest":
-            reply.update(stuck=agent.stuck_reads, peers=agent.num_peers())
+            reply.update(digest=digest(cmd["at"]), peers=agent.num_peers())
+        elif cmd["op"] == "release":  # as decode's engine thread does every tick
+            reply.update(released=agent.release_stuck(), stuck=agent.stuck_reads)
+        elif cmd["op"] == "fill":  # blocks given to another request: written anew
+            pool[cmd["at"] : cmd["at"] + HALF].fill_(cmd["value"])
+            reply["digest"] = digest(cmd["at"])
         reply["elapsed"] = time.monotonic() - t0
         say(reply)
 

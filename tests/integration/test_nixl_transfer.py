@@ -15,8 +15,15 @@ import ray
 import torch
 from ray.cluster_utils import Cluster
 
-from transfer import KVHandle, ReadStuck, TransferError, TransferFailed, TransferTimeout
-from transfer.nixl_backend import NixlTransferAgent
+from transfer import (
+    KVHandle,
+    ReadLate,
+    ReadStuck,
+    TransferError,
+    TransferFailed,
+    TransferTimeout,
+)
+from transfer.nixl_backend import TCP_USER_TIMEOUT_S, NixlTransferAgent, late_write_s
 
 # Ray workers cannot import this test module by name; ship its actor classes by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -257,9 +264,11 @@ def test_a_blocked_handshake_holds_up_only_pulls_from_its_own_peer():
 def test_a_read_nixl_will_not_release_is_reported_stuck_until_it_lets_go():
     """A READ that never finishes and whose release NIXL refuses, before and after the
     peer is torn down, raises ReadStuck (its blocks must not be reused), and
-    `release_stuck` returns its tag only once NIXL lets it go."""
+    `release_stuck` returns its tag only once NIXL lets it go, and not before its data
+    could no longer land (`late_write_s`, short here)."""
     src = NixlTransferAgent("src", torch.full((4, 256), 5.0))
     dst = NixlTransferAgent("dst", torch.zeros(4, 256))
+    dst.late_write_s = 0.5
     refuse = [True]
 
     class Refusing:  # the binding, whose release of a transfer request fails on cue
@@ -289,11 +298,39 @@ def test_a_read_nixl_will_not_release_is_reported_stuck_until_it_lets_go():
         dst._agent.check_xfer_state = lambda xfer: "PROC"
         with pytest.raises(ReadStuck):
             dst.pull(src.rank_kv([1]), [1], timeout_s=0.2, tag="r1")
-        assert dst.stuck_reads == 1 and dst.release_stuck() == []
+        time.sleep(0.5)
+        assert dst.stuck_reads == 1 and dst.release_stuck() == []  # NIXL still refuses
         refuse[0] = False
         assert dst.release_stuck() == ["r1"] and dst.stuck_reads == 0
     finally:
         refuse[0] = False
+        for a in [dst, src]:
+            a.close()
+
+
+def test_a_read_given_up_in_flight_holds_its_blocks_until_no_write_can_land():
+    """A READ still in flight at its deadline is released, but raises ReadLate (a
+    TransferTimeout): `release_stuck` hands its tag back only `late_write_s` after it was
+    posted, by when a reply retransmitted after a partition can no longer land
+    (tests/integration/test_network_deadlines.py shows one landing without the hold)."""
+    assert late_write_s() == 2 * TCP_USER_TIMEOUT_S + 2.0  # the backend's own UCX setting
+    src = NixlTransferAgent("src", torch.full((4, 256), 5.0))
+    dst = NixlTransferAgent("dst", torch.zeros(4, 256))
+    dst.late_write_s = 0.6
+    try:
+        assert dst.pull(src.rank_kv([0]), [0], timeout_s=TIMEOUT_S) == 1024  # handshaken
+        transfer = dst._agent.transfer
+        dst._agent.transfer = lambda xfer, *a: transfer(xfer, *a) and "PROC"  # never finishes
+        dst._agent.check_xfer_state = lambda xfer: "PROC"
+        start = time.monotonic()
+        with pytest.raises(ReadLate):
+            dst.pull(src.rank_kv([1]), [1], timeout_s=0.2, tag="r2")
+        assert dst.stuck_reads == 1 and dst.release_stuck() == []
+        while not (released := dst.release_stuck()):
+            time.sleep(0.02)
+        assert released == ["r2"] and dst.stuck_reads == 0
+        assert time.monotonic() - start >= 0.6
+    finally:
         for a in [dst, src]:
             a.close()
 
