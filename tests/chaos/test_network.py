@@ -24,7 +24,9 @@ import pytest
 import yaml
 
 from chaos import testbed
+from chaos.config import load_chaos_config
 from chaos.scenarios import SCENARIOS
+from chaos.testbed_ray import RayTestbed
 from tests.support import ROOT, _merge, needs_netns
 
 pytestmark = needs_netns
@@ -203,43 +205,77 @@ def running_testbed(cfg: Path, name: str):
         testbed.remove(name, force=True)
 
 
-# An OpenAI client in the head's namespace (the router's address is reachable from there only).
+# An OpenAI client in the head's namespace (the router's address is reachable from there
+# only): one greedy request; then, once the router's polls of the workers show as many as
+# asked for, the KV pulls and the pulls that timed out or failed since the start; and
+# whether every count of /debug/state is back at zero (tests.support.assert_idle).
 CLIENT = """
 import sys
 import time
 import httpx
 from openai import OpenAI
-c = OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused", max_retries=0, timeout=60)
+from tests.support import assert_idle
+url, want_pulls, want_failed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+c = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
 r = c.completions.create(model="tiny-llama", prompt="hello across the bridge " * 8, max_tokens=8,
                          temperature=0)
-count, pulls = "pdcluster_kv_transfer_seconds_count", 0
+def count(*names):
+    lines = httpx.get(url + "/metrics").text.splitlines()
+    return sum(float(x.split()[-1]) for x in lines for n in names if x.startswith(n + "{"))
+pulls = failed = 0
 for _ in range(40):  # the workers' counts, as of the router's last poll of them
-    metrics = httpx.get(sys.argv[1] + "/metrics").text.splitlines()
-    pulls = sum(float(x.split()[-1]) for x in metrics if x.startswith(count))
-    if pulls:
+    pulls = count("pdcluster_kv_transfer_seconds_count")
+    failed = count("pdcluster_kv_transfer_timeouts_total", "pdcluster_kv_transfer_failures_total")
+    if pulls >= want_pulls and failed >= want_failed:
         break
     time.sleep(0.25)
-print(r.usage.completion_tokens, r.choices[0].finish_reason, int(pulls))
+assert_idle(url)
+print(r.usage.completion_tokens, r.choices[0].finish_reason, int(pulls), int(failed))
 """
 
 
 def test_testbed_up_serves_inside_its_namespace_and_a_sigterm_removes_it(tmp_path):
     """The router answers the official client in the head's namespace, its KV pulled over
     TCP from a prefill host; the machine's own namespace holds nothing of the testbed's
-    range; SIGTERM stops it all (status 0, no namespace, process or file left)."""
+    range. Then every prefill host and every decode host drop each other's packets
+    (silently: nothing refuses) for longer than a pull may take: the request's claims and
+    READs end by their deadline (`transfer.timeout_s`), it is prefilled again, and after
+    the heal it completes with nothing left held. SIGTERM stops it all (status 0, no
+    namespace, process or file left)."""
     bed = {"name": "cu", "subnet": "10.231.19.0/24"}
     cfg = _config(tmp_path / "chaos.yaml", {"chaos": {"testbed": bed}, "router": {"port": 8026}})
     with running_testbed(cfg, "cu") as (up, url, head):
         assert url == "http://10.231.19.1:8026"
-        out = subprocess.run(["ip", "netns", "exec", head, sys.executable, "-c", CLIENT, url],
-                             capture_output=True, text=True, timeout=120, cwd=ROOT)  # fmt: skip
-        assert out.returncode == 0, out.stderr[-2000:]
-        assert out.stdout.split() == ["8", "length", "1"], out.stdout  # one KV pull, over TCP
+
+        def client(want_pulls: int, want_failed: int) -> subprocess.Popen:
+            argv = [sys.executable, "-c", CLIENT, url, str(want_pulls), str(want_failed)]
+            return subprocess.Popen(["ip", "netns", "exec", head, *argv], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, cwd=ROOT)  # fmt: skip
+
+        out, err = client(1, 0).communicate(timeout=120)
+        assert out.split() == ["8", "length", "1", "0"], (out, err[-2000:])  # 1 pull, over TCP
         # The machine's own namespace has no address or route in the testbed's range (no
         # packet is sent to find out: a proxy on the default route may answer anything).
         own = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True).stdout
         own += subprocess.run(["ip", "route"], capture_output=True, text=True).stdout
         assert "10.231.19." not in own, own
+
+        tb = RayTestbed(load_chaos_config(cfg))  # its hosts, to cut (nothing started)
+        prefill = [tb.host(n) for n in tb.nodes if n.startswith("prefill")]
+        decode = [tb.host(n) for n in tb.nodes if n.startswith("decode")]
+        assert len(prefill) == len(decode) == 2
+        for p in prefill:
+            for d in decode:
+                tb.cut(p, d)
+        run = client(2, 1)
+        time.sleep(tb.cfg.transfer.timeout_s + 1.5)  # pulls started meanwhile met their deadline
+        for p in prefill:
+            for d in decode:
+                tb.cut(p, d, on=False)
+        out, err = run.communicate(timeout=120)
+        tokens, finish, pulls, failed = out.split()
+        assert (tokens, finish) == ("8", "length") and int(failed) >= 1, (out, err[-2000:])
+        assert int(pulls) >= 2  # the first one and the one that brought the KV after the heal
 
 
 def _alive(pid: int) -> bool:

@@ -424,18 +424,21 @@ def test_n_choices_each_sample_their_own_seed_stream(cluster, client, hf):
     prompts gives n per prompt at indexes i*n + j, each prompt's tokens counted once."""
     _, tok = hf
     messages = [{"role": "user", "content": "Three ways to say hello"}]
-    kw = dict(model="tiny-llama", messages=messages, max_tokens=10, temperature=0.9)
-    extra = {"min_tokens": 10, "skip_special_tokens": False}
+    # 40 tokens: a choice that reaches decode after choice 0 has ended is served on its own
+    # (prefilled and pulled again, correctly); 10 tokens of the tiny model left too short a
+    # window for a loaded machine (CI saw it: 2 pulls for 1).
+    kw = dict(model="tiny-llama", messages=messages, max_tokens=40, temperature=0.9)
+    extra = {"min_tokens": 40, "skip_special_tokens": False}
     (pulled, failed, late), unforked = _pulls(cluster), metric(cluster.url, FORK_FALLBACKS)
     out = client.chat.completions.create(**kw, n=3, seed=40, extra_body=extra)
+    assert metric(cluster.url, FORK_FALLBACKS) == unforked  # choices 1 and 2 forked
     assert _pulls(cluster) == (pulled + 1, failed, late)  # one pull serves all three choices
-    assert metric(cluster.url, FORK_FALLBACKS) == unforked
     single = [client.chat.completions.create(**kw, seed=40 + j, extra_body=extra) for j in range(3)]
     alone = [r.choices[0] for r in single]
     assert [c.index for c in out.choices] == [0, 1, 2]
     assert [c.message.content for c in out.choices] == [c.message.content for c in alone]
     assert len({c.message.content for c in out.choices}) > 1  # three streams, not one
-    assert out.usage.completion_tokens == 30
+    assert out.usage.completion_tokens == 120
     assert out.usage.prompt_tokens == single[0].usage.prompt_tokens  # counted once
     streamed = ["", "", ""]
     for chunk in client.chat.completions.create(**kw, n=3, seed=40, stream=True, extra_body=extra):
