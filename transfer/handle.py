@@ -33,7 +33,10 @@ class ReadLate(TransferTimeout):
     transport may still write its data into the local blocks: over TCP, the peer's
     retransmission lands once a partition heals (seen on the testbed, seconds later).
     The blocks stay out of use until the backend's `release_stuck()` returns the pull's
-    tag, once no write can come any more (`NixlTransferAgent.late_write_s`)."""
+    tag, once no write can come any more (`until`, this process's monotonic clock: the
+    READ's start + `NixlTransferAgent.late_write_s`)."""
+
+    until: float = 0.0
 
 
 class LeaseExpired(TransferError):

@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from pathlib import Path
 
 import nixl._api as nixl_api
 import numpy as np
@@ -53,26 +54,47 @@ _ctor_lock = threading.Lock()
 #   at once and the READ ends by its deadline like any other.
 # - A READ given up at its deadline is not over: once a partition heals, TCP delivers the
 #   peer's reply, and UCX writes it into the blocks, which by then hold another request's
-#   KV. A connection whose data goes unacknowledged for TCP_USER_TIMEOUT_S is closed by
-#   the kernel, so no write comes later than twice that after the READ was posted (the
-#   request's retransmissions, then the reply's): `late_write_s` holds the blocks that
-#   long.
+#   KV. The kernel gives up on a connect after TCP_SYN_CNT retries and closes a
+#   connection whose data goes unacknowledged for TCP_USER_TIMEOUT_S, so no write comes
+#   later than the connect's bound plus twice that after the READ was posted (the
+#   request's retransmissions, then the reply's): `late_write_s` holds the blocks so long.
+#   (A peer process that is paused, not cut off, acknowledges and answers when it
+#   resumes: docs/architecture.md, Transfer layer.)
 TCP_USER_TIMEOUT_S = 8.0
-UCX_DEFAULTS = {"UCX_TCP_CONN_NB": "y", "UCX_TCP_USER_TIMEOUT": f"{TCP_USER_TIMEOUT_S:g}s"}
-# What a connection that is never closed may still deliver: the kernel gives up on
-# unacknowledged data after about 15 minutes (tcp_retries2).
-_NO_TCP_BOUND_S = 930.0
+TCP_SYN_CNT = 2  # SYN retransmits: a connect gives up 1 + 2 + 4 = 7 s after it began
+UCX_DEFAULTS = {
+    "UCX_TCP_CONN_NB": "y",
+    "UCX_TCP_USER_TIMEOUT": f"{TCP_USER_TIMEOUT_S:g}s",
+    "UCX_TCP_SYN_CNT": str(TCP_SYN_CNT),
+}
+# How long the kernel retransmits unacknowledged data when no user timeout is set
+# (tcp_retries2 = 15: about 924.6 s).
+_KERNEL_RETRANSMIT_S = 925.0
+_UNITS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _ucx(key: str) -> str:
+    return os.environ.get(key, UCX_DEFAULTS[key]).strip().lower()
 
 
 def late_write_s() -> float:
-    """How long after a READ was posted its data may still land in the local blocks:
-    twice UCX's TCP user timeout, as this process sets it, plus 2 s of slack."""
-    value = os.environ.get("UCX_TCP_USER_TIMEOUT", UCX_DEFAULTS["UCX_TCP_USER_TIMEOUT"])
-    m = re.fullmatch(r"\s*([0-9.]+)\s*(ms|s|m)?\s*", value)
-    if m is None:  # "inf", or a form not parsed here: no bound from UCX
-        return _NO_TCP_BOUND_S
-    seconds = float(m.group(1)) * {"ms": 1e-3, "s": 1.0, "m": 60.0, None: 1.0}[m.group(2)]
-    return min(2 * seconds + 2.0, _NO_TCP_BOUND_S) if seconds > 0 else _NO_TCP_BOUND_S
+    """How long after a READ was posted its data may still land in the local blocks,
+    from UCX's TCP settings as this process has them: the connect's bound (SYN retries),
+    then the request's retransmissions and the reply's (the user timeout each), + 2 s."""
+    user, syn = _ucx("UCX_TCP_USER_TIMEOUT"), _ucx("UCX_TCP_SYN_CNT")
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(ns|us|ms|s|m|h)?", user)
+    each = float(m.group(1)) * _UNITS[m.group(2) or "s"] if m else 0.0
+    if not 0 < each < _KERNEL_RETRANSMIT_S:
+        if user not in ("inf", "auto"):
+            log.warning("UCX_TCP_USER_TIMEOUT=%r not understood: assuming none", user)
+        each = _KERNEL_RETRANSMIT_S
+    if not syn.isdigit():  # "auto": the kernel's own count
+        try:
+            syn = Path("/proc/sys/net/ipv4/tcp_syn_retries").read_text().strip()
+        except OSError:
+            syn = "6"
+    connect = 2 ** (int(syn) + 1) - 1 if syn.isdigit() else 127  # UCX refuses 0
+    return connect + 2 * each + 2.0
 
 
 def _new_agent(name: str) -> nixl_agent:
@@ -92,8 +114,6 @@ def _new_agent(name: str) -> nixl_agent:
         sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT,
     )
     binding_agent = nixl_api.nixlBind.nixlAgent
-    for key, value in UCX_DEFAULTS.items():
-        os.environ.setdefault(key, value)
 
     def with_delay(agent_name, agent_config):
         agent_config.pthrDelay = PROGRESS_DELAY_US
@@ -189,8 +209,10 @@ class NixlTransferAgent(TransferBackend):
         self._stuck: list[tuple[object, str, float]] = []
         self._closed = False
 
+        for key, value in UCX_DEFAULTS.items():  # read by UCX when the agent is made
+            os.environ.setdefault(key, value)
+        self.late_write_s = late_write_s()
         self._agent = _new_agent(self.name)
-        self.late_write_s = late_write_s()  # after _new_agent: UCX's settings are in place
         self._reg = self._agent.register_memory(pool)
         self._local = self._agent.prep_xfer_dlist(
             "NIXL_INIT_AGENT",
@@ -316,10 +338,12 @@ class NixlTransferAgent(TransferBackend):
         if state == "PROC":  # still in flight: its reply may yet land (LATE_WRITE)
             with self._lock:
                 self._stuck.append((None, tag, until))
-            raise ReadLate(
+            late = ReadLate(
                 f"READ of {n} blocks from {src.agent_name} did not finish within {timeout_s}s"
                 f"; its blocks are held {self.late_write_s:g}s from its start"
             )
+            late.until = until
+            raise late
         raise TransferFailed(
             f"READ of {n} blocks from {src.agent_name} failed"
             + (f": {error!r}" if error else " (NIXL state ERR)")

@@ -62,8 +62,8 @@ class RankWorker:
 
         try:
             return self.agent.pull(src, blocks, timeout_s=deadline - time.monotonic())
-        except ReadLate as e:
-            time.sleep(self.agent.late_write_s)  # a thread of its own (max_concurrency)
+        except ReadLate as e:  # one of this actor's threads (max_concurrency) waits
+            time.sleep(max(0.0, e.until - time.monotonic()))
             self.agent.release_stuck()
             raise TransferTimeout(str(e)) from None
         except ReadStuck as e:

@@ -234,14 +234,29 @@ print(r.usage.completion_tokens, r.choices[0].finish_reason, int(pulls), int(fai
 """
 
 
+# Exits 0 once the router's polls show a KV pull that timed out or failed, 1 if none
+# within argv[2] seconds.
+FAILED_PULL = """
+import sys, time, httpx
+url, deadline = sys.argv[1], time.monotonic() + float(sys.argv[2])
+names = ("pdcluster_kv_transfer_timeouts_total{", "pdcluster_kv_transfer_failures_total{")
+while time.monotonic() < deadline:
+    lines = httpx.get(url + "/metrics").text.splitlines()
+    if sum(float(x.split()[-1]) for x in lines if x.startswith(names)):
+        sys.exit(0)
+    time.sleep(0.2)
+sys.exit(1)
+"""
+
+
 def test_testbed_up_serves_inside_its_namespace_and_a_sigterm_removes_it(tmp_path):
     """The router answers the official client in the head's namespace, its KV pulled over
     TCP from a prefill host; the machine's own namespace holds nothing of the testbed's
     range. Then every prefill host and every decode host drop each other's packets
-    (silently: nothing refuses) for longer than a pull may take: the request's claims and
-    READs end by their deadline (`transfer.timeout_s`), it is prefilled again, and after
-    the heal it completes with nothing left held. SIGTERM stops it all (status 0, no
-    namespace, process or file left)."""
+    (silently: nothing refuses) until a pull of a request has failed (its claim, a Ray
+    call across the cut, ends by `transfer.timeout_s`; no heal comes to end it): the
+    request is prefilled again, and after the heal it completes with nothing left held.
+    SIGTERM stops it all (status 0, no namespace, process or file left)."""
     bed = {"name": "cu", "subnet": "10.231.19.0/24"}
     cfg = _config(tmp_path / "chaos.yaml", {"chaos": {"testbed": bed}, "router": {"port": 8026}})
     with running_testbed(cfg, "cu") as (up, url, head):
@@ -268,10 +283,15 @@ def test_testbed_up_serves_inside_its_namespace_and_a_sigterm_removes_it(tmp_pat
             for d in decode:
                 tb.cut(p, d)
         run = client(2, 1)
-        time.sleep(tb.cfg.transfer.timeout_s + 1.5)  # pulls started meanwhile met their deadline
+        # Healed only once a pull has ended while the cut lasts (its claim, a Ray call from
+        # decode to prefill, is the first wait that crosses it), within 5 deadlines of it.
+        wait = [sys.executable, "-c", FAILED_PULL, url, str(tb.cfg.transfer.timeout_s * 5)]
+        ended = subprocess.run(["ip", "netns", "exec", head, *wait], capture_output=True,
+                               text=True, timeout=60, cwd=ROOT)  # fmt: skip
         for p in prefill:
             for d in decode:
                 tb.cut(p, d, on=False)
+        assert ended.returncode == 0, (ended.stdout, ended.stderr[-2000:])
         out, err = run.communicate(timeout=120)
         tokens, finish, pulls, failed = out.split()
         assert (tokens, finish) == ("8", "length") and int(failed) >= 1, (out, err[-2000:])

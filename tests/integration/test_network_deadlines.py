@@ -33,6 +33,7 @@ from chaos.testbed import Host, Testbed
 from tests.integration.nixl_peer import HALF
 from tests.support import needs_netns
 from transfer.nixl_backend import UCX_DEFAULTS
+from transfer.nixl_backend import late_write_s as backend_late_write_s
 
 pytestmark = pytest.mark.integration
 
@@ -40,9 +41,11 @@ ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 2.0  # each pull's deadline
 SLACK_S = 0.5  # what a deadline may overrun: a poll's last sleep, a thread's turn on 2 cores
 FAILED = ("ReadLate", "TransferTimeout", "TransferFailed")
-# UCX's TCP user timeout here (an operator's setting, which the backend follows): a READ
-# given up in flight then holds its blocks 2 x 1 + 2 s, not 2 x 8 + 2 s.
+# UCX's TCP settings here (an operator's, which the backend follows): a connect gives up
+# after 1 + 2 s, a connection after 1 s unacknowledged, so a READ given up in flight holds
+# its blocks 3 + 2 x 1 + 2 s (late_write_s), not the 7 + 2 x 8 + 2 s of the backend's own.
 USER_TIMEOUT_S = 1.0
+UCX_HERE = {"UCX_TCP_USER_TIMEOUT": f"{USER_TIMEOUT_S:g}s", "UCX_TCP_SYN_CNT": "1"}
 
 
 class Peer:
@@ -52,7 +55,7 @@ class Peer:
         # UCX's settings are the backend's own (UCX_DEFAULTS), not any this process has.
         env = {k: v for k, v in os.environ.items() if k not in UCX_DEFAULTS}
         env |= {"UCX_TLS": "tcp", "UCX_NET_DEVICES": "eth0", "PYTHONPATH": str(ROOT)}
-        env["UCX_TCP_USER_TIMEOUT"] = f"{USER_TIMEOUT_S:g}s"
+        env |= UCX_HERE
         argv = [sys.executable, "-m", "tests.integration.nixl_peer", host.node, str(seed)]
         self.proc = tb.run(
             host, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
@@ -98,12 +101,16 @@ def cut_off(tb: Testbed, host: Host, others: list[Host], on: bool, both: bool = 
 
 
 @needs_netns
-def test_every_pull_ends_by_its_deadline_and_an_unreachable_peer_holds_up_no_other(state_dir):
+def test_every_pull_ends_by_its_deadline_and_an_unreachable_peer_holds_up_no_other(
+    state_dir, monkeypatch
+):
     tb = Testbed("nd", ["decode", "a", "b"], "10.231.10.0/29")
     try:
         hd, ha, hb = tb.up()
         decode, a, b = [p.ready() for p in [Peer(tb, h, seed) for seed, h in enumerate(tb.hosts)]]
-        late_write_s = 2 * USER_TIMEOUT_S + 2.0  # the backend's late_write_s()
+        for key, value in UCX_HERE.items():
+            monkeypatch.setenv(key, value)
+        late_write_s = backend_late_write_s()  # as the peers reckon it
         assert len({decode.digest, a.digest, b.digest}) == 3
 
         def cut_pull(what: str) -> None:

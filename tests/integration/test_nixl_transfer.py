@@ -23,7 +23,7 @@ from transfer import (
     TransferFailed,
     TransferTimeout,
 )
-from transfer.nixl_backend import TCP_USER_TIMEOUT_S, NixlTransferAgent, late_write_s
+from transfer.nixl_backend import NixlTransferAgent, late_write_s
 
 # Ray workers cannot import this test module by name; ship its actor classes by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -312,11 +312,12 @@ def test_a_read_given_up_in_flight_holds_its_blocks_until_no_write_can_land():
     """A READ still in flight at its deadline is released, but raises ReadLate (a
     TransferTimeout): `release_stuck` hands its tag back only `late_write_s` after it was
     posted, by when a reply retransmitted after a partition can no longer land
-    (tests/integration/test_network_deadlines.py shows one landing without the hold)."""
-    assert late_write_s() == 2 * TCP_USER_TIMEOUT_S + 2.0  # the backend's own UCX setting
+    (tests/integration/test_network_deadlines.py: blocks written anew after the hand-back
+    keep what was written)."""
     src = NixlTransferAgent("src", torch.full((4, 256), 5.0))
     dst = NixlTransferAgent("dst", torch.zeros(4, 256))
-    dst.late_write_s = 0.6
+    assert dst.late_write_s == late_write_s() > 0  # from UCX's settings (unit/transfer)
+    dst.late_write_s = 2.0
     try:
         assert dst.pull(src.rank_kv([0]), [0], timeout_s=TIMEOUT_S) == 1024  # handshaken
         transfer = dst._agent.transfer
@@ -329,7 +330,7 @@ def test_a_read_given_up_in_flight_holds_its_blocks_until_no_write_can_land():
         while not (released := dst.release_stuck()):
             time.sleep(0.02)
         assert released == ["r2"] and dst.stuck_reads == 0
-        assert time.monotonic() - start >= 0.6
+        assert time.monotonic() - start >= 2.0
     finally:
         for a in [dst, src]:
             a.close()

@@ -14,7 +14,7 @@ import msgspec
 import pytest
 
 from cluster.config import parse_config, worker_spec
-from transfer.handle import LeaseExpired, TransferError
+from transfer.handle import LeaseExpired, TransferError, TransferTimeout
 from transfer.nixl_backend import NixlTransferAgent
 from transfer.sender import KVSender
 from wire.api import WorkerError
@@ -247,6 +247,38 @@ def test_pulls_from_a_peer_still_connecting_leave_the_pull_threads_to_others(tin
             # Each ends: served once the handshake returned, or out of time before it.
             assert result == "length" or isinstance(result, TransferError), result
         assert await _settled(w, bad) == (0, 0) and good.leases() == 0
+        pump.cancel()
+        w.thread.stop()
+
+    asyncio.run(main())
+
+
+def test_a_read_given_up_in_flight_holds_its_blocks_until_its_data_cannot_land(tiny_model_dir):
+    """A READ still in flight at the pull's deadline (a partition that drops packets) is a
+    timeout for the router (ReadLate), but its blocks stay out of the pool, counted as used,
+    until the agent says no reply can land in them any more (`late_write_s`, short here);
+    then the engine thread takes them back (before, they went back at the deadline, and a
+    reply retransmitted after the heal overwrote another request's KV)."""
+
+    async def main():
+        w = _decode(tiny_model_dir, asyncio.get_running_loop(), timeout_s=0.5)
+        p = Prefill(tiny_model_dir)
+        pump, _ = await _channel(w)
+        w.agent.late_write_s = 2.0
+        transfer = w.agent._agent.transfer
+        w.agent._agent.transfer = lambda xfer, *a: transfer(xfer, *a) and "PROC"
+        w.agent._agent.check_xfer_state = lambda xfer: "PROC"  # never seen to finish
+        tok, handle = p.prefill("r1", PROMPT)
+        t0 = time.monotonic()
+        with pytest.raises(TransferTimeout):
+            await w.generate("r1", "ch", PROMPT, tok, SP, handle, 20.0, p)
+        assert w.transfer_counts["timeouts"] == 1
+        assert w.blocks.num_used == 3  # held: the prompt's 3 blocks
+        while w.blocks.num_used and time.monotonic() - t0 < 10:
+            await asyncio.sleep(0.05)
+        assert w.blocks.num_used == 0 and time.monotonic() - t0 >= 2.0
+        assert w.agent.stuck_reads == 0 and not w.engine.held
+        assert await _settled(w, p) == (0, 0)
         pump.cancel()
         w.thread.stop()
 
