@@ -58,6 +58,9 @@ class DecodeWorker(GroupLeader):
         self._pulls: dict[str, Pull] = {}  # pulled requests still waiting for blocks
         # Requests whose grammar compiles before they register: id -> aborted meanwhile.
         self._compiling: dict[str, bool] = {}
+        # Pulled requests between their call's start and their engine registration: their
+        # forks (n > 1), whose calls start after theirs, wait for it (`generate_fork`).
+        self._arriving: dict[str, asyncio.Event] = {}
         self.transfers_pending = 0
         # Counters the router publishes as pdcluster_kv_transfer_* metrics.
         self.transfer_counts = {
@@ -136,6 +139,29 @@ class DecodeWorker(GroupLeader):
         the request ends; raises if it cannot be served within `timeout_s` (seconds
         left of the request's deadline). `prefill` is the actor holding the lease:
         the pull claims it first."""
+        arrived = self._arriving.setdefault(request_id, asyncio.Event())
+        try:
+            return await self._generate(
+                request_id, channel, prompt_ids, first_token, params, handle, timeout_s,
+                prefill, output_ids,
+            )  # fmt: skip
+        finally:
+            arrived.set()  # registered by now, or never will be
+            if self._arriving.get(request_id) is arrived:
+                del self._arriving[request_id]
+
+    async def _generate(
+        self,
+        request_id: str,
+        channel: str,
+        prompt_ids: list[int],
+        first_token: int,
+        params: SamplingParams,
+        handle: KVHandle,
+        timeout_s: float,
+        prefill,
+        output_ids: list[int] | None,
+    ) -> str:
         now = time.monotonic()
         deadline = now + timeout_s
         # The lease's expiry on this node's clock (the handle carries time left; none left
@@ -215,6 +241,14 @@ class DecodeWorker(GroupLeader):
             return await _until(done, deadline, request_id)
 
         seq = await self._sequence(request_id, prompt_ids, params)
+        # The parent's call started first (Ray runs one caller's calls in order) but may
+        # not have registered yet: forking before it would find nothing to fork from.
+        arriving = self._arriving.get(parent_id)
+        if arriving is not None:
+            try:
+                await asyncio.wait_for(arriving.wait(), max(0.0, deadline - time.monotonic()))
+            except (asyncio.TimeoutError, TimeoutError):
+                raise TimeoutError(f"request {request_id} passed its deadline") from None
         q = self._open(request_id, channel)
         return await self._run(seq, q, decode, fork_of=parent_id)
 
@@ -273,6 +307,9 @@ class DecodeWorker(GroupLeader):
         self._streams[rid] = (q, done)
         finished = False
         self.thread.call(lambda: self._add(seq, pulled, fork_of))
+        arriving = self._arriving.get(rid)
+        if arriving is not None:  # registered: its forks' adds queue behind this one
+            arriving.set()
         try:
             reason = await body(done)
             finished = True

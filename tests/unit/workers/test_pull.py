@@ -285,6 +285,37 @@ def test_a_read_given_up_in_flight_holds_its_blocks_until_its_data_cannot_land(t
     asyncio.run(main())
 
 
+def test_a_fork_whose_call_starts_before_its_parent_registers_waits_for_it(tiny_model_dir):
+    """n > 1: choice 0's call starts first (Ray starts one caller's calls in order) but
+    registers only after its own setup (a grammar compiling, a busy loop); a fork whose
+    call gets there first waits for it and is forked from its KV, not refused (CI saw
+    such a choice prefilled and pulled again; this test failed before the wait)."""
+
+    async def main():
+        w, p = _decode(tiny_model_dir, asyncio.get_running_loop()), Prefill(tiny_model_dir)
+        pump, got = await _channel(w)
+        tok, handle = p.prefill("r1", PROMPT)
+        setup = w.sequence
+
+        async def sequence(rid, *args):
+            if rid == "r1":
+                await asyncio.sleep(0.3)
+            return await setup(rid, *args)
+
+        w.sequence = sequence
+        parent = asyncio.ensure_future(w.generate("r1", "ch", PROMPT, tok, SP, handle, 20.0, p))
+        await asyncio.sleep(0)  # the parent's call has started
+        fork = asyncio.ensure_future(w.generate_fork("r1-f", "ch", "r1", PROMPT, SP, 20.0))
+        assert await fork == "length" and await parent == "length"
+        assert len(got["r1"]) == 3 and len(got["r1-f"]) == 4  # its first token made here
+        assert p.calls == ["claim"] and await _settled(w, p) == (0, 0)
+        assert not w._arriving
+        pump.cancel()
+        w.thread.stop()
+
+    asyncio.run(main())
+
+
 def test_an_abort_while_the_grammar_compiles_is_not_lost(tiny_model_dir):
     """A request with a format compiles its grammar before it registers on decode; the
     router's abort in that window finds nothing to end, so without a record of it the
