@@ -139,52 +139,35 @@ class DecodeWorker(GroupLeader):
         the request ends; raises if it cannot be served within `timeout_s` (seconds
         left of the request's deadline). `prefill` is the actor holding the lease:
         the pull claims it first."""
-        arrived = self._arriving.setdefault(request_id, asyncio.Event())
-        try:
-            return await self._generate(
-                request_id, channel, prompt_ids, first_token, params, handle, timeout_s,
-                prefill, output_ids,
-            )  # fmt: skip
-        finally:
-            arrived.set()  # registered by now, or never will be
-            if self._arriving.get(request_id) is arrived:
-                del self._arriving[request_id]
-
-    async def _generate(
-        self,
-        request_id: str,
-        channel: str,
-        prompt_ids: list[int],
-        first_token: int,
-        params: SamplingParams,
-        handle: KVHandle,
-        timeout_s: float,
-        prefill,
-        output_ids: list[int] | None,
-    ) -> str:
+        # Its forks (n > 1), whose calls start after this one, wait for its registration.
+        self._arriving[request_id] = asyncio.Event()
         now = time.monotonic()
         deadline = now + timeout_s
         # The lease's expiry on this node's clock (the handle carries time left; none left
         # in transit: renewed at once).
         lease_expires = now + max(0.0, handle.ttl_s)
         output_ids = list(output_ids or [])
-        if handle.num_tokens != len(prompt_ids) + len(output_ids):
-            raise WorkerError(
-                f"KV handle holds {handle.num_tokens} tokens, the request has "
-                f"{len(prompt_ids) + len(output_ids)}"
-            )
-        if len(handle.ranks) != self.spec.tp_size:
-            raise WorkerError(
-                f"KV handle has {len(handle.ranks)} rank shards, this decode "
-                f"group has tensor_parallel_size {self.spec.tp_size}"
-            )
-        if self.blocks.blocks_for(handle.num_tokens + 1) > self.spec.kv_blocks:
-            raise WorkerError(
-                f"decode-{self.spec.replica}: {handle.num_tokens} tokens cannot "
-                f"fit in {self.spec.kv_blocks} KV blocks"
-            )
-        seq = await self._sequence(request_id, prompt_ids, params, [*output_ids, first_token])
-        q = self._open(request_id, channel)
+        try:
+            if handle.num_tokens != len(prompt_ids) + len(output_ids):
+                raise WorkerError(
+                    f"KV handle holds {handle.num_tokens} tokens, the request has "
+                    f"{len(prompt_ids) + len(output_ids)}"
+                )
+            if len(handle.ranks) != self.spec.tp_size:
+                raise WorkerError(
+                    f"KV handle has {len(handle.ranks)} rank shards, this decode "
+                    f"group has tensor_parallel_size {self.spec.tp_size}"
+                )
+            if self.blocks.blocks_for(handle.num_tokens + 1) > self.spec.kv_blocks:
+                raise WorkerError(
+                    f"decode-{self.spec.replica}: {handle.num_tokens} tokens cannot "
+                    f"fit in {self.spec.kv_blocks} KV blocks"
+                )
+            seq = await self._sequence(request_id, prompt_ids, params, [*output_ids, first_token])
+            q = self._open(request_id, channel)
+        except BaseException:
+            self._registered(request_id)  # never will be: its forks go on, on their own
+            raise
         pull = self._pulls[request_id] = Pull(
             self, request_id, handle, prefill, deadline, lease_expires
         )
@@ -307,9 +290,7 @@ class DecodeWorker(GroupLeader):
         self._streams[rid] = (q, done)
         finished = False
         self.thread.call(lambda: self._add(seq, pulled, fork_of))
-        arriving = self._arriving.get(rid)
-        if arriving is not None:  # registered: its forks' adds queue behind this one
-            arriving.set()
+        self._registered(rid)  # its forks' adds queue behind this one
         try:
             reason = await body(done)
             finished = True
@@ -322,6 +303,11 @@ class DecodeWorker(GroupLeader):
                 del self._streams[rid]
             if not finished:
                 self.thread.call(lambda: self.engine.abort(rid))
+
+    def _registered(self, rid: str) -> None:
+        arriving = self._arriving.pop(rid, None)
+        if arriving is not None:
+            arriving.set()
 
     def _end(self, rid: str, result: str | BaseException) -> None:
         """A request stops decoding here: its `generate` call returns (or raises)."""
